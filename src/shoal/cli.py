@@ -1,0 +1,133 @@
+"""The `shoal` command: a table of subcommands, each a small function.
+
+Now: `generate` (stream a completion from a model), `models` (list / add / rm base models).
+Errors print one line to stderr and exit non-zero; tracebacks only with SHOAL_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Stream a completion for PROMPT from a registered model (or a path)."""
+    import torch
+
+    from .model.generate import stream_tokens
+    from .model.registry import ModelRegistry
+    from .model.tokenizer import IncrementalDetokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    loaded = ModelRegistry().load(args.model, dtype=args.dtype, device=args.device)
+    tok = loaded.tokenizer
+    if args.chat:
+        prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = tok.encode(args.prompt)
+    load_s = time.perf_counter() - t0
+    detok = IncrementalDetokenizer(tok, skip_special_tokens=True, prompt_ids=prompt_ids)
+    stops = tok.stop_token_ids if not args.ignore_eos else []
+    t1 = time.perf_counter()
+    n = 0
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    for tid in stream_tokens(loaded.model, prompt_ids, args.max_tokens, temperature=args.temperature,
+                             top_p=args.top_p, seed=args.seed, stop_token_ids=stops):
+        n += 1
+        sys.stdout.write(detok.push(tid))
+        sys.stdout.flush()
+    sys.stdout.write(detok.flush() + "\n")
+    dt = time.perf_counter() - t1
+    print(f"[{loaded.config.model_type} {args.model}: loaded in {load_s:.1f}s, {len(prompt_ids)} prompt "
+          f"+ {n} generated tokens, {n / dt if dt > 0 else 0:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List, add or remove base models."""
+    from .model.registry import ModelRegistry
+
+    reg = ModelRegistry()
+    if args.action == "add":
+        if not args.name or not args.source:
+            raise ValueError("usage: shoal models add NAME SOURCE [--hub]")
+        e = reg.add(args.name, args.source, allow_download=args.hub)
+        print(f"added {e.name}: {e.model_type} {e.size_label}, context {e.context_length}, at {e.path}")
+        return 0
+    if args.action == "rm":
+        if not args.name:
+            raise ValueError("usage: shoal models rm NAME")
+        reg.remove(args.name)
+        print(f"removed {args.name}")
+        return 0
+    rows = [("NAME", "FAMILY", "SIZE", "CONTEXT", "SOURCE")]
+    for e in reg.list():
+        rows.append((e.name, e.model_type, e.size_label, str(e.context_length), f"{e.kind}:{e.source}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    from .model.registry import DEFAULT_MODEL
+
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--model", default=os.environ.get("SHOAL_MODEL", DEFAULT_MODEL),
+                   help="registered model name or a model path (default %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+
+
+def _add_models(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", default="list", choices=["list", "add", "rm"])
+    p.add_argument("name", nargs="?", help="model name (add, rm)")
+    p.add_argument("source", nargs="?", help="HF model directory, .gguf file, or hub id with --hub")
+    p.add_argument("--hub", action="store_true", help="SOURCE is a Hugging Face hub id to download")
+
+
+# name -> (function, help, argument builder)
+COMMANDS = {
+    "generate": (cmd_generate, "stream a completion from a model", _add_generate),
+    "models": (cmd_models, "list, add or remove base models", _add_models),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shoal", description="Self-hosted GPT-style models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (fn, help_, add_args) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=fn.__doc__)
+        add_args(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:  # our errors are ValueErrors that name the field or file
+        if os.environ.get("SHOAL_DEBUG"):
+            raise
+        print(f"shoal: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Building blocks of the two families: norms, rotary embeddings, attention projections, MLPs.
+
+Linear layers keep Hugging Face's module names (q_proj ... down_proj; c_attn, c_proj, c_fc) so
+LoRA `target_modules` mean what they mean in PEFT. Attention itself (cache, masks, kernels) is
+delegated to an attention context (`shoal.model.attention`), so the engine can swap in a paged
+KV cache without touching these modules. Tensors carry any leading shape `(...)`: `(B, T)` for
+the reference path, `(N,)` packed tokens for the engine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight, computed in fp32 like the reference implementations."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) for RoPE, with linear or Llama-3 scaling applied."""
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = config.rope_scaling
+    if s is None:
+        return inv
+    if s["rope_type"] == "linear":
+        return inv / float(s["factor"])
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_len = float(s["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(mid, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions, in the HF (rotate-half) layout."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions (...,) -> freqs (..., D/2) -> cos, sin (..., D)
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., H, D), cos/sin (..., D) -> x rotated: x*cos + rotate_half(x)*sin."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class LlamaAttention(nn.Module):
+    """q/k/v/o projections + RoPE; the attention math is done by `ctx.attend`."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
+        self.q_proj = nn.Linear(h, config.num_heads * d, bias=config.attention_bias)
+        self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.attention_bias)
+        self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.num_heads * d, h, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
+        lead = x.shape[:-1]
+        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)  # (..., H, D)
+        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)  # (..., Hkv, D)
+        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = ctx.attend(self.layer_idx, q, k, v)  # (..., H, D)
+        return self.o_proj(o.flatten(-2))
+
+
+class GPT2Attention(nn.Module):
+    """Fused c_attn -> q, k, v (no RoPE: positions are learned embeddings) and c_proj."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.c_attn = nn.Linear(h, 3 * h)
+        self.c_proj = nn.Linear(h, h)
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        lead = x.shape[:-1]
+        q, k, v = self.c_attn(x).view(*lead, 3, self.num_heads, self.head_dim).unbind(-3)
+        o = ctx.attend(self.layer_idx, q, k, v)  # (..., H, D)
+        return self.c_proj(o.flatten(-2))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, i, b = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=b)
+        self.up_proj = nn.Linear(h, i, bias=b)
+        self.down_proj = nn.Linear(i, h, bias=b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GPT2MLP(nn.Module):
+    """c_proj(gelu(c_fc(x))), GELU with the tanh approximation GPT-2 was trained with."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.approximate = "none" if config.activation == "gelu" else "tanh"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))

@@ -1,0 +1,165 @@
+"""Tokenizer: the checkpoint's fast tokenizer, its chat template, and streaming detokenization.
+
+Wraps a transformers `PreTrainedTokenizerFast` loaded from a model directory or rebuilt from a
+GGUF file's metadata. `IncrementalDetokenizer` turns a growing list of ids into text deltas that
+only ever contain whole UTF-8 characters: a character split across byte-level tokens is held back
+until its last byte arrives. Not here: prompt truncation or token accounting (serving does that).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+REPLACEMENT = "\ufffd"
+
+
+class TokenizerError(ValueError):
+    """Tokenizer files missing or unreadable; names the path."""
+
+
+class Tokenizer:
+    """Encode, decode and render chat prompts with the checkpoint's own rules."""
+
+    def __init__(self, hf_tokenizer) -> None:
+        if not getattr(hf_tokenizer, "is_fast", False):
+            raise TokenizerError("Shoal needs a fast tokenizer (tokenizer.json)")
+        self.hf = hf_tokenizer
+
+    # ---- loading --------------------------------------------------------------------------
+
+    @classmethod
+    def from_dir(cls, path: str) -> "Tokenizer":
+        """Load from a model directory holding tokenizer.json (and tokenizer_config.json)."""
+        from transformers import PreTrainedTokenizerFast
+
+        if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            raise TokenizerError(f"{path}: no tokenizer.json (Shoal needs a fast tokenizer)")
+        try:  # the concrete class loads in a quarter of AutoTokenizer's time
+            return cls(PreTrainedTokenizerFast.from_pretrained(path))
+        except Exception as e:
+            raise TokenizerError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def from_gguf(cls, path: str) -> "Tokenizer":
+        """Rebuild the tokenizer stored in a GGUF file's metadata (slow: ~10 s for 49k tokens;
+        the model cache saves the result as tokenizer.json)."""
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                                gguf_file=os.path.basename(path))
+        except Exception as e:
+            raise TokenizerError(f"{path}: cannot read the tokenizer from GGUF metadata "
+                                 f"({type(e).__name__}: {e})") from None
+        return cls(tok)
+
+    def save(self, path: str) -> None:
+        self.hf.save_pretrained(path)
+
+    # ---- ids <-> text ---------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.hf.bos_token_id
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end a generation: eos, plus the chat template's end-of-turn if different."""
+        ids = [self.hf.eos_token_id] if self.hf.eos_token_id is not None else []
+        for tok in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>"):
+            tid = self.hf.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != self.hf.unk_token_id and tid not in ids:
+                ids.append(tid)
+        return ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens,
+                              clean_up_tokenization_spaces=False)
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return self.hf.convert_ids_to_tokens(list(ids))
+
+    # ---- chat -----------------------------------------------------------------------------
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.hf.chat_template
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **kwargs) -> str:
+        """Render messages with the checkpoint's template (text, not ids)."""
+        if not self.hf.chat_template:
+            raise TokenizerError("this model has no chat template; use a plain completion prompt")
+        return self.hf.apply_chat_template(messages, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids for a chat: the rendered template, tokenized without extra specials (the
+        template already places them)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt),
+                           add_special_tokens=False)
+
+
+class IncrementalDetokenizer:
+    """Text deltas for a growing id list, whole UTF-8 characters only.
+
+    Semantics: after `push(t1) + push(t2) + ... + flush()`, the concatenated deltas equal
+    `decode([t1, t2, ...])`; after each push they equal that decode minus any trailing
+    incomplete character.
+
+    It decodes a short window of recent ids (`prefix_offset:`) and compares it with the same
+    window without the new ids (`prefix_offset:read_offset`), so the cost per token is constant
+    and tokenizers whose decode of a token depends on its left neighbour stay correct.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False,
+                 prompt_ids: Sequence[int] = ()) -> None:
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = list(prompt_ids)
+        # start the window a few tokens back in the prompt so the first delta has context
+        self.prefix_offset = max(len(self.ids) - 5, 0)
+        self.read_offset = len(self.ids)
+        self.partial = 0  # chars past the window's prefix already emitted while a char was open
+        self.text = ""
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=self.skip)
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the newly completed text (possibly empty)."""
+        self.ids.append(int(token_id))
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        # an incomplete character decodes to U+FFFD at the end: emit only what precedes it
+        stable = full.rstrip(REPLACEMENT)
+        delta = stable[len(prefix) + self.partial:]
+        if len(stable) < len(full):
+            self.partial += len(delta)
+        else:
+            self.prefix_offset, self.read_offset, self.partial = self.read_offset, len(self.ids), 0
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        """At the end of generation: emit whatever is held back (even an incomplete char)."""
+        full = self._decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        delta = full[len(prefix) + self.partial:]
+        self.prefix_offset = self.read_offset = len(self.ids)
+        self.partial = 0
+        self.text += delta
+        return delta

@@ -1,0 +1,113 @@
+"""Tokenizer: round trips on mixed-language text, the chat template, and incremental
+detokenization that equals a full decode at every step (whole UTF-8 characters only)."""
+
+from __future__ import annotations
+
+import pytest
+
+from shoal.model.registry import ModelRegistry
+from shoal.model.tokenizer import REPLACEMENT, IncrementalDetokenizer, Tokenizer
+
+MIXED = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Übermäßig große Straßenbahnen fahren durch München.",
+    "Sjösättningen av båten gick över förväntan, sa Åsa.",
+    "東京は日本の首都です。今日はとても暑いですね。",
+    "我们今天去公园散步，天气非常好。",
+    "Emoji: 🐟🐠🐡 shoal of fish 🌊 and a family 👨‍👩‍👧‍👦!",
+    "  leading spaces, tabs\tand\nnewlines\n\n",
+]
+
+
+@pytest.fixture(scope="module")
+def real_tok(default_home):
+    reg = ModelRegistry(default_home / "models")
+    return Tokenizer.from_dir(reg.resolve("SmolLM2-135M-Instruct"))
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("text", MIXED)
+def test_round_trip_mixed_text(real_tok, text):
+    ids = real_tok.encode(text, add_special_tokens=False)
+    assert ids and all(isinstance(i, int) for i in ids)
+    assert real_tok.decode(ids) == text
+
+
+@pytest.mark.real_model
+def test_other_languages_cost_more_tokens(real_tok):
+    en = len(real_tok.encode("The weather is very nice today.", add_special_tokens=False))
+    ja = len(real_tok.encode("今日はとても天気が良いです。", add_special_tokens=False))
+    assert ja > en
+
+
+def _expected_prefix(tok, ids):
+    """The full decode minus a trailing incomplete character."""
+    return tok.decode(ids).rstrip(REPLACEMENT)
+
+
+def _check_incremental(tok, ids, prompt_ids=()):
+    detok = IncrementalDetokenizer(tok, prompt_ids=prompt_ids)
+    base = tok.decode(list(prompt_ids))
+    for i, tid in enumerate(ids):
+        delta = detok.push(tid)
+        assert REPLACEMENT not in delta
+        full = _expected_prefix(tok, list(prompt_ids) + ids[: i + 1])
+        assert base + detok.text == full, f"step {i}"
+    detok.flush()
+    assert detok.text == tok.decode(ids) if not prompt_ids else base + detok.text == tok.decode(
+        list(prompt_ids) + ids)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("text", MIXED)
+def test_incremental_detokenization_equals_full_decode(real_tok, text):
+    _check_incremental(real_tok, real_tok.encode(text, add_special_tokens=False))
+
+
+@pytest.mark.real_model
+def test_incremental_after_a_prompt(real_tok):
+    prompt = real_tok.encode("Translate: ", add_special_tokens=False)
+    _check_incremental(real_tok, real_tok.encode("東京 🐟 Straße", add_special_tokens=False), prompt)
+
+
+@pytest.mark.real_model
+def test_split_character_is_held_back(real_tok):
+    """A 4-byte emoji spread over byte tokens appears only once all its bytes are in."""
+    ids = real_tok.encode("🐡", add_special_tokens=False)
+    assert len(ids) > 1  # byte-level pieces
+    detok = IncrementalDetokenizer(real_tok)
+    deltas = [detok.push(t) for t in ids]
+    assert deltas[:-1] == [""] * (len(ids) - 1)
+    assert deltas[-1] == "🐡"
+
+
+@pytest.mark.real_model
+def test_special_tokens_skipped_on_request(real_tok):
+    eos = real_tok.eos_token_id
+    ids = real_tok.encode("Hi", add_special_tokens=False) + [eos]
+    detok = IncrementalDetokenizer(real_tok, skip_special_tokens=True)
+    for t in ids:
+        detok.push(t)
+    assert detok.text + detok.flush() == "Hi"
+    assert eos in real_tok.stop_token_ids
+
+
+def test_tiny_tokenizer_incremental(tiny_tokenizer_dir):
+    tok = Tokenizer.from_dir(tiny_tokenizer_dir)
+    for text in MIXED:
+        _check_incremental(tok, tok.encode(text, add_special_tokens=False))
+
+
+def test_chat_template_tiny(tiny_tokenizer_dir):
+    tok = Tokenizer.from_dir(tiny_tokenizer_dir)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok.encode_chat([{"role": "user", "content": "hi"}])
+    assert tok.decode(ids) == text
+
+
+def test_missing_tokenizer_dir(tmp_path):
+    from shoal.model.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError, match="tokenizer.json"):
+        Tokenizer.from_dir(str(tmp_path))

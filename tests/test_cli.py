@@ -1,0 +1,67 @@
+"""The `shoal` command: generate and models, with one-line errors and non-zero exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shoal.cli import main
+from tests.helpers import hf_tiny_config, save_tiny_hf_dir
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHOAL_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_models_add_list_rm(home, tmp_path, tiny_tokenizer_dir, capsys):
+    save_tiny_hf_dir(hf_tiny_config("gpt2"), tmp_path / "g", tiny_tokenizer_dir)
+    assert main(["models", "add", "tiny-gpt2", str(tmp_path / "g")]) == 0
+    assert "added tiny-gpt2: gpt2" in capsys.readouterr().out
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "SmolLM2-135M-Instruct" in out and "tiny-gpt2" in out and "gpt2" in out
+    assert main(["models", "rm", "tiny-gpt2"]) == 0
+    capsys.readouterr()
+    main(["models", "list"])
+    assert "tiny-gpt2" not in capsys.readouterr().out
+
+
+def test_generate_with_a_path_is_seeded(home, tmp_path, tiny_tokenizer_dir, capsys):
+    torch.manual_seed(0)
+    save_tiny_hf_dir(hf_tiny_config("llama"), tmp_path / "m", tiny_tokenizer_dir)
+    args = ["generate", "Hello", "--model", str(tmp_path / "m"), "--max-tokens", "8",
+            "--temperature", "1.0", "--seed", "3", "--ignore-eos"]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert first.out.startswith("Hello")
+    assert "8 generated tokens" in first.err
+    assert main(args) == 0
+    assert capsys.readouterr().out == first.out
+
+
+def test_unknown_model_is_one_line_and_exit_2(home, capsys):
+    assert main(["generate", "hi", "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("shoal: error:") and "no-such-model" in err[0]
+
+
+def test_bad_dtype_is_one_line(home, tmp_path, tiny_tokenizer_dir, capsys):
+    save_tiny_hf_dir(hf_tiny_config("llama"), tmp_path / "m", tiny_tokenizer_dir)
+    assert main(["generate", "hi", "--model", str(tmp_path / "m"), "--dtype", "int3"]) == 2
+    assert "dtype" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_console_script_generates_with_the_default_model(default_home):
+    env = {**os.environ, "SHOAL_HOME": str(default_home)}
+    exe = os.path.join(os.path.dirname(sys.executable), "shoal")
+    proc = subprocess.run([exe, "generate", "What is the capital of France?", "--chat",
+                           "--max-tokens", "12"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
