@@ -12,6 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# One intra-op thread: tiny models gain nothing from two, and OpenMP spin-waiting next to any
+# other busy process slows small ops by up to ~80x (measured; see docs/benchmarks.md).
+torch.set_num_threads(1)
+
 from tests.helpers import build_tiny_tokenizer, hf_tiny_config, save_tiny_hf_dir  # noqa: E402
 
 

@@ -1,0 +1,78 @@
+"""Dataclass configs for the inside of Shoal. EngineConfig now; training configs later.
+
+Each field has a docstring (the CLI's help comes from them) and `__post_init__` refuses bad
+values with a ValueError naming the field. Server settings (pydantic, environment) live at the
+edge, not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How the inference engine runs one base model and its adapters."""
+
+    model: str = "SmolLM2-135M-Instruct"
+    """Registered model name, HF directory or GGUF file."""
+    dtype: str = "auto"
+    """Weights and KV cache: auto (bf16 on CUDA and on CPUs with AVX512-BF16, else fp32),
+    float32, bfloat16, float16."""
+    device: str = "cpu"
+    """cpu or cuda."""
+    max_num_seqs: int = 64
+    """Most sequences in one step's batch."""
+    max_num_batched_tokens: int = 512
+    """Most tokens (prefill chunks + decodes) in one step."""
+    max_model_len: int | None = None
+    """Longest prompt + completion; None = the model's context length."""
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    kv_cache_memory: int = 256 * 2**20
+    """Bytes for the KV cache (split into blocks)."""
+    num_kv_blocks: int | None = None
+    """Exact number of KV blocks (overrides kv_cache_memory; tests use it to force preemption)."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of identical prompt prefixes across requests (keyed by adapter)."""
+    enable_lora: bool = False
+    """Serve LoRA adapters beside the base model."""
+    max_loras: int = 8
+    """Adapters resident in one batch (stacked slots)."""
+    max_lora_rank: int = 64
+    """Largest adapter rank accepted."""
+    max_cpu_loras: int = 32
+    """Adapters kept in CPU memory (LRU) behind the batch slots."""
+    num_threads: int | None = None
+    """torch intra-op threads on CPU; None = leave torch's setting."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory",
+                     "max_loras", "max_lora_rank", "max_cpu_loras"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"max_model_len: must be positive, got {self.max_model_len}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ValueError(f"num_kv_blocks: must be positive, got {self.num_kv_blocks}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras: must be >= max_loras ({self.max_loras}), "
+                             f"got {self.max_cpu_loras}")
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device: must be cpu or cuda, got {self.device!r}")
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """Field name -> its docstring (for CLI help)."""
+        import ast
+        import inspect
+
+        src = inspect.getsource(cls)
+        tree = ast.parse(src)
+        out: dict[str, str] = {}
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(
+                    nxt.value, ast.Constant):
+                out[node.target.id] = " ".join(str(nxt.value.value).split())
+        return {f.name: out.get(f.name, "") for f in fields(cls)}

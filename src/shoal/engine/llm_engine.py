@@ -1,0 +1,212 @@
+"""LLMEngine: requests in, RequestOutputs out, one `step()` at a time.
+
+`step()` is schedule -> run -> postprocess. Around it: admission checks (every bad field is a
+ValueError naming it), the fork of a best_of>1 request into its samples once the prompt is
+computed (they share the prompt's KV blocks), and abort. One engine serves one base model and,
+with `enable_lora`, any number of adapters in the same batches. Not thread-safe: the async
+engine drives it from one thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from ..config import EngineConfig
+from ..model.loader import LoadedModel, resolve_dtype
+from .block_manager import BlockManager
+from .model_runner import ModelRunner, StepResult
+from .output_processor import OutputProcessor, Request
+from .outputs import RequestOutput
+from .paged_attention import PagedKVCache
+from .sampler import Sampler, make_generator, prompt_logprobs
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerOutput
+from .sequence import Sequence
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """bf16 on CUDA and on CPUs with native bf16 matmuls (AVX512-BF16/AMX), else fp32."""
+    if device.startswith("cuda"):
+        return torch.bfloat16
+    try:
+        caps = torch.backends.cpu.get_cpu_capability()
+        flags = open("/proc/cpuinfo").read() if caps else ""
+        return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+    except OSError:
+        return torch.float32
+
+
+def load_for_engine(config: EngineConfig) -> LoadedModel:
+    from ..model.registry import ModelRegistry
+
+    dtype = default_dtype(config.device) if config.dtype == "auto" else resolve_dtype(config.dtype)
+    return ModelRegistry().load(config.model, dtype=dtype, device=config.device)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        if config.num_threads and config.device == "cpu":
+            torch.set_num_threads(config.num_threads)
+        loaded = loaded or load_for_engine(config)
+        self.model, self.tokenizer, self.model_config = loaded.model, loaded.tokenizer, loaded.config
+        mc = self.model_config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings)
+        p = next(self.model.parameters())
+        per_block = PagedKVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads,
+                                                 mc.head_dim, p.dtype)
+        num_blocks = config.num_kv_blocks or max(config.kv_cache_memory // per_block, 1)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.lora = None
+        if config.enable_lora:
+            from ..lora.adapter_cache import LoRAManager
+
+            self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank,
+                                    config.max_cpu_loras, device=p.device, dtype=p.dtype)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, lora=self.lora)
+        eos = self.tokenizer.stop_token_ids if self.tokenizer is not None else _eos_ids(mc)
+        self.sampler = Sampler(eos)
+        self.outputs = OutputProcessor(self.tokenizer, eos, self.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self._seq_req: dict[int, Request] = {}
+        self._ids = itertools.count()
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams,
+                    adapter: str | None = None) -> str:
+        """Queue a request; raises ValueError naming the bad field. Returns its id."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        self._validate(ids, params, adapter)
+        req = Request(request_id, ids, params, adapter)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
+        seq = Sequence(request_id, ids, params, adapter=adapter, sample_index=0)
+        self._attach(req, seq)
+        self.requests[request_id] = req
+        self.scheduler.add(seq)
+        return request_id
+
+    def _validate(self, ids: list[int], params: SamplingParams, adapter: str | None) -> None:
+        vocab = self.model_config.vocab_size
+        if not ids:
+            raise ValueError("prompt: must contain at least one token")
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt: token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within "
+                             f"max_model_len {self.max_model_len}")
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"max_tokens: prompt ({len(ids)} tokens) + max_tokens "
+                             f"({params.max_tokens}) exceeds max_model_len {self.max_model_len}")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias: token id {max(params.logit_bias)} is outside the vocabulary")
+        total = len(ids) + (params.max_tokens if params.max_tokens is not None
+                            else self.max_model_len - len(ids))
+        if not self.scheduler.can_fit(min(total, self.max_model_len)):
+            raise ValueError(f"prompt: {len(ids)} tokens + max_tokens cannot fit in the KV cache "
+                             f"({self.block_manager.num_blocks} blocks of {self.config.block_size})")
+        if adapter is not None:
+            if self.lora is None:
+                raise ValueError(f"model: adapter {adapter!r} requested but LoRA is not enabled")
+            if not self.lora.has_adapter(adapter):
+                raise ValueError(f"model: unknown adapter {adapter!r}")
+
+    def _attach(self, req: Request, seq: Sequence) -> None:
+        seq.generator = make_generator(req.params.seed, seq.sample_index, self.runner.device)
+        req.seqs.append(seq)
+        req.states[seq.seq_id] = self.outputs.new_state(seq)
+        self._seq_req[seq.seq_id] = req
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free all its KV blocks; False if it is not running."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.abort(request_id)
+        for s in req.seqs:
+            self._seq_req.pop(s.seq_id, None)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration: schedule -> run -> postprocess."""
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        result = self.runner.run(sched.scheduled, sched.copies)
+        return self._postprocess(sched, result)
+
+    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        touched: dict[str, Request] = {}
+        for seq, n in sched.scheduled:
+            seq.num_computed_tokens += n
+            self.block_manager.commit(seq)
+            touched[seq.request_id] = self._seq_req[seq.seq_id]
+        for seq_id, (p0, logits) in result.prompt_logits.items():
+            req = self._seq_req[seq_id]
+            seq = req.seqs[0]
+            nxt = seq.token_ids[p0 + 1:p0 + 1 + logits.shape[0]]
+            for tok, (lp, top) in zip(nxt, prompt_logprobs(logits, nxt, seq.params.prompt_logprobs)):
+                req.prompt_logprobs.append((tok, lp, top))
+        # rows that sample; a best_of>1 parent first forks, and every sample draws from its row
+        rows: list[int] = []
+        seqs: list[Sequence] = []
+        for i, seq in enumerate(result.sample_seqs):
+            req = self._seq_req[seq.seq_id]
+            if seq.params.max_tokens == 0:
+                seq.finish_reason = "length"
+                self.scheduler.finish(seq)
+                continue
+            family = [seq]
+            if seq.needs_fork:
+                seq.forked = True
+                children = [seq.fork(k) for k in range(1, seq.params.best_of)]
+                for c in children:
+                    self._attach(req, c)
+                self.scheduler.fork(seq, children)
+                family += children
+            rows += [i] * len(family)
+            seqs += family
+        if seqs:
+            logits = result.sample_logits[torch.tensor(rows, device=result.sample_logits.device)]
+            for seq, res in zip(seqs, self.sampler(logits, seqs)):
+                self._append(seq, res)
+        outs = []
+        for req in touched.values():
+            out = self.outputs.request_output(req)
+            if out is not None:
+                outs.append(out)
+            if req.all_done:
+                self.requests.pop(req.request_id, None)
+                for s in req.seqs:
+                    self._seq_req.pop(s.seq_id, None)
+        return outs
+
+    def _append(self, seq: Sequence, res) -> None:
+        req = self._seq_req[seq.seq_id]
+        seq.append_token(res.token_id)
+        seq.cumulative_logprob += res.logprob
+        if seq.params.logprobs is not None:
+            seq.logprobs.append((res.token_id, res.logprob, res.top_logprobs or {}))
+        reason = self.outputs.check_stop(seq, req.states[seq.seq_id], res.token_id)
+        if reason is not None:
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
+
+
+def _eos_ids(mc) -> list[int]:
+    e = mc.eos_token_id
+    return [] if e is None else ([e] if isinstance(e, int) else list(e))

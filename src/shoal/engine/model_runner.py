@@ -1,0 +1,98 @@
+"""ModelRunner: pack one scheduled step into a flat batch, run the model, return logits.
+
+It owns the paged KV cache. Per step it builds, in one place, the flat token ids and positions
+(N,), the slot mapping, each sequence's context slots and causal mask, and the per-token LoRA
+slot index; then one forward runs every sequence (prefill chunks and decodes together). Logits
+are computed only for rows that sample (a sequence whose chunk reaches its last token) and for
+prompt positions whose logprobs were asked for. No sampling or scheduling here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model.transformer import Transformer
+from .paged_attention import PagedAttention, PagedKVCache, SeqAttention
+from .sequence import Sequence
+
+
+@dataclass
+class StepResult:
+    """Logits of one step: `sample_logits[i]` belongs to `sample_seqs[i]`."""
+
+    sample_seqs: list[Sequence]
+    sample_logits: torch.Tensor | None  # (B, V) fp32
+    prompt_logits: dict[int, tuple[int, torch.Tensor]]  # seq_id -> (first position, (T, V) logits)
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, lora=None) -> None:
+        self.model = model
+        c = model.config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.block_size = block_size
+        self.cache = PagedKVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
+                                  p.dtype, p.device)
+        self.num_heads, self.num_kv_heads = c.num_heads, c.num_kv_heads
+        self.window = c.sliding_window
+        self.lora = lora  # LoRAManager or None
+        self._block_offsets = torch.arange(block_size, device=self.device)
+
+    def _ctx_slots(self, seq: Sequence, ctx_len: int) -> torch.Tensor:
+        """(ctx_len,) cache slots of positions 0..ctx_len-1."""
+        nblocks = -(-ctx_len // self.block_size)
+        blocks = torch.tensor(seq.block_table[:nblocks], device=self.device)
+        return (blocks[:, None] * self.block_size + self._block_offsets).flatten()[:ctx_len]
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[tuple[Sequence, int]], copies: list[tuple[int, int]] = ()) -> StepResult:
+        """Run one step over `scheduled` (sequence, tokens to compute from num_computed_tokens)."""
+        self.cache.copy_blocks(list(copies))
+        # LoRA needs the tokens of one adapter contiguous: order sequences by adapter name
+        if self.lora is not None:
+            scheduled = sorted(scheduled, key=lambda sn: (sn[0].adapter is not None, sn[0].adapter or ""))
+        ids: list[int] = []
+        positions: list[int] = []
+        seq_attn: list[SeqAttention] = []
+        slot_chunks: list[torch.Tensor] = []
+        sample_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        prompt_rows: list[tuple[Sequence, int, int, int]] = []  # seq, first row, count, first pos
+        adapters: list[tuple[str | None, int]] = []  # (adapter, number of tokens)
+        group = self.num_heads // self.num_kv_heads
+        for seq, n in scheduled:
+            start = seq.num_computed_tokens
+            end = start + n
+            q_start = len(ids)
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            ctx = self._ctx_slots(seq, end)  # (end,)
+            slot_chunks.append(ctx[start:end])
+            mask = PagedAttention.build_mask(n, end, group, self.window, self.device)
+            seq_attn.append(SeqAttention(q_start, n, ctx, mask))
+            adapters.append((seq.adapter, n))
+            if end == seq.num_tokens:  # the chunk reaches the last known token: it samples
+                sample_rows.append(q_start + n - 1)
+                sample_seqs.append(seq)
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                # logits at positions start..min(end, prompt_len-1)-1 predict prompt tokens
+                cnt = min(end, seq.num_prompt_tokens - 1) - start
+                prompt_rows.append((seq, q_start, cnt, start))
+        input_ids = torch.tensor(ids, device=self.device)  # (N,)
+        pos = torch.tensor(positions, device=self.device)  # (N,)
+        ctx = PagedAttention(self.cache, torch.cat(slot_chunks), seq_attn, self.num_heads,
+                             self.num_kv_heads)
+        if self.lora is not None:
+            self.lora.set_token_adapters(adapters)
+        hidden = self.model(input_ids, pos, ctx)  # (N, hidden)
+        logits = None
+        if sample_rows:
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        prompt_logits = {
+            s.seq_id: (p0, self.model.compute_logits(hidden[r0:r0 + cnt]))
+            for s, r0, cnt, p0 in prompt_rows
+        }
+        return StepResult(sample_seqs, logits, prompt_logits)

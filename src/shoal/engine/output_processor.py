@@ -1,0 +1,137 @@
+"""Turn sampled tokens into text and decide when a sequence stops.
+
+Per sequence: incremental detokenization (whole UTF-8 characters only), stop strings matched
+across token boundaries and cut from the text, stop tokens and eos, max_tokens and the model's
+length limit. Streaming deltas hold back a tail that could still become a stop string. Per
+request: `best_of` > `n` keeps the n samples with the highest mean token logprob, reported only
+when all are done. No torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
+from .outputs import CompletionOutput, RequestOutput, TokenLogprob
+from .sampling_params import SamplingParams
+from .sequence import Sequence
+
+
+@dataclass
+class SeqState:
+    """Text-side state of one sequence."""
+
+    detok: IncrementalDetokenizer
+    text: str = ""  # generated text so far (cut at a matched stop string)
+    sent_chars: int = 0  # chars of `text` already streamed
+    sent_tokens: int = 0
+    sent_logprobs: int = 0
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class Request:
+    """One request: its prompt, parameters and the sequences sampling it."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None
+    seqs: list[Sequence] = field(default_factory=list)
+    states: dict[int, SeqState] = field(default_factory=dict)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finished: bool = False
+
+    @property
+    def all_done(self) -> bool:
+        return len(self.seqs) == self.params.best_of and all(s.is_finished for s in self.seqs)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer, eos_token_ids: list[int], max_model_len: int) -> None:
+        self.tok = tokenizer
+        self.eos = set(eos_token_ids)
+        self.max_model_len = max_model_len
+
+    def new_state(self, seq: Sequence) -> SeqState:
+        return SeqState(IncrementalDetokenizer(self.tok, seq.params.skip_special_tokens, seq.prompt_ids))
+
+    def check_stop(self, seq: Sequence, state: SeqState, token: int) -> str | None:
+        """Append `token`'s text; return the finish reason if the sequence is done."""
+        p = seq.params
+        is_stop_token = (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids
+        if is_stop_token:  # (the sampler masks these until min_tokens is reached)
+            state.text += state.detok.flush()  # the stop token's own text is not shown
+            state.stop_reason = None if token in self.eos else token
+            return "stop"
+        state.text += state.detok.push(token)
+        if p.stop and seq.num_generated >= p.min_tokens:
+            # a stop string may straddle tokens: search the tail that could hold a new match
+            longest = max(len(s) for s in p.stop)
+            tail = max(0, len(state.text) - longest - 8)
+            hits = [(i, s) for s in p.stop if (i := state.text.find(s, tail)) >= 0]
+            if hits:
+                i, s = min(hits)
+                state.text = state.text[:i]
+                state.stop_reason = s
+                return "stop"
+        if p.max_tokens is not None and seq.num_generated >= p.max_tokens:
+            return "length"
+        if seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    @staticmethod
+    def _held_back(text: str, stops: list[str]) -> int:
+        """Chars at the end of `text` that could be the start of a stop string."""
+        hold = 0
+        for s in stops:
+            for n in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:n]):
+                    hold = n
+                    break
+        return hold
+
+    def completion(self, req: Request, seq: Sequence, index: int, final: bool) -> CompletionOutput:
+        """The CompletionOutput of one sequence, with deltas since the last call."""
+        st = req.states[seq.seq_id]
+        p = seq.params
+        visible = len(st.text)
+        if not seq.is_finished and p.stop:
+            visible -= self._held_back(st.text, p.stop)
+        delta = st.text[st.sent_chars:visible] if visible > st.sent_chars else ""
+        st.sent_chars = max(st.sent_chars, visible)
+        gen = seq.generated_ids
+        tok_delta = gen[st.sent_tokens:]
+        st.sent_tokens = len(gen)
+        lps = seq.logprobs if p.logprobs is not None else None
+        lp_delta = None
+        if lps is not None:
+            lp_delta = lps[st.sent_logprobs:]
+            st.sent_logprobs = len(lps)
+        return CompletionOutput(
+            index=index, text=st.text, token_ids=list(gen), finish_reason=seq.finish_reason,
+            stop_reason=st.stop_reason, cumulative_logprob=seq.cumulative_logprob,
+            logprobs=list(lps) if lps is not None else None, text_delta=delta,
+            token_ids_delta=list(tok_delta), logprobs_delta=lp_delta,
+        )
+
+    def request_output(self, req: Request) -> RequestOutput | None:
+        """The request's output for this step, or None when nothing is reportable yet."""
+        p = req.params
+        done = req.all_done
+        if p.best_of > p.n:
+            if not done:
+                return None  # ranking needs every sample finished (OpenAI: best_of never streams)
+            ranked = sorted(req.seqs, key=lambda s: (-(s.cumulative_logprob / max(s.num_generated, 1)),
+                                                     s.sample_index))[: p.n]
+            outs = [self.completion(req, s, i, True) for i, s in enumerate(ranked)]
+        else:
+            seqs = sorted(req.seqs, key=lambda s: s.sample_index)
+            outs = [self.completion(req, s, s.sample_index, done) for s in seqs]
+        first = req.seqs[0] if req.seqs else None
+        return RequestOutput(
+            request_id=req.request_id, prompt_token_ids=req.prompt_ids, outputs=outs,
+            finished=done, prompt_logprobs=req.prompt_logprobs,
+            num_cached_tokens=first.num_cached_tokens if first else 0, adapter=req.adapter,
+        )
