@@ -47,6 +47,14 @@ class ModelRunner:
         blocks = torch.tensor(seq.block_table[:nblocks], device=self.device)
         return (blocks[:, None] * self.block_size + self._block_offsets).flatten()[:ctx_len]
 
+    def _set_lora_mapping(self, adapters: list[tuple[str | None, int]]) -> None:
+        """Make the step's adapters resident and give every token its slot (-1 = base)."""
+        names = {a for a, _ in adapters if a is not None}
+        slots = self.lora.prepare(names) if names else {}
+        per_seq = torch.tensor([slots[a] if a is not None else -1 for a, _ in adapters])
+        counts = torch.tensor([n for _, n in adapters])
+        self.lora.set_mapping(per_seq.repeat_interleave(counts))  # (N,) sorted by adapter
+
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]], copies: list[tuple[int, int]] = ()) -> StepResult:
         """Run one step over `scheduled` (sequence, tokens to compute from num_computed_tokens)."""
@@ -86,7 +94,7 @@ class ModelRunner:
         ctx = PagedAttention(self.cache, torch.cat(slot_chunks), seq_attn, self.num_heads,
                              self.num_kv_heads)
         if self.lora is not None:
-            self.lora.set_token_adapters(adapters)
+            self._set_lora_mapping(adapters)
         hidden = self.model(input_ids, pos, ctx)  # (N, hidden)
         logits = None
         if sample_rows:

@@ -1,0 +1,142 @@
+"""AsyncEngine: the engine for servers. The step loop runs on its own thread, off the event loop.
+
+Callers `async for out in engine.generate(...)` and get a RequestOutput whenever their request
+made progress; leaving the loop early (a client disconnect) aborts the request and frees its KV
+blocks. Every change to the engine (add, abort, adapters) is a command the loop thread runs
+between steps, so the engine itself stays single-threaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from ..config import EngineConfig
+from ..model.loader import LoadedModel
+from .llm_engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.engine = LLMEngine(config, loaded)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._stop = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="shoal-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    # ---- the loop thread --------------------------------------------------------------------
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = fn()
+            except BaseException as e:  # returned to the caller, not raised here
+                if not fut.cancelled():
+                    fut.set_exception(e)
+            else:
+                if not fut.cancelled():  # the caller may have gone (a cancelled request)
+                    fut.set_result(result)
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._run_commands()
+            if not self.engine.has_unfinished():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except BaseException as e:  # a bug in a step must not hang every client
+                self.error = e
+                for rid in list(self._streams):
+                    self._deliver(rid, e)
+                    self.engine.abort(rid)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    async def _call(self, fn: Callable):
+        """Run `fn` on the loop thread between steps; its result or exception comes back here."""
+        fut: cf.Future = cf.Future()
+        self._commands.put((fn, fut))
+        self._wake.set()
+        return await asyncio.wrap_future(fut)
+
+    # ---- public API -------------------------------------------------------------------------
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None,
+                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream RequestOutputs for one request; ValueError (naming the field) for bad input.
+
+        Close the stream when leaving early (`async with contextlib.aclosing(...)`, or a server
+        cancelling the task): that aborts the request at once."""
+        rid = request_id or f"req-{next(self._ids)}"
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = (asyncio.get_running_loop(), q)
+        finished = False
+        try:
+            await self._call(lambda: self.engine.add_request(rid, prompt, params, adapter))
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise RuntimeError(f"engine step failed: {item}") from item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:  # queued, not awaited: this also runs while being cancelled
+                self._commands.put((lambda: self.engine.abort(rid), cf.Future()))
+                self._wake.set()
+
+    async def abort(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks now."""
+        return await self._call(lambda: self.engine.abort(request_id))
+
+    async def add_adapter(self, name: str, path: str) -> None:
+        if self.engine.lora is None:
+            raise ValueError("enable_lora: adapters need EngineConfig(enable_lora=True)")
+        await self._call(lambda: self.engine.lora.add_adapter(name, path))
+
+    async def remove_adapter(self, name: str) -> None:
+        if self.engine.lora is not None:
+            await self._call(lambda: self.engine.lora.remove_adapter(name))
+
+    async def stats(self) -> dict:
+        """Running/waiting sequences and KV use, read between steps."""
+        def read():
+            s, bm = self.engine.scheduler, self.engine.block_manager
+            return {"running": s.num_running, "waiting": s.num_waiting, "kv_usage": bm.usage,
+                    "free_blocks": bm.num_free_blocks}
+        return await self._call(read)
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)

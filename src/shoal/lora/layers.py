@@ -1,0 +1,219 @@
+"""Multi-LoRA linear layers: one base weight, `max_loras` stacked adapter slots, one batch.
+
+`apply_lora` swaps the model's nn.Linear modules for `LoRALinear`s in place (same Parameters, so
+state_dict names and tied weights do not change) and returns the `LoRAMapping` they all read:
+the per-token (or per-row) slot index of the next forward, with -1 meaning the base model. No
+file formats, adapter registry or eviction policy here (`peft_format.py`, `adapter_cache.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A step's plan: for each slot in the batch, the tokens of x (flattened to (N, in)) it owns,
+# as a contiguous slice when the slot's tokens are adjacent, else as an index tensor.
+Plan = list[tuple[int, "slice | torch.Tensor"]]
+
+
+class LoRAMapping:
+    """Which adapter slot each token uses in the next forward; shared by every LoRALinear.
+
+    `set(slots)` takes (N,) slot indices for packed inputs x (N, in), (B,) per-row indices for
+    x (B, T, in), or (B, T) per-token indices; -1 is the base model. The token plan (slices or
+    index tensors per slot) is computed once per step and cached by x's leading shape.
+    """
+
+    def __init__(self, max_loras: int, max_rank: int, device: torch.device | str = "cpu") -> None:
+        self.max_loras, self.max_rank = max_loras, max_rank
+        self.device = torch.device(device)
+        self.layers: dict[str, LoRALinear] = {}
+        self.slots: tuple[int, ...] = ()  # flattened indices as set
+        self.shape: tuple[int, ...] = (0,)
+        self._runs: list[tuple[int, int, int]] = []  # (slot, start, end), slot >= 0 only
+        self._plans: dict[tuple[int, ...], Plan] = {}
+
+    def set(self, slots: Sequence[int] | torch.Tensor) -> None:
+        """Set the slot indices for the next forward (-1 = base); host-side (a CUDA tensor is
+        read back once), since the plan is built on the CPU once per step."""
+        if isinstance(slots, torch.Tensor):
+            shape, flat = tuple(slots.shape), [int(s) for s in slots.reshape(-1).tolist()]
+        else:
+            flat = [int(s) for s in slots]
+            shape = (len(flat),)
+        bad = [s for s in flat if not -1 <= s < self.max_loras]
+        if bad:
+            raise ValueError(f"slots: index {bad[0]} out of range [-1, {self.max_loras})")
+        runs: list[tuple[int, int, int]] = []
+        start = 0
+        for i in range(1, len(flat) + 1):  # run-length encode, dropping base runs
+            if i == len(flat) or flat[i] != flat[start]:
+                if flat[start] >= 0:
+                    runs.append((flat[start], start, i))
+                start = i
+        self.slots, self.shape, self._runs, self._plans = tuple(flat), shape, runs, {}
+
+    def clear(self) -> None:
+        """Every token uses the base model."""
+        self.set([])
+
+    @property
+    def active(self) -> bool:
+        """True when some token uses an adapter."""
+        return bool(self._runs)
+
+    def plan(self, lead: tuple[int, ...]) -> Plan:
+        """(slot, tokens) pairs for x with leading shape `lead`, tokens indexing x.reshape(-1, in)."""
+        if not self._runs:
+            return []
+        plan = self._plans.get(lead)
+        if plan is not None:
+            return plan
+        if lead == self.shape:
+            unit = 1  # per token
+        elif len(self.shape) == 1 and len(lead) == 2 and lead[0] == self.shape[0]:
+            unit = lead[1]  # per row: row r owns tokens [r*T, (r+1)*T)
+        else:
+            raise ValueError(f"LoRA mapping of shape {self.shape} does not fit input of shape "
+                             f"{lead}; call set() with (N,), (B,) or (B, T) slot indices")
+        slots_in_batch = {s for s, _, _ in self._runs}
+        if len(slots_in_batch) == len(self._runs):  # each slot's tokens are adjacent (sorted)
+            plan = [(s, slice(a * unit, b * unit)) for s, a, b in self._runs]
+        else:
+            plan = []
+            for s in sorted(slots_in_batch):
+                idx = torch.cat([torch.arange(a * unit, b * unit) for s2, a, b in self._runs if s2 == s])
+                plan.append((s, idx.to(self.device)))
+        self._plans[lead] = plan
+        return plan
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear plus `max_loras` stacked LoRA slots, chosen per token by a shared LoRAMapping.
+
+    Reuses the wrapped layer's `weight` and `bias` Parameters. Buffers (non-persistent):
+    `lora_a_stacked` (max_loras, max_rank, in), `lora_b_stacked` (max_loras, out, max_rank),
+    `scaling` (max_loras,). A slot of rank r < max_rank is zero-padded; only its r columns are
+    used in the forward, and a slot this layer has no weights for (rank 0) is skipped.
+
+    Semantics:
+        y = x @ W.T + b                                   # x (N, in), slots (N,)
+        for n in range(N):
+            s = slots[n]
+            if s >= 0:
+                y[n] += scaling[s] * (x[n] @ lora_a_stacked[s].T) @ lora_b_stacked[s].T
+    """
+
+    def __init__(self, base: nn.Linear, mapping: LoRAMapping, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.mapping = mapping
+        dtype = dtype or base.weight.dtype
+        device = device if device is not None else base.weight.device
+        n, r = mapping.max_loras, mapping.max_rank
+        kw = dict(dtype=dtype, device=device)
+        self.register_buffer("lora_a_stacked", torch.zeros(n, r, self.in_features, **kw), persistent=False)
+        self.register_buffer("lora_b_stacked", torch.zeros(n, self.out_features, r, **kw), persistent=False)
+        self.register_buffer("scaling", torch.zeros(n, **kw), persistent=False)
+        self.ranks = [0] * n  # rank held by each slot (0 = empty)
+        self._scale = [0.0] * n  # python copy of `scaling` for the hot path
+
+    @torch.no_grad()
+    def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
+        """Load A (r, in) and B (out, r) into `slot`, zero-padding r up to max_rank."""
+        r = lora_a.shape[0]
+        if lora_a.shape != (r, self.in_features) or lora_b.shape != (self.out_features, r):
+            raise ValueError(f"lora_a/lora_b: shapes {tuple(lora_a.shape)}, {tuple(lora_b.shape)} do not "
+                             f"fit ({r}, {self.in_features}), ({self.out_features}, {r})")
+        if r > self.lora_a_stacked.shape[1]:
+            raise ValueError(f"r: adapter rank {r} exceeds max_lora_rank {self.lora_a_stacked.shape[1]}")
+        self.lora_a_stacked[slot].zero_()
+        self.lora_b_stacked[slot].zero_()
+        self.lora_a_stacked[slot, :r].copy_(lora_a)
+        self.lora_b_stacked[slot, :, :r].copy_(lora_b)
+        self.scaling[slot] = scaling
+        self.ranks[slot], self._scale[slot] = r, float(scaling)
+
+    @torch.no_grad()
+    def reset_lora(self, slot: int) -> None:
+        """Empty `slot`: tokens mapped to it get the base output from this layer."""
+        self.lora_a_stacked[slot].zero_()
+        self.lora_b_stacked[slot].zero_()
+        self.scaling[slot] = 0.0
+        self.ranks[slot], self._scale[slot] = 0, 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # (..., out)
+        plan = self.mapping.plan(tuple(x.shape[:-1]))
+        if not plan:
+            return y  # no token uses an adapter
+        x2, y2 = x.reshape(-1, self.in_features), y.view(-1, self.out_features)  # (N, in), (N, out)
+        for s, tokens in plan:
+            r = self.ranks[s]
+            if r == 0:
+                continue
+            a, b = self.lora_a_stacked[s, :r], self.lora_b_stacked[s, :, :r]  # (r, in), (out, r)
+            if isinstance(tokens, slice):
+                # 1) sorted: contiguous rows, updated in place
+                xa = x2[tokens] @ a.t()  # (n, r)
+                y2[tokens].addmm_(xa, b.t(), alpha=self._scale[s])
+            else:
+                # 2) interleaved: gather rows, scatter-add the delta
+                xa = x2.index_select(0, tokens) @ a.t()  # (n, r)
+                y2.index_add_(0, tokens, xa @ b.t(), alpha=self._scale[s])
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"max_loras={self.mapping.max_loras}, max_rank={self.mapping.max_rank}")
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Paths of every nn.Linear except lm_head (the output layer PEFT's all-linear skips too)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+
+
+def apply_lora(model: nn.Module, max_loras: int, max_rank: int,
+               target_modules: Iterable[str] | None = None, *, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> LoRAMapping:
+    """Replace the targeted nn.Linear modules of `model` in place by LoRALinear.
+
+    Args:
+        model: the model; its Parameters are kept, so state_dict and weight tying are unchanged.
+        max_loras: adapter slots per batch.
+        max_rank: largest adapter rank a slot holds.
+        target_modules: leaf names (`q_proj`) or full paths; None = all linear layers but lm_head.
+        dtype, device: of the stacked LoRA buffers; default each base layer's weight.
+    Returns:
+        The LoRAMapping all wrapped layers read; `mapping.layers` maps path -> LoRALinear.
+    """
+    if max_loras <= 0 or max_rank <= 0:
+        raise ValueError(f"max_loras/max_rank: must be positive, got {max_loras}, {max_rank}")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("model: LoRA layers are already applied")
+    linear = default_targets(model)
+    if target_modules is None:
+        paths = linear
+    else:
+        wanted = set(target_modules)
+        paths = [p for p in linear if p in wanted or p.rsplit(".", 1)[-1] in wanted]
+        found = set(paths) | {p.rsplit(".", 1)[-1] for p in paths}
+        missing = sorted(wanted - found)
+        if missing:
+            raise ValueError(f"target_modules: {missing[0]!r} is not a linear layer of the model")
+    if device is None:
+        device = next(model.parameters()).device
+    mapping = LoRAMapping(max_loras, max_rank, device)
+    for path in paths:
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        layer = LoRALinear(getattr(parent, child), mapping, dtype=dtype, device=device)
+        setattr(parent, child, layer)
+        mapping.layers[path] = layer
+    return mapping

@@ -1,0 +1,167 @@
+"""LoRALinear against its `Semantics:` reference loop (packed sorted/interleaved tokens, per-row
+and per-token (B, T) inputs), slot padding/reset, and apply_lora keeping the model's Parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from shoal.lora.layers import LoRALinear, LoRAMapping, apply_lora
+from tests.lora import pair
+
+IN, OUT, MAX_LORAS, MAX_RANK = 24, 40, 4, 8
+RANKS = {0: 2, 1: 8, 3: 5}  # slot 2 stays empty
+
+
+def make_layer(seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    base = nn.Linear(IN, OUT)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(OUT, IN, generator=g))
+        base.bias.copy_(torch.randn(OUT, generator=g))
+    base.to(device, dtype)
+    mapping = LoRAMapping(MAX_LORAS, MAX_RANK, device)
+    layer = LoRALinear(base, mapping)
+    for slot, r in RANKS.items():
+        layer.set_lora(slot, torch.randn(r, IN, generator=g), torch.randn(OUT, r, generator=g), 0.5 + slot)
+    return base, layer, mapping
+
+
+def reference(layer: LoRALinear, x: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    """The docstring's loop, over the full zero-padded stacked buffers."""
+    y = x @ layer.weight.T + layer.bias
+    for n, s in enumerate(slots):
+        if s >= 0:
+            y[n] += layer.scaling[s] * (x[n] @ layer.lora_a_stacked[s].T) @ layer.lora_b_stacked[s].T
+    return y
+
+
+@pytest.mark.parametrize("slots", [
+    [-1, -1, 0, 0, 0, 1, 1, 2, 3, 3],      # sorted by slot: contiguous slices
+    [1, -1, 0, 3, 1, 0, -1, 3, 2, 1],      # interleaved: index gather/scatter
+    [3, 3, 3, 3, 3, 3, 3, 3, 3, 3],        # one adapter for everything
+])
+def test_packed_tokens_match_reference_loop(slots):
+    _, layer, mapping = make_layer()
+    x = torch.randn(len(slots), IN, generator=torch.Generator().manual_seed(1))
+    mapping.set(slots)
+    with torch.no_grad():
+        got = layer(x)
+    assert (got - reference(layer, x, slots)).abs().max().item() <= 1e-4
+
+
+def test_sorted_tokens_use_slices_and_interleaved_use_indices():
+    mapping = LoRAMapping(MAX_LORAS, MAX_RANK)
+    mapping.set([-1, 0, 0, 2, 2, 2])
+    assert mapping.plan((6,)) == [(0, slice(1, 3)), (2, slice(3, 6))]
+    mapping.set([0, 2, 0])
+    plan = mapping.plan((3,))
+    assert [s for s, _ in plan] == [0, 2]
+    assert plan[0][1].tolist() == [0, 2] and plan[1][1].tolist() == [1]
+    mapping.set(torch.tensor([1, -1]))  # per row of a (2, T) input
+    assert mapping.plan((2, 5)) == [(1, slice(0, 5))]
+
+
+def test_per_row_and_per_token_batched_inputs():
+    _, layer, mapping = make_layer()
+    x = torch.randn(3, 5, IN, generator=torch.Generator().manual_seed(2))
+    rows = [1, -1, 3]
+    mapping.set(torch.tensor(rows))  # (B,) per row
+    with torch.no_grad():
+        got = layer(x)
+    want = reference(layer, x.reshape(15, IN), [s for s in rows for _ in range(5)]).view(3, 5, OUT)
+    assert (got - want).abs().max().item() <= 1e-4
+    per_token = torch.tensor([[0, 0, 1, 1, -1], [3, -1, -1, 0, 0], [1, 1, 1, 1, 1]])
+    mapping.set(per_token)  # (B, T) per token
+    with torch.no_grad():
+        got = layer(x)
+    want = reference(layer, x.reshape(15, IN), per_token.flatten().tolist()).view(3, 5, OUT)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_all_base_skips_lora_and_equals_base_exactly():
+    base, layer, mapping = make_layer()
+    x = torch.randn(7, IN)
+    for slots in ([-1] * 7, []):
+        mapping.set(slots)
+        assert not mapping.active and mapping.plan((7,)) == []
+        with torch.no_grad():
+            assert torch.equal(layer(x), base(x))
+    mapping.set([2] * 7)  # an empty slot (rank 0) is the base model too
+    with torch.no_grad():
+        assert torch.equal(layer(x), base(x))
+
+
+def test_set_lora_zero_pads_and_reset_empties():
+    _, layer, _ = make_layer()
+    layer.set_lora(1, torch.ones(3, IN), torch.ones(OUT, 3), 2.0)  # rank 8 -> 3 in the same slot
+    assert layer.ranks[1] == 3 and layer.scaling[1].item() == 2.0
+    assert layer.lora_a_stacked[1, 3:].abs().sum() == 0 and layer.lora_b_stacked[1, :, 3:].abs().sum() == 0
+    layer.reset_lora(1)
+    assert layer.ranks[1] == 0 and layer.scaling[1].item() == 0.0
+    assert layer.lora_a_stacked[1].abs().sum() == 0 and layer.lora_b_stacked[1].abs().sum() == 0
+    with pytest.raises(ValueError, match="r: adapter rank 9 exceeds max_lora_rank 8"):
+        layer.set_lora(0, torch.ones(9, IN), torch.ones(OUT, 9), 1.0)
+    with pytest.raises(ValueError, match="shapes"):
+        layer.set_lora(0, torch.ones(2, IN + 1), torch.ones(OUT, 2), 1.0)
+
+
+def test_mapping_errors():
+    _, layer, mapping = make_layer()
+    with pytest.raises(ValueError, match="out of range"):
+        mapping.set([0, MAX_LORAS])
+    mapping.set([0, 1, 0])
+    with pytest.raises(ValueError, match="does not fit"):
+        layer(torch.randn(4, IN))
+
+
+def test_backward_flows_through_lora_tokens():
+    _, layer, mapping = make_layer()
+    x = torch.randn(4, IN, requires_grad=True)
+    mapping.set([0, 0, -1, 3])
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+
+
+def test_apply_lora_keeps_parameters_and_state_dict():
+    _, model = pair("llama")
+    before = dict(model.state_dict())
+    params = {n: p for n, p in model.named_parameters()}
+    mapping = apply_lora(model, 3, 4)
+    want = {n for n, m in pair("llama")[1].named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    assert set(mapping.layers) == want and len(want) == 14
+    assert not isinstance(model.lm_head, LoRALinear)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(after[k] is before[k] or torch.equal(after[k], before[k]) for k in before)
+    assert {n: p for n, p in model.named_parameters()}.keys() == params.keys()
+    assert model.model.layers[0].self_attn.q_proj.weight is params["model.layers.0.self_attn.q_proj.weight"]
+    assert model.model.layers[1].mlp.down_proj.lora_a_stacked.shape == (3, 4, 96)
+    assert model.model.layers[1].mlp.down_proj.lora_b_stacked.shape == (3, 64, 4)
+    with pytest.raises(ValueError, match="already applied"):
+        apply_lora(model, 3, 4)
+
+
+def test_apply_lora_target_subset_and_unknown():
+    _, model = pair("gpt2")
+    mapping = apply_lora(model, 2, 4, target_modules=["c_attn", "transformer.h.1.mlp.c_fc"])
+    assert set(mapping.layers) == {"transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn",
+                                   "transformer.h.1.mlp.c_fc"}
+    _, model = pair("gpt2")
+    with pytest.raises(ValueError, match="target_modules: 'q_proj'"):
+        apply_lora(model, 2, 4, target_modules=["q_proj"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_matches_fp32_reference_loop():
+    _, cpu_layer, _ = make_layer()
+    _, layer, mapping = make_layer(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(10, IN, generator=torch.Generator().manual_seed(1))
+    for slots in ([-1, 0, 0, 1, 1, 1, 3, 3, -1, -1], [1, -1, 0, 3, 1, 0, -1, 3, 2, 1]):
+        mapping.set(slots)
+        with torch.no_grad():
+            got = layer(x.to("cuda", torch.bfloat16)).float().cpu()
+            want = reference(cpu_layer, x, slots)
+        assert (got - want).abs().max().item() <= 2e-2 * want.abs().max().item()
