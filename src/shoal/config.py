@@ -43,6 +43,9 @@ class EngineConfig:
     """Largest adapter rank accepted."""
     max_cpu_loras: int = 32
     """Adapters kept in CPU memory (LRU) behind the batch slots."""
+    batch_invariant: bool = True
+    """Make a row's logits independent of the rest of the batch: on CPU in bf16, matmuls with
+    an input dimension over 1024 run split-K (about 1.3x slower on those layers; measured)."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; None = leave torch's setting."""
 

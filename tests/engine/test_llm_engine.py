@@ -227,3 +227,39 @@ def test_bad_requests_name_the_field(tiny_llama, kwargs, field):
 def test_bad_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_bf16_model_math_is_bitwise_batch_invariant(tmp_path, tiny_tokenizer_dir):
+    """A row's logprobs are bit-identical alone and among 32 other requests (bf16, CPU), with
+    an MLP wider than 1024 so the split-K path is exercised."""
+    from shoal.model.loader import load_dir
+    from tests.helpers import hf_tiny_config, save_tiny_hf_dir
+
+    torch.manual_seed(0)
+    save_tiny_hf_dir(hf_tiny_config("llama", intermediate_size=1536, max_position_embeddings=512),
+                     tmp_path / "wide", tiny_tokenizer_dir)
+    loaded = load_dir(str(tmp_path / "wide"), dtype="bfloat16")
+    target = prompts(1, seed=40, lo=30, hi=30)[0]
+    params = SamplingParams(temperature=1.0, max_tokens=16, seed=3, ignore_eos=True, logprobs=2)
+    alone = make_llm(loaded).generate([target], params)[0].outputs[0]
+    others = prompts(32, seed=41, lo=5, hi=100)
+    ps = [params] + [SamplingParams(temperature=1.0, max_tokens=3 + i % 20, ignore_eos=True)
+                     for i in range(32)]
+    mixed = make_llm(loaded, max_num_batched_tokens=128).generate([target] + others, ps)[0].outputs[0]
+    assert mixed.token_ids == alone.token_ids
+    assert [lp for _, lp, _ in mixed.logprobs] == [lp for _, lp, _ in alone.logprobs]
+
+
+def test_split_k_linear_is_row_invariant():
+    """Semantics of shoal.model.layers.linear with k_chunk: the K-chunked fp32 sum, and a row's
+    result does not change with the number of rows."""
+    from shoal.model.layers import linear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 1536, generator=g).to(torch.bfloat16)
+    x = torch.randn(80, 1536, generator=g).to(torch.bfloat16)
+    one = torch.cat([linear(x[i:i + 1], w, None, 1024) for i in range(80)])
+    for m in (2, 7, 33, 80):
+        assert torch.equal(linear(x[:m], w, None, 1024), one[:m])
+    ref = (x[:, :768] @ w[:, :768].T).float() + (x[:, 768:] @ w[:, 768:].T).float()
+    assert torch.equal(one, ref.to(torch.bfloat16))

@@ -67,6 +67,8 @@ class LLMEngine:
 
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank,
                                     config.max_cpu_loras, device=p.device, dtype=p.dtype)
+        if config.batch_invariant:
+            set_batch_invariant(self.model)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, lora=self.lora)
         eos = self.tokenizer.stop_token_ids if self.tokenizer is not None else _eos_ids(mc)
         self.sampler = Sampler(eos)
@@ -205,6 +207,23 @@ class LLMEngine:
         if reason is not None:
             seq.finish_reason = reason
             self.scheduler.finish(seq)
+
+
+INVARIANT_K = 1024  # bf16 CPU matmuls were measured row-invariant up to this input width
+
+
+def set_batch_invariant(model: torch.nn.Module) -> int:
+    """Switch wide bf16 CPU linears to split-K (see `shoal.model.layers.linear`); returns how
+    many layers changed. fp32 and CUDA are left alone."""
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.bfloat16:
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.in_features > INVARIANT_K:
+            m.k_chunk = INVARIANT_K
+            n += 1
+    return n
 
 
 def _eos_ids(mc) -> list[int]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.transformer import Transformer
-from .paged_attention import PagedAttention, PagedKVCache, SeqAttention
+from .paged_attention import PagedAttention, PagedKVCache, SeqAttention, build_decode_buckets
 from .sequence import Sequence
 
 
@@ -71,6 +71,7 @@ class ModelRunner:
         prompt_rows: list[tuple[Sequence, int, int, int]] = []  # seq, first row, count, first pos
         adapters: list[tuple[str | None, int]] = []  # (adapter, number of tokens)
         group = self.num_heads // self.num_kv_heads
+        decode_items: list[tuple[int, torch.Tensor]] = []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
             end = start + n
@@ -79,8 +80,11 @@ class ModelRunner:
             positions.extend(range(start, end))
             ctx = self._ctx_slots(seq, end)  # (end,)
             slot_chunks.append(ctx[start:end])
-            mask = PagedAttention.build_mask(n, end, group, self.window, self.device)
-            seq_attn.append(SeqAttention(q_start, n, ctx, mask))
+            if n == 1:  # a decode row: batched with others of its context-length bucket
+                decode_items.append((q_start, ctx))
+            else:
+                mask = PagedAttention.build_mask(n, end, group, self.window, self.device)
+                seq_attn.append(SeqAttention(q_start, n, ctx, mask))
             adapters.append((seq.adapter, n))
             if end == seq.num_tokens:  # the chunk reaches the last known token: it samples
                 sample_rows.append(q_start + n - 1)
@@ -92,7 +96,8 @@ class ModelRunner:
         input_ids = torch.tensor(ids, device=self.device)  # (N,)
         pos = torch.tensor(positions, device=self.device)  # (N,)
         ctx = PagedAttention(self.cache, torch.cat(slot_chunks), seq_attn, self.num_heads,
-                             self.num_kv_heads)
+                             self.num_kv_heads,
+                             build_decode_buckets(decode_items, self.window, self.device))
         if self.lora is not None:
             self._set_lora_mapping(adapters)
         hidden = self.model(input_ids, pos, ctx)  # (N, hidden)

@@ -4,8 +4,10 @@ The cache is one tensor per K and V of shape (layers, num_blocks * block_size, H
 is `block * block_size + offset`. Each step packs all scheduled tokens into one flat batch (N,);
 `PagedAttention.attend` writes the new keys/values to their slots, then attends each sequence's
 queries over that sequence's own slots. Attention runs per sequence with exact lengths, so a
-row's result never depends on what else is in the batch (batch invariance). Grouped-query heads
-are handled by folding the group into the query axis: no K/V is repeated.
+row's result never depends on what else is in the batch (batch invariance). Decode rows (one
+query each) are batched by context-length bucket: each is padded to its own bucket (a multiple of
+DECODE_BUCKET), never to the batch's longest, so its arithmetic is the same alone or in company.
+Grouped-query heads fold the group into the query axis: no K/V is repeated.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+DECODE_BUCKET = 64
 
 
 class PagedKVCache:
@@ -44,6 +49,37 @@ class PagedKVCache:
 
 
 @dataclass
+class DecodeBucket:
+    """Decode rows whose context lengths round up to the same bucket length Sb."""
+
+    rows: torch.Tensor  # (Bb,) their rows in the flat batch
+    slots: torch.Tensor  # (Bb * Sb,) context slots, padded with slot 0
+    bias: torch.Tensor  # (Bb, 1, 1, Sb) fp32: 0 for real keys, -inf for padding / outside window
+    length: int  # Sb
+
+
+def build_decode_buckets(items: list[tuple[int, torch.Tensor]], window: int | None,
+                         device) -> list[DecodeBucket]:
+    """items: (row, ctx_slots) of every decode row -> one DecodeBucket per bucket length."""
+    groups: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    for row, slots in items:
+        sb = -(-slots.numel() // DECODE_BUCKET) * DECODE_BUCKET
+        groups.setdefault(sb, []).append((row, slots))
+    out = []
+    for sb, members in sorted(groups.items()):
+        padded = torch.zeros(len(members), sb, dtype=torch.long, device=device)
+        bias = torch.full((len(members), 1, 1, sb), float("-inf"), device=device)
+        for i, (_, slots) in enumerate(members):
+            n = slots.numel()
+            padded[i, :n] = slots
+            lo = 0 if window is None else max(0, n - window)
+            bias[i, 0, 0, lo:n] = 0.0
+        rows = torch.tensor([r for r, _ in members], device=device)
+        out.append(DecodeBucket(rows, padded.flatten(), bias, sb))
+    return out
+
+
+@dataclass
 class SeqAttention:
     """One sequence's share of the packed batch."""
 
@@ -57,10 +93,12 @@ class PagedAttention:
     """Attention context for one engine step (see module docstring)."""
 
     def __init__(self, cache: PagedKVCache, slot_mapping: torch.Tensor, seqs: list[SeqAttention],
-                 num_heads: int, num_kv_heads: int) -> None:
+                 num_heads: int, num_kv_heads: int,
+                 decode: list[DecodeBucket] | None = None) -> None:
         self.cache = cache
         self.slot_mapping = slot_mapping  # (N,) where each new token's K/V goes
-        self.seqs = seqs
+        self.seqs = seqs  # prefill chunks (and decodes, when not bucketed)
+        self.decode = decode or []
         self.group = num_heads // num_kv_heads
 
     @staticmethod
@@ -97,6 +135,20 @@ class PagedAttention:
             o = F.scaled_dot_product_attention(qf, keys, vals, attn_mask=s.causal_mask)
             out[s.q_start:s.q_start + s.q_len] = o.view(hkv, s.q_len, g, d).permute(1, 0, 2, 3).reshape(
                 s.q_len, hkv * g, d)
+        # 3) decode rows, one batched computation per bucket, in fp32 (small bf16 bmm is slow)
+        for b in self.decode:
+            bb, sb = b.rows.numel(), b.length
+            # contiguous 3-D operands pin one bmm path whatever Bb is (4-D strided matmuls fold
+            # differently for Bb = 1 and Bb > 1, which broke batch invariance)
+            keys = kc.index_select(0, b.slots).view(bb, sb, hkv, d).transpose(1, 2).reshape(
+                bb * hkv, sb, d).float()  # (Bb*Hkv, Sb, D)
+            vals = vc.index_select(0, b.slots).view(bb, sb, hkv, d).transpose(1, 2).reshape(
+                bb * hkv, sb, d).float()
+            qb = q.index_select(0, b.rows).reshape(bb * hkv, g, d).float()  # (Bb*Hkv, g, D)
+            scores = torch.bmm(qb, keys.transpose(1, 2)).mul_(d ** -0.5)  # (Bb*Hkv, g, Sb)
+            scores = scores.view(bb, hkv, g, sb).add_(b.bias).view(bb * hkv, g, sb)
+            o = torch.bmm(scores.softmax(-1), vals)  # (Bb*Hkv, g, D)
+            out.index_copy_(0, b.rows, o.view(bb, hkv * g, d).to(out.dtype))
         return out
 
     def advance(self, n: int) -> None:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.layers import linear
+
 # A step's plan: for each slot in the batch, the tokens of x (flattened to (N, in)) it owns,
 # as a contiguous slice when the slot's tokens are adjacent, else as an index tensor.
 Plan = list[tuple[int, "slice | torch.Tensor"]]
@@ -113,6 +115,7 @@ class LoRALinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
+        self.k_chunk = getattr(base, "k_chunk", 0)  # split-K mode of the base layer
         self.mapping = mapping
         dtype = dtype or base.weight.dtype
         device = device if device is not None else base.weight.device
@@ -149,7 +152,7 @@ class LoRALinear(nn.Linear):
         self.ranks[slot], self._scale[slot] = 0, 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # (..., out)
+        y = linear(x, self.weight, self.bias, self.k_chunk)  # (..., out)
         plan = self.mapping.plan(tuple(x.shape[:-1]))
         if not plan:
             return y  # no token uses an adapter

@@ -18,6 +18,40 @@ from torch import nn
 from .config import ModelConfig
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           k_chunk: int = 0) -> torch.Tensor:
+    """F.linear, or with k_chunk > 0 a split-K product: the input dimension is cut into equal
+    chunks of at most k_chunk, each product is taken separately and summed in fp32.
+
+    Why: on CPU, bf16 matmuls with K > 1024 change their reduction order with the number of rows
+    (measured: torch 2.13, oneDNN, AVX512-BF16), so a row's result would depend on what else is
+    in the batch. Chunks of K <= 1024 are row-invariant, and so is their fp32 sum.
+    Semantics: y = sum_c x[:, c] @ weight[:, c].T (+ bias), c over the K chunks.
+    """
+    k = x.shape[-1]
+    if k_chunk <= 0 or k <= k_chunk:
+        return F.linear(x, weight, bias)
+    n = -(-k // k_chunk)
+    step = -(-k // n)
+    y = None
+    for c in range(0, k, step):
+        part = F.linear(x[..., c:c + step], weight[:, c:c + step]).float()
+        y = part if y is None else y.add_(part)
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with an optional split-K mode (`k_chunk`, set by the engine for batch
+    invariance; 0 = plain)."""
+
+    k_chunk: int = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.k_chunk)
+
+
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, computed in fp32 like the reference implementations."""
 
@@ -83,10 +117,10 @@ class LlamaAttention(nn.Module):
         h, d = config.hidden_size, config.head_dim
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
-        self.q_proj = nn.Linear(h, config.num_heads * d, bias=config.attention_bias)
-        self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.attention_bias)
-        self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.attention_bias)
-        self.o_proj = nn.Linear(config.num_heads * d, h, bias=False)
+        self.q_proj = Linear(h, config.num_heads * d, bias=config.attention_bias)
+        self.k_proj = Linear(h, config.num_kv_heads * d, bias=config.attention_bias)
+        self.v_proj = Linear(h, config.num_kv_heads * d, bias=config.attention_bias)
+        self.o_proj = Linear(config.num_heads * d, h, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -106,8 +140,8 @@ class GPT2Attention(nn.Module):
         h = config.hidden_size
         self.layer_idx = layer_idx
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.c_attn = nn.Linear(h, 3 * h)
-        self.c_proj = nn.Linear(h, h)
+        self.c_attn = Linear(h, 3 * h)
+        self.c_proj = Linear(h, h)
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -122,9 +156,9 @@ class SwiGLU(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         h, i, b = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=b)
-        self.up_proj = nn.Linear(h, i, bias=b)
-        self.down_proj = nn.Linear(i, h, bias=b)
+        self.gate_proj = Linear(h, i, bias=b)
+        self.up_proj = Linear(h, i, bias=b)
+        self.down_proj = Linear(i, h, bias=b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -135,8 +169,8 @@ class GPT2MLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.c_fc = Linear(config.hidden_size, config.intermediate_size)
+        self.c_proj = Linear(config.intermediate_size, config.hidden_size)
         self.approximate = "none" if config.activation == "gelu" else "tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import CausalAttention
 from .config import ModelConfig
-from .layers import GPT2MLP, GPT2Attention, LlamaAttention, RMSNorm, RotaryEmbedding, SwiGLU
+from .layers import GPT2MLP, GPT2Attention, Linear, LlamaAttention, RMSNorm, RotaryEmbedding, SwiGLU
 
 
 class LlamaBlock(nn.Module):
@@ -92,7 +92,7 @@ class Transformer(nn.Module):
             self.model = LlamaBackbone(config)
         else:
             self.transformer = GPT2Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     @property

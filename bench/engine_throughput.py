@@ -1,0 +1,207 @@
+"""Engine throughput and latency against HF transformers `generate`, in one run.
+
+Workloads (each sized by flags so a 2-core box finishes in minutes):
+  single   1 stream: a 128-token prompt, `--out` tokens.
+  streams  `--streams` concurrent requests (prompts 64-128 tokens), `--out` tokens each.
+  many     `--requests` requests with prompts 64-512 tokens, `--out` tokens each.
+  adapters the `streams` workload with `--adapters` random LoRA adapters mixed, against the
+           same workload on the base model, and PEFT mixed-adapter batches as the baseline.
+Shoal reports output tok/s, TTFT and inter-token latency p50/p99; HF runs static batches (1 and
+`--hf-batch`, padded) in fp32 and bf16. Prints a table and one JSON line; peak RSS is read after
+Shoal's runs, before any baseline loads. Usage:
+  python bench/engine_throughput.py --workloads single,streams --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def rss_peak_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_prompts(n: int, lo: int, hi: int, seed: int, vocab: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab - 1) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(int(q * len(xs)), len(xs) - 1)] if xs else float("nan")
+
+
+def run_shoal(engine, prompts, out_tokens: int, adapters=None) -> dict:
+    """Drive the engine's step loop; time every token as it is produced."""
+    from shoal.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=out_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    gaps: list[float] = []
+    for i, p in enumerate(prompts):
+        engine.add_request(f"b{i}", p, params, adapters[i] if adapters else None)
+    total = 0
+    while engine.has_unfinished():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            k = len(o.outputs[0].token_ids_delta)
+            if not k:
+                continue
+            total += k
+            if o.request_id not in first:
+                first[o.request_id] = now - t0
+            else:
+                gaps.append(now - last[o.request_id])
+            last[o.request_id] = now
+    dt = time.perf_counter() - t0
+    ttft = list(first.values())
+    return {"tok_s": total / dt, "seconds": dt, "tokens": total,
+            "ttft_p50_ms": 1e3 * pct(ttft, 0.5), "ttft_p99_ms": 1e3 * pct(ttft, 0.99),
+            "itl_p50_ms": 1e3 * pct(gaps, 0.5), "itl_p99_ms": 1e3 * pct(gaps, 0.99)}
+
+
+def run_hf(model, prompts, out_tokens: int, batch: int, adapter_names=None) -> dict:
+    """Static batches of `batch` left-padded prompts through HF `generate` (greedy)."""
+    total, t0 = 0, time.perf_counter()
+    for s in range(0, len(prompts), batch):
+        chunk = prompts[s:s + batch]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        kw = {"adapter_names": adapter_names[s:s + batch]} if adapter_names else {}
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=out_tokens,
+                                 min_new_tokens=out_tokens, do_sample=False, pad_token_id=0, **kw)
+        total += (out.shape[1] - width) * len(chunk)
+    dt = time.perf_counter() - t0
+    return {"tok_s": total / dt, "seconds": dt, "tokens": total}
+
+
+def make_adapters(model_dir: str, n: int, root: str) -> list[str]:
+    """n random PEFT adapters (r=8, all linear layers) of the model at model_dir."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    paths = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        path = os.path.join(root, f"adapter{i}")
+        peft_model.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="SmolLM2-135M-Instruct")
+    ap.add_argument("--workloads", default="single,streams,adapters")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=int, default=64, help="output tokens per request")
+    ap.add_argument("--streams", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--hf-batch", type=int, default=8)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from shoal.config import EngineConfig
+    from shoal.engine.llm_engine import LLMEngine, load_for_engine
+    from shoal.model.registry import ModelRegistry
+
+    work = args.workloads.split(",")
+    cfg = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=max(64, args.streams),
+                       max_num_batched_tokens=512, enable_lora="adapters" in work,
+                       max_loras=max(args.adapters, 1), max_cpu_loras=max(args.adapters, 1),
+                       max_lora_rank=8)
+    loaded = load_for_engine(cfg)
+    vocab = loaded.config.vocab_size
+    engine = LLMEngine(cfg, loaded)
+    dtype = str(next(engine.model.parameters()).dtype).replace("torch.", "")
+    sets = {
+        "single": make_prompts(1, 128, 128, 0, vocab),
+        "streams": make_prompts(args.streams, 64, 128, 1, vocab),
+        "many": make_prompts(args.requests, 64, 512, 2, vocab),
+    }
+    results: dict[str, dict] = {}
+    run_shoal(engine, make_prompts(2, 16, 16, 9, vocab), 4)  # warm-up
+    for w in ("single", "streams", "many"):
+        if w in work:
+            results[f"shoal {w} ({dtype})"] = run_shoal(engine, sets[w], args.out)
+    adapter_paths: list[str] = []
+    if "adapters" in work:
+        root = tempfile.mkdtemp(prefix="shoal-adapters-")
+        model_dir = ModelRegistry().resolve(args.model)
+        adapter_paths = make_adapters(model_dir, args.adapters, root)
+        for i, p in enumerate(adapter_paths):
+            engine.lora.add_adapter(f"a{i}", p)
+        names = [f"a{i % args.adapters}" for i in range(len(sets["streams"]))]
+        results[f"shoal streams, {args.adapters} adapters mixed ({dtype})"] = run_shoal(
+            engine, sets["streams"], args.out, names)
+    shoal_rss = rss_peak_mb()
+    del engine
+    if not args.skip_hf:
+        import transformers
+
+        model_dir = ModelRegistry().resolve(args.model)
+        for dt in (torch.float32, torch.bfloat16):
+            hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).eval()
+            name = str(dt).replace("torch.", "")
+            run_hf(hf, make_prompts(1, 16, 16, 9, vocab), 4, 1)
+            if "single" in work:
+                results[f"HF generate single, batch 1 ({name})"] = run_hf(hf, sets["single"], args.out, 1)
+            if "streams" in work or "adapters" in work:
+                results[f"HF generate streams, batch {args.hf_batch} ({name})"] = run_hf(
+                    hf, sets["streams"], args.out, args.hf_batch)
+            if "many" in work:
+                results[f"HF generate many, batch {args.hf_batch} ({name})"] = run_hf(
+                    hf, sets["many"], args.out, args.hf_batch)
+        if adapter_paths:
+            from peft import PeftModel
+
+            hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+            pm = PeftModel.from_pretrained(hf, adapter_paths[0], adapter_name="a0")
+            for i, p in enumerate(adapter_paths[1:], 1):
+                pm.load_adapter(p, adapter_name=f"a{i}")
+            pm.eval()
+            names = [f"a{i % args.adapters}" for i in range(len(sets["streams"]))]
+            results[f"PEFT mixed adapters, batch {args.hf_batch} (bfloat16)"] = run_hf(
+                pm, sets["streams"], args.out, args.hf_batch, names)
+    print(f"\n{'run':58s} {'tok/s':>8s} {'TTFT p50/p99 ms':>17s} {'ITL p50/p99 ms':>16s}")
+    for k, r in results.items():
+        lat = (f"{r['ttft_p50_ms']:7.0f}/{r['ttft_p99_ms']:<7.0f}  {r['itl_p50_ms']:6.1f}/{r['itl_p99_ms']:<6.1f}"
+               if "ttft_p50_ms" in r else "")
+        print(f"{k:58s} {r['tok_s']:8.1f}  {lat}")
+    out = {"date": time.strftime("%Y-%m-%d"), "threads": args.threads, "out_tokens": args.out,
+           "shoal_peak_rss_mb": round(shoal_rss), "results": results}
+    print(json.dumps(out))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
