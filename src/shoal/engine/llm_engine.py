@@ -67,6 +67,7 @@ class LLMEngine:
 
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank,
                                     config.max_cpu_loras, device=p.device, dtype=p.dtype)
+            self.lora.mapping.dense = True  # packed batches: cost independent of adapter count
         if config.batch_invariant:
             set_batch_invariant(self.model)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, lora=self.lora)
@@ -223,6 +224,8 @@ def set_batch_invariant(model: torch.nn.Module) -> int:
         if isinstance(m, torch.nn.Linear) and m.in_features > INVARIANT_K:
             m.k_chunk = INVARIANT_K
             n += 1
+        if hasattr(m, "mapping"):  # LoRA's dense products (K = max_loras * max_rank)
+            m.mapping.k_chunk = INVARIANT_K
     return n
 
 

@@ -37,6 +37,9 @@ class LoRAMapping:
         self.shape: tuple[int, ...] = (0,)
         self._runs: list[tuple[int, int, int]] = []  # (slot, start, end), slot >= 0 only
         self._plans: dict[tuple[int, ...], Plan] = {}
+        self.dense = False  # packed inputs: one product against all slots (see LoRALinear)
+        self.k_chunk = 0  # split-K for the dense products (batch invariance on CPU bf16)
+        self._onehot: dict[torch.dtype, torch.Tensor] = {}
 
     def set(self, slots: Sequence[int] | torch.Tensor) -> None:
         """Set the slot indices for the next forward (-1 = base); host-side (a CUDA tensor is
@@ -57,6 +60,17 @@ class LoRAMapping:
                     runs.append((flat[start], start, i))
                 start = i
         self.slots, self.shape, self._runs, self._plans = tuple(flat), shape, runs, {}
+        self._onehot = {}
+
+    def onehot(self, dtype: torch.dtype) -> torch.Tensor:
+        """(N, max_loras): 1 where token n uses slot l, else 0 (base tokens: all 0)."""
+        oh = self._onehot.get(dtype)
+        if oh is None:
+            idx = torch.tensor(self.slots, device=self.device)
+            oh = torch.zeros(len(self.slots), self.max_loras + 1, dtype=dtype, device=self.device)
+            oh.scatter_(1, (idx + 1)[:, None], 1.0)  # column 0 collects the base tokens
+            oh = self._onehot[dtype] = oh[:, 1:].contiguous()
+        return oh
 
     def clear(self) -> None:
         """Every token uses the base model."""
@@ -126,6 +140,7 @@ class LoRALinear(nn.Linear):
         self.register_buffer("scaling", torch.zeros(n, **kw), persistent=False)
         self.ranks = [0] * n  # rank held by each slot (0 = empty)
         self._scale = [0.0] * n  # python copy of `scaling` for the hot path
+        self._b_flat: torch.Tensor | None = None  # (out, L*R) copy of lora_b_stacked for dense
 
     @torch.no_grad()
     def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
@@ -142,6 +157,7 @@ class LoRALinear(nn.Linear):
         self.lora_b_stacked[slot, :, :r].copy_(lora_b)
         self.scaling[slot] = scaling
         self.ranks[slot], self._scale[slot] = r, float(scaling)
+        self._b_flat = None
 
     @torch.no_grad()
     def reset_lora(self, slot: int) -> None:
@@ -150,6 +166,22 @@ class LoRALinear(nn.Linear):
         self.lora_b_stacked[slot].zero_()
         self.scaling[slot] = 0.0
         self.ranks[slot], self._scale[slot] = 0, 0.0
+        self._b_flat = None
+
+    def _forward_dense(self, x2: torch.Tensor, y2: torch.Tensor) -> None:
+        """All tokens against all slots in two products; other slots are masked to zero.
+
+        Semantics: as the class docstring. Cost does not grow with the number of adapters in
+        the batch, and a row's arithmetic does not depend on the other rows (batch invariance).
+        """
+        n, (lslots, rank) = x2.shape[0], self.lora_a_stacked.shape[:2]
+        if self._b_flat is None:
+            self._b_flat = self.lora_b_stacked.permute(1, 0, 2).reshape(self.out_features, lslots * rank)
+        k = self.mapping.k_chunk
+        xa = linear(x2, self.lora_a_stacked.view(lslots * rank, self.in_features), None, k)  # (N, L*R)
+        scale = self.mapping.onehot(x2.dtype) * self.scaling  # (N, L): the token's slot scaling
+        xa = xa.view(n, lslots, rank).mul_(scale[:, :, None]).view(n, lslots * rank)
+        y2.add_(linear(xa, self._b_flat, None, k))  # (N, out); base rows get exact zeros
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight, self.bias, self.k_chunk)  # (..., out)
@@ -157,6 +189,9 @@ class LoRALinear(nn.Linear):
         if not plan:
             return y  # no token uses an adapter
         x2, y2 = x.reshape(-1, self.in_features), y.view(-1, self.out_features)  # (N, in), (N, out)
+        if self.mapping.dense and tuple(x.shape[:-1]) == self.mapping.shape:
+            self._forward_dense(x2, y2)
+            return y
         for s, tokens in plan:
             r = self.ranks[s]
             if r == 0:

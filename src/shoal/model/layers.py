@@ -61,10 +61,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # normalize in fp32, round to the input dtype, then scale (HF's order, one fused op)
+        y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+        return self.weight * y.to(x.dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
