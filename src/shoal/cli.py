@@ -13,38 +13,42 @@ import time
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Stream a completion for PROMPT from a registered model (or a path)."""
+    """Stream a completion for PROMPT from a registered model (or a path), through the engine."""
     import torch
 
-    from .model.generate import stream_tokens
-    from .model.registry import ModelRegistry
-    from .model.tokenizer import IncrementalDetokenizer
+    from .config import EngineConfig
+    from .engine.llm_engine import LLMEngine
+    from .engine.sampling_params import SamplingParams
 
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    loaded = ModelRegistry().load(args.model, dtype=args.dtype, device=args.device)
-    tok = loaded.tokenizer
+    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device))
+    tok = engine.tokenizer
     if args.chat:
         prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         prompt_ids = tok.encode(args.prompt)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                            seed=args.seed, ignore_eos=args.ignore_eos, stop=args.stop or [])
     load_s = time.perf_counter() - t0
-    detok = IncrementalDetokenizer(tok, skip_special_tokens=True, prompt_ids=prompt_ids)
-    stops = tok.stop_token_ids if not args.ignore_eos else []
-    t1 = time.perf_counter()
-    n = 0
+    engine.add_request("cli", prompt_ids, params)
     if not args.chat:
         sys.stdout.write(args.prompt)
-    for tid in stream_tokens(loaded.model, prompt_ids, args.max_tokens, temperature=args.temperature,
-                             top_p=args.top_p, seed=args.seed, stop_token_ids=stops):
-        n += 1
-        sys.stdout.write(detok.push(tid))
-        sys.stdout.flush()
-    sys.stdout.write(detok.flush() + "\n")
+    t1 = time.perf_counter()
+    n, reason = 0, None
+    while engine.has_unfinished():
+        for out in engine.step():
+            c = out.outputs[0]
+            n, reason = len(c.token_ids), c.finish_reason
+            sys.stdout.write(c.text_delta)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
     dt = time.perf_counter() - t1
-    print(f"[{loaded.config.model_type} {args.model}: loaded in {load_s:.1f}s, {len(prompt_ids)} prompt "
-          f"+ {n} generated tokens, {n / dt if dt > 0 else 0:.1f} tok/s]", file=sys.stderr)
+    dtype = str(next(engine.model.parameters()).dtype).replace("torch.", "")
+    print(f"[{args.model} ({engine.model_config.model_type}, {dtype}): loaded in {load_s:.1f}s, "
+          f"{len(prompt_ids)} prompt + {n} generated tokens, {n / dt if dt > 0 else 0:.1f} tok/s, "
+          f"finish: {reason}]", file=sys.stderr)
     return 0
 
 
@@ -84,6 +88,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--stop", action="append", help="a stop sequence (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
