@@ -109,25 +109,26 @@ def to_model_tensors(raw: dict[str, torch.Tensor], config: ModelConfig) -> dict[
     return out
 
 
+def _assemble(config: ModelConfig, raw: dict[str, torch.Tensor], source: str, dtype, device: str,
+              tokenizer_loader) -> LoadedModel:
+    """Checked model from HF-named tensors, plus the tokenizer when a loader is given."""
+    try:
+        model = build_model(config, to_model_tensors(raw, config),
+                            dtype=resolve_dtype(dtype, device), device=device, source=source)
+        tok = tokenizer_loader(source) if tokenizer_loader is not None else None
+    except (WeightError, TokenizerError) as e:
+        raise ModelLoadError(str(e)) from None
+    return LoadedModel(model, tok, config, source)
+
+
 def load_dir(path: str, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
              with_tokenizer: bool = True) -> LoadedModel:
     """Load a Hugging Face model directory."""
     if not os.path.isdir(path):
         raise ModelLoadError(f"{path}: no such model directory")
     config = read_config(path)
-    tensors = to_model_tensors(read_dir_tensors(path), config)
-    try:
-        model = build_model(config, tensors, dtype=resolve_dtype(dtype, device), device=device,
-                            source=path)
-    except WeightError as e:
-        raise ModelLoadError(str(e)) from None
-    tok = None
-    if with_tokenizer:
-        try:
-            tok = Tokenizer.from_dir(path)
-        except TokenizerError as e:
-            raise ModelLoadError(str(e)) from None
-    return LoadedModel(model, tok, config, path)
+    return _assemble(config, read_dir_tensors(path), path, dtype, device,
+                     Tokenizer.from_dir if with_tokenizer else None)
 
 
 def load_gguf_file(path: str, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
@@ -138,18 +139,8 @@ def load_gguf_file(path: str, *, dtype: str | torch.dtype = "auto", device: str 
         config = ModelConfig.from_hf(raw_config)
     except (GGUFError, ValueError) as e:
         raise ModelLoadError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
-    try:
-        model = build_model(config, to_model_tensors(raw, config), dtype=resolve_dtype(dtype, device),
-                            device=device, source=path)
-    except WeightError as e:
-        raise ModelLoadError(str(e)) from None
-    tok = None
-    if with_tokenizer:
-        try:
-            tok = Tokenizer.from_gguf(path)
-        except TokenizerError as e:
-            raise ModelLoadError(str(e)) from None
-    return LoadedModel(model, tok, config, path)
+    return _assemble(config, raw, path, dtype, device,
+                     Tokenizer.from_gguf if with_tokenizer else None)
 
 
 HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json",
