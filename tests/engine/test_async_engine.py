@@ -74,3 +74,30 @@ def test_bad_input_raises_value_error_and_engine_serves_on(engine, tiny_llama):
 
     deltas, _ = asyncio.run(main())
     assert deltas == generate(tiny_llama.model, [5, 6, 7], 4, stop_token_ids=STOPS)
+
+
+def test_cancelled_task_aborts_its_request(engine):
+    """A server cancels the handler task when a client disconnects: the request is aborted."""
+    total = engine.engine.block_manager.num_free_blocks
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+
+    async def consume():
+        async for _ in engine.generate(prompts(1, seed=22)[0], params, request_id="cancel-me"):
+            pass
+
+    async def main():
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(50):  # the abort is queued for the loop thread; wait for it
+            stats = await engine.stats()
+            if stats["running"] + stats["waiting"] == 0:
+                return stats
+            await asyncio.sleep(0.02)
+        return stats
+
+    stats = asyncio.run(main())
+    assert stats["running"] + stats["waiting"] == 0
+    assert stats["free_blocks"] == total
