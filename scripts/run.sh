@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
-# The main job: set up if needed, then generate with the default model (SmolLM2-135M-Instruct).
-# The first run converts the model's GGUF into the cache once (~15 s); later loads take ~1 s.
-# Arguments replace the default prompt: bash scripts/run.sh "Your prompt" --max-tokens 100
+# The main job: set up if needed, then serve the OpenAI-compatible API on the default model
+# (SmolLM2-135M-Instruct) at http://127.0.0.1:8000/v1. The first run converts the model's GGUF
+# into the cache once (~15 s). Arguments go to `shoal serve` (e.g. --port 8080 --threads 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if [ "$#" -eq 0 ]; then
-  set -- "In one paragraph, what is a shoal of fish?" --chat --max-tokens 96
-fi
-exec "${SHOAL_VENV:-.venv}/bin/shoal" generate "$@"
+exec "${SHOAL_VENV:-.venv}/bin/shoal" serve "$@"

@@ -65,3 +65,9 @@ def test_console_script_generates_with_the_default_model(default_home):
                            "--max-tokens", "12"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
+
+
+def test_serve_refuses_a_public_host_without_keys(home, capsys):
+    assert main(["serve", "--host", "0.0.0.0", "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to serve on 0.0.0.0" in err and "host" in err

@@ -1,6 +1,7 @@
 """The `shoal` command: a table of subcommands, each a small function.
 
-Now: `generate` (stream a completion from a model), `models` (list / add / rm base models).
+Now: `serve` (the OpenAI-compatible API), `generate` (stream a completion from a model),
+`models` (list / add / rm base models).
 Errors print one line to stderr and exit non-zero; tracebacks only with SHOAL_DEBUG=1.
 """
 
@@ -52,6 +53,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the OpenAI-compatible API (completions, chat, models, tokenize) on one model."""
+    import torch
+    import uvicorn
+
+    from .api.app import create_app
+    from .config import EngineConfig
+    from .engine.async_engine import AsyncEngine
+
+    if args.host not in LOOPBACK and not args.insecure_open:
+        raise ValueError(f"host: refusing to serve on {args.host} without API keys; bind "
+                         f"127.0.0.1 (or pass --insecure-open on a trusted network)")
+    torch.set_num_threads(args.threads)
+    cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                       max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_mb * 2**20,
+                       enable_lora=bool(args.lora), max_loras=args.max_loras,
+                       max_lora_rank=args.max_lora_rank)
+    t0 = time.perf_counter()
+    engine = AsyncEngine(cfg)
+    for spec in args.lora or []:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise ValueError(f"lora: expected NAME=PATH, got {spec!r}")
+        engine.engine.lora.add_adapter(name, path)
+    print(f"shoal: {args.model} ready in {time.perf_counter() - t0:.1f}s; "
+          f"OpenAI API at http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(create_app(engine, args.model), host=args.host, port=args.port, log_level="warning")
+    engine.shutdown()
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """List, add or remove base models."""
     from .model.registry import ModelRegistry
@@ -96,6 +132,29 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
 
 
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    from .config import EngineConfig
+    from .model.registry import DEFAULT_MODEL
+
+    h = EngineConfig.field_help()
+    p.add_argument("--model", default=os.environ.get("SHOAL_MODEL", DEFAULT_MODEL), help=h["model"])
+    p.add_argument("--host", default=os.environ.get("SHOAL_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("SHOAL_PORT", "8000")))
+    p.add_argument("--dtype", default="auto", help=h["dtype"])
+    p.add_argument("--device", default="cpu", help=h["device"])
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: robust when other work shares the CPU)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help=h["max_num_seqs"])
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help=h["max_num_batched_tokens"])
+    p.add_argument("--max-model-len", type=int, default=None, help=h["max_model_len"])
+    p.add_argument("--kv-cache-mb", type=int, default=256, help="MiB for the KV cache")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH", help="serve a PEFT adapter (repeatable)")
+    p.add_argument("--max-loras", type=int, default=8, help=h["max_loras"])
+    p.add_argument("--max-lora-rank", type=int, default=64, help=h["max_lora_rank"])
+    p.add_argument("--insecure-open", action="store_true",
+                   help="allow a non-loopback host without API keys")
+
+
 def _add_models(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", nargs="?", default="list", choices=["list", "add", "rm"])
     p.add_argument("name", nargs="?", help="model name (add, rm)")
@@ -105,6 +164,7 @@ def _add_models(p: argparse.ArgumentParser) -> None:
 
 # name -> (function, help, argument builder)
 COMMANDS = {
+    "serve": (cmd_serve, "serve the OpenAI-compatible API", _add_serve),
     "generate": (cmd_generate, "stream a completion from a model", _add_generate),
     "models": (cmd_models, "list, add or remove base models", _add_models),
 }

@@ -1,0 +1,121 @@
+"""POST /v1/chat/completions: messages through the model's chat template -> `chat.completion`.
+
+Text parts of a message are joined; other part types are refused by name. `logprobs` returns
+`{"content": [{token, logprob, bytes, top_logprobs}]}`. Streaming sends the role delta first,
+content deltas, a finish chunk per choice, an optional usage chunk and `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from ..engine.async_engine import AsyncEngine
+from .common import (FINGERPRINT, ServedModels, merged_streams, new_id, run_all, sampling_params,
+                     sse, sse_error, usage)
+from .errors import ServingError
+
+
+def message_dicts(messages) -> list[dict]:
+    """Request messages -> {"role", "content"} dicts with string content."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.get("type") != "text":
+                    raise ServingError(400, f"messages[{i}].content: part type "
+                                       f"{part.get('type')!r} is not supported (text only)",
+                                       param=f"messages[{i}].content")
+                texts.append(part.get("text", ""))
+            content = "".join(texts)
+        role = "system" if m.role == "developer" else m.role
+        out.append({"role": role, "content": content or ""})
+    return out
+
+
+class ChatService:
+    def __init__(self, engine: AsyncEngine, models: ServedModels) -> None:
+        self.engine, self.models = engine, models
+        self.tok = engine.tokenizer
+
+    def prompt_ids(self, req) -> list[int]:
+        try:
+            return self.tok.encode_chat(message_dicts(req.messages),
+                                        add_generation_prompt=req.add_generation_prompt is not False)
+        except ServingError:
+            raise
+        except Exception as e:  # a template that rejects the conversation (e.g. role order)
+            raise ServingError(400, f"messages: the chat template rejected them ({e})",
+                               param="messages") from None
+
+    def _token(self, tid: int, lp: float) -> dict:
+        s = self.tok.decode([tid])
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+    def _logprobs(self, entries) -> dict:
+        content = []
+        for tid, lp, top in entries:
+            d = self._token(tid, lp)
+            d["top_logprobs"] = [self._token(t, v) for t, v in (top or {}).items()]
+            content.append(d)
+        return {"content": content, "refusal": None}
+
+    def _params(self, req):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ServingError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
+        lp = (req.top_logprobs or 0) if req.logprobs else None
+        return sampling_params(req, max_tokens=req.max_completion_tokens or req.max_tokens, logprobs=lp)
+
+    async def create(self, req) -> dict | AsyncIterator[str]:
+        adapter = self.models.resolve(req.model)
+        params = self._params(req)
+        ids = self.prompt_ids(req)
+        cid = new_id("chatcmpl")
+        if req.stream:
+            return self._stream(req, ids, params, adapter, cid)
+        (out,) = await run_all(self.engine, [ids], params, adapter, cid)
+        choices = [{
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text, "refusal": None, "annotations": []},
+            "logprobs": self._logprobs(c.logprobs or []) if req.logprobs else None,
+            "finish_reason": c.finish_reason,
+        } for c in out.outputs]
+        ctoks = sum(len(c.token_ids) for c in out.outputs)
+        return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": req.model,
+                "system_fingerprint": FINGERPRINT, "choices": choices,
+                "usage": usage(len(ids), ctoks, out.num_cached_tokens)}
+
+    async def _stream(self, req, ids, params, adapter, cid) -> AsyncIterator[str]:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        base = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": req.model, "system_fingerprint": FINGERPRINT}
+        if include_usage:
+            base["usage"] = None
+
+        def chunk(index: int, delta: dict, finish=None, logprobs=None) -> str:
+            return sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                             "finish_reason": finish}]})
+
+        started: set[int] = set()
+        finished: set[int] = set()
+        ctoks: dict[int, int] = {}
+        try:
+            async for _, out in merged_streams(self.engine, [ids], params, adapter, cid):
+                for c in out.outputs:
+                    if c.index not in started:
+                        started.add(c.index)
+                        yield chunk(c.index, {"role": "assistant", "content": ""})
+                    ctoks[c.index] = len(c.token_ids)
+                    if c.text_delta:
+                        lp = self._logprobs(c.logprobs_delta or []) if req.logprobs else None
+                        yield chunk(c.index, {"content": c.text_delta}, logprobs=lp)
+                    if c.finished and c.index not in finished:
+                        finished.add(c.index)
+                        yield chunk(c.index, {}, c.finish_reason)
+            if include_usage:
+                yield sse({**base, "choices": [], "usage": usage(len(ids), sum(ctoks.values()))})
+            yield sse("[DONE]")
+        except Exception as e:
+            yield sse_error(e)

@@ -1,0 +1,142 @@
+"""POST /v1/completions: prompts (text, token ids, or lists of either) -> `text_completion`.
+
+Choice `index` runs over prompts and samples (prompt_i * n + j); `echo` prepends the prompt (and
+its logprobs, the first of which is null); `logprobs` gives tokens, token_logprobs, top_logprobs
+and text_offset. Streaming sends one chunk per text delta, a finish chunk per choice, an
+optional usage chunk and `[DONE]`. `best_of` > `n` cannot stream (as upstream).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from ..engine.async_engine import AsyncEngine
+from ..engine.outputs import CompletionOutput, RequestOutput
+from .common import (FINGERPRINT, ServedModels, merged_streams, new_id, run_all, sampling_params,
+                     sse, sse_error, usage)
+from .errors import ServingError
+
+
+def _prompts(prompt) -> list:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise ServingError(400, "prompt: must not be empty", param="prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return [p if isinstance(p, str) else list(p) for p in prompt]
+
+
+class CompletionService:
+    def __init__(self, engine: AsyncEngine, models: ServedModels) -> None:
+        self.engine, self.models = engine, models
+        self.tok = engine.tokenizer
+
+    def _params(self, req):
+        n = req.n or 1
+        best_of = req.best_of if req.best_of is not None else n
+        if best_of < n:
+            raise ServingError(400, f"best_of: must be >= n ({n}), got {best_of}", param="best_of")
+        if req.stream and best_of > n:
+            raise ServingError(400, "best_of: cannot be used with stream", param="best_of")
+        lp = req.logprobs
+        return sampling_params(req, max_tokens=req.max_tokens, logprobs=lp, best_of=best_of,
+                               prompt_logprobs=lp if (req.echo and lp is not None) else None)
+
+    def _token_str(self, tid: int) -> str:
+        return self.tok.decode([tid])
+
+    def _logprobs(self, entries, start_offset: int) -> dict:
+        """OpenAI's completion logprobs from (token, logprob, top) entries (None = no logprob)."""
+        tokens, lps, tops, offsets = [], [], [], []
+        off = start_offset
+        for e in entries:
+            if e is None:
+                continue
+            tid, lp, top = e
+            s = self._token_str(tid)
+            tokens.append(s)
+            lps.append(lp)
+            tops.append({self._token_str(t): v for t, v in top.items()} if top is not None else None)
+            offsets.append(off)
+            off += len(s)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def _echo_logprobs(self, out: RequestOutput, c: CompletionOutput) -> dict:
+        prompt = list(out.prompt_logprobs or [])
+        first = out.prompt_token_ids[0]
+        entries = [(first, None, None)] + prompt[1:] + list(c.logprobs or [])
+        d = self._logprobs(entries, 0)
+        return d
+
+    def _choice(self, i: int, n: int, out: RequestOutput, c: CompletionOutput, prompt_text: str,
+                req) -> dict:
+        text = (prompt_text if req.echo else "") + c.text
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = (self._echo_logprobs(out, c) if req.echo
+                        else self._logprobs(c.logprobs or [], 0))
+        return {"text": text, "index": i * n + c.index, "logprobs": logprobs,
+                "finish_reason": c.finish_reason}
+
+    async def create(self, req) -> dict | AsyncIterator[str]:
+        adapter = self.models.resolve(req.model)
+        prompts = _prompts(req.prompt)
+        params = self._params(req)
+        if req.suffix:
+            raise ServingError(400, "suffix: not supported by this model", param="suffix")
+        cid = new_id("cmpl")
+        if req.stream:
+            return self._stream(req, prompts, params, adapter, cid)
+        outs = await run_all(self.engine, prompts, params, adapter, cid)
+        n = params.n
+        choices, ptoks, ctoks = [], 0, 0
+        for i, (p, out) in enumerate(zip(prompts, outs)):
+            ptext = p if isinstance(p, str) else self.tok.decode(p)
+            ptoks += len(out.prompt_token_ids)
+            for c in out.outputs:
+                ctoks += len(c.token_ids)
+                choices.append(self._choice(i, n, out, c, ptext, req))
+        return {"id": cid, "object": "text_completion", "created": int(time.time()),
+                "model": req.model, "system_fingerprint": FINGERPRINT, "choices": choices,
+                "usage": usage(ptoks, ctoks, sum(o.num_cached_tokens for o in outs))}
+
+    async def _stream(self, req, prompts, params, adapter, cid) -> AsyncIterator[str]:
+        created, n = int(time.time()), params.n
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        base = {"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                "system_fingerprint": FINGERPRINT}
+        if include_usage:
+            base["usage"] = None
+        ptoks: dict[int, int] = {}
+        ctoks: dict[tuple[int, int], int] = {}
+        started: set[tuple[int, int]] = set()
+        finished: set[tuple[int, int]] = set()
+        try:
+            async for i, out in merged_streams(self.engine, prompts, params, adapter, cid):
+                ptoks[i] = len(out.prompt_token_ids)
+                for c in out.outputs:
+                    key = (i, c.index)
+                    text = c.text_delta
+                    if req.echo and key not in started:
+                        p = prompts[i]
+                        text = (p if isinstance(p, str) else self.tok.decode(p)) + text
+                    started.add(key)
+                    ctoks[key] = len(c.token_ids)
+                    if key in finished or (not text and not c.finished):
+                        continue
+                    if c.finished:
+                        finished.add(key)
+                    lp = None
+                    if req.logprobs is not None:
+                        lp = self._logprobs(c.logprobs_delta or [], 0)
+                    yield sse({**base, "choices": [{"text": text, "index": i * n + c.index,
+                                                    "logprobs": lp,
+                                                    "finish_reason": c.finish_reason}]})
+            if include_usage:
+                yield sse({**base, "choices": [], "usage": usage(sum(ptoks.values()),
+                                                                 sum(ctoks.values()))})
+            yield sse("[DONE]")
+        except Exception as e:  # mid-stream: an error event, as the official client expects
+            yield sse_error(e)

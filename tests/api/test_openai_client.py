@@ -1,0 +1,159 @@
+"""End to end with the official `openai` client against a live server (tiny model): models,
+completions (n, best_of, logprobs, echo, stop, seed, token prompts, streaming with usage), chat
+(streamed and not), tokenize, errors in OpenAI's envelope, and disconnects freeing KV blocks."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+
+def test_models_list_and_retrieve(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["tiny"]
+    m = client.models.retrieve("tiny")
+    assert m.id == "tiny" and m.object == "model" and m.owned_by == "system"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("ft:nope:x")
+    assert e.value.code == "model_not_found"
+
+
+def test_completion_basic_shape_and_usage(client):
+    r = client.completions.create(model="tiny", prompt="Hello world", max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.system_fingerprint
+    assert len(r.choices) == 1 and r.choices[0].index == 0
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_completion_defaults_to_16_tokens(client):
+    r = client.completions.create(model="tiny", prompt="The", temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+
+
+def test_n_and_multiple_prompts_index_order(client):
+    r = client.completions.create(model="tiny", prompt=["a b", "c d"], n=2, max_tokens=4,
+                                  temperature=1.0, seed=3)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+
+
+def test_best_of_returns_n(client):
+    r = client.completions.create(model="tiny", prompt="x", n=1, best_of=3, max_tokens=4, temperature=1)
+    assert len(r.choices) == 1
+
+
+def test_seed_gives_same_text(client):
+    kw = dict(model="tiny", prompt="Review: great", max_tokens=8, temperature=1.0, seed=42)
+    assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+
+
+def test_logprobs_and_echo(client):
+    r = client.completions.create(model="tiny", prompt="Hello world", max_tokens=3, temperature=0,
+                                  logprobs=2, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 3 == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+    assert "".join(lp.tokens) == r.choices[0].text
+    e = client.completions.create(model="tiny", prompt="Hello world", max_tokens=2, temperature=0,
+                                  logprobs=1, echo=True, extra_body={"ignore_eos": True})
+    assert e.choices[0].text.startswith("Hello world")
+    assert e.choices[0].logprobs.token_logprobs[0] is None
+    assert e.choices[0].logprobs.text_offset[0] == 0
+
+
+def test_token_array_prompt(client):
+    r = client.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=3, temperature=0)
+    assert r.usage.prompt_tokens == 4
+
+
+def test_stop_sequence_excluded(client):
+    free = client.completions.create(model="tiny", prompt="Hello", max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = free[2:4]
+    r = client.completions.create(model="tiny", prompt="Hello", max_tokens=12, temperature=0,
+                                  stop=[stop], extra_body={"ignore_eos": True})
+    assert r.choices[0].text == free[: free.find(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_streaming_with_usage(client):
+    full = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    chunks = list(client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_and_chat_stream(client):
+    msgs = [{"role": "system", "content": "terse"}, {"role": "user", "content": "Hi there"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=2)
+    c = r.choices[0]
+    assert r.object == "chat.completion" and c.message.role == "assistant"
+    assert len(c.logprobs.content) == r.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 for t in c.logprobs.content)
+    stream = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6,
+                                                 temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert stream[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    assert text == c.message.content
+    finish = [ch for ch in stream if ch.choices and ch.choices[0].finish_reason]
+    assert len(finish) == 1 and stream[-1].usage.total_tokens > 0
+
+
+def test_tokenize_and_detokenize(server):
+    url = server[0]
+    r = httpx.post(f"{url}/v1/tokenize", json={"model": "tiny", "prompt": "Hello world"}).json()
+    assert r["count"] == len(r["tokens"]) > 0 and "".join(r["token_strs"]) == "Hello world"
+    d = httpx.post(f"{url}/v1/detokenize", json={"model": "tiny", "tokens": r["tokens"]}).json()
+    assert d["prompt"] == "Hello world"
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(temperature=3.0), "temperature"),
+    (dict(top_p=0), "top_p"),
+    (dict(n=2, best_of=1), "best_of"),
+    (dict(max_tokens=100000), "max_tokens"),
+    (dict(logit_bias={"99999": 5}), "logit_bias"),
+])
+def test_bad_parameters_are_400_with_param(client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", **{"max_tokens": 4, **kwargs})
+    assert e.value.param == param
+    assert e.value.status_code == 400
+
+
+def test_unknown_model_and_route(client, server):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="nope", prompt="x")
+    assert e.value.code == "model_not_found"
+    r = httpx.post(f"{server[0]}/v1/nothing", json={})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
+    assert r.headers["x-request-id"]
+    bad = httpx.post(f"{server[0]}/v1/completions", content=b"{not json",
+                     headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and "error" in bad.json()
+
+
+def test_disconnected_stream_frees_kv_blocks(server):
+    url, engine = server
+    total = engine.engine.block_manager.num_free_blocks
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 4:
+                break  # the client hangs up mid-stream
+    for _ in range(100):
+        if engine.engine.block_manager.num_free_blocks == total and not engine.engine.has_unfinished():
+            break
+        time.sleep(0.05)
+    assert not engine.engine.has_unfinished()
+    assert engine.engine.block_manager.num_free_blocks == total
