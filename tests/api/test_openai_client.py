@@ -157,3 +157,32 @@ def test_disconnected_stream_frees_kv_blocks(server):
         time.sleep(0.05)
     assert not engine.engine.has_unfinished()
     assert engine.engine.block_manager.num_free_blocks == total
+
+
+def test_64_concurrent_streams_complete(server):
+    import asyncio
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key="k", max_retries=0)
+
+        async def one(i):
+            stream = await client.completions.create(
+                model="tiny", prompt=f"Request {i}:", max_tokens=6, temperature=0.5, seed=i,
+                stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            text, usage = "", None
+            async for ch in stream:
+                if ch.choices:
+                    text += ch.choices[0].text
+                if ch.usage:
+                    usage = ch.usage
+            return text, usage
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(64)))
+        finally:
+            await client.close()
+
+    results = asyncio.run(main())
+    assert len(results) == 64
+    assert all(u is not None and u.completion_tokens == 6 for _, u in results)
+    assert not server[1].engine.has_unfinished()

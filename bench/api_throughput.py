@@ -1,0 +1,128 @@
+"""HTTP overhead: the same workload offline (LLMEngine step loop) and through the API with
+concurrent streaming clients (the official AsyncOpenAI client), in one run.
+
+Reports output tok/s of both and their ratio (target >= 0.9x), and the time the API layer adds
+per request: client-observed latency minus the engine's own time for that request (p50/p99).
+Usage: python bench/api_throughput.py --clients 32 --out 64 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import threading
+import time
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(int(q * len(xs)), len(xs) - 1)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="SmolLM2-135M-Instruct")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--out", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import openai
+    import uvicorn
+
+    from shoal.api.app import create_app
+    from shoal.config import EngineConfig
+    from shoal.engine.async_engine import AsyncEngine
+    from shoal.engine.llm import LLM
+    from shoal.engine.llm_engine import load_for_engine
+    from shoal.engine.sampling_params import SamplingParams
+
+    cfg = EngineConfig(model=args.model, max_num_seqs=max(64, args.clients), max_num_batched_tokens=512)
+    loaded = load_for_engine(cfg)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, loaded.config.vocab_size - 1) for _ in range(rng.randint(64, 128))]
+               for _ in range(args.clients)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.out, ignore_eos=True)
+
+    # 1) offline
+    llm = LLM(cfg, loaded=loaded)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=2))
+    t0 = time.perf_counter()
+    llm.generate(prompts, params)
+    offline_s = time.perf_counter() - t0
+    del llm
+
+    # 2) through HTTP: a server thread, N streaming clients
+    engine = AsyncEngine(cfg, loaded=loaded)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine, args.model), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    threading.Thread(target=srv.run, daemon=True).start()
+    while not srv.started:
+        time.sleep(0.05)
+
+    async def run_clients():
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench",
+                                    max_retries=0, timeout=600)
+
+        async def one(p):
+            t = time.perf_counter()
+            stream = await client.completions.create(model=args.model, prompt=p, max_tokens=args.out,
+                                                     temperature=0, stream=True,
+                                                     extra_body={"ignore_eos": True})
+            n = 0
+            async for ch in stream:
+                n += bool(ch.choices and ch.choices[0].text)
+            return time.perf_counter() - t, n
+
+        await one(prompts[0][:8])  # warm-up
+        t = time.perf_counter()
+        res = await asyncio.gather(*(one(p) for p in prompts))
+        await client.close()
+        return time.perf_counter() - t, res
+
+    http_s, _ = asyncio.run(run_clients())
+
+    # 3) the API layer's own cost per request: one request at a time, HTTP vs engine alone
+    async def overhead(k: int = 20):
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=0)
+        added = []
+        for i in range(k):
+            p = prompts[i % len(prompts)][:16]
+            t = time.perf_counter()
+            await client.completions.create(model=args.model, prompt=p, max_tokens=1, temperature=0)
+            http = time.perf_counter() - t
+            t = time.perf_counter()
+            async for _ in engine.generate(p, SamplingParams(max_tokens=1, temperature=0)):
+                pass
+            added.append(max(http - (time.perf_counter() - t), 0.0))
+        await client.close()
+        return added
+
+    added = asyncio.run(overhead())
+    srv.should_exit = True
+    engine.shutdown()
+    tokens = args.clients * args.out
+    result = {"date": time.strftime("%Y-%m-%d"), "threads": args.threads, "clients": args.clients,
+              "out_tokens": args.out, "offline_tok_s": tokens / offline_s, "http_tok_s": tokens / http_s,
+              "ratio": offline_s / http_s, "added_ms_p50": 1e3 * pct(added, 0.5),
+              "added_ms_p99": 1e3 * pct(added, 0.99)}
+    print(f"offline {result['offline_tok_s']:.1f} tok/s; HTTP ({args.clients} streaming clients) "
+          f"{result['http_tok_s']:.1f} tok/s; ratio {result['ratio']:.2f}x; API layer adds "
+          f"p50 {result['added_ms_p50']:.1f} ms, p99 {result['added_ms_p99']:.1f} ms per request")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
