@@ -1,5 +1,6 @@
 """HTTP overhead: the same workload offline (LLMEngine step loop) and through the API with
-concurrent streaming clients (the official AsyncOpenAI client), in one run.
+concurrent streaming clients (the official AsyncOpenAI client), in one run. The server runs as
+its own process (`shoal serve`), as in deployment; the clients run in this one.
 
 Reports output tok/s of both and their ratio (target >= 0.9x), and the time the API layer adds
 per request: client-observed latency minus the engine's own time for that request (p50/p99).
@@ -12,8 +13,10 @@ import argparse
 import asyncio
 import json
 import random
+import os
 import socket
-import threading
+import subprocess
+import sys
 import time
 
 import torch
@@ -39,9 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import openai
-    import uvicorn
 
-    from shoal.api.app import create_app
     from shoal.config import EngineConfig
     from shoal.engine.async_engine import AsyncEngine
     from shoal.engine.llm import LLM
@@ -63,14 +64,21 @@ def main() -> None:
     offline_s = time.perf_counter() - t0
     del llm
 
-    # 2) through HTTP: a server thread, N streaming clients
-    engine = AsyncEngine(cfg, loaded=loaded)
+    # 2) through HTTP: a `shoal serve` process, N streaming clients here
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, args.model), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    threading.Thread(target=srv.run, daemon=True).start()
-    while not srv.started:
-        time.sleep(0.05)
+    server = subprocess.Popen([sys.executable, "-m", "shoal.cli", "serve", "--model", args.model,
+                               "--port", str(port), "--threads", str(args.threads),
+                               "--max-num-seqs", str(max(64, args.clients))],
+                              stderr=subprocess.DEVNULL, env=os.environ.copy())
+    import httpx
+
+    for _ in range(600):
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    engine = AsyncEngine(cfg, loaded=loaded)  # for the engine-alone side of the overhead probe
 
     async def run_clients():
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench",
@@ -111,7 +119,8 @@ def main() -> None:
         return added
 
     added = asyncio.run(overhead())
-    srv.should_exit = True
+    server.terminate()
+    server.wait(timeout=30)
     engine.shutdown()
     tokens = args.clients * args.out
     result = {"date": time.strftime("%Y-%m-%d"), "threads": args.threads, "clients": args.clients,
