@@ -31,11 +31,11 @@ def default_dtype(device: str) -> torch.dtype:
     if device.startswith("cuda"):
         return torch.bfloat16
     try:
-        caps = torch.backends.cpu.get_cpu_capability()
-        flags = open("/proc/cpuinfo").read() if caps else ""
-        return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
-    except OSError:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:  # not Linux: stay with fp32
         return torch.float32
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
 def load_for_engine(config: EngineConfig) -> LoadedModel:

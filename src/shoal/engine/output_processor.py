@@ -64,11 +64,13 @@ class OutputProcessor:
             state.text += state.detok.flush()  # the stop token's own text is not shown
             state.stop_reason = None if token in self.eos else token
             return "stop"
+        before = len(state.text)
         state.text += state.detok.push(token)
-        if p.stop and seq.num_generated >= p.min_tokens:
-            # a stop string may straddle tokens: search the tail that could hold a new match
+        if p.stop and seq.num_generated >= p.min_tokens and len(state.text) > before:
+            # a stop string may straddle tokens: search from the earliest start that could
+            # overlap the new text
             longest = max(len(s) for s in p.stop)
-            tail = max(0, len(state.text) - longest - 8)
+            tail = max(0, before - longest + 1)
             hits = [(i, s) for s in p.stop if (i := state.text.find(s, tail)) >= 0]
             if hits:
                 i, s = min(hits)
@@ -92,7 +94,7 @@ class OutputProcessor:
                     break
         return hold
 
-    def completion(self, req: Request, seq: Sequence, index: int, final: bool) -> CompletionOutput:
+    def completion(self, req: Request, seq: Sequence, index: int) -> CompletionOutput:
         """The CompletionOutput of one sequence, with deltas since the last call."""
         st = req.states[seq.seq_id]
         p = seq.params
@@ -125,10 +127,10 @@ class OutputProcessor:
                 return None  # ranking needs every sample finished (OpenAI: best_of never streams)
             ranked = sorted(req.seqs, key=lambda s: (-(s.cumulative_logprob / max(s.num_generated, 1)),
                                                      s.sample_index))[: p.n]
-            outs = [self.completion(req, s, i, True) for i, s in enumerate(ranked)]
+            outs = [self.completion(req, s, i) for i, s in enumerate(ranked)]
         else:
             seqs = sorted(req.seqs, key=lambda s: s.sample_index)
-            outs = [self.completion(req, s, s.sample_index, done) for s in seqs]
+            outs = [self.completion(req, s, s.sample_index) for s in seqs]
         first = req.seqs[0] if req.seqs else None
         return RequestOutput(
             request_id=req.request_id, prompt_token_ids=req.prompt_ids, outputs=outs,
