@@ -51,6 +51,8 @@ class LLMEngine:
         if config.num_threads and config.device == "cpu":
             torch.set_num_threads(config.num_threads)
         loaded = loaded or load_for_engine(config)
+        if loaded.tokenizer is None:
+            raise ValueError(f"model: {loaded.source} has no tokenizer; the engine needs one")
         self.model, self.tokenizer, self.model_config = loaded.model, loaded.tokenizer, loaded.config
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
@@ -71,7 +73,7 @@ class LLMEngine:
         if config.batch_invariant:
             set_batch_invariant(self.model)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, lora=self.lora)
-        eos = self.tokenizer.stop_token_ids if self.tokenizer is not None else _eos_ids(mc)
+        eos = self.tokenizer.stop_token_ids
         self.sampler = Sampler(eos)
         self.outputs = OutputProcessor(self.tokenizer, eos, self.max_model_len)
         self.requests: dict[str, Request] = {}
@@ -227,8 +229,3 @@ def set_batch_invariant(model: torch.nn.Module) -> int:
         if hasattr(m, "mapping"):  # LoRA's dense products (K = max_loras * max_rank)
             m.mapping.k_chunk = INVARIANT_K
     return n
-
-
-def _eos_ids(mc) -> list[int]:
-    e = mc.eos_token_id
-    return [] if e is None else ([e] if isinstance(e, int) else list(e))

@@ -50,8 +50,6 @@ class Sequence:
         self.logprobs: list = []  # per generated token: (token_logprob, {top id: logprob})
         self.prompt_logprobs: list | None = None
         self.forked = False  # True once a best_of>1 parent has been forked into its samples
-        self.stop_text_end: int | None = None  # text cut for a matched stop string
-        self.detokenizer = None
 
     # ---- sizes ------------------------------------------------------------------------------
 
