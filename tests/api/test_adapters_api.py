@@ -13,6 +13,8 @@ from shoal.api.app import create_app
 from shoal.config import EngineConfig
 from shoal.engine.async_engine import AsyncEngine
 from shoal.model.loader import load_dir
+from shoal.settings import ServerSettings
+from shoal.store import Store
 from tests.helpers import hf_tiny_config, save_tiny_hf_dir
 from tests.lora import make_peft_adapter
 
@@ -28,7 +30,8 @@ def test_adapter_served_as_a_model(tmp_path, tiny_tokenizer_dir):
                                       max_loras=2, max_lora_rank=8),
                          loaded=load_dir(str(tmp_path / "base"), dtype="float32"))
     engine.engine.lora.add_adapter("ft:base:org:reviews:abc123", str(tmp_path / "ad"))
-    app = create_app(engine, "base")
+    store = Store.open(f"sqlite:///{tmp_path}/shoal.db")  # no keys: open mode on loopback
+    app = create_app(engine, "base", store, ServerSettings.from_env(home=tmp_path))
 
     async def main():
         transport = httpx.ASGITransport(app=app)
@@ -47,7 +50,7 @@ def test_adapter_served_as_a_model(tmp_path, tiny_tokenizer_dir):
     finally:
         engine.shutdown()
     assert [m["id"] for m in models["data"]] == ["base", "ft:base:org:reviews:abc123"]
-    assert one["id"] == "ft:base:org:reviews:abc123" and one["owned_by"] == "user"
+    assert one["id"] == "ft:base:org:reviews:abc123" and one["owned_by"] == "system"
     assert tuned["model"] == "ft:base:org:reviews:abc123"
     assert tuned["choices"][0]["text"] != base["choices"][0]["text"]
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"

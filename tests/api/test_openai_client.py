@@ -109,11 +109,13 @@ def test_chat_and_chat_stream(client):
     assert len(finish) == 1 and stream[-1].usage.total_tokens > 0
 
 
-def test_tokenize_and_detokenize(server):
+def test_tokenize_and_detokenize(server, auth):
     url = server[0]
-    r = httpx.post(f"{url}/v1/tokenize", json={"model": "tiny", "prompt": "Hello world"}).json()
+    r = httpx.post(f"{url}/v1/tokenize", json={"model": "tiny", "prompt": "Hello world"},
+                   headers=auth).json()
     assert r["count"] == len(r["tokens"]) > 0 and "".join(r["token_strs"]) == "Hello world"
-    d = httpx.post(f"{url}/v1/detokenize", json={"model": "tiny", "tokens": r["tokens"]}).json()
+    d = httpx.post(f"{url}/v1/detokenize", json={"model": "tiny", "tokens": r["tokens"]},
+                   headers=auth).json()
     assert d["prompt"] == "Hello world"
 
 
@@ -143,11 +145,11 @@ def test_unknown_model_and_route(client, server):
     assert bad.status_code == 400 and "error" in bad.json()
 
 
-def test_disconnected_stream_frees_kv_blocks(server):
-    url, engine = server
+def test_disconnected_stream_frees_kv_blocks(server, auth):
+    url, engine = server[:2]
     total = engine.engine.block_manager.num_free_blocks
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30, headers=auth) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 4:
                 break  # the client hangs up mid-stream
@@ -159,11 +161,13 @@ def test_disconnected_stream_frees_kv_blocks(server):
     assert engine.engine.block_manager.num_free_blocks == total
 
 
-def test_64_concurrent_streams_complete(server):
+def test_64_concurrent_streams_complete_and_are_billed(server):
     import asyncio
 
+    store, key = server[2], server[3]["gamma"]
+
     async def main():
-        client = openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key="k", max_retries=0)
+        client = openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key=key, max_retries=0)
 
         async def one(i):
             stream = await client.completions.create(
@@ -186,3 +190,8 @@ def test_64_concurrent_streams_complete(server):
     assert len(results) == 64
     assert all(u is not None and u.completion_tokens == 6 for _, u in results)
     assert not server[1].engine.has_unfinished()
+    # every request has its usage row, committed before its last byte
+    org = store.lookup_key(key).org_id
+    (row,) = store.usage_summary(org)
+    assert (row["model"], row["num_requests"], row["completion_tokens"]) == ("tiny", 64, 64 * 6)
+    assert row["prompt_tokens"] == sum(u.prompt_tokens for _, u in results)

@@ -32,7 +32,7 @@ def _param(loc) -> str | None:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServingError)
     async def _serving(_: Request, e: ServingError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError):

@@ -132,8 +132,10 @@ class AsyncEngine:
         """Running/waiting sequences and KV use, read between steps."""
         def read():
             s, bm = self.engine.scheduler, self.engine.block_manager
+            lora = self.engine.lora
             return {"running": s.num_running, "waiting": s.num_waiting, "kv_usage": bm.usage,
-                    "free_blocks": bm.num_free_blocks}
+                    "free_blocks": bm.num_free_blocks,
+                    "adapters": len(lora.list_adapters()) if lora is not None else 0}
         return await self._call(read)
 
     def shutdown(self) -> None:

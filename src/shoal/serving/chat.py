@@ -11,8 +11,8 @@ import time
 from collections.abc import AsyncIterator
 
 from ..engine.async_engine import AsyncEngine
-from .common import (FINGERPRINT, ServedModels, merged_streams, new_id, run_all, sampling_params,
-                     sse, sse_error, usage)
+from .common import (FINGERPRINT, merged_streams, new_id, run_all, sampling_params, sse, sse_error,
+                     usage)
 from .errors import ServingError
 
 
@@ -36,8 +36,8 @@ def message_dicts(messages) -> list[dict]:
 
 
 class ChatService:
-    def __init__(self, engine: AsyncEngine, models: ServedModels) -> None:
-        self.engine, self.models = engine, models
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
         self.tok = engine.tokenizer
 
     def prompt_ids(self, req) -> list[int]:
@@ -68,14 +68,14 @@ class ChatService:
         lp = (req.top_logprobs or 0) if req.logprobs else None
         return sampling_params(req, max_tokens=req.max_completion_tokens or req.max_tokens, logprobs=lp)
 
-    async def create(self, req) -> dict | AsyncIterator[str]:
-        adapter = self.models.resolve(req.model)
+    async def create(self, req, adapter: str | None, bill) -> dict | AsyncIterator[str]:
+        """The response (dict) or its SSE events; `bill` is charged before the last byte."""
         params = self._params(req)
         ids = self.prompt_ids(req)
         cid = new_id("chatcmpl")
         if req.stream:
-            return self._stream(req, ids, params, adapter, cid)
-        (out,) = await run_all(self.engine, [ids], params, adapter, cid)
+            return self._stream(req, ids, params, adapter, cid, bill)
+        (out,) = await run_all(self.engine, [ids], params, adapter, cid, bill)
         choices = [{
             "index": c.index,
             "message": {"role": "assistant", "content": c.text, "refusal": None, "annotations": []},
@@ -83,11 +83,12 @@ class ChatService:
             "finish_reason": c.finish_reason,
         } for c in out.outputs]
         ctoks = sum(len(c.token_ids) for c in out.outputs)
+        await bill.charge(len(ids), ctoks)
         return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": req.model,
                 "system_fingerprint": FINGERPRINT, "choices": choices,
                 "usage": usage(len(ids), ctoks, out.num_cached_tokens)}
 
-    async def _stream(self, req, ids, params, adapter, cid) -> AsyncIterator[str]:
+    async def _stream(self, req, ids, params, adapter, cid, bill) -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         base = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": req.model, "system_fingerprint": FINGERPRINT}
@@ -109,13 +110,17 @@ class ChatService:
                         yield chunk(c.index, {"role": "assistant", "content": ""})
                     ctoks[c.index] = len(c.token_ids)
                     if c.text_delta:
+                        bill.mark_first_token()
                         lp = self._logprobs(c.logprobs_delta or []) if req.logprobs else None
                         yield chunk(c.index, {"content": c.text_delta}, logprobs=lp)
                     if c.finished and c.index not in finished:
                         finished.add(c.index)
                         yield chunk(c.index, {}, c.finish_reason)
+            await bill.charge(len(ids), sum(ctoks.values()))
             if include_usage:
                 yield sse({**base, "choices": [], "usage": usage(len(ids), sum(ctoks.values()))})
             yield sse("[DONE]")
         except Exception as e:
             yield sse_error(e)
+        finally:  # cut short (client gone) or failed: bill what was generated
+            bill.charge_nowait(len(ids), sum(ctoks.values()))

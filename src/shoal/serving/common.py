@@ -1,53 +1,23 @@
 """What completions and chat share: the served model names, sampling parameters from a request,
 running several engine requests at once, and SSE framing.
 
-`ServedModels` maps a request's `model` to the base model or one of the engine's adapters; an
-unknown name is a 404 `model_not_found`. Not here: tenants, keys or billing.
+Which models a caller may use is `models.py`; billing is the API's `Bill`, which the services
+call with the token counts before the last byte (or, cut short, with what was generated).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator
 
 from ..engine.async_engine import AsyncEngine
 from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams
-from .errors import ServingError, from_value_error, model_not_found
+from .errors import ServingError, from_value_error
 
 FINGERPRINT = "fp_shoal"
-
-
-class ServedModels:
-    """The base model (under its registry name) plus the engine's LoRA adapters."""
-
-    def __init__(self, engine: AsyncEngine, base_name: str) -> None:
-        self.engine, self.base_name = engine, base_name
-        self.created = int(time.time())
-
-    def resolve(self, name: str) -> str | None:
-        """Adapter name for `name` (None = the base model); 404 if unknown."""
-        if name == self.base_name:
-            return None
-        lora = self.engine.engine.lora
-        if lora is not None and lora.has_adapter(name):
-            return name
-        raise model_not_found(name)
-
-    def cards(self) -> list[dict]:
-        ids = [self.base_name]
-        lora = self.engine.engine.lora
-        if lora is not None:
-            ids += lora.list_adapters()
-        return [self.card(i) for i in ids]
-
-    def card(self, name: str) -> dict:
-        self.resolve(name)
-        owner = "system" if name == self.base_name else "user"
-        return {"id": name, "object": "model", "created": self.created, "owned_by": owner}
 
 
 def sampling_params(req, *, max_tokens: int | None, logprobs: int | None,
@@ -71,22 +41,32 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-async def final_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-    last = None
-    async for out in stream:
-        last = out
-    return last
+def tokens_of(outs) -> tuple[int, int]:
+    """(prompt tokens, completion tokens) of RequestOutputs (None entries skipped)."""
+    outs = [o for o in outs if o is not None]
+    return (sum(len(o.prompt_token_ids) for o in outs),
+            sum(len(c.token_ids) for o in outs for c in o.outputs))
 
 
 async def run_all(engine: AsyncEngine, prompts: list, params: SamplingParams, adapter: str | None,
-                  base_id: str) -> list[RequestOutput]:
-    """Run every prompt as its own engine request, concurrently; final outputs in order."""
+                  base_id: str, bill=None) -> list[RequestOutput]:
+    """Run every prompt as its own engine request, concurrently; final outputs in order.
+    Cancelled midway, it bills what was generated so far."""
+    latest: list[RequestOutput | None] = [None] * len(prompts)
+
+    async def run(i: int, p) -> RequestOutput:
+        async for out in engine.generate(p, params, f"{base_id}-{i}", adapter):
+            latest[i] = out
+        return latest[i]
+
     try:
-        return await asyncio.gather(*(
-            final_output(engine.generate(p, params, f"{base_id}-{i}", adapter))
-            for i, p in enumerate(prompts)))
+        return await asyncio.gather(*(run(i, p) for i, p in enumerate(prompts)))
     except ValueError as e:
         raise from_value_error(e, {"prompt": "prompt"}) from None
+    except asyncio.CancelledError:
+        if bill is not None:
+            bill.charge_nowait(*tokens_of(latest))
+        raise
 
 
 async def merged_streams(engine: AsyncEngine, prompts: list, params: SamplingParams,

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 
 from ..engine.async_engine import AsyncEngine
 from ..engine.outputs import CompletionOutput, RequestOutput
-from .common import (FINGERPRINT, ServedModels, merged_streams, new_id, run_all, sampling_params,
-                     sse, sse_error, usage)
+from .common import (FINGERPRINT, merged_streams, new_id, run_all, sampling_params, sse, sse_error,
+                     usage)
 from .errors import ServingError
 
 
@@ -29,8 +29,8 @@ def _prompts(prompt) -> list:
 
 
 class CompletionService:
-    def __init__(self, engine: AsyncEngine, models: ServedModels) -> None:
-        self.engine, self.models = engine, models
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
         self.tok = engine.tokenizer
 
     def _params(self, req):
@@ -80,16 +80,16 @@ class CompletionService:
         return {"text": text, "index": i * n + c.index, "logprobs": logprobs,
                 "finish_reason": c.finish_reason}
 
-    async def create(self, req) -> dict | AsyncIterator[str]:
-        adapter = self.models.resolve(req.model)
+    async def create(self, req, adapter: str | None, bill) -> dict | AsyncIterator[str]:
+        """The response (dict) or its SSE events; `bill` is charged before the last byte."""
         prompts = _prompts(req.prompt)
         params = self._params(req)
         if req.suffix:
             raise ServingError(400, "suffix: not supported by this model", param="suffix")
         cid = new_id("cmpl")
         if req.stream:
-            return self._stream(req, prompts, params, adapter, cid)
-        outs = await run_all(self.engine, prompts, params, adapter, cid)
+            return self._stream(req, prompts, params, adapter, cid, bill)
+        outs = await run_all(self.engine, prompts, params, adapter, cid, bill)
         n = params.n
         choices, ptoks, ctoks = [], 0, 0
         for i, (p, out) in enumerate(zip(prompts, outs)):
@@ -98,11 +98,12 @@ class CompletionService:
             for c in out.outputs:
                 ctoks += len(c.token_ids)
                 choices.append(self._choice(i, n, out, c, ptext, req))
+        await bill.charge(ptoks, ctoks)
         return {"id": cid, "object": "text_completion", "created": int(time.time()),
                 "model": req.model, "system_fingerprint": FINGERPRINT, "choices": choices,
                 "usage": usage(ptoks, ctoks, sum(o.num_cached_tokens for o in outs))}
 
-    async def _stream(self, req, prompts, params, adapter, cid) -> AsyncIterator[str]:
+    async def _stream(self, req, prompts, params, adapter, cid, bill) -> AsyncIterator[str]:
         created, n = int(time.time()), params.n
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         base = {"id": cid, "object": "text_completion", "created": created, "model": req.model,
@@ -128,15 +129,19 @@ class CompletionService:
                         continue
                     if c.finished:
                         finished.add(key)
+                    bill.mark_first_token()
                     lp = None
                     if req.logprobs is not None:
                         lp = self._logprobs(c.logprobs_delta or [], 0)
                     yield sse({**base, "choices": [{"text": text, "index": i * n + c.index,
                                                     "logprobs": lp,
                                                     "finish_reason": c.finish_reason}]})
+            await bill.charge(sum(ptoks.values()), sum(ctoks.values()))
             if include_usage:
                 yield sse({**base, "choices": [], "usage": usage(sum(ptoks.values()),
                                                                  sum(ctoks.values()))})
             yield sse("[DONE]")
         except Exception as e:  # mid-stream: an error event, as the official client expects
             yield sse_error(e)
+        finally:  # cut short (client gone) or failed: bill what was generated
+            bill.charge_nowait(sum(ptoks.values()), sum(ctoks.values()))

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from .chat import message_dicts
-from .common import ServedModels
 from .errors import ServingError
 
 
 class TokenizeService:
-    def __init__(self, engine, models: ServedModels) -> None:
-        self.engine, self.models, self.tok = engine, models, engine.tokenizer
+    """The caller resolves `model` first (all of a base model's adapters share its tokenizer)."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.tok = engine, engine.tokenizer
 
     def tokenize(self, req) -> dict:
-        self.models.resolve(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise ServingError(400, "prompt: give exactly one of prompt or messages", param="prompt")
         if req.messages is not None:
@@ -23,7 +23,6 @@ class TokenizeService:
                 "max_model_len": self.engine.engine.max_model_len}
 
     def detokenize(self, req) -> dict:
-        self.models.resolve(req.model)
         vocab = self.engine.engine.model_config.vocab_size
         bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
         if bad is not None:

@@ -1,0 +1,110 @@
+"""`shoal serve`: the engine, the store and the API in one process, plus fine-tuning workers in
+their own processes so training never takes the server's CPU time slice away from streaming."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the OpenAI-compatible API on one base model, its adapters and fine-tuned models."""
+    import torch
+    import uvicorn
+
+    from ..api.app import create_app
+    from ..config import EngineConfig
+    from ..engine.async_engine import AsyncEngine
+    from ..settings import ServerSettings
+    from ..store import Store
+
+    settings = ServerSettings.from_env(host=args.host, port=args.port, database_url=args.database_url,
+                                       rate_limit_rpm=args.rate_limit_rpm,
+                                       rate_limit_tpm=args.rate_limit_tpm, workers=args.workers)
+    store = Store.open(settings.database_url)
+    if not settings.loopback and not store.has_keys():
+        raise ValueError(f"host: refusing to serve on {settings.host} without API keys (open mode "
+                         f"is for loopback only); create one: shoal keys create --org NAME")
+    torch.set_num_threads(args.threads)
+    cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                       max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_mb * 2**20,
+                       enable_lora=not args.no_lora, max_loras=args.max_loras,
+                       max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras)
+    t0 = time.perf_counter()
+    engine = AsyncEngine(cfg)
+    for spec in args.lora or []:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise ValueError(f"lora: expected NAME=PATH, got {spec!r}")
+        if engine.engine.lora is None:
+            raise ValueError("lora: adapters need LoRA enabled (drop --no-lora)")
+        engine.engine.lora.add_adapter(name, path)
+    app = create_app(engine, args.model, store, settings)
+    workers = start_workers(settings, args)
+    mode = "open mode (no API keys yet)" if settings.loopback and not store.has_keys() else "API keys"
+    print(f"shoal: {args.model} ready in {time.perf_counter() - t0:.1f}s; {mode}; "
+          f"{len(workers)} fine-tuning worker(s); OpenAI API at "
+          f"http://{settings.host}:{settings.port}/v1", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.wait(timeout=10)
+        engine.shutdown()
+    return 0
+
+
+def start_workers(settings, args) -> list:
+    """`settings.workers` fine-tuning worker processes (`shoal worker`) sharing the database."""
+    import subprocess
+
+    if not settings.workers or not _has_worker():
+        return []
+    env = dict(os.environ, SHOAL_HOME=str(settings.home))
+    if settings.database_url:
+        env["SHOAL_DATABASE_URL"] = settings.database_url
+    cmd = [sys.executable, "-m", "shoal.cli", "worker", "--threads", str(args.worker_threads)]
+    return [subprocess.Popen(cmd, env=env) for _ in range(settings.workers)]
+
+
+def _has_worker() -> bool:
+    try:
+        from ..finetune import worker  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    from ..config import EngineConfig
+    from ..model.registry import DEFAULT_MODEL
+
+    h = EngineConfig.field_help()
+    p.add_argument("--model", default=os.environ.get("SHOAL_MODEL", DEFAULT_MODEL), help=h["model"])
+    p.add_argument("--host", default=None, help="bind address (default $SHOAL_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default $SHOAL_PORT or 8000)")
+    p.add_argument("--database-url", default=None,
+                   help="SQLAlchemy URL (default $SHOAL_DATABASE_URL or SQLite in $SHOAL_HOME)")
+    p.add_argument("--rate-limit-rpm", type=int, default=None, help="requests/min per key (0 = off)")
+    p.add_argument("--rate-limit-tpm", type=int, default=None, help="tokens/min per key (0 = off)")
+    p.add_argument("--workers", type=int, default=None, help="fine-tuning worker processes (default 1)")
+    p.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--dtype", default="auto", help=h["dtype"])
+    p.add_argument("--device", default="cpu", help=h["device"])
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: robust when other work shares the CPU)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help=h["max_num_seqs"])
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help=h["max_num_batched_tokens"])
+    p.add_argument("--max-model-len", type=int, default=None, help=h["max_model_len"])
+    p.add_argument("--kv-cache-mb", type=int, default=256, help="MiB for the KV cache")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH",
+                   help="serve a PEFT adapter to every org (repeatable)")
+    p.add_argument("--no-lora", action="store_true", help="serve the base model only")
+    p.add_argument("--max-loras", type=int, default=8, help=h["max_loras"])
+    p.add_argument("--max-lora-rank", type=int, default=64, help=h["max_lora_rank"])
+    p.add_argument("--max-cpu-loras", type=int, default=32, help=h["max_cpu_loras"])

@@ -1,0 +1,2 @@
+"""Fine-tuning: data validation, "auto" hyperparameters, tokenized examples, the LoRA trainer,
+and the job runner the worker calls."""
