@@ -4,6 +4,7 @@ with the first org's key. `server` is (url, engine, store, keys: org name -> pla
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -25,6 +26,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live(app, port: int):
+    """Serve `app` on 127.0.0.1:port from a thread for the duration of the block."""
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=5)
 
 
 @pytest.fixture(scope="session")

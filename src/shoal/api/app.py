@@ -8,6 +8,8 @@ elsewhere, and a client that goes away cancels its handler, which aborts its eng
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import FastAPI
 
 from ..engine.async_engine import AsyncEngine
@@ -23,16 +25,32 @@ from .metering import Meter
 from .metrics import Metrics
 from .middleware import RequestMiddleware
 from .ratelimit import RateLimiter
-from .routes import inference, usage
+from .routes import files, fine_tuning, inference, usage
 
 
-def create_app(engine: AsyncEngine, model_name: str, store, settings: ServerSettings | None = None
-               ) -> FastAPI:
+def _lifespan(app: FastAPI):
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        # jobs left in validation by a previous run are validated again
+        s = app.state.shoal
+        files.blobs_of(s)
+        jobs, _more = s.store.list_jobs(None, limit=10000)
+        for job in jobs:
+            if job.status == "validating_files" and job.model == s.models.base_name:
+                fine_tuning.spawn_validation(s, job)
+        yield
+    return lifespan
+
+
+def create_app(engine: AsyncEngine, model_name: str, store, settings: ServerSettings | None = None,
+               model_source: str | None = None) -> FastAPI:
     """The app serving `engine` as `model_name`; adapters already in the engine are shared by all
-    orgs; `store` is a `shoal.store.Store`."""
+    orgs; `store` is a `shoal.store.Store`. `model_source` (default the engine config's model:
+    a registry name or a path) is how worker processes load the same base model."""
     settings = settings or ServerSettings.from_env()
     app = FastAPI(title="Shoal", version="0.1.0",
                   description="OpenAI-compatible API for self-hosted GPT-style models.")
+    app.router.lifespan_context = _lifespan(app)
     errors.install(app)
     models = ServedModels(engine, model_name, store)
     if engine.engine.lora is not None:
@@ -43,8 +61,9 @@ def create_app(engine: AsyncEngine, model_name: str, store, settings: ServerSett
         auth=Authenticator(store, loopback=settings.loopback), limiter=limiter, metrics=metrics,
         meter=Meter(store, limiter, metrics), completions=CompletionService(engine),
         chat=ChatService(engine), tokenizer=TokenizeService(engine))
+    app.state.shoal.extra["model_source"] = model_source or engine.engine.config.model
     app.state.engine = engine
-    for r in (inference.router, usage.router):
+    for r in (inference.router, files.router, fine_tuning.router, usage.router):
         app.include_router(r)
     app.add_middleware(RequestMiddleware, metrics=metrics)
     return app

@@ -15,6 +15,7 @@ from . import admin, local, serve
 # name -> (function, help, argument builder)
 COMMANDS = {
     "serve": (serve.cmd_serve, "serve the OpenAI-compatible API", serve.add_serve_args),
+    "worker": (serve.cmd_worker, "run a fine-tuning worker", serve.add_worker_args),
     "generate": (local.cmd_generate, "stream a completion from a model", local.add_generate_args),
     "models": (local.cmd_models, "list, add or remove base models", local.add_models_args),
     "keys": (admin.cmd_keys, "create, list or revoke API keys", admin.add_keys_args),

@@ -63,21 +63,13 @@ def start_workers(settings, args) -> list:
     """`settings.workers` fine-tuning worker processes (`shoal worker`) sharing the database."""
     import subprocess
 
-    if not settings.workers or not _has_worker():
+    if not settings.workers:
         return []
     env = dict(os.environ, SHOAL_HOME=str(settings.home))
     if settings.database_url:
         env["SHOAL_DATABASE_URL"] = settings.database_url
     cmd = [sys.executable, "-m", "shoal.cli", "worker", "--threads", str(args.worker_threads)]
     return [subprocess.Popen(cmd, env=env) for _ in range(settings.workers)]
-
-
-def _has_worker() -> bool:
-    try:
-        from ..finetune import worker  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -108,3 +100,33 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-loras", type=int, default=8, help=h["max_loras"])
     p.add_argument("--max-lora-rank", type=int, default=64, help=h["max_lora_rank"])
     p.add_argument("--max-cpu-loras", type=int, default=32, help=h["max_cpu_loras"])
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run a fine-tuning worker: claim queued jobs from the shared database and train them."""
+    import logging
+
+    import torch
+
+    from ..finetune.worker import run_worker
+    from ..settings import ServerSettings
+    from ..store import Store
+
+    logging.basicConfig(level=logging.INFO, format="shoal-worker: %(message)s")
+    torch.set_num_threads(args.threads)
+    settings = ServerSettings.from_env(database_url=args.database_url)
+    store = Store.open(settings.database_url)
+    n = run_worker(store, settings.home, poll_s=args.poll, lease_s=args.lease_s,
+                   heartbeat_s=max(args.lease_s / 6, 0.2), once=args.once)
+    print(f"shoal worker: ran {n} job(s)", file=sys.stderr)
+    return 0
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--database-url", default=None,
+                   help="SQLAlchemy URL (default $SHOAL_DATABASE_URL or SQLite in $SHOAL_HOME)")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between queue polls")
+    p.add_argument("--lease-s", type=float, default=float(os.environ.get("SHOAL_WORKER_LEASE_S", 60)),
+                   help="job lease; a worker silent this long loses its job to another")
+    p.add_argument("--once", action="store_true", help="exit when the queue is empty")
