@@ -25,7 +25,7 @@ from .metering import Meter
 from .metrics import Metrics
 from .middleware import RequestMiddleware
 from .ratelimit import RateLimiter
-from .routes import files, fine_tuning, inference, usage
+from .routes import curves, files, fine_tuning, inference, usage
 
 
 def _lifespan(app: FastAPI):
@@ -38,6 +38,10 @@ def _lifespan(app: FastAPI):
         for job in jobs:
             if job.status == "validating_files" and job.model == s.models.base_name:
                 fine_tuning.spawn_validation(s, job)
+        running, _more = s.store.list_curves(None, limit=100)
+        for c in running:  # learning curves followed by a previous run
+            if c.status == "running" and (c.request or {}).get("model") == s.models.base_name:
+                curves.spawn_follow(s, c.id)
         yield
     return lifespan
 
@@ -63,7 +67,7 @@ def create_app(engine: AsyncEngine, model_name: str, store, settings: ServerSett
         chat=ChatService(engine), tokenizer=TokenizeService(engine))
     app.state.shoal.extra["model_source"] = model_source or engine.engine.config.model
     app.state.engine = engine
-    for r in (inference.router, files.router, fine_tuning.router, usage.router):
+    for r in (inference.router, files.router, fine_tuning.router, curves.router, usage.router):
         app.include_router(r)
     app.add_middleware(RequestMiddleware, metrics=metrics)
     return app

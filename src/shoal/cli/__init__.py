@@ -1,6 +1,6 @@
 """The `shoal` command: a table of subcommands, each a small function in a module by area.
 
-Local (no server): `serve`, `worker`, `generate`, `models`, `keys`, `prices`.
+Local (no server): `serve`, `worker`, `generate`, `models`, `keys`, `prices`, `adapters`.
 Errors print one line to stderr and exit non-zero; tracebacks only with SHOAL_DEBUG=1.
 """
 
@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from . import admin, local, serve
+from . import adapters, admin, local, serve
 
 # name -> (function, help, argument builder)
 COMMANDS = {
@@ -20,6 +20,8 @@ COMMANDS = {
     "models": (local.cmd_models, "list, add or remove base models", local.add_models_args),
     "keys": (admin.cmd_keys, "create, list or revoke API keys", admin.add_keys_args),
     "prices": (admin.cmd_prices, "set or list per-model prices", admin.add_prices_args),
+    "adapters": (adapters.cmd_adapters, "export or import LoRA adapters (PEFT format)",
+                 adapters.add_adapters_args),
 }
 
 

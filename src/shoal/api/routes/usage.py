@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from ...serving.errors import ServingError
 from ..auth import Principal
 from ..deps import caller, services
-from ..metrics import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST
 
 router = APIRouter()
 WIDTHS = ("1m", "1h", "1d")

@@ -1,0 +1,1 @@
+"""Tests for learning-curve fitting, prediction and plotting (`shoal.curves`)."""
