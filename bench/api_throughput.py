@@ -68,7 +68,7 @@ def main() -> None:
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "shoal.cli", "serve", "--model", args.model,
                                "--port", str(port), "--threads", str(args.threads),
-                               "--max-num-seqs", str(max(64, args.clients))],
+                               "--max-num-seqs", str(max(64, args.clients)), "--workers", "0"],
                               stderr=subprocess.DEVNULL, env=os.environ.copy())
     import httpx
 

@@ -159,10 +159,15 @@ def test_fine_tune_end_to_end(ft):
     with pytest.raises(openai.BadRequestError) as e:
         b.fine_tuning.jobs.create(model="tiny", training_file=f.id)
     assert e.value.param == "training_file"
-    # deleting the model removes it from the registry and the engine
+    # deleting the model removes it (and its checkpoint models) from the registry, the engine
+    # and the disk
+    job_dir = os.path.join(ft["home"], "jobs", job.id)
+    assert os.path.isdir(job_dir)
     assert c.models.delete(done.fine_tuned_model).deleted
-    with pytest.raises(openai.NotFoundError):
-        c.completions.create(model=done.fine_tuned_model, prompt="x")
+    for name in (done.fine_tuned_model, cks[0].fine_tuned_model_checkpoint):
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model=name, prompt="x")
+    assert not os.path.exists(job_dir)
 
 
 @pytest.mark.parametrize("data,code,line", [
@@ -190,6 +195,8 @@ def test_bad_data_fails_the_job_with_code_and_line(ft, data, code, line):
      "method.supervised.hyperparameters.batch_size", 400),
     (dict(model="no-such-model"), "model", 404),
     (dict(suffix="bad:suffix"), "suffix", 400),
+    (dict(hyperparameters={"r": 32}), "hyperparameters.r", 400),  # the server's max_lora_rank is 16
+    (dict(hyperparameters={"target_modules": ["nope_proj"]}), "hyperparameters.target_modules", 400),
 ])
 def test_bad_job_requests(ft, kwargs, param, status):
     c = client(ft)

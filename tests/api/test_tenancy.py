@@ -135,6 +135,11 @@ def test_usage_buckets_and_metrics(server, auth):
     results = [x for b in page["data"] for x in b["results"]]
     tiny = [x for x in results if x["model"] == "tiny"]
     assert tiny and sum(x["output_tokens"] for x in tiny) >= 3
+    beta = {"authorization": f"Bearer {keys['beta']}"}  # not an admin key
+    denied = httpx.get(f"{url}/v1/organization/usage/completions", params={"start_time": start},
+                       headers=beta)
+    assert denied.status_code == 403 and denied.json()["error"]["type"] == "permission_error"
+    assert httpx.get(f"{url}/v1/usage", headers=beta).status_code == 200
     summary = httpx.get(f"{url}/v1/usage", headers=auth).json()
     assert any(row["model"] == "tiny" for row in summary["data"])
     bad = httpx.get(f"{url}/v1/organization/usage/completions",

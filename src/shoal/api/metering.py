@@ -51,7 +51,8 @@ class Bill:
             self._charged = True
         p = self.principal
         self.meter.limiter.debit_tokens(p.key_id or p.org_id, prompt_tokens + completion_tokens)
-        self.meter.metrics.count_tokens(self.model, prompt_tokens, completion_tokens)
+        # labelled by base model: fine-tuned names carry org names, and /metrics needs no key
+        self.meter.metrics.count_tokens(self.base_model, prompt_tokens, completion_tokens)
         return True
 
     def _write(self, prompt_tokens: int, completion_tokens: int) -> None:

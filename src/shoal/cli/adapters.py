@@ -98,7 +98,8 @@ def import_adapter(args: argparse.Namespace) -> int:
     from ..store.ids import new_id
 
     if not args.org:
-        raise ValueError("org: give the organization: shoal adapters import DIR --org NAME --base BASE")
+        raise ValueError("org: give the organization: shoal adapters import DIR --org NAME "
+                         "--base BASE")
     if not args.base:
         raise ValueError("base: give the base model as `shoal serve --model` names it")
     if args.name and not SUFFIX.match(args.name):
@@ -120,8 +121,8 @@ def import_adapter(args: argparse.Namespace) -> int:
         shutil.rmtree(path, ignore_errors=True)
         raise
     print(name)
-    print(f"imported {args.dir} for org {org.name} on {args.base} (rank {cfg.max_rank}) into {path}",
-          file=sys.stderr)
+    print(f"imported {args.dir} for org {org.name} on {args.base} (rank {cfg.max_rank}) "
+          f"into {path}", file=sys.stderr)
     return 0
 
 

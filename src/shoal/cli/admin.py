@@ -90,7 +90,7 @@ def add_keys_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("key_id", nargs="?", help="key id (revoke)")
     p.add_argument("--org", help="organization name (created if new)")
     p.add_argument("--name", help="a label for the key")
-    p.add_argument("--admin", action="store_true", help="may read usage and manage the org")
+    p.add_argument("--admin", action="store_true", help="may also read the org's usage API (/v1/organization/usage/completions)")
     _db(p)
 
 

@@ -98,7 +98,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="serve a PEFT adapter to every org (repeatable)")
     p.add_argument("--no-lora", action="store_true", help="serve the base model only")
     p.add_argument("--max-loras", type=int, default=8, help=h["max_loras"])
-    p.add_argument("--max-lora-rank", type=int, default=64, help=h["max_lora_rank"])
+    p.add_argument("--max-lora-rank", type=int, default=16,
+                   help=h["max_lora_rank"] + " Fine-tuning jobs may not ask for more. (default 16)")
     p.add_argument("--max-cpu-loras", type=int, default=32, help=h["max_cpu_loras"])
 
 

@@ -32,6 +32,7 @@ class Lease:
         self.store, self.job_id, self.worker_id = store, job_id, worker_id
         self.lease_s, self.every_s = lease_s, every_s
         self.lost = self.cancel = self.pause = False
+        self._last = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="shoal-heartbeat", daemon=True)
 
@@ -43,7 +44,14 @@ class Lease:
         self._stop.set()
         self._thread.join(timeout=self.every_s + 5)
 
+    def poll(self, every_s: float = 0.5) -> None:
+        """A fresh heartbeat when the last is older than `every_s` (called between steps, so a
+        cancel or pause takes effect within about one step)."""
+        if time.monotonic() - self._last >= every_s:
+            self.beat()
+
     def beat(self) -> None:
+        self._last = time.monotonic()
         try:
             row = self.store.heartbeat(self.job_id, self.worker_id, self.lease_s)
         except Exception:  # a database hiccup: try again next beat; the lease has slack
@@ -135,6 +143,7 @@ class JobRunner:
                 self._checkpoint(job, name, ev)
 
         def should_stop() -> str | None:
+            lease.poll()
             if lease.lost or lease.cancel:
                 return "cancel"
             if lease.pause or self.shutting_down:

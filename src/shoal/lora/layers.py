@@ -139,7 +139,9 @@ class LoRALinear(nn.Linear):
         self.register_buffer("scaling", torch.zeros(n, **kw), persistent=False)
         self.ranks = [0] * n  # rank held by each slot (0 = empty)
         self._scale = [0.0] * n  # python copy of `scaling` for the hot path
-        self._b_flat: torch.Tensor | None = None  # (out, L*R) copy of lora_b_stacked for dense
+        # (out, L*R): lora_b_stacked laid out for the dense path (slot s = columns s*R..(s+1)*R),
+        # kept in step by set_lora/reset_lora so a new adapter costs no rebuild on first use
+        self.register_buffer("b_flat", torch.zeros(self.out_features, n * r, **kw), persistent=False)
 
     @torch.no_grad()
     def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
@@ -156,7 +158,8 @@ class LoRALinear(nn.Linear):
         self.lora_b_stacked[slot, :, :r].copy_(lora_b)
         self.scaling[slot] = scaling
         self.ranks[slot], self._scale[slot] = r, float(scaling)
-        self._b_flat = None
+        R = self.lora_b_stacked.shape[2]
+        self.b_flat[:, slot * R:(slot + 1) * R].copy_(self.lora_b_stacked[slot])
 
     @torch.no_grad()
     def reset_lora(self, slot: int) -> None:
@@ -165,7 +168,8 @@ class LoRALinear(nn.Linear):
         self.lora_b_stacked[slot].zero_()
         self.scaling[slot] = 0.0
         self.ranks[slot], self._scale[slot] = 0, 0.0
-        self._b_flat = None
+        R = self.lora_b_stacked.shape[2]
+        self.b_flat[:, slot * R:(slot + 1) * R].zero_()
 
     def _forward_dense(self, x2: torch.Tensor, y2: torch.Tensor) -> None:
         """All tokens against all slots in two products; other slots are masked to zero.
@@ -174,13 +178,11 @@ class LoRALinear(nn.Linear):
         the batch, and a row's arithmetic does not depend on the other rows (batch invariance).
         """
         n, (lslots, rank) = x2.shape[0], self.lora_a_stacked.shape[:2]
-        if self._b_flat is None:
-            self._b_flat = self.lora_b_stacked.permute(1, 0, 2).reshape(self.out_features, lslots * rank)
         k = self.mapping.k_chunk
         xa = linear(x2, self.lora_a_stacked.view(lslots * rank, self.in_features), None, k)  # (N, L*R)
         scale = self.mapping.onehot(x2.dtype) * self.scaling  # (N, L): the token's slot scaling
         xa = xa.view(n, lslots, rank).mul_(scale[:, :, None]).view(n, lslots * rank)
-        y2.add_(linear(xa, self._b_flat, None, k))  # (N, out); base rows get exact zeros
+        y2.add_(linear(xa, self.b_flat, None, k))  # (N, out); base rows get exact zeros
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight, self.bias, self.k_chunk)  # (..., out)

@@ -72,7 +72,11 @@ class ServedModels:
             if not os.path.isdir(row.path):
                 raise ServingError(500, f"model: the adapter files of {name} are missing",
                                    type="server_error", param="model")
-            await self.engine.add_adapter(name, row.path)
+            try:
+                await self.engine.add_adapter(name, row.path)
+            except ValueError as e:  # e.g. a rank above the engine's max_lora_rank
+                raise ServingError(400, f"model: {name} cannot be served by this server: {e}",
+                                   param="model", code="model_not_servable") from None
         return Target(name, name, self.base_name)
 
     def _card(self, name: str, owner: str, created: int | None = None) -> dict:
@@ -96,13 +100,15 @@ class ServedModels:
 
     async def delete(self, name: str, org_id: str | None, home: str | None = None) -> dict:
         """Delete a fine-tuned model of `org_id` (and its checkpoint models): store rows, engine
-        adapters, and adapter files under `home`."""
+        adapters, and their files under `home` (a job's whole directory for a job's model)."""
         if name == self.base_name or name in self.system_adapters:
             raise ServingError(403, f"model: {name} is not a fine-tuned model of your organization "
                                     "and cannot be deleted", type="permission_error", param="model")
         row = self._row(name)
         if row is None or row.org_id != org_id:
             raise model_not_found(name)
+        ckpts = [r for r in await asyncio.to_thread(self.store.list_models, org_id)
+                 if r.name.startswith(name + ":ckpt-step-")]
         deleted = await asyncio.to_thread(self.store.delete_model, org_id, name)
         if deleted is None:
             raise model_not_found(name)
@@ -112,6 +118,12 @@ class ServedModels:
             for n in self._lora.list_adapters():
                 if n == name or n.startswith(name + ":ckpt-step-"):
                     await self.engine.remove_adapter(n)
-        if home and os.path.abspath(row.path).startswith(os.path.abspath(home) + os.sep):
-            shutil.rmtree(row.path, ignore_errors=True)
+        if home:
+            dirs = {r.path for r in [row, *ckpts]}
+            if row.job_id:
+                dirs.add(os.path.join(home, "jobs", row.job_id))
+            root = os.path.abspath(home) + os.sep
+            for d in dirs:
+                if os.path.abspath(d).startswith(root):
+                    shutil.rmtree(d, ignore_errors=True)
         return {"id": name, "object": "model", "deleted": True}

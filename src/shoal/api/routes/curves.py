@@ -23,7 +23,7 @@ from ...serving.errors import ServingError, from_value_error, model_not_found
 from ..auth import Principal
 from ..deps import caller, services
 from .files import blobs_of
-from .fine_tuning import spawn_validation
+from .fine_tuning import check_lora, spawn_validation
 
 router = APIRouter()
 log = logging.getLogger("shoal.api")
@@ -75,6 +75,7 @@ def _create(s, who: Principal, body: LearningCurveRequest) -> object:
         hp = merge_hyperparameters(body.hyperparameters, None)
     except ValueError as e:
         raise from_value_error(e) from None
+    check_lora(s, hp)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     train = _read_file(s, who.org_id, body.training_file, "training_file")
     valid = (_read_file(s, who.org_id, body.validation_file, "validation_file")

@@ -67,6 +67,29 @@ def _check_file(store, org_id: str, file_id: str, param: str) -> None:
                                 f"purpose 'fine-tune'", param=param, code="invalid_file")
 
 
+def check_lora(s, hp: dict) -> None:
+    """LoRA settings the serving engine can take: rank within its max_lora_rank, target modules
+    that are linear layers of the model (400 naming the field otherwise)."""
+    from ...lora.layers import default_targets
+
+    cfg = s.engine.engine.config
+    r = hp.get("r")
+    if isinstance(r, (int, float)) and r > cfg.max_lora_rank:
+        raise ServingError(400, f"hyperparameters.r: {r} exceeds this server's max_lora_rank "
+                                f"({cfg.max_lora_rank}); the model could not be served",
+                           param="hyperparameters.r")
+    tm = hp.get("target_modules")
+    if isinstance(tm, list):
+        paths = default_targets(s.engine.engine.model)
+        known = set(paths) | {p.rsplit(".", 1)[-1] for p in paths}
+        bad = [t for t in tm if t not in known]
+        if bad:
+            raise ServingError(400, f"hyperparameters.target_modules: {bad[0]!r} is not a linear "
+                                    f"layer of {s.models.base_name} (e.g. "
+                                    f"{', '.join(sorted({p.rsplit('.', 1)[-1] for p in paths}))})",
+                               param="hyperparameters.target_modules")
+
+
 async def start_validation(s, job) -> None:
     """Validate `job`'s files off the event loop; errors land on the job, never here."""
     tok = s.engine.tokenizer
@@ -98,6 +121,7 @@ async def create_job(body: FineTuningJobRequest, request: Request, who: Principa
         hp = merge_hyperparameters(body.hyperparameters, body.method)
     except ValueError as e:
         raise from_value_error(e) from None
+    check_lora(s, hp)
     await asyncio.to_thread(_check_file, s.store, who.org_id, body.training_file, "training_file")
     if body.validation_file:
         await asyncio.to_thread(_check_file, s.store, who.org_id, body.validation_file,

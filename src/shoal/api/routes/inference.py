@@ -67,7 +67,7 @@ async def retrieve_model(model: str, request: Request, who: Principal = Depends(
 async def delete_model(model: str, request: Request, who: Principal = Depends(caller)):
     """Delete one of your organization's fine-tuned models (and its checkpoint models)."""
     s = services(request)
-    return await s.models.delete(model, who.org_id)
+    return await s.models.delete(model, who.org_id, home=str(s.settings.home))
 
 
 @router.post("/v1/completions")

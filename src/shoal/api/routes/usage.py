@@ -10,7 +10,7 @@ from fastapi.responses import Response
 
 from ...serving.errors import ServingError
 from ..auth import Principal
-from ..deps import caller, services
+from ..deps import admin_caller, caller, services
 from prometheus_client import CONTENT_TYPE_LATEST
 
 router = APIRouter()
@@ -41,8 +41,9 @@ def _int(request: Request, name: str, default: int | None = None, lo: int | None
 
 
 @router.get("/v1/organization/usage/completions")
-async def usage_completions(request: Request, who: Principal = Depends(caller)):
-    """Token usage of your organization in time buckets (OpenAI's Usage API shape)."""
+async def usage_completions(request: Request, who: Principal = Depends(admin_caller)):
+    """Token usage of your organization in time buckets (OpenAI's Usage API shape; an admin
+    key, as upstream)."""
     s = services(request)
     start = _int(request, "start_time")
     if start is None:
