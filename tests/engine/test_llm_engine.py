@@ -113,6 +113,17 @@ def test_best_of_returns_the_best_by_mean_logprob(tiny_llama):
     assert [tuple(c.token_ids) for c in out.outputs] == [t for _, t in means[:2]]
 
 
+def test_max_tokens_zero_with_several_samples_finishes(tiny_llama):
+    """A prompt-only request (max_tokens 0, e.g. echo for prompt logprobs) with n/best_of > 1
+    gives n empty samples instead of waiting for samples that never start."""
+    llm = make_llm(tiny_llama)
+    out = llm.generate([prompts(1, seed=4)[0]], SamplingParams(n=2, best_of=3, max_tokens=0,
+                                                                prompt_logprobs=1))[0]
+    assert [c.token_ids for c in out.outputs] == [[], []]
+    assert {c.finish_reason for c in out.outputs} == {"length"}
+    assert not llm.engine.has_unfinished()
+
+
 def test_logprobs_equal_reference_log_softmax(tiny_llama):
     p = prompts(1, seed=6)[0]
     out = make_llm(tiny_llama).generate([p], SamplingParams(

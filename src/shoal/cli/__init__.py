@@ -1,6 +1,8 @@
 """The `shoal` command: a table of subcommands, each a small function in a module by area.
 
-Local (no server): `serve`, `worker`, `generate`, `models`, `keys`, `prices`, `adapters`.
+Local (no server): `serve`, `worker`, `generate`, `base-models`, `keys`, `prices`, `adapters`.
+Client (a running server, `--base-url`/`--api-key`): `complete`, `chat`, `files`, `finetune`,
+`curve`, `models`, `usage`, `tokenize`, `bench`.
 Errors print one line to stderr and exit non-zero; tracebacks only with SHOAL_DEBUG=1.
 """
 
@@ -10,18 +12,31 @@ import argparse
 import os
 import sys
 
-from . import adapters, admin, local, serve
+from . import adapters, admin, bench, client, finetune, local, serve
 
 # name -> (function, help, argument builder)
 COMMANDS = {
     "serve": (serve.cmd_serve, "serve the OpenAI-compatible API", serve.add_serve_args),
     "worker": (serve.cmd_worker, "run a fine-tuning worker", serve.add_worker_args),
     "generate": (local.cmd_generate, "stream a completion from a model", local.add_generate_args),
-    "models": (local.cmd_models, "list, add or remove base models", local.add_models_args),
+    "base-models": (local.cmd_base_models, "list, add or remove base models on this machine",
+                    local.add_base_models_args),
     "keys": (admin.cmd_keys, "create, list or revoke API keys", admin.add_keys_args),
     "prices": (admin.cmd_prices, "set or list per-model prices", admin.add_prices_args),
     "adapters": (adapters.cmd_adapters, "export or import LoRA adapters (PEFT format)",
                  adapters.add_adapters_args),
+    # client commands: talk to a running server
+    "complete": (client.cmd_complete, "stream a completion from the server", client.add_complete_args),
+    "chat": (client.cmd_chat, "chat with a model on the server", client.add_chat_args),
+    "files": (client.cmd_files, "upload, list or delete files on the server", client.add_files_args),
+    "finetune": (finetune.cmd_finetune, "create, list, follow or cancel fine-tuning jobs",
+                 finetune.add_finetune_args),
+    "curve": (finetune.cmd_curve, "measure a learning curve and predict the data needed",
+              finetune.add_curve_args),
+    "models": (client.cmd_models, "list or delete the server's models", client.add_models_args),
+    "usage": (client.cmd_usage, "tokens and cost by day and model", client.add_usage_args),
+    "tokenize": (client.cmd_tokenize, "count and show a text's tokens", client.add_tokenize_args),
+    "bench": (bench.cmd_bench, "load-test the running server", bench.add_bench_args),
 }
 
 

@@ -1,5 +1,5 @@
 """Commands that need no server: `generate` (stream a completion through the engine) and
-`models` (the base-model registry)."""
+`base-models` (the base-model registry on this machine)."""
 
 from __future__ import annotations
 
@@ -49,20 +49,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    """List, add or remove base models."""
+def cmd_base_models(args: argparse.Namespace) -> int:
+    """List, add or remove the base models registered on this machine."""
     from ..model.registry import ModelRegistry
 
     reg = ModelRegistry()
     if args.action == "add":
         if not args.name or not args.source:
-            raise ValueError("usage: shoal models add NAME SOURCE [--hub]")
+            raise ValueError("usage: shoal base-models add NAME SOURCE [--hub]")
         e = reg.add(args.name, args.source, allow_download=args.hub)
         print(f"added {e.name}: {e.model_type} {e.size_label}, context {e.context_length}, at {e.path}")
         return 0
     if args.action == "rm":
         if not args.name:
-            raise ValueError("usage: shoal models rm NAME")
+            raise ValueError("usage: shoal base-models rm NAME")
         reg.remove(args.name)
         print(f"removed {args.name}")
         return 0
@@ -76,7 +76,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    from ..model.registry import DEFAULT_MODEL
+    from ..config import DEFAULT_MODEL
 
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--model", default=os.environ.get("SHOAL_MODEL", DEFAULT_MODEL),
@@ -93,7 +93,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
 
 
-def add_models_args(p: argparse.ArgumentParser) -> None:
+def add_base_models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", nargs="?", default="list", choices=["list", "add", "rm"])
     p.add_argument("name", nargs="?", help="model name (add, rm)")
     p.add_argument("source", nargs="?", help="HF model directory, .gguf file, or hub id with --hub")

