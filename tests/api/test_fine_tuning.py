@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 
-import httpx
 import openai
 import pytest
 import torch
@@ -250,7 +249,7 @@ def _adapter_sha(home, job_id: str) -> str:
 def test_killed_worker_resumes_to_the_same_bytes(ft, tmp_path):
     """Two jobs, same file and seed: one uninterrupted (in-process worker), one run by a worker
     process killed after its first checkpoint and finished by a fresh worker process."""
-    c, store = client(ft), ft["store"]
+    c = client(ft)
     f = c.files.create(file=("toy.jsonl", toy_jsonl()), purpose="fine-tune")
     hp = {"n_epochs": 3}
     ref = wait(c, c.fine_tuning.jobs.create(model="tiny", training_file=f.id, seed=5,

@@ -25,7 +25,7 @@ from .metering import Meter
 from .metrics import Metrics
 from .middleware import RequestMiddleware
 from .ratelimit import RateLimiter
-from .routes import curves, files, fine_tuning, inference, usage
+from .routes import curves, files, fine_tuning, inference, playground, usage
 
 
 def _lifespan(app: FastAPI):
@@ -67,7 +67,8 @@ def create_app(engine: AsyncEngine, model_name: str, store, settings: ServerSett
         chat=ChatService(engine), tokenizer=TokenizeService(engine))
     app.state.shoal.extra["model_source"] = model_source or engine.engine.config.model
     app.state.engine = engine
-    for r in (inference.router, files.router, fine_tuning.router, curves.router, usage.router):
+    for r in (inference.router, files.router, fine_tuning.router, curves.router, usage.router,
+              playground.router):
         app.include_router(r)
     app.add_middleware(RequestMiddleware, metrics=metrics)
     return app
