@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import xml.etree.ElementTree as ET
 
 import pytest
 
 from shoal.curves.fit import fit_points, predict_examples
-from shoal.curves.plot import _nice_ticks, render_png, render_svg
+from shoal.curves.plot import _nice_ticks, render_svg
 
 SVG = "{http://www.w3.org/2000/svg}"
 NOISE = [0.004, -0.003, 0.002, -0.004, 0.001]
@@ -69,16 +68,3 @@ def test_nice_ticks():
     assert _nice_ticks(0.47) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
     assert _nice_ticks(0.21) == [0.0, 0.05, 0.1, 0.15, 0.2, 0.25]
     assert _nice_ticks(0.0)[-1] >= 1.0
-
-
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
-def test_png_without_matplotlib_says_use_svg():
-    with pytest.raises(ValueError, match=r"^format: png needs matplotlib; use svg$"):
-        render_png(PTS)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
-def test_png_with_matplotlib():
-    fit = fit_points(PTS)
-    png = render_png(PTS, fit, predict_examples(fit, 0.05, PTS), title="t")
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,6 @@ imports nothing beyond the standard library and numpy, and does no fitting (`fit
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 from collections.abc import Sequence
 from xml.sax.saxutils import escape
@@ -190,44 +189,3 @@ def _wrap(s: str, width: int = 115, lines: int = 2) -> list[str]:
         out = out[:lines]
         out[-1] = out[-1][:width - 3] + "..."
     return out
-
-
-def render_png(points: Sequence[Point], fit: CurveFit | None = None, prediction: Prediction | None = None,
-               *, title: str = "", metric: str = "error") -> bytes:
-    """The same picture as PNG bytes, drawn by matplotlib; ValueError when it is not installed."""
-    try:
-        from matplotlib.figure import Figure  # optional; never a dependency of shoal
-    except ImportError:
-        raise ValueError("format: png needs matplotlib; use svg") from None
-    ns, es = check_points(points)
-    fig = Figure(figsize=(7.2, 4.4), dpi=100)
-    ax = fig.add_subplot()
-    ax.set_xscale("log", base=2)
-    ax.plot(ns, es, "o", color=INK, label=f"measured {metric}")
-    for n, e in zip(ns, es):
-        ax.annotate(f"{e:.3g}", (n, e), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
-    n_pred = prediction.n_examples if prediction is not None else None
-    if fit is not None:
-        end = max(ns[-1], n_pred or 0) * (1.4 if n_pred else 2.0)
-        inside = np.geomspace(ns[0], ns[-1], 100)
-        beyond = np.geomspace(ns[-1], end, 60)
-        ax.plot(inside, [fit.predict(n) for n in inside], color=ACCENT,
-                label=f"{fit.model} fit: {fit.formula()}")
-        ax.plot(beyond, [fit.predict(n) for n in beyond], "--", color=ACCENT)
-    ticks = list(ns)
-    if prediction is not None:
-        ax.axhline(prediction.target_error, ls="--", color=TARGET,
-                   label=f"target {prediction.target_error:g}")
-        if n_pred is not None:
-            ax.axvspan(prediction.low, prediction.high or ax.get_xlim()[1], color=ACCENT, alpha=0.12)
-            ax.axvline(n_pred, color=ACCENT, label=f"predicted n = {n_pred:,}")
-            ticks.append(n_pred)
-    ax.set_xticks(ticks, [_fmt_n(t) for t in ticks])
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("training examples n (log2 scale)")
-    ax.set_ylabel(metric)
-    ax.set_title(title or "Learning curve")
-    ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
