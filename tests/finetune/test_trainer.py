@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 
 import pytest
@@ -83,6 +84,40 @@ def test_pack_layout():
     assert [len(m) for m in split_micro(exs, 2)] == [1, 1]  # longer than the budget: alone
 
 
+@pytest.mark.parametrize("dtype,dropout", [(torch.float32, 0.0), (torch.float32, 0.5),
+                                           (torch.bfloat16, 0.0)])
+def test_lora_layer_matches_its_formula(dtype, dropout):
+    from shoal.model.layers import Linear
+
+    g = torch.Generator().manual_seed(0)
+    base = Linear(24, 40, bias=True).to(dtype)
+    layer = TrainableLoRALinear(base, r=4, lora_alpha=8, dropout=dropout, init=g,
+                                dropout_gen=torch.Generator().manual_seed(1))
+    torch.nn.init.normal_(layer.lora_B, generator=g)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    x = torch.randn(2, 5, 24, generator=g).to(dtype).requires_grad_()
+    gy = torch.randn(2, 5, 40, generator=g)
+    y = layer(x)
+    assert y.dtype == dtype
+    y.backward(gy.to(dtype))
+    got = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)]
+    for t in (x, layer.lora_A, layer.lora_B):
+        t.grad = None
+    # reference: plain autograd on the formula, in float64, with the same dropout mask
+    keep = torch.ones(2, 5, 24)
+    if dropout:
+        keep = torch.empty(2, 5, 24).bernoulli_(1 - dropout, generator=torch.Generator().manual_seed(1))
+    x64 = x.detach().double().requires_grad_()
+    a64, b64 = (layer.lora_A.detach().double().requires_grad_(), layer.lora_B.detach().double().requires_grad_())
+    xd = x64 * keep.double() / (1 - dropout)
+    want = x64 @ base.weight.double().t() + base.bias.double() + 2.0 * (xd @ a64.t()) @ b64.t()
+    want.backward(gy.to(dtype).double())
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(y.double(), want, **tol)
+    for a, b in zip(got, (x64.grad, a64.grad, b64.grad)):
+        torch.testing.assert_close(a.double(), b, **tol)
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
 def test_packed_loss_and_grads_equal_unpacked(model_dirs, family):
     model = load(model_dirs, family)
@@ -122,6 +157,16 @@ def test_packed_loss_and_grads_equal_unpacked(model_dirs, family):
     lora.unwrap()
     assert not any(isinstance(m, TrainableLoRALinear) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_bf16_base_trains_fp32_lora(model_dirs, tmp_path):
+    model = load_dir(model_dirs["llama"], dtype="bfloat16", with_tokenizer=False).model
+    res = Trainer(model, random_examples(6, seed=3), random_examples(2, seed=4),
+                  TrainConfig(**{**SMALL, "n_epochs": 1}), str(tmp_path)).run()
+    assert res.status == "succeeded" and all(math.isfinite(m["train_loss"]) for m in res.metrics)
+    adapter = load_adapter(res.adapter_path)
+    assert all(a.dtype == b.dtype == torch.float32 for a, b in adapter.weights.values())
+    assert all(p.dtype == torch.bfloat16 and p.requires_grad for p in model.parameters())
 
 
 def test_loss_falls_and_adapter_learns_the_mapping(model_dirs, tmp_path):

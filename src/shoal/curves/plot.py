@@ -1,4 +1,4 @@
-"""Learning-curve pictures: a hand-written, self-contained SVG; PNG only through matplotlib.
+"""Learning-curve pictures: a hand-written, self-contained SVG (no plotting library).
 
 `render_svg` draws the measured points on a log2 x-axis, the fitted curve (dashed past the
 largest measured size), the target error, and the predicted n with its interval shaded. It

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.attention import causal_mask
+from ..model.layers import linear
 from .types import Example
 
 IGNORE = -100
@@ -148,15 +149,54 @@ def n_targets(ex: Example) -> int:
     return sum(ex.weights[1:])
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropy of `h @ weight.T` against `targets`, in row chunks, never holding
+    the (M, V) logits: each chunk's gradient w.r.t. h is computed in the forward (when h needs
+    one) and only (M, hidden) is kept. The weight gets no gradient (lm_head is frozen).
+    Saves 2 x M x V fp32 of peak memory (logits and log-softmax; 4 GB at 8k targets and Llama 3's
+    128k vocabulary) and the separate log-softmax backward pass.
+
+    Semantics: loss = F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum");
+    hits = (argmax(logits, -1) == targets).sum()
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, k_chunk, need_grad):
+        rows = max(1, (1 << 24) // weight.shape[0])  # chunks of <= 16M logits (64 MB fp32)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        hits = torch.zeros((), dtype=torch.long, device=h.device)
+        grad = torch.empty_like(h) if need_grad else None
+        for i in range(0, h.shape[0], rows):
+            t = targets[i:i + rows]
+            logits = linear(h[i:i + rows], weight, None, k_chunk).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            loss += (lse - picked).sum()
+            hits += (logits.argmax(-1) == t).sum()
+            if need_grad:
+                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                p[torch.arange(t.shape[0], device=p.device), t] -= 1.0  # d loss / d logits
+                torch.mm(p.to(weight.dtype), weight, out=grad[i:i + rows])  # (c, hidden)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(hits)
+        return loss, hits
+
+    @staticmethod
+    def backward(ctx, g_loss, g_hits):
+        (grad,) = ctx.saved_tensors
+        return grad * g_loss.to(grad.dtype), None, None, None, None
+
+
 def packed_loss(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of cross-entropy over the batch's targets, number of argmax hits), logits computed
-    only at target positions: hidden rows are selected first, then lm_head."""
+    only at target positions: hidden rows are selected first, then lm_head (chunked, fused with
+    the loss). Semantics: cross_entropy(model.compute_logits(h[target_idx]), target_ids, "sum")."""
     ctx = PackedAttention(batch.lens, model.config.sliding_window)
     h = model(batch.input_ids, batch.positions, ctx)  # (N, hidden)
-    logits = model.compute_logits(h.index_select(0, batch.target_idx))  # (M, V) fp32
-    loss = F.cross_entropy(logits, batch.target_ids, reduction="sum")
-    hits = (logits.detach().argmax(-1) == batch.target_ids).sum()
-    return loss, hits
+    ht = h.index_select(0, batch.target_idx)  # (M, hidden)
+    head = model.lm_head
+    return _LinearCrossEntropy.apply(ht, head.weight, batch.target_ids, getattr(head, "k_chunk", 0),
+                                     torch.is_grad_enabled() and ht.requires_grad)
 
 
 def run_batch(model, examples: list[Example], max_tokens_per_micro: int,
