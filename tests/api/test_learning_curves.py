@@ -116,3 +116,48 @@ def test_cancel_stops_the_point_jobs(ft, train_file):
             break
         time.sleep(0.1)
     assert statuses == ["cancelled"] * 3
+
+
+ITEMS = [f"item {k}" for k in range(40)]
+ITEM_LABEL = {w: (" <POS>" if (k * 7) % 5 < 2 else " <NEG>") for k, w in enumerate(ITEMS)}
+
+
+def noisy_task(n: int, noise: float, seed: int) -> bytes:
+    """Items drawn at random, each with a fixed label; a fraction `noise` of labels flipped.
+    Held-out error tracks the share of items not yet seen, so it falls as n doubles."""
+    import random
+
+    rng = random.Random(seed)
+    flip = {" <POS>": " <NEG>", " <NEG>": " <POS>"}
+    rows = []
+    for _ in range(n):
+        w = rng.choice(ITEMS)
+        label = ITEM_LABEL[w] if rng.random() >= noise else flip[ITEM_LABEL[w]]
+        rows.append({"prompt": f"Review: {w}\nLabel:", "completion": label})
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def test_error_falls_with_data_and_rises_with_noise(ft):
+    """On the synthetic task, error falls as n doubles; label noise keeps it higher; the fit on
+    the first three points predicts the fourth within 0.15 (errors move in steps of 1/40)."""
+    c = client(ft)
+    holdout = "".join(json.dumps({"prompt": f"Review: {w}\nLabel:", "completion": ITEM_LABEL[w]})
+                      + "\n" for w in ITEMS).encode()
+    v = c.files.create(file=("holdout.jsonl", holdout), purpose="fine-tune").id
+    errors = {}
+    for noise in (0.0, 0.45):
+        t = c.files.create(file=("t.jsonl", noisy_task(96, noise, seed=3)), purpose="fine-tune").id
+        r = _post(ft, PREFIX, {"model": "tiny", "training_file": t, "validation_file": v,
+                               "sizes": [12, 24, 48, 96], "seed": 2, "target_error": 0.05,
+                               "hyperparameters": {"learning_rate_multiplier": 10}})
+        curve = _wait(ft, r.json()["id"], timeout=300)
+        assert curve["status"] == "succeeded", curve
+        errors[noise] = [p["error"] for p in curve["points"]]
+    clean, noisy = errors[0.0], errors[0.45]
+    print("clean", clean, "noisy", noisy)
+    assert clean[-1] < clean[0]
+    assert sum(noisy) > sum(clean)
+    from shoal.curves.fit import fit_points
+
+    fit = fit_points([(12, clean[0]), (24, clean[1]), (48, clean[2])])
+    assert abs(fit.predict(96) - clean[3]) <= 0.15
