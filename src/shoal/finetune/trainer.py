@@ -28,7 +28,8 @@ from .types import Example
 
 STATE_NAME = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-# Fields that change what is trained; a checkpoint written under other values is refused.
+# Config fields that do not change the adapter: resuming under other values is allowed (a change
+# of any other field is refused, since the result would not equal an uninterrupted run).
 _EVAL_FIELDS = ("eval_every", "valid_batch_size")
 
 
