@@ -49,7 +49,9 @@ def main() -> None:
     from shoal.engine.llm_engine import load_for_engine
     from shoal.engine.sampling_params import SamplingParams
 
-    cfg = EngineConfig(model=args.model, max_num_seqs=max(64, args.clients), max_num_batched_tokens=512)
+    # the same engine settings as `shoal serve` (LoRA on, rank 16), so the ratio is the HTTP layer
+    cfg = EngineConfig(model=args.model, max_num_seqs=max(64, args.clients), max_num_batched_tokens=512,
+                       enable_lora=True, max_loras=8, max_lora_rank=16)
     loaded = load_for_engine(cfg)
     rng = random.Random(0)
     prompts = [[rng.randrange(100, loaded.config.vocab_size - 1) for _ in range(rng.randint(64, 128))]
@@ -78,7 +80,7 @@ def main() -> None:
             break
         except httpx.HTTPError:
             time.sleep(0.1)
-    engine = AsyncEngine(cfg, loaded=loaded)  # for the engine-alone side of the overhead probe
+    engine = AsyncEngine(cfg, loaded=load_for_engine(cfg))  # the engine-alone side of the probe
 
     async def run_clients():
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench",
@@ -103,19 +105,23 @@ def main() -> None:
     http_s, _ = asyncio.run(run_clients())
 
     # 3) the API layer's own cost per request: one request at a time, HTTP vs engine alone
-    async def overhead(k: int = 20):
-        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=0)
+    # (a plain HTTP client, so the openai client's own parsing is not counted as the server's)
+    async def overhead(k: int = 100):
+        client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/v1", timeout=60,
+                                   headers={"authorization": "Bearer bench"})
         added = []
         for i in range(k):
             p = prompts[i % len(prompts)][:16]
+            body = {"model": args.model, "prompt": p, "max_tokens": 1, "temperature": 0}
             t = time.perf_counter()
-            await client.completions.create(model=args.model, prompt=p, max_tokens=1, temperature=0)
+            r = await client.post("/completions", json=body)
+            r.raise_for_status()
             http = time.perf_counter() - t
             t = time.perf_counter()
             async for _ in engine.generate(p, SamplingParams(max_tokens=1, temperature=0)):
                 pass
             added.append(max(http - (time.perf_counter() - t), 0.0))
-        await client.close()
+        await client.aclose()
         return added
 
     added = asyncio.run(overhead())
