@@ -61,13 +61,30 @@ def _sqlite_events(engine: Engine) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _begin)
         cursor = dbapi_conn.cursor()
         for pragma in SQLITE_PRAGMAS:
-            cursor.execute(f"PRAGMA {pragma}")
+            _pragma(cursor, pragma)
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _begin(conn) -> None:
         mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _pragma(cursor, pragma: str, wait_s: float = 10.0) -> None:
+    """Run a PRAGMA, retrying while the file is locked: switching a new database to WAL needs an
+    exclusive lock and fails at once (no busy handler) when another process opens it too."""
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            cursor.execute(f"PRAGMA {pragma}")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def writer(engine: Engine) -> Engine:
