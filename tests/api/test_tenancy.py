@@ -149,3 +149,10 @@ def test_usage_buckets_and_metrics(server, auth):
     assert 'shoal_requests_total{route="/v1/completions",status="200"}' in m
     assert 'shoal_completion_tokens_total{model="tiny"}' in m
     assert "shoal_kv_cache_usage_ratio" in m and "shoal_running_sequences" in m
+
+
+def test_server_timing_splits_engine_and_api_time(server, auth):
+    r = httpx.post(f"{server[0]}/v1/completions", headers=auth,
+                   json={"model": "tiny", "prompt": "timing", "max_tokens": 2})
+    parts = dict(p.strip().split(";dur=") for p in r.headers["server-timing"].split(","))
+    assert float(parts["engine"]) > 0 and float(parts["api"]) >= 0

@@ -36,6 +36,7 @@ class Bill:
         self.model, self.base_model, self.kind, self.request_id = model, base_model, kind, request_id
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
+        self.engine_s: float | None = None  # time inside the engine (non-streamed requests)
         self._charged = False
         self._lock = threading.Lock()
 

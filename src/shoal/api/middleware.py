@@ -1,5 +1,7 @@
 """One pure-ASGI middleware (no per-request task or body buffering, so streams stay cheap):
-`x-request-id` on every response, the caller's rate-limit headers, and request metrics."""
+`x-request-id` on every response, the caller's rate-limit headers, request metrics, and for a
+non-streamed completion a `server-timing` header splitting the time to its response into the
+engine's part and the API layer's (`engine;dur=ms, api;dur=ms`)."""
 
 from __future__ import annotations
 
@@ -34,6 +36,11 @@ class RequestMiddleware:
                 headers.append((b"x-request-id", rid.encode("latin-1")))
                 for k, v in (scope.get(RATE_HEADERS) or {}).items():
                     headers.append((k.encode(), v.encode()))
+                bill = scope.get("shoal.bill")
+                if bill is not None and bill.engine_s is not None:
+                    total = time.perf_counter() - t0
+                    timing = f"engine;dur={bill.engine_s * 1e3:.2f}, api;dur={(total - bill.engine_s) * 1e3:.2f}"
+                    headers.append((b"server-timing", timing.encode()))
                 message = {**message, "headers": headers}
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 route = scope.get("route")

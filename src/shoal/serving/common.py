@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -59,8 +60,12 @@ async def run_all(engine: AsyncEngine, prompts: list, params: SamplingParams, ad
             latest[i] = out
         return latest[i]
 
+    t0 = time.perf_counter()
     try:
-        return await asyncio.gather(*(run(i, p) for i, p in enumerate(prompts)))
+        outs = await asyncio.gather(*(run(i, p) for i, p in enumerate(prompts)))
+        if bill is not None:
+            bill.engine_s = time.perf_counter() - t0  # reported in the Server-Timing header
+        return outs
     except ValueError as e:
         raise from_value_error(e, {"prompt": "prompt"}) from None
     except asyncio.CancelledError:

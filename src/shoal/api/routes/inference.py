@@ -78,6 +78,7 @@ async def create_completion(body: CompletionRequest, request: Request,
     target = await s.models.resolve(body.model, who.org_id)
     bill = s.meter.open(who, body.model, target.base_model, "completions",
                         request.scope.get("shoal.request_id"))
+    request.scope["shoal.bill"] = bill
     return respond(await s.completions.create(body, target.adapter, bill))
 
 
@@ -89,6 +90,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     target = await s.models.resolve(body.model, who.org_id)
     bill = s.meter.open(who, body.model, target.base_model, "chat",
                         request.scope.get("shoal.request_id"))
+    request.scope["shoal.bill"] = bill
     return respond(await s.chat.create(body, target.adapter, bill))
 
 
