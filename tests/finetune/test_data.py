@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from shoal.finetune.data import (ValidationReport, load_dataset, reference_completions,
-                                 tokenize_examples, validate_jsonl)
+from shoal.finetune.data import ValidationReport, validate_jsonl
+from shoal.finetune.dataset import load_dataset, reference_completions, tokenize_examples
 from shoal.model.tokenizer import Tokenizer
 
 

@@ -21,7 +21,8 @@ import random
 from dataclasses import dataclass
 
 from ..engine.sampling_params import SamplingParams
-from ..finetune.data import reference_completions, validate_jsonl
+from ..finetune.data import validate_jsonl
+from ..finetune.dataset import reference_completions
 from .fit import fit_points, predict_examples
 
 METRICS = ("exact_match", "token_error", "valid_loss")

@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass
 
 from ..blobs import BlobStore
-from .data import ValidationReport, load_dataset
+from .data import ValidationReport
+from .dataset import load_dataset
 from .hyperparams import OPENAI_KEYS, resolve_hyperparameters
 from .types import Example
 
