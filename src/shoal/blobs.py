@@ -27,62 +27,29 @@ class BlobStore:
             raise ValueError(f"sha256: not a hex digest: {sha256!r}")
         return self.root / sha256[:2] / sha256
 
-    def _start(self):
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=self.root)
-        return os.fdopen(fd, "wb"), tmp
-
-    def _finish(self, tmp: str, digest: str) -> Path:
-        final = self.path(digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)  # same content, same name: replacing is harmless
-        return final
-
     def put_bytes(self, data: bytes) -> tuple[str, int]:
         return self.put_chunks([data], len(data) + 1)
 
     def put_chunks(self, chunks: Iterable[bytes], limit: int) -> tuple[str, int]:
         """Write chunks; (sha256, size). TooLarge (and nothing written) past `limit` bytes."""
-        f, tmp = self._start()
-        h, size = hashlib.sha256(), 0
+        sink = _Sink(self, limit)
         try:
-            with f:
-                for chunk in chunks:
-                    size += len(chunk)
-                    if size > limit:
-                        raise TooLarge(f"file: larger than the {limit} byte limit")
-                    h.update(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            digest = h.hexdigest()
-            self._finish(tmp, digest)
-            return digest, size
+            for chunk in chunks:
+                sink.write(chunk)
+            return sink.commit()
         except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            sink.discard()
             raise
 
     async def put_stream(self, chunks: AsyncIterator[bytes], limit: int) -> tuple[str, int]:
         """As put_chunks, from an async source (an upload)."""
-        f, tmp = self._start()
-        h, size = hashlib.sha256(), 0
+        sink = _Sink(self, limit)
         try:
-            with f:
-                async for chunk in chunks:
-                    size += len(chunk)
-                    if size > limit:
-                        raise TooLarge(f"file: larger than the {limit} byte limit")
-                    h.update(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            digest = h.hexdigest()
-            self._finish(tmp, digest)
-            return digest, size
+            async for chunk in chunks:
+                sink.write(chunk)
+            return sink.commit()
         except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            sink.discard()
             raise
 
     def read(self, sha256: str) -> bytes:
@@ -93,3 +60,36 @@ class BlobStore:
             self.path(sha256).unlink()
         except FileNotFoundError:
             pass
+
+
+class _Sink:
+    """One blob being written: a temporary file in the store's root, hashed as it grows."""
+
+    def __init__(self, store: BlobStore, limit: int) -> None:
+        store.root.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=".upload-", dir=store.root)
+        self.f, self.store, self.limit = os.fdopen(fd, "wb"), store, limit
+        self.h, self.size = hashlib.sha256(), 0
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise TooLarge(f"file: larger than the {self.limit} byte limit")
+        self.h.update(chunk)
+        self.f.write(chunk)
+
+    def commit(self) -> tuple[str, int]:
+        """Flush to disk and rename to the content's name; (sha256, size)."""
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        digest = self.h.hexdigest()
+        final = self.store.path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.tmp, final)  # same content, same name: replacing is harmless
+        return digest, self.size
+
+    def discard(self) -> None:
+        self.f.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
