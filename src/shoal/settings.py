@@ -81,8 +81,3 @@ class ServerSettings:
     def files_dir(self) -> Path:
         """Uploaded file blobs, by content hash."""
         return self.home / "files"
-
-    @property
-    def jobs_dir(self) -> Path:
-        """Per-job training directories (checkpoints, final adapter)."""
-        return self.home / "jobs"

@@ -60,16 +60,8 @@ def server(tmp_path_factory, tiny_tokenizer_dir):
     port = free_port()
     settings = ServerSettings.from_env(home=home, port=port)
     app = create_app(engine, "tiny", store, settings)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine, store, keys
-    srv.should_exit = True
-    thread.join(timeout=5)
+    with live(app, port):
+        yield f"http://127.0.0.1:{port}", engine, store, keys
     engine.shutdown()
 
 

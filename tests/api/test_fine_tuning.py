@@ -4,6 +4,7 @@ a worker killed mid-job resumes to the same adapter bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -55,15 +56,14 @@ class Worker:
         self.thread.join(timeout=60)
 
 
-@pytest.fixture(scope="module")
-def ft(tmp_path_factory, tiny_tokenizer_dir):
+@contextlib.contextmanager
+def learnable_server(root, tokenizer_dir):
     """A live server on a learnable tiny model (larger init, so a LoRA can move its logits),
-    its store with keys for two orgs, and a worker thread."""
+    its SQLite store with keys for orgs "acme" and "beta", and an in-process worker thread."""
     torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("ft_api")
     path = root / "model"
     save_tiny_hf_dir(hf_tiny_config("llama", initializer_range=0.3, max_position_embeddings=512),
-                     path, tiny_tokenizer_dir)
+                     path, tokenizer_dir)
     engine = AsyncEngine(EngineConfig(model=str(path), block_size=8, num_kv_blocks=512,
                                       enable_lora=True, max_loras=4, max_lora_rank=16),
                          loaded=load_dir(str(path), dtype="float32"))
@@ -74,11 +74,19 @@ def ft(tmp_path_factory, tiny_tokenizer_dir):
     port = free_port()
     app = create_app(engine, "tiny", store, ServerSettings.from_env(home=home, port=port))
     worker = Worker(store, home)
-    with live(app, port):
-        yield {"url": f"http://127.0.0.1:{port}", "store": store, "keys": keys, "home": home,
-               "engine": engine, "path": path, "worker": worker, "db_url": db_url}
-    worker.stop()
-    engine.shutdown()
+    try:
+        with live(app, port):
+            yield {"url": f"http://127.0.0.1:{port}", "store": store, "keys": keys, "home": home,
+                   "engine": engine, "path": path, "worker": worker, "db_url": db_url}
+    finally:
+        worker.stop()
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ft(tmp_path_factory, tiny_tokenizer_dir):
+    with learnable_server(tmp_path_factory.mktemp("ft_api"), tiny_tokenizer_dir) as srv:
+        yield srv
 
 
 def client(ft, org="acme") -> openai.OpenAI:

@@ -11,17 +11,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from shoal.api.app import create_app
-from shoal.config import EngineConfig
-from shoal.engine.async_engine import AsyncEngine
-from shoal.model.loader import load_dir
 from shoal.settings import ServerSettings
 from shoal.store import Store
 from tests.api.conftest import free_port, live
-from tests.api.test_fine_tuning import Worker
-from tests.helpers import hf_tiny_config, save_tiny_hf_dir
+from tests.api.test_fine_tuning import learnable_server
 
 CHROMIUM = os.environ.get("SHOAL_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -30,25 +25,9 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
 
 @pytest.fixture(scope="module")
 def pg(tmp_path_factory, tiny_tokenizer_dir):
-    """{url, store, keys, engine}: the API and the playground on one port."""
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("playground")
-    path = root / "model"
-    save_tiny_hf_dir(hf_tiny_config("llama", initializer_range=0.3, max_position_embeddings=512),
-                     path, tiny_tokenizer_dir)
-    engine = AsyncEngine(EngineConfig(model=str(path), block_size=8, num_kv_blocks=512,
-                                      enable_lora=True, max_loras=4, max_lora_rank=16),
-                         loaded=load_dir(str(path), dtype="float32"))
-    home = root / "home"
-    store = Store.open(f"sqlite:///{root}/shoal.db")
-    keys = {org: store.create_key(org)[0] for org in ("acme", "beta")}
-    port = free_port()
-    app = create_app(engine, "tiny", store, ServerSettings.from_env(home=home, port=port))
-    worker = Worker(store, home)
-    with live(app, port):
-        yield {"url": f"http://127.0.0.1:{port}", "store": store, "keys": keys, "engine": engine}
-    worker.stop()
-    engine.shutdown()
+    """{url, store, keys, engine, ...}: the API and the playground on one port."""
+    with learnable_server(tmp_path_factory.mktemp("playground"), tiny_tokenizer_dir) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from .types import Example
 
 TRAIN_MAX_LEN = 2048
 """Longest training example (tokens); longer ones are truncated and counted."""
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def fine_tuned_name(base: str, org_name: str, suffix: str | None, job_id: str) -> str:

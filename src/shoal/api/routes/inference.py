@@ -70,28 +70,29 @@ async def delete_model(model: str, request: Request, who: Principal = Depends(ca
     return await s.models.delete(model, who.org_id, home=str(s.settings.home))
 
 
+async def _generate(request: Request, who: Principal, body, kind: str):
+    """Resolve the model, open the request's bill, run the service: the body of both routes."""
+    s = services(request)
+    target = await s.models.resolve(body.model, who.org_id)
+    bill = s.meter.open(who, body.model, target.base_model, kind,
+                        request.scope.get("shoal.request_id"))
+    request.scope["shoal.bill"] = bill  # the middleware's server-timing header reads it
+    service = s.completions if kind == "completions" else s.chat
+    return respond(await service.create(body, target.adapter, bill))
+
+
 @router.post("/v1/completions")
 async def create_completion(body: CompletionRequest, request: Request,
                             who: Principal = Depends(billed_caller)):
     """Create a text completion (OpenAI's legacy completions API)."""
-    s = services(request)
-    target = await s.models.resolve(body.model, who.org_id)
-    bill = s.meter.open(who, body.model, target.base_model, "completions",
-                        request.scope.get("shoal.request_id"))
-    request.scope["shoal.bill"] = bill
-    return respond(await s.completions.create(body, target.adapter, bill))
+    return await _generate(request, who, body, "completions")
 
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  who: Principal = Depends(billed_caller)):
     """Create a chat completion."""
-    s = services(request)
-    target = await s.models.resolve(body.model, who.org_id)
-    bill = s.meter.open(who, body.model, target.base_model, "chat",
-                        request.scope.get("shoal.request_id"))
-    request.scope["shoal.bill"] = bill
-    return respond(await s.chat.create(body, target.adapter, bill))
+    return await _generate(request, who, body, "chat")
 
 
 @router.post("/v1/tokenize")
