@@ -6,6 +6,7 @@ Workloads (each sized by flags so a 2-core box finishes in minutes):
   many     `--requests` requests with prompts 64-512 tokens, `--out` tokens each.
   adapters the `streams` workload with `--adapters` random LoRA adapters mixed, against the
            same workload on the base model, and PEFT mixed-adapter batches as the baseline.
+  many_adapters  the `many` workload with the adapters mixed (compare with `many`).
 Shoal reports output tok/s, TTFT and inter-token latency p50/p99; HF runs static batches (1 and
 `--hf-batch`, padded) in fp32 and bf16. Prints a table and one JSON line; peak RSS is read after
 Shoal's runs, before any baseline loads. Usage:
@@ -134,7 +135,7 @@ def main() -> None:
 
     work = args.workloads.split(",")
     cfg = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=max(64, args.streams),
-                       max_num_batched_tokens=512, enable_lora="adapters" in work,
+                       max_num_batched_tokens=512, enable_lora=any(w.endswith("adapters") for w in work),
                        max_loras=max(args.adapters, 1), max_cpu_loras=max(args.adapters, 1),
                        max_lora_rank=8)
     loaded = load_for_engine(cfg)
@@ -152,15 +153,18 @@ def main() -> None:
         if w in work:
             results[f"shoal {w} ({dtype})"] = run_shoal(engine, sets[w], args.out)
     adapter_paths: list[str] = []
-    if "adapters" in work:
+    if any(w.endswith("adapters") for w in work):
         root = tempfile.mkdtemp(prefix="shoal-adapters-")
         model_dir = ModelRegistry().resolve(args.model)
         adapter_paths = make_adapters(model_dir, args.adapters, root)
         for i, p in enumerate(adapter_paths):
             engine.lora.add_adapter(f"a{i}", p)
-        names = [f"a{i % args.adapters}" for i in range(len(sets["streams"]))]
-        results[f"shoal streams, {args.adapters} adapters mixed ({dtype})"] = run_shoal(
-            engine, sets["streams"], args.out, names)
+        for w in ("adapters", "many_adapters"):
+            if w in work:
+                prompts = sets["streams" if w == "adapters" else "many"]
+                names = [f"a{i % args.adapters}" for i in range(len(prompts))]
+                results[f"shoal {w.replace('adapters', '').strip('_') or 'streams'}, {args.adapters} "
+                        f"adapters mixed ({dtype})"] = run_shoal(engine, prompts, args.out, names)
     shoal_rss = rss_peak_mb()
     del engine
     if not args.skip_hf:

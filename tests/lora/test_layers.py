@@ -165,3 +165,52 @@ def test_cuda_bf16_matches_fp32_reference_loop():
             got = layer(x.to("cuda", torch.bfloat16)).float().cpu()
             want = reference(cpu_layer, x, slots)
         assert (got - want).abs().max().item() <= 2e-2 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("tile_cap", [64, 2])  # 2: a slot's run spans several tiles
+@pytest.mark.parametrize("slots", [
+    [-1, -1, 0, 0, 0, 1, 1, 2, 3, 3],      # every slot once: the stacked buffers, no gather
+    [1, -1, 0, 3, 1, 0, -1, 3, 2, 1],      # interleaved
+    [3, 3, 3, 3, 3, 3, 3, 3, 3, 3],        # one adapter for everything
+    [-1, 1, -1, -1, -1, -1, -1, -1, -1, 0],  # mostly base
+    [2, 2, 2, -1, 2, 2, 2, 2, 2, 2],       # only the empty slot (rank 0 everywhere)
+])
+def test_grouped_products_match_reference_loop(slots, tile_cap):
+    _, layer, mapping = make_layer()
+    mapping.grouped, mapping.tile_cap = True, tile_cap
+    x = torch.randn(len(slots), IN, generator=torch.Generator().manual_seed(1))
+    mapping.set(slots)
+    with torch.no_grad():
+        got = layer(x)
+    assert (got - reference(layer, x, slots)).abs().max().item() <= 1e-4
+
+
+def test_group_plan_tiles_each_slot_and_pads():
+    mapping = LoRAMapping(MAX_LORAS, MAX_RANK)
+    mapping.tile_cap = 2
+    mapping.set([3, -1, 0, 3, 3, 0])
+    g = mapping.groups()
+    assert g.rows == 2 and g.slots == (0, 3)
+    assert g.tile_slots.tolist() == [0, 3, 3]  # slot 3's three tokens take two tiles
+    assert g.tok.tolist() == [2, 5, 0, 3, 4] and g.dst.tolist() == [0, 1, 2, 3, 4]
+    assert not g.all_slots
+    mapping.set([0, 1, 2, 3])  # one tile per slot, in slot order: no gather needed
+    assert mapping.groups().all_slots and mapping.groups().rows == 1
+
+
+def test_grouped_row_is_bit_identical_alone_and_in_any_batch():
+    """bf16: a row's output does not depend on the rest of the batch (batch invariance)."""
+    _, layer, mapping = make_layer(dtype=torch.bfloat16)
+    layer.to(torch.bfloat16)
+    mapping.grouped = True
+    g = torch.Generator().manual_seed(3)
+    row = torch.randn(1, IN, generator=g).bfloat16()
+    with torch.no_grad():
+        mapping.set([1])
+        alone = layer(row)[0]
+        for others in ([0, 3], [1, 1, 1, -1], [3] * 20 + [0] * 5, [2, 0, 1, 3, 1]):
+            for pos in (0, len(others)):
+                x = torch.randn(len(others) + 1, IN, generator=g).bfloat16()
+                x[pos] = row[0]
+                mapping.set(others[:pos] + [1] + others[pos:])
+                assert torch.equal(layer(x)[pos], alone), (others, pos)

@@ -9,6 +9,7 @@ file formats, adapter registry or eviction policy here (`peft_format.py`, `adapt
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,6 +19,61 @@ from ..model.layers import linear
 # A step's plan: for each slot in the batch, the tokens of x (flattened to (N, in)) it owns,
 # as a contiguous slice when the slot's tokens are adjacent, else as an index tensor.
 Plan = list[tuple[int, "slice | torch.Tensor"]]
+
+TILE_CAP = 64  # most rows of one tile in the grouped product (a longer run of one slot is split)
+
+
+@dataclass
+class GroupPlan:
+    """A packed batch's adapter tokens laid out as tiles of `rows` rows, one slot per tile.
+
+    Tile t holds rows [t*rows, (t+1)*rows) of a zero-padded (tiles*rows, in) copy of x; a slot
+    with more than `rows` tokens spans several tiles. Built once per step on the host.
+    """
+
+    tok: torch.Tensor  # (G,) rows of x (N, in) that use an adapter, by slot then position
+    dst: torch.Tensor  # (G,) their rows in the padded layout
+    tile_slots: torch.Tensor  # (tiles,) slot of each tile
+    slots: tuple[int, ...]  # distinct slots in the batch
+    rows: int  # rows per tile
+    all_slots: bool  # tile t is slot t for t < max_loras: the stacked buffers serve as they are
+
+    @classmethod
+    def build(cls, flat: Sequence[int], max_loras: int, cap: int, device) -> "GroupPlan":
+        by_slot: dict[int, list[int]] = {}
+        for i, s in enumerate(flat):
+            if s >= 0:
+                by_slot.setdefault(s, []).append(i)
+        rows = min(max(len(v) for v in by_slot.values()), cap)
+        tok: list[int] = []
+        dst: list[int] = []
+        tiles: list[int] = []
+        for s in sorted(by_slot):
+            idx = by_slot[s]
+            for c in range(0, len(idx), rows):
+                part = idx[c:c + rows]
+                first = len(tiles) * rows
+                tok.extend(part)
+                dst.extend(range(first, first + len(part)))
+                tiles.append(s)
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+        return cls(as_tensor(tok), as_tensor(dst), as_tensor(tiles), tuple(sorted(by_slot)), rows,
+                   tiles == list(range(max_loras)))
+
+
+def bmm_split_k(x: torch.Tensor, w_t: torch.Tensor, k_chunk: int = 0) -> torch.Tensor:
+    """torch.bmm(x (S, T, K), w_t (S, K, R)) -> (S, T, R); with k_chunk > 0 and K > k_chunk, the
+    K axis is cut into equal chunks summed in fp32 (the split-K of `shoal.model.layers.linear`,
+    for batch invariance of wide bf16 products on CPU)."""
+    k = x.shape[-1]
+    if k_chunk <= 0 or k <= k_chunk:
+        return torch.bmm(x, w_t)
+    step = -(-k // -(-k // k_chunk))
+    y = None
+    for c in range(0, k, step):
+        part = torch.bmm(x[..., c:c + step], w_t[:, c:c + step]).float()
+        y = part if y is None else y.add_(part)
+    return y.to(x.dtype)
 
 
 class LoRAMapping:
@@ -36,9 +92,10 @@ class LoRAMapping:
         self.shape: tuple[int, ...] = (0,)
         self._runs: list[tuple[int, int, int]] = []  # (slot, start, end), slot >= 0 only
         self._plans: dict[tuple[int, ...], Plan] = {}
-        self.dense = False  # packed inputs: one product against all slots (see LoRALinear)
-        self.k_chunk = 0  # split-K for the dense products (batch invariance on CPU bf16)
-        self._onehot: dict[torch.dtype, torch.Tensor] = {}
+        self.grouped = False  # packed inputs: one tiled product for all slots (see LoRALinear)
+        self.tile_cap = TILE_CAP
+        self.k_chunk = 0  # split-K for the grouped products (batch invariance on CPU bf16)
+        self._groups: GroupPlan | None = None
 
     def set(self, slots: Sequence[int] | torch.Tensor) -> None:
         """Set the slot indices for the next forward (-1 = base); host-side (a CUDA tensor is
@@ -59,17 +116,13 @@ class LoRAMapping:
                     runs.append((flat[start], start, i))
                 start = i
         self.slots, self.shape, self._runs, self._plans = tuple(flat), shape, runs, {}
-        self._onehot = {}
+        self._groups = None
 
-    def onehot(self, dtype: torch.dtype) -> torch.Tensor:
-        """(N, max_loras): 1 where token n uses slot l, else 0 (base tokens: all 0)."""
-        oh = self._onehot.get(dtype)
-        if oh is None:
-            idx = torch.tensor(self.slots, device=self.device)
-            oh = torch.zeros(len(self.slots), self.max_loras + 1, dtype=dtype, device=self.device)
-            oh.scatter_(1, (idx + 1)[:, None], 1.0)  # column 0 collects the base tokens
-            oh = self._onehot[dtype] = oh[:, 1:].contiguous()
-        return oh
+    def groups(self) -> GroupPlan:
+        """The step's tiles for the grouped product (packed (N,) input with some adapter token)."""
+        if self._groups is None:
+            self._groups = GroupPlan.build(self.slots, self.max_loras, self.tile_cap, self.device)
+        return self._groups
 
     def clear(self) -> None:
         """Every token uses the base model."""
@@ -126,12 +179,16 @@ class LoRALinear(nn.Linear):
                  device: torch.device | str | None = None) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
+        self.weight = base.weight  # None when the base is int8 (shoal.model.quant.QuantLinear)
         self.bias = base.bias
+        if self.weight is None:
+            self.register_buffer("qweight", base.qweight, persistent=False)  # (out, in) int8
+            self.register_buffer("qscale", base.qscale, persistent=False)  # (out,)
         self.k_chunk = getattr(base, "k_chunk", 0)  # split-K mode of the base layer
         self.mapping = mapping
-        dtype = dtype or base.weight.dtype
-        device = device if device is not None else base.weight.device
+        ref = self.weight if self.weight is not None else base.qscale
+        dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.get_default_dtype())
+        device = device if device is not None else ref.device
         n, r = mapping.max_loras, mapping.max_rank
         kw = dict(dtype=dtype, device=device)
         self.register_buffer("lora_a_stacked", torch.zeros(n, r, self.in_features, **kw), persistent=False)
@@ -139,9 +196,6 @@ class LoRALinear(nn.Linear):
         self.register_buffer("scaling", torch.zeros(n, **kw), persistent=False)
         self.ranks = [0] * n  # rank held by each slot (0 = empty)
         self._scale = [0.0] * n  # python copy of `scaling` for the hot path
-        # (out, L*R): lora_b_stacked laid out for the dense path (slot s = columns s*R..(s+1)*R),
-        # kept in step by set_lora/reset_lora so a new adapter costs no rebuild on first use
-        self.register_buffer("b_flat", torch.zeros(self.out_features, n * r, **kw), persistent=False)
 
     @torch.no_grad()
     def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
@@ -158,8 +212,6 @@ class LoRALinear(nn.Linear):
         self.lora_b_stacked[slot, :, :r].copy_(lora_b)
         self.scaling[slot] = scaling
         self.ranks[slot], self._scale[slot] = r, float(scaling)
-        R = self.lora_b_stacked.shape[2]
-        self.b_flat[:, slot * R:(slot + 1) * R].copy_(self.lora_b_stacked[slot])
 
     @torch.no_grad()
     def reset_lora(self, slot: int) -> None:
@@ -168,31 +220,53 @@ class LoRALinear(nn.Linear):
         self.lora_b_stacked[slot].zero_()
         self.scaling[slot] = 0.0
         self.ranks[slot], self._scale[slot] = 0, 0.0
-        R = self.lora_b_stacked.shape[2]
-        self.b_flat[:, slot * R:(slot + 1) * R].zero_()
 
-    def _forward_dense(self, x2: torch.Tensor, y2: torch.Tensor) -> None:
-        """All tokens against all slots in two products; other slots are masked to zero.
+    def _forward_grouped(self, x2: torch.Tensor, y2: torch.Tensor, g: GroupPlan) -> None:
+        """Every adapter token in two batched products over slot tiles (BGMV/SGMV-style).
 
-        Semantics: as the class docstring. Cost does not grow with the number of adapters in
-        the batch, and a row's arithmetic does not depend on the other rows (batch invariance).
+        Semantics: as the class docstring. Work is G tokens x max_rank (not N x every slot), the
+        weights of slots outside the batch are not read, and a row's arithmetic does not depend
+        on the other rows: each tile is its own fixed-shape product (batch invariance).
         """
-        n, (lslots, rank) = x2.shape[0], self.lora_a_stacked.shape[:2]
-        k = self.mapping.k_chunk
-        xa = linear(x2, self.lora_a_stacked.view(lslots * rank, self.in_features), None, k)  # (N, L*R)
-        scale = self.mapping.onehot(x2.dtype) * self.scaling  # (N, L): the token's slot scaling
-        xa = xa.view(n, lslots, rank).mul_(scale[:, :, None]).view(n, lslots * rank)
-        y2.add_(linear(xa, self.b_flat, None, k))  # (N, out); base rows get exact zeros
+        if not any(self.ranks[s] for s in g.slots):
+            return  # no adapter in the batch targets this layer
+        tiles, rows = g.tile_slots.numel(), g.rows
+        # 1) gather the adapter tokens into zero-padded tiles: (tiles*rows, in)
+        xp = x2.new_zeros(tiles * rows, self.in_features)
+        xp.index_copy_(0, g.dst, x2.index_select(0, g.tok))
+        # 2) each tile's A, B and scaling: the stacked buffers themselves when tile t is slot t
+        if g.all_slots:
+            a, b, scale = self.lora_a_stacked, self.lora_b_stacked, self.scaling
+        else:
+            a = self.lora_a_stacked.index_select(0, g.tile_slots)  # (tiles, R, in)
+            b = self.lora_b_stacked.index_select(0, g.tile_slots)  # (tiles, out, R)
+            scale = self.scaling.index_select(0, g.tile_slots)  # (tiles,)
+        # 3) shrink then expand: (tiles, rows, in) @ (tiles, in, R) -> (tiles, rows, R) -> (tiles, rows, out)
+        xa = bmm_split_k(xp.view(tiles, rows, self.in_features), a.transpose(1, 2), self.mapping.k_chunk)
+        xa.mul_(scale.view(tiles, 1, 1))
+        delta = torch.bmm(xa, b.transpose(1, 2)).view(tiles * rows, self.out_features)
+        # 4) add each token's delta to its row of y (rows are distinct: deterministic)
+        y2.index_add_(0, g.tok, delta.index_select(0, g.dst))
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output (..., out): float weights, or int8 ones (QuantLinear)."""
+        if self.weight is None:
+            from ..model.quant import quant_linear
+
+            return quant_linear(x, self.qweight, self.qscale, self.bias)
+        return linear(x, self.weight, self.bias, self.k_chunk)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias, self.k_chunk)  # (..., out)
-        plan = self.mapping.plan(tuple(x.shape[:-1]))
+        y = self._base(x)  # (..., out)
+        lead = tuple(x.shape[:-1])
+        if self.mapping.grouped and lead == self.mapping.shape and len(lead) == 1:
+            if self.mapping.active:
+                self._forward_grouped(x, y, self.mapping.groups())
+            return y
+        plan = self.mapping.plan(lead)
         if not plan:
             return y  # no token uses an adapter
         x2, y2 = x.reshape(-1, self.in_features), y.view(-1, self.out_features)  # (N, in), (N, out)
-        if self.mapping.dense and tuple(x.shape[:-1]) == self.mapping.shape:
-            self._forward_dense(x2, y2)
-            return y
         for s, tokens in plan:
             r = self.ranks[s]
             if r == 0:
