@@ -20,7 +20,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device))
+    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                                    quantization=args.quantization))
     tok = engine.tokenizer
     if args.chat:
         prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
@@ -43,6 +44,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     dt = time.perf_counter() - t1
     dtype = str(next(engine.model.parameters()).dtype).replace("torch.", "")
+    if args.quantization:
+        dtype += f", {args.quantization} weights"
     print(f"[{args.model} ({engine.model_config.model_type}, {dtype}): loaded in {load_s:.1f}s, "
           f"{len(prompt_ids)} prompt + {n} generated tokens, {n / dt if dt > 0 else 0:.1f} tok/s, "
           f"finish: {reason}]", file=sys.stderr)
@@ -89,6 +92,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--quantization", default=os.environ.get("SHOAL_QUANTIZATION") or None,
+                   help="int8: weight-only int8 linear layers (default "
+                   "$SHOAL_QUANTIZATION, else none)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
 

@@ -32,7 +32,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_mb * 2**20,
                        enable_lora=not args.no_lora, max_loras=args.max_loras,
-                       max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras)
+                       max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
+                       quantization=args.quantization)
     t0 = time.perf_counter()
     engine = AsyncEngine(cfg)
     for spec in args.lora or []:
@@ -87,6 +88,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="fine-tuning worker processes (default 1)")
     p.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--dtype", default="auto", help=h["dtype"])
+    p.add_argument("--quantization", default=os.environ.get("SHOAL_QUANTIZATION") or None,
+                   help=h["quantization"] + " (default $SHOAL_QUANTIZATION)")
     p.add_argument("--device", default="cpu", help=h["device"])
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: robust when other work shares the CPU)")

@@ -54,6 +54,10 @@ class LLMEngine:
         if loaded.tokenizer is None:
             raise ValueError(f"model: {loaded.source} has no tokenizer; the engine needs one")
         self.model, self.tokenizer, self.model_config = loaded.model, loaded.tokenizer, loaded.config
+        if config.quantization:  # in place (a passed-in model too), before LoRA wraps the linears
+            from ..model.quant import quantize_model
+
+            quantize_model(self.model, config.quantization)
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
@@ -69,7 +73,7 @@ class LLMEngine:
 
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank,
                                     config.max_cpu_loras, device=p.device, dtype=p.dtype)
-            self.lora.mapping.dense = True  # packed batches: cost independent of adapter count
+            self.lora.mapping.grouped = True  # packed batches: one tiled product per layer
         if config.batch_invariant:
             set_batch_invariant(self.model)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, lora=self.lora)
@@ -218,15 +222,16 @@ INVARIANT_K = 1024  # bf16 CPU matmuls were measured row-invariant up to this in
 
 def set_batch_invariant(model: torch.nn.Module) -> int:
     """Switch wide bf16 CPU linears to split-K (see `shoal.model.layers.linear`); returns how
-    many layers changed. fp32 and CUDA are left alone."""
+    many layers changed. fp32, CUDA and int8 layers (`weight` None: the int8 kernel is
+    row-invariant as it is) are left alone."""
     p = next(model.parameters())
     if p.device.type != "cpu" or p.dtype != torch.bfloat16:
         return 0
     n = 0
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and m.in_features > INVARIANT_K:
+        if isinstance(m, torch.nn.Linear) and m.weight is not None and m.in_features > INVARIANT_K:
             m.k_chunk = INVARIANT_K
             n += 1
-        if hasattr(m, "mapping"):  # LoRA's dense products (K = max_loras * max_rank)
+        if hasattr(m, "mapping"):  # LoRA's grouped shrink products (K = in_features)
             m.mapping.k_chunk = INVARIANT_K
     return n
