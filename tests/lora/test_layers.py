@@ -174,6 +174,7 @@ def test_cuda_bf16_matches_fp32_reference_loop():
     [3, 3, 3, 3, 3, 3, 3, 3, 3, 3],        # one adapter for everything
     [-1, 1, -1, -1, -1, -1, -1, -1, -1, 0],  # mostly base
     [2, 2, 2, -1, 2, 2, 2, 2, 2, 2],       # only the empty slot (rank 0 everywhere)
+    [-1, -1, 0, 0, 1, 1, 3, 3, 3, 3],      # sorted runs that fill their tiles: views, no copies
 ])
 def test_grouped_products_match_reference_loop(slots, tile_cap):
     _, layer, mapping = make_layer()
@@ -193,9 +194,11 @@ def test_group_plan_tiles_each_slot_and_pads():
     assert g.rows == 2 and g.slots == (0, 3)
     assert g.tile_slots.tolist() == [0, 3, 3]  # slot 3's three tokens take two tiles
     assert g.tok.tolist() == [2, 5, 0, 3, 4] and g.dst.tolist() == [0, 1, 2, 3, 4]
-    assert not g.all_slots
+    assert not g.all_slots and g.span is None
     mapping.set([0, 1, 2, 3])  # one tile per slot, in slot order: no gather needed
     assert mapping.groups().all_slots and mapping.groups().rows == 1
+    mapping.set([-1, -1, 0, 0, 2, 2])  # sorted, equal runs: the tiles are a view of x
+    assert mapping.groups().span == slice(2, 6) and mapping.groups().rows == 2
 
 
 def test_grouped_row_is_bit_identical_alone_and_in_any_batch():

@@ -119,3 +119,38 @@ def test_bf16_runs_and_agrees_on_argmax():
         a, b = ours32.logits(x), ours16.logits(x)
     assert ours16.lm_head.weight.dtype == torch.bfloat16
     assert (a - b).abs().max().item() < 0.1
+
+
+def test_head_logits_equal_linear_in_every_orientation():
+    """compute_logits' product (weight-major mm for fp32 with 2..64 rows, else the module):
+    F.linear's values within fp32 rounding, any leading shape; anything but a plain fp32 Linear
+    (bf16, a bias, split-K in effect, weight None as in QuantLinear) is the module's own output."""
+    from shoal.model.layers import Linear, head_logits
+
+    g = torch.Generator().manual_seed(0)
+    head = Linear(96, 500, bias=False)
+    torch.nn.init.normal_(head.weight, generator=g)
+    for shape in [(96,), (1, 96), (2, 96), (8, 96), (64, 96), (65, 96), (3, 7, 96)]:
+        x = torch.randn(shape, generator=g)
+        got = head_logits(head, x)
+        assert got.shape == (*shape[:-1], 500) and got.dtype == torch.float32 and got.is_contiguous()
+        assert (got - torch.nn.functional.linear(x, head.weight)).abs().max().item() < 1e-4
+    x = torch.randn(8, 96, generator=g)
+    assert torch.equal(head_logits(head, x), torch.mm(head.weight, x.t()).t())  # the mm path
+    bf = Linear(96, 500, bias=False).to(torch.bfloat16)
+    assert torch.equal(head_logits(bf, x.bfloat16()), bf(x.bfloat16()).float())
+    biased = Linear(96, 500)
+    assert torch.equal(head_logits(biased, x), biased(x))
+    head.k_chunk = 64  # split-K applies (K = 96 > 64): the module's semantics
+    assert torch.equal(head_logits(head, x), head(x))
+    head.k_chunk = 0
+
+    class NoWeight(Linear):  # like QuantLinear: weight None, its own forward
+        def __init__(self):
+            super().__init__(96, 500, bias=False)
+            self.register_parameter("weight", None)
+
+        def forward(self, x):
+            return x.sum(-1, keepdim=True).expand(*x.shape[:-1], 500)
+
+    assert torch.equal(head_logits(NoWeight(), x), x.sum(-1, keepdim=True).expand(8, 500))

@@ -37,6 +37,7 @@ class GroupPlan:
     slots: tuple[int, ...]  # distinct slots in the batch
     rows: int  # rows per tile
     all_slots: bool  # tile t is slot t for t < max_loras: the stacked buffers serve as they are
+    span: slice | None  # tok is this range of x and fills the tiles with no padding: no copies
 
     @classmethod
     def build(cls, flat: Sequence[int], max_loras: int, cap: int, device) -> "GroupPlan":
@@ -56,9 +57,12 @@ class GroupPlan:
                 tok.extend(part)
                 dst.extend(range(first, first + len(part)))
                 tiles.append(s)
+        span = None
+        if len(tok) == len(tiles) * rows and tok == list(range(tok[0], tok[0] + len(tok))):
+            span = slice(tok[0], tok[0] + len(tok))
         as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
         return cls(as_tensor(tok), as_tensor(dst), as_tensor(tiles), tuple(sorted(by_slot)), rows,
-                   tiles == list(range(max_loras)))
+                   tiles == list(range(max_loras)), span)
 
 
 def bmm_split_k(x: torch.Tensor, w_t: torch.Tensor, k_chunk: int = 0) -> torch.Tensor:
@@ -231,9 +235,13 @@ class LoRALinear(nn.Linear):
         if not any(self.ranks[s] for s in g.slots):
             return  # no adapter in the batch targets this layer
         tiles, rows = g.tile_slots.numel(), g.rows
-        # 1) gather the adapter tokens into zero-padded tiles: (tiles*rows, in)
-        xp = x2.new_zeros(tiles * rows, self.in_features)
-        xp.index_copy_(0, g.dst, x2.index_select(0, g.tok))
+        # 1) the adapter tokens as tiles (tiles*rows, in): a view when they already are (the
+        #    engine orders a step's tokens by slot), else gathered into zero-padded tiles
+        if g.span is not None:
+            xp = x2[g.span]
+        else:
+            xp = x2.new_zeros(tiles * rows, self.in_features)
+            xp.index_copy_(0, g.dst, x2.index_select(0, g.tok))
         # 2) each tile's A, B and scaling: the stacked buffers themselves when tile t is slot t
         if g.all_slots:
             a, b, scale = self.lora_a_stacked, self.lora_b_stacked, self.scaling
@@ -246,7 +254,10 @@ class LoRALinear(nn.Linear):
         xa.mul_(scale.view(tiles, 1, 1))
         delta = torch.bmm(xa, b.transpose(1, 2)).view(tiles * rows, self.out_features)
         # 4) add each token's delta to its row of y (rows are distinct: deterministic)
-        y2.index_add_(0, g.tok, delta.index_select(0, g.dst))
+        if g.span is not None:
+            y2[g.span].add_(delta)
+        else:
+            y2.index_add_(0, g.tok, delta.index_select(0, g.dst))
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output (..., out): float weights, or int8 ones (QuantLinear)."""

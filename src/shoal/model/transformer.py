@@ -14,7 +14,8 @@ from torch import nn
 
 from .attention import CausalAttention
 from .config import ModelConfig
-from .layers import GPT2MLP, GPT2Attention, Linear, LlamaAttention, RMSNorm, RotaryEmbedding, SwiGLU
+from .layers import (GPT2MLP, GPT2Attention, Linear, LlamaAttention, RMSNorm, RotaryEmbedding, SwiGLU,
+                     head_logits)
 
 
 class LlamaBlock(nn.Module):
@@ -122,8 +123,8 @@ class Transformer(nn.Module):
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., hidden) -> (..., vocab) in fp32."""
-        return self.lm_head(hidden).float()
+        """(..., hidden) -> (..., vocab) in fp32 (see `head_logits` for the product used)."""
+        return head_logits(self.lm_head, hidden)
 
     def logits(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, ctx=None) -> torch.Tensor:
         """forward + compute_logits over every position."""
