@@ -249,6 +249,6 @@ def test_from_engine_config(llama):
                                                                     max_cpu_loras=5))
     layer = mgr.mapping.layers["model.layers.0.mlp.gate_proj"]
     assert (mgr.max_loras, mgr.max_lora_rank, mgr.max_cpu_loras) == (3, 8, 5)
-    assert layer.lora_a_stacked.shape == (3, 8, 64) and layer.lora_b_stacked.shape == (3, 96, 8)
+    assert layer.lora_a_stacked.shape == (3, 8, 64) and layer.lora_b_stacked.shape == (3, 8, 96)
     with pytest.raises(ValueError, match="max_cpu_loras"):
         LoRAManager(ours_like(llama[0]), 4, 8, 2)

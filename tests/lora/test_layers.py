@@ -33,7 +33,7 @@ def reference(layer: LoRALinear, x: torch.Tensor, slots: list[int]) -> torch.Ten
     y = x @ layer.weight.T + layer.bias
     for n, s in enumerate(slots):
         if s >= 0:
-            y[n] += layer.scaling[s] * (x[n] @ layer.lora_a_stacked[s].T) @ layer.lora_b_stacked[s].T
+            y[n] += layer.scaling[s] * (x[n] @ layer.lora_a_stacked[s].T) @ layer.lora_b_stacked[s]
     return y
 
 
@@ -97,7 +97,7 @@ def test_set_lora_zero_pads_and_reset_empties():
     _, layer, _ = make_layer()
     layer.set_lora(1, torch.ones(3, IN), torch.ones(OUT, 3), 2.0)  # rank 8 -> 3 in the same slot
     assert layer.ranks[1] == 3 and layer.scaling[1].item() == 2.0
-    assert layer.lora_a_stacked[1, 3:].abs().sum() == 0 and layer.lora_b_stacked[1, :, 3:].abs().sum() == 0
+    assert layer.lora_a_stacked[1, 3:].abs().sum() == 0 and layer.lora_b_stacked[1, 3:].abs().sum() == 0
     layer.reset_lora(1)
     assert layer.ranks[1] == 0 and layer.scaling[1].item() == 0.0
     assert layer.lora_a_stacked[1].abs().sum() == 0 and layer.lora_b_stacked[1].abs().sum() == 0
@@ -138,7 +138,7 @@ def test_apply_lora_keeps_parameters_and_state_dict():
     assert {n: p for n, p in model.named_parameters()}.keys() == params.keys()
     assert model.model.layers[0].self_attn.q_proj.weight is params["model.layers.0.self_attn.q_proj.weight"]
     assert model.model.layers[1].mlp.down_proj.lora_a_stacked.shape == (3, 4, 96)
-    assert model.model.layers[1].mlp.down_proj.lora_b_stacked.shape == (3, 64, 4)
+    assert model.model.layers[1].mlp.down_proj.lora_b_stacked.shape == (3, 4, 64)
     with pytest.raises(ValueError, match="already applied"):
         apply_lora(model, 3, 4)
 
@@ -175,8 +175,11 @@ def test_cuda_bf16_matches_fp32_reference_loop():
     [-1, 1, -1, -1, -1, -1, -1, -1, -1, 0],  # mostly base
     [2, 2, 2, -1, 2, 2, 2, 2, 2, 2],       # only the empty slot (rank 0 everywhere)
     [-1, -1, 0, 0, 1, 1, 3, 3, 3, 3],      # sorted runs that fill their tiles: views, no copies
+    [-1, 0, 0, 0, 1, 3, 3, 3, 3, 3],       # sorted runs of unequal length
 ])
-def test_grouped_products_match_reference_loop(slots, tile_cap):
+@pytest.mark.parametrize("long_run", [3, 100])  # 3: runs of 3+ in place, the rest in tiles
+def test_grouped_products_match_reference_loop(slots, tile_cap, long_run, monkeypatch):
+    monkeypatch.setattr("shoal.lora.layers.LONG_RUN", long_run)
     _, layer, mapping = make_layer()
     mapping.grouped, mapping.tile_cap = True, tile_cap
     x = torch.randn(len(slots), IN, generator=torch.Generator().manual_seed(1))
@@ -184,6 +187,15 @@ def test_grouped_products_match_reference_loop(slots, tile_cap):
     with torch.no_grad():
         got = layer(x)
     assert (got - reference(layer, x, slots)).abs().max().item() <= 1e-4
+
+
+def test_group_plan_serves_long_contiguous_runs_in_place(monkeypatch):
+    monkeypatch.setattr("shoal.lora.layers.LONG_RUN", 3)
+    mapping = LoRAMapping(MAX_LORAS, MAX_RANK)
+    mapping.set([-1, 1, 1, 1, 1, 0, 2, 3, 3, 0, 0])  # slot 0 has 3 rows, but not contiguous
+    g = mapping.groups()
+    assert g.runs == [(1, slice(1, 5))]
+    assert g.tile_slots.tolist() == [0, 2, 3] and g.rows == 3 and g.tok.tolist() == [5, 9, 10, 6, 7, 8]
 
 
 def test_group_plan_tiles_each_slot_and_pads():
@@ -199,10 +211,15 @@ def test_group_plan_tiles_each_slot_and_pads():
     assert mapping.groups().all_slots and mapping.groups().rows == 1
     mapping.set([-1, -1, 0, 0, 2, 2])  # sorted, equal runs: the tiles are a view of x
     assert mapping.groups().span == slice(2, 6) and mapping.groups().rows == 2
+    mapping.set([-1, 0, 0, 0, 2, 1, 0])  # sorted, unequal runs: padded tiles
+    assert mapping.groups().span is None and mapping.groups().runs == []
 
 
-def test_grouped_row_is_bit_identical_alone_and_in_any_batch():
-    """bf16: a row's output does not depend on the rest of the batch (batch invariance)."""
+@pytest.mark.parametrize("long_run", [3, 100])
+def test_grouped_row_is_bit_identical_alone_and_in_any_batch(long_run, monkeypatch):
+    """bf16: a row's output does not depend on the rest of the batch (batch invariance), on the
+    tiles and on the run-by-run path alike."""
+    monkeypatch.setattr("shoal.lora.layers.LONG_RUN", long_run)
     _, layer, mapping = make_layer(dtype=torch.bfloat16)
     layer.to(torch.bfloat16)
     mapping.grouped = True
@@ -211,7 +228,7 @@ def test_grouped_row_is_bit_identical_alone_and_in_any_batch():
     with torch.no_grad():
         mapping.set([1])
         alone = layer(row)[0]
-        for others in ([0, 3], [1, 1, 1, -1], [3] * 20 + [0] * 5, [2, 0, 1, 3, 1]):
+        for others in ([0, 3], [1, 1, 1, -1], [3] * 20 + [0] * 5, [2, 0, 1, 3, 1], [1] * 9):
             for pos in (0, len(others)):
                 x = torch.randn(len(others) + 1, IN, generator=g).bfloat16()
                 x[pos] = row[0]

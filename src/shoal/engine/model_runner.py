@@ -47,21 +47,23 @@ class ModelRunner:
         blocks = torch.tensor(seq.block_table[:nblocks], device=self.device)
         return (blocks[:, None] * self.block_size + self._block_offsets).flatten()[:ctx_len]
 
-    def _set_lora_mapping(self, adapters: list[tuple[str | None, int]]) -> None:
-        """Make the step's adapters resident and give every token its slot (-1 = base)."""
-        names = {a for a, _ in adapters if a is not None}
-        slots = self.lora.prepare(names) if names else {}
+    def _set_lora_mapping(self, adapters: list[tuple[str | None, int]], slots: dict[str, int]) -> None:
+        """Give every token its adapter's slot (-1 = base)."""
         per_seq = torch.tensor([slots[a] if a is not None else -1 for a, _ in adapters])
         counts = torch.tensor([n for _, n in adapters])
-        self.lora.set_mapping(per_seq.repeat_interleave(counts))  # (N,) sorted by adapter
+        self.lora.set_mapping(per_seq.repeat_interleave(counts))  # (N,) sorted by slot
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]], copies: list[tuple[int, int]] = ()) -> StepResult:
         """Run one step over `scheduled` (sequence, tokens to compute from num_computed_tokens)."""
         self.cache.copy_blocks(list(copies))
-        # LoRA needs the tokens of one adapter contiguous: order sequences by adapter name
+        # LoRA: make the step's adapters resident, then order sequences by slot (base first) so
+        # each adapter's tokens are contiguous and in slot order (its tiles are views of x)
+        lora_slots: dict[str, int] = {}
         if self.lora is not None:
-            scheduled = sorted(scheduled, key=lambda sn: (sn[0].adapter is not None, sn[0].adapter or ""))
+            names = {seq.adapter for seq, _ in scheduled if seq.adapter is not None}
+            lora_slots = self.lora.prepare(names) if names else {}
+            scheduled = sorted(scheduled, key=lambda sn: lora_slots.get(sn[0].adapter, -1))
         ids: list[int] = []
         positions: list[int] = []
         seq_attn: list[SeqAttention] = []
@@ -99,7 +101,7 @@ class ModelRunner:
                              self.num_kv_heads,
                              build_decode_buckets(decode_items, self.window, self.device))
         if self.lora is not None:
-            self._set_lora_mapping(adapters)
+            self._set_lora_mapping(adapters, lora_slots)
         hidden = self.model(input_ids, pos, ctx)  # (N, hidden)
         logits = None
         if sample_rows:

@@ -20,19 +20,25 @@ from ..model.layers import linear
 # as a contiguous slice when the slot's tokens are adjacent, else as an index tensor.
 Plan = list[tuple[int, "slice | torch.Tensor"]]
 
-TILE_CAP = 64  # most rows of one tile in the grouped product (a longer run of one slot is split)
+TILE_CAP = 64  # most rows of one tile in the grouped product (a longer group is split)
+LONG_RUN = 16  # a slot whose tokens are one contiguous run this long is served in place
 
 
 @dataclass
 class GroupPlan:
-    """A packed batch's adapter tokens laid out as tiles of `rows` rows, one slot per tile.
+    """How a packed batch's adapter tokens are served: long runs in place, the rest in tiles.
 
-    Tile t holds rows [t*rows, (t+1)*rows) of a zero-padded (tiles*rows, in) copy of x; a slot
-    with more than `rows` tokens spans several tiles. Built once per step on the host.
+    A slot whose tokens form one contiguous run of at least LONG_RUN rows (a prefill chunk, or
+    many decodes of one adapter; the engine orders a step's tokens by slot) is a run: its rows
+    of x are used in place. The other slots' tokens (decodes) go into tiles of `rows` rows,
+    one slot per tile: tile t holds rows [t*rows, (t+1)*rows) of a zero-padded copy of their
+    rows of x, and a slot with more than `rows` of them spans several tiles. Built once per
+    step on the host.
     """
 
-    tok: torch.Tensor  # (G,) rows of x (N, in) that use an adapter, by slot then position
-    dst: torch.Tensor  # (G,) their rows in the padded layout
+    runs: list[tuple[int, slice]]  # (slot, rows of x (N, in)) served in place
+    tok: torch.Tensor  # (G,) rows of x in tiles, by slot then position
+    dst: torch.Tensor  # (G,) their rows in the padded tile layout
     tile_slots: torch.Tensor  # (tiles,) slot of each tile
     slots: tuple[int, ...]  # distinct slots in the batch
     rows: int  # rows per tile
@@ -45,12 +51,18 @@ class GroupPlan:
         for i, s in enumerate(flat):
             if s >= 0:
                 by_slot.setdefault(s, []).append(i)
-        rows = min(max(len(v) for v in by_slot.values()), cap)
+        runs: list[tuple[int, slice]] = []
+        rest: dict[int, list[int]] = {}
+        for s, idx in sorted(by_slot.items()):
+            if len(idx) >= LONG_RUN and idx[-1] - idx[0] + 1 == len(idx):
+                runs.append((s, slice(idx[0], idx[-1] + 1)))
+            else:
+                rest[s] = idx
+        rows = min(max((len(v) for v in rest.values()), default=1), cap)
         tok: list[int] = []
         dst: list[int] = []
         tiles: list[int] = []
-        for s in sorted(by_slot):
-            idx = by_slot[s]
+        for s, idx in rest.items():
             for c in range(0, len(idx), rows):
                 part = idx[c:c + rows]
                 first = len(tiles) * rows
@@ -58,10 +70,10 @@ class GroupPlan:
                 dst.extend(range(first, first + len(part)))
                 tiles.append(s)
         span = None
-        if len(tok) == len(tiles) * rows and tok == list(range(tok[0], tok[0] + len(tok))):
+        if tok and len(tok) == len(tiles) * rows and tok == list(range(tok[0], tok[0] + len(tok))):
             span = slice(tok[0], tok[0] + len(tok))
         as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-        return cls(as_tensor(tok), as_tensor(dst), as_tensor(tiles), tuple(sorted(by_slot)), rows,
+        return cls(runs, as_tensor(tok), as_tensor(dst), as_tensor(tiles), tuple(sorted(by_slot)), rows,
                    tiles == list(range(max_loras)), span)
 
 
@@ -167,7 +179,8 @@ class LoRALinear(nn.Linear):
     """nn.Linear plus `max_loras` stacked LoRA slots, chosen per token by a shared LoRAMapping.
 
     Reuses the wrapped layer's `weight` and `bias` Parameters. Buffers (non-persistent):
-    `lora_a_stacked` (max_loras, max_rank, in), `lora_b_stacked` (max_loras, out, max_rank),
+    `lora_a_stacked` (max_loras, max_rank, in), `lora_b_stacked` (max_loras, max_rank, out) (B
+    transposed: the expand product reads it contiguously),
     `scaling` (max_loras,). A slot of rank r < max_rank is zero-padded; only its r columns are
     used in the forward, and a slot this layer has no weights for (rank 0) is skipped.
 
@@ -176,7 +189,7 @@ class LoRALinear(nn.Linear):
         for n in range(N):
             s = slots[n]
             if s >= 0:
-                y[n] += scaling[s] * (x[n] @ lora_a_stacked[s].T) @ lora_b_stacked[s].T
+                y[n] += scaling[s] * (x[n] @ lora_a_stacked[s].T) @ lora_b_stacked[s]
     """
 
     def __init__(self, base: nn.Linear, mapping: LoRAMapping, *, dtype: torch.dtype | None = None,
@@ -196,7 +209,7 @@ class LoRALinear(nn.Linear):
         n, r = mapping.max_loras, mapping.max_rank
         kw = dict(dtype=dtype, device=device)
         self.register_buffer("lora_a_stacked", torch.zeros(n, r, self.in_features, **kw), persistent=False)
-        self.register_buffer("lora_b_stacked", torch.zeros(n, self.out_features, r, **kw), persistent=False)
+        self.register_buffer("lora_b_stacked", torch.zeros(n, r, self.out_features, **kw), persistent=False)
         self.register_buffer("scaling", torch.zeros(n, **kw), persistent=False)
         self.ranks = [0] * n  # rank held by each slot (0 = empty)
         self._scale = [0.0] * n  # python copy of `scaling` for the hot path
@@ -213,7 +226,7 @@ class LoRALinear(nn.Linear):
         self.lora_a_stacked[slot].zero_()
         self.lora_b_stacked[slot].zero_()
         self.lora_a_stacked[slot, :r].copy_(lora_a)
-        self.lora_b_stacked[slot, :, :r].copy_(lora_b)
+        self.lora_b_stacked[slot, :r].copy_(lora_b.t())
         self.scaling[slot] = scaling
         self.ranks[slot], self._scale[slot] = r, float(scaling)
 
@@ -234,7 +247,11 @@ class LoRALinear(nn.Linear):
         """
         if not any(self.ranks[s] for s in g.slots):
             return  # no adapter in the batch targets this layer
+        if g.runs:
+            self._forward_runs(x2, y2, g.runs)
         tiles, rows = g.tile_slots.numel(), g.rows
+        if not tiles:
+            return
         # 1) the adapter tokens as tiles (tiles*rows, in): a view when they already are (the
         #    engine orders a step's tokens by slot), else gathered into zero-padded tiles
         if g.span is not None:
@@ -247,17 +264,30 @@ class LoRALinear(nn.Linear):
             a, b, scale = self.lora_a_stacked, self.lora_b_stacked, self.scaling
         else:
             a = self.lora_a_stacked.index_select(0, g.tile_slots)  # (tiles, R, in)
-            b = self.lora_b_stacked.index_select(0, g.tile_slots)  # (tiles, out, R)
+            b = self.lora_b_stacked.index_select(0, g.tile_slots)  # (tiles, R, out)
             scale = self.scaling.index_select(0, g.tile_slots)  # (tiles,)
         # 3) shrink then expand: (tiles, rows, in) @ (tiles, in, R) -> (tiles, rows, R) -> (tiles, rows, out)
         xa = bmm_split_k(xp.view(tiles, rows, self.in_features), a.transpose(1, 2), self.mapping.k_chunk)
         xa.mul_(scale.view(tiles, 1, 1))
-        delta = torch.bmm(xa, b.transpose(1, 2)).view(tiles * rows, self.out_features)
+        delta = torch.bmm(xa, b).view(tiles * rows, self.out_features)
         # 4) add each token's delta to its row of y (rows are distinct: deterministic)
         if g.span is not None:
             y2[g.span].add_(delta)
         else:
             y2.index_add_(0, g.tok, delta.index_select(0, g.dst))
+
+    def _forward_runs(self, x2: torch.Tensor, y2: torch.Tensor, runs: list[tuple[int, slice]]) -> None:
+        """Long contiguous runs (prefill chunks): each run's rows in place, no padding or copies.
+        The same bmm primitive and order of operations as the tiles, so a row gets the same bits
+        on either path."""
+        for s, rows in runs:
+            if not self.ranks[s]:
+                continue
+            # (1, n, in) @ (1, in, R) -> (1, n, R) -> scaled -> @ (1, R, out) -> (1, n, out)
+            xa = bmm_split_k(x2[rows].unsqueeze(0), self.lora_a_stacked[s:s + 1].transpose(1, 2),
+                             self.mapping.k_chunk)
+            xa.mul_(self.scaling[s:s + 1].view(1, 1, 1))
+            y2[rows].add_(torch.bmm(xa, self.lora_b_stacked[s:s + 1])[0])
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output (..., out): float weights, or int8 ones (QuantLinear)."""
@@ -282,15 +312,15 @@ class LoRALinear(nn.Linear):
             r = self.ranks[s]
             if r == 0:
                 continue
-            a, b = self.lora_a_stacked[s, :r], self.lora_b_stacked[s, :, :r]  # (r, in), (out, r)
+            a, b = self.lora_a_stacked[s, :r], self.lora_b_stacked[s, :r]  # (r, in), (r, out)
             if isinstance(tokens, slice):
                 # 1) sorted: contiguous rows, updated in place
                 xa = x2[tokens] @ a.t()  # (n, r)
-                y2[tokens].addmm_(xa, b.t(), alpha=self._scale[s])
+                y2[tokens].addmm_(xa, b, alpha=self._scale[s])
             else:
                 # 2) interleaved: gather rows, scatter-add the delta
                 xa = x2.index_select(0, tokens) @ a.t()  # (n, r)
-                y2.index_add_(0, tokens, xa @ b.t(), alpha=self._scale[s])
+                y2.index_add_(0, tokens, xa @ b, alpha=self._scale[s])
         return y
 
     def extra_repr(self) -> str:
