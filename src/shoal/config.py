@@ -51,6 +51,10 @@ class EngineConfig:
     an input dimension over 1024 run split-K (about 1.3x slower on those layers; measured)."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; None = leave torch's setting."""
+    kv_cache_dtype: str = "auto"
+    """KV cache storage: auto (the model's dtype), float32, bfloat16, float16. A 16-bit cache
+    under an fp32 model halves KV memory (2x the tokens in the same budget); keys and values are
+    rounded once when stored, and attention math stays in fp32 on CPU."""
     quantization: str | None = None
     """Weight-only quantization of every linear layer (lm_head and a tied embedding included):
     None or int8 (per-output-channel scales). 4x less weight memory than fp32; on CPU linears
@@ -68,6 +72,9 @@ class EngineConfig:
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras: must be >= max_loras ({self.max_loras}), "
                              f"got {self.max_cpu_loras}")
+        kv_names = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+        if self.kv_cache_dtype not in kv_names:
+            raise ValueError(f"kv_cache_dtype: must be one of {', '.join(kv_names)}, got {self.kv_cache_dtype!r}")
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization: must be None or int8, got {self.quantization!r}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):

@@ -62,8 +62,9 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
         p = next(self.model.parameters())
+        kv_dtype = p.dtype if config.kv_cache_dtype == "auto" else resolve_dtype(config.kv_cache_dtype)
         per_block = PagedKVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads,
-                                                 mc.head_dim, p.dtype)
+                                                 mc.head_dim, kv_dtype)
         num_blocks = config.num_kv_blocks or max(config.kv_cache_memory // per_block, 1)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
@@ -76,7 +77,8 @@ class LLMEngine:
             self.lora.mapping.grouped = True  # packed batches: one tiled product per layer
         if config.batch_invariant:
             set_batch_invariant(self.model)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, lora=self.lora)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, lora=self.lora,
+                                  kv_dtype=kv_dtype)
         eos = self.tokenizer.stop_token_ids
         self.sampler = Sampler(eos)
         self.outputs = OutputProcessor(self.tokenizer, eos, self.max_model_len)

@@ -28,14 +28,15 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, lora=None) -> None:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, lora=None,
+                 kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
         c = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.block_size = block_size
         self.cache = PagedKVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
-                                  p.dtype, p.device)
+                                  kv_dtype or p.dtype, p.device)
         self.num_heads, self.num_kv_heads = c.num_heads, c.num_kv_heads
         self.window = c.sliding_window
         self.lora = lora  # LoRAManager or None

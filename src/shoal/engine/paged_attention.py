@@ -135,9 +135,9 @@ class PagedAttention:
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q (N, H, D); k, v (N, Hkv, D)
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]  # (Hkv, slots, D)
-        # 1) store this step's keys/values in their slots
-        kc.index_copy_(1, self.slot_mapping, k.transpose(0, 1))
-        vc.index_copy_(1, self.slot_mapping, v.transpose(0, 1))
+        # 1) store this step's keys/values in their slots (rounded once to the cache's dtype)
+        kc.index_copy_(1, self.slot_mapping, k.transpose(0, 1).to(kc.dtype))
+        vc.index_copy_(1, self.slot_mapping, v.transpose(0, 1).to(vc.dtype))
         out = torch.empty_like(q)
         hkv, d = k.shape[1], k.shape[2]
         g = self.group
@@ -145,8 +145,8 @@ class PagedAttention:
         # 2) each sequence attends over its own slots
         for s, rows in zip(self.seqs, self._seq_rows):
             qs = q[s.q_start:s.q_start + s.q_len]  # (T, H, D)
-            keys = kf.index_select(0, rows).view(hkv, -1, d)  # (Hkv, S, D)
-            vals = vf.index_select(0, rows).view(hkv, -1, d)
+            keys = kf.index_select(0, rows).view(hkv, -1, d).to(q.dtype)  # (Hkv, S, D)
+            vals = vf.index_select(0, rows).view(hkv, -1, d).to(q.dtype)
             # fold each kv head's query group into the query axis: (Hkv, T*g, D)
             qf = qs.view(s.q_len, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, s.q_len * g, d)
             o = F.scaled_dot_product_attention(qf, keys, vals, attn_mask=s.causal_mask)
