@@ -125,6 +125,8 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--hf-batch", type=int, default=8)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", default=None, help="int8: Shoal's weight-only int8 layers")
+    ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -137,11 +139,13 @@ def main() -> None:
     cfg = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=max(64, args.streams),
                        max_num_batched_tokens=512, enable_lora=any(w.endswith("adapters") for w in work),
                        max_loras=max(args.adapters, 1), max_cpu_loras=max(args.adapters, 1),
-                       max_lora_rank=8)
+                       max_lora_rank=8, quantization=args.quantization,
+                       kv_cache_dtype=args.kv_cache_dtype)
     loaded = load_for_engine(cfg)
     vocab = loaded.config.vocab_size
     engine = LLMEngine(cfg, loaded)
     dtype = str(next(engine.model.parameters()).dtype).replace("torch.", "")
+    dtype += ", int8 weights" if args.quantization else ""
     sets = {
         "single": make_prompts(1, 128, 128, 0, vocab),
         "streams": make_prompts(args.streams, 64, 128, 1, vocab),

@@ -239,11 +239,12 @@ class LoRALinear(nn.Linear):
         self.ranks[slot], self._scale[slot] = 0, 0.0
 
     def _forward_grouped(self, x2: torch.Tensor, y2: torch.Tensor, g: GroupPlan) -> None:
-        """Every adapter token in two batched products over slot tiles (BGMV/SGMV-style).
+        """Every adapter token: long runs in place (`_forward_runs`), the rest (decodes) in two
+        batched products over slot tiles (BGMV/SGMV-style).
 
         Semantics: as the class docstring. Work is G tokens x max_rank (not N x every slot), the
         weights of slots outside the batch are not read, and a row's arithmetic does not depend
-        on the other rows: each tile is its own fixed-shape product (batch invariance).
+        on the other rows: each tile or run is its own product (batch invariance).
         """
         if not any(self.ranks[s] for s in g.slots):
             return  # no adapter in the batch targets this layer
