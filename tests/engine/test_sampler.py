@@ -289,3 +289,25 @@ def test_prompt_logprobs_match_log_softmax():
     assert all(top == {} for _, top in prompt_logprobs(logits, nxt, k=0))
     with pytest.raises(ValueError):
         prompt_logprobs(logits, nxt[:-1], k=1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_rows_draw_and_logprobs_are_bit_identical_alone_and_in_a_batch(threads):
+    """At a real vocabulary size, where (B, V) reductions change their split with B: a seeded
+    row samples the same token with the same logprob bits alone and among 31 other rows."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        vocab = 49152
+        logits = torch.randn(32, vocab, generator=torch.Generator().manual_seed(5)) * 4
+        params = SamplingParams(temperature=1.0, seed=11, logprobs=3)
+        sampler = Sampler(EOS)
+        alone = sampler(logits[7:8].clone(), [_seq(params)])[0]
+        others = [_seq(SamplingParams(temperature=0.7 + 0.01 * i, seed=i, logprobs=2)) for i in range(32)]
+        others[7] = _seq(params)
+        mixed = sampler(logits.clone(), others)[7]
+        assert mixed.token_id == alone.token_id
+        assert mixed.logprob == alone.logprob  # exact float equality: the same bits
+        assert mixed.top_logprobs == alone.top_logprobs
+    finally:
+        torch.set_num_threads(before)

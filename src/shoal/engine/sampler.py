@@ -154,7 +154,10 @@ class Sampler:
             if any(p.top_k for p in ps) or any(p.top_p < 1.0 for p in ps):
                 ls = _top_k_top_p(ls, [min(p.top_k, V) or V for p in ps],
                                   [p.top_p for p in ps])
-            probs = torch.softmax(ls, dim=-1)  # (S, V)
+            # argmax(softmax(l) / q) without the normalizing sum: exp(l - max) has the same
+            # argmax, and max and exp are exact per row, so the draw cannot depend on how many
+            # rows share the call (a row-sum's reduction order can; batch invariance)
+            probs = (ls - ls.amax(dim=-1, keepdim=True)).exp_()  # (S, V), unnormalized
             q = torch.empty_like(probs)  # (S, V) Exp(1) noise, each row from its own generator
             for r, i in enumerate(sampled):
                 seq = seqs[i]
@@ -167,7 +170,9 @@ class Sampler:
 
         # raw logprobs: logits[tok] - logsumexp, without materialising log_softmax for all rows
         raw = logits.float()
-        lse = torch.logsumexp(raw, dim=-1)  # (B,)
+        # one row at a time: a (B, V) logsumexp splits its reductions differently as B changes,
+        # so a row's logprob would depend on the batch (measured); a 1-D row's does not
+        lse = torch.stack([torch.logsumexp(raw[i], dim=-1) for i in range(B)])  # (B,)
         chosen = raw.gather(1, tokens[:, None]).squeeze(1) - lse  # (B,)
         ks = [s.params.logprobs for s in seqs]
         k_max = min(max((k for k in ks if k is not None), default=0), V)
