@@ -179,7 +179,7 @@ def test_cuda_bf16_matches_fp32_reference_loop():
 ])
 @pytest.mark.parametrize("long_run", [3, 100])  # 3: runs of 3+ in place, the rest in tiles
 def test_grouped_products_match_reference_loop(slots, tile_cap, long_run, monkeypatch):
-    monkeypatch.setattr("shoal.lora.layers.LONG_RUN", long_run)
+    monkeypatch.setattr("shoal.lora.grouping.LONG_RUN", long_run)
     _, layer, mapping = make_layer()
     mapping.grouped, mapping.tile_cap = True, tile_cap
     x = torch.randn(len(slots), IN, generator=torch.Generator().manual_seed(1))
@@ -190,7 +190,7 @@ def test_grouped_products_match_reference_loop(slots, tile_cap, long_run, monkey
 
 
 def test_group_plan_serves_long_contiguous_runs_in_place(monkeypatch):
-    monkeypatch.setattr("shoal.lora.layers.LONG_RUN", 3)
+    monkeypatch.setattr("shoal.lora.grouping.LONG_RUN", 3)
     mapping = LoRAMapping(MAX_LORAS, MAX_RANK)
     mapping.set([-1, 1, 1, 1, 1, 0, 2, 3, 3, 0, 0])  # slot 0 has 3 rows, but not contiguous
     g = mapping.groups()
@@ -219,7 +219,7 @@ def test_group_plan_tiles_each_slot_and_pads():
 def test_grouped_row_is_bit_identical_alone_and_in_any_batch(long_run, monkeypatch):
     """bf16: a row's output does not depend on the rest of the batch (batch invariance), on the
     tiles and on the run-by-run path alike."""
-    monkeypatch.setattr("shoal.lora.layers.LONG_RUN", long_run)
+    monkeypatch.setattr("shoal.lora.grouping.LONG_RUN", long_run)
     _, layer, mapping = make_layer(dtype=torch.bfloat16)
     layer.to(torch.bfloat16)
     mapping.grouped = True
