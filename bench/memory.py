@@ -58,10 +58,16 @@ def child(args) -> dict:
     from shoal.engine.llm import LLM
     from shoal.engine.sampling_params import SamplingParams
 
+    from shoal.engine.paged_attention import PagedKVCache
+    from shoal.model.loader import read_config
+    from shoal.model.registry import ModelRegistry
+
     over = CONFIGS[args.child]
     tokens = args.streams * (args.prompt + args.out)
-    per_token = 2 * 30 * 3 * 64 * (2 if "kv_cache_dtype" in over else 4)  # SmolLM2-135M
-    kv = int(tokens * per_token * 1.05) + (1 << 20)
+    mc = read_config(ModelRegistry().resolve(args.model))
+    kv_dtype = torch.bfloat16 if "kv_cache_dtype" in over else torch.float32  # fp32 model on CPU
+    per_token = PagedKVCache.bytes_per_block(mc.num_layers, 1, mc.num_kv_heads, mc.head_dim, kv_dtype)
+    kv = int(tokens * per_token * 1.05) + (1 << 20)  # all sequences resident: no preemption
     llm = LLM(EngineConfig(model=args.model, kv_cache_memory=kv, max_num_seqs=args.streams,
                            max_num_batched_tokens=1024, **over))
     start = rss_mb("VmRSS")
