@@ -88,18 +88,21 @@ def test_copy_blocks_copies_whole_blocks_in_every_layer_and_head():
 
 @pytest.mark.parametrize("hkv,group", [(1, 1), (2, 3), (3, 3), (1, 4)])
 @pytest.mark.parametrize("window", [None, 20])
-def test_decode_buckets_equal_naive_softmax(hkv, group, window):
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_decode_buckets_equal_naive_softmax(hkv, group, window, dtype, tol):
+    """fp32: bmm + softmax in fp32; bf16: SDPA on the bf16 cache (bf16 output, so ~1e-2)."""
     lens = [1, 2, 20, 63, 64, 65, 100, 128, 129, 200]  # several buckets, edges included
     slots = ctx_slots(lens, seed=hkv * 10 + group)
-    c = make_cache(hkv)
+    c = make_cache(hkv, dtype)
     g = torch.Generator().manual_seed(1)
     n, h = len(lens), hkv * group
-    q, k, v = (torch.randn(n, h, D, generator=g), torch.randn(n, hkv, D, generator=g),
-               torch.randn(n, hkv, D, generator=g))
+    q, k, v = (torch.randn(n, h, D, generator=g).to(dtype), torch.randn(n, hkv, D, generator=g).to(dtype),
+               torch.randn(n, hkv, D, generator=g).to(dtype))
     out = decode_step(c, 1, q, k, v, slots, window)
+    assert out.dtype == dtype
     for i, s in enumerate(slots):
         ref = naive(c, 1, q[i:i + 1], s, window)[0]
-        assert (out[i].double() - ref).abs().max().item() < 1e-5
+        assert (out[i].double() - ref).abs().max().item() < tol
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

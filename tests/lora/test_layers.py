@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from shoal.lora.grouping import MIN_ROWS, lora_delta
 from shoal.lora.layers import LoRALinear, LoRAMapping, apply_lora
 from tests.lora import pair
 
@@ -222,7 +223,7 @@ def test_grouped_row_is_bit_identical_alone_and_in_any_batch(long_run, monkeypat
     monkeypatch.setattr("shoal.lora.grouping.LONG_RUN", long_run)
     _, layer, mapping = make_layer(dtype=torch.bfloat16)
     layer.to(torch.bfloat16)
-    mapping.grouped = True
+    mapping.grouped, mapping.min_rows = True, MIN_ROWS  # as the engine sets them
     g = torch.Generator().manual_seed(3)
     row = torch.randn(1, IN, generator=g).bfloat16()
     with torch.no_grad():
@@ -234,3 +235,25 @@ def test_grouped_row_is_bit_identical_alone_and_in_any_batch(long_run, monkeypat
                 x[pos] = row[0]
                 mapping.set(others[:pos] + [1] + others[pos:])
                 assert torch.equal(layer(x)[pos], alone), (others, pos)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,n,r", [(576, 1536, 8), (1536, 576, 16), (2048, 192, 64)])
+def test_lora_delta_row_is_bit_identical_for_any_tile_shape(dtype, k, n, r):
+    """The grouped shrink-expand product gives a row the same bits whatever its tile's height
+    and however many groups share the call (the fp32 products and the padding to
+    MIN_ROWS; decode tiles have 1-3 rows, prefill runs hundreds)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, k, generator=g).to(dtype)
+    a = (torch.randn(1, r, k, generator=g) * 0.05).to(dtype)
+    b = (torch.randn(1, r, n, generator=g) * 0.05).to(dtype)
+    scale = torch.tensor([2.0], dtype=dtype)
+    ref = lora_delta(x[:1].view(1, 1, k), a, b, scale, dtype, MIN_ROWS)[0, 0]
+    for groups, rows in ((1, 2), (1, 3), (1, 4), (1, 17), (1, 64), (4, 1), (8, 3), (16, 4), (2, 32)):
+        xs = x[:groups * rows].view(groups, rows, k)
+        got = lora_delta(xs, a.expand(groups, -1, -1), b.expand(groups, -1, -1), scale.expand(groups), dtype,
+                         MIN_ROWS)
+        assert got.shape == (groups, rows, n) and got.dtype == dtype
+        assert torch.equal(got[0, 0], ref), (groups, rows)
+    exact = (x[0].double() @ a[0].double().t() * 2.0) @ b[0].double()
+    assert torch.allclose(ref.double(), exact, rtol=2e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-3)

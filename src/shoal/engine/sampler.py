@@ -93,7 +93,14 @@ class Sampler:
         if len(seqs) != B:
             raise ValueError(f"logits has {B} rows but {len(seqs)} sequences were given")
         dev = logits.device
-        l = logits.float().clone()  # (B, V)
+        l = logits.float()  # (B, V); copied before the first edit (`own`), so logits is untouched
+        copied = l is not logits
+
+        def own() -> torch.Tensor:
+            nonlocal l, copied
+            if not copied:
+                l, copied = l.clone(), True
+            return l
 
         # 2) penalties: counts only for the rows that ask for them
         pen = [i for i, s in enumerate(seqs) if s.params.needs_penalties and s.num_generated]
@@ -107,7 +114,7 @@ class Sampler:
             fp = torch.tensor([seqs[i].params.frequency_penalty for i in pen], device=dev)
             pp = torch.tensor([seqs[i].params.presence_penalty for i in pen], device=dev)
             rows = torch.tensor(pen, device=dev)
-            l[rows] -= fp[:, None] * counts + pp[:, None] * (counts > 0).float()
+            own()[rows] -= fp[:, None] * counts + pp[:, None] * (counts > 0).float()
 
         # 3) logit_bias
         b_rows, b_cols, b_vals = [], [], []
@@ -118,7 +125,7 @@ class Sampler:
                     b_cols.append(tok)
                     b_vals.append(float(val))
         if b_rows:
-            l.index_put_((torch.tensor(b_rows, device=dev), torch.tensor(b_cols, device=dev)),
+            own().index_put_((torch.tensor(b_rows, device=dev), torch.tensor(b_cols, device=dev)),
                          torch.tensor(b_vals, device=dev), accumulate=True)
 
         # 4-5) min_tokens masks eos + stop ids; ignore_eos masks eos
@@ -133,7 +140,7 @@ class Sampler:
             m_rows += [i] * len(cols)
             m_cols += cols
         if m_rows:
-            l[torch.tensor(m_rows, device=dev), torch.tensor(m_cols, device=dev)] = _NEG_INF
+            own()[torch.tensor(m_rows, device=dev), torch.tensor(m_cols, device=dev)] = _NEG_INF
         return l
 
     # ---- steps 6-7: pick ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..model.layers import linear
-from .grouping import TILE_CAP, GroupPlan, bmm_split_k
+from .grouping import TILE_CAP, GroupPlan, lora_delta
 
 # A step's plan: for each slot in the batch, the tokens of x (flattened to (N, in)) it owns,
 # as a contiguous slice when the slot's tokens are adjacent, else as an index tensor.
@@ -39,7 +39,7 @@ class LoRAMapping:
         self._plans: dict[tuple[int, ...], Plan] = {}
         self.grouped = False  # packed inputs: one tiled product for all slots (see LoRALinear)
         self.tile_cap = TILE_CAP
-        self.k_chunk = 0  # split-K for the grouped products (batch invariance on CPU bf16)
+        self.min_rows = 1  # rows a grouped product is padded to (MIN_ROWS: batch invariance)
         self._groups: GroupPlan | None = None
 
     def set(self, slots: Sequence[int] | torch.Tensor) -> None:
@@ -173,7 +173,8 @@ class LoRALinear(nn.Linear):
 
         Semantics: as the class docstring. Work is G tokens x max_rank (not N x every slot), the
         weights of slots outside the batch are not read, and a row's arithmetic does not depend
-        on the other rows: each tile or run is its own product (batch invariance).
+        on the other rows: each tile or run is its own product (batch invariance, see
+        `lora_delta`).
         """
         if not any(self.ranks[s] for s in g.slots):
             return  # no adapter in the batch targets this layer
@@ -196,28 +197,27 @@ class LoRALinear(nn.Linear):
             a = self.lora_a_stacked.index_select(0, g.tile_slots)  # (tiles, R, in)
             b = self.lora_b_stacked.index_select(0, g.tile_slots)  # (tiles, R, out)
             scale = self.scaling.index_select(0, g.tile_slots)  # (tiles,)
-        # 3) shrink then expand: (tiles, rows, in) @ (tiles, in, R) -> (tiles, rows, R) -> (tiles, rows, out)
-        xa = bmm_split_k(xp.view(tiles, rows, self.in_features), a.transpose(1, 2), self.mapping.k_chunk)
-        xa.mul_(scale.view(tiles, 1, 1))
-        delta = torch.bmm(xa, b).view(tiles * rows, self.out_features)
+        # 3) (tiles, rows, in) -> (tiles, rows, out) deltas, rounded to y's dtype
+        delta = lora_delta(xp.view(tiles, rows, self.in_features), a, b, scale, y2.dtype,
+                           self.mapping.min_rows)
         # 4) add each token's delta to its row of y (rows are distinct: deterministic)
         if g.span is not None:
-            y2[g.span].add_(delta)
+            y2[g.span].add_(delta.reshape(tiles * rows, self.out_features))
         else:
-            y2.index_add_(0, g.tok, delta.index_select(0, g.dst))
+            y2.index_add_(0, g.tok, delta.reshape(tiles * rows, self.out_features).index_select(0, g.dst))
 
     def _forward_runs(self, x2: torch.Tensor, y2: torch.Tensor, runs: list[tuple[int, slice]]) -> None:
         """Long contiguous runs (prefill chunks): each run's rows in place, no padding or copies.
-        The same bmm primitive and order of operations as the tiles, so a row gets the same bits
-        on either path."""
+        The same products (`lora_delta`) as the tiles, so a row gets the same bits on either
+        path."""
         for s, rows in runs:
             if not self.ranks[s]:
                 continue
-            # (1, n, in) @ (1, in, R) -> (1, n, R) -> scaled -> @ (1, R, out) -> (1, n, out)
-            xa = bmm_split_k(x2[rows].unsqueeze(0), self.lora_a_stacked[s:s + 1].transpose(1, 2),
-                             self.mapping.k_chunk)
-            xa.mul_(self.scaling[s:s + 1].view(1, 1, 1))
-            y2[rows].add_(torch.bmm(xa, self.lora_b_stacked[s:s + 1])[0])
+            # (1, n, in) -> (1, n, out)
+            delta = lora_delta(x2[rows].unsqueeze(0), self.lora_a_stacked[s:s + 1],
+                               self.lora_b_stacked[s:s + 1], self.scaling[s:s + 1], y2.dtype,
+                               self.mapping.min_rows)
+            y2[rows].add_(delta[0])
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output (..., out): float weights, or int8 ones (QuantLinear)."""
