@@ -67,7 +67,7 @@ def test_cache_layout_and_writes():
     n = 5
     q, k, v = torch.randn(n, 4, D), torch.randn(n, 2, D), torch.randn(n, 2, D)
     slots = torch.tensor([3, 17, 40, 41, 99])
-    PagedAttention(c, slots, [SeqAttention(0, n, slots, None)], 4, 2).attend(1, q, k, v)
+    PagedAttention(c, slots, [SeqAttention(0, n, slots)], 4, 2).attend(1, q, k, v)
     assert torch.equal(c.k[1][:, slots], k.transpose(0, 1))
     assert torch.equal(c.v[1][:, slots], v.transpose(0, 1))
 
@@ -124,21 +124,45 @@ def test_decode_row_bits_do_not_depend_on_its_bucket(dtype):
         assert torch.equal(alone[0], many[i])
 
 
-def test_prefill_chunk_and_decode_rows_in_one_step_equal_naive():
-    """A mixed step: a prefill chunk (positions 30..41 of 42, causal mask) beside decode rows."""
-    hkv, group, window = 2, 2, None
+@pytest.mark.parametrize("ctx_len,t,window", [(42, 12, None), (142, 82, None), (142, 82, 50), (64, 64, None),
+                                             (65, 1, None), (200, 7, 30)])
+def test_prefill_chunk_and_decode_rows_in_one_step_equal_naive(ctx_len, t, window):
+    """A mixed step: a prefill chunk (positions ctx_len-t .. ctx_len-1, causal mask; chunks
+    within one block and across several, aligned and not) beside decode rows."""
+    hkv, group = 2, 2
     c = make_cache(hkv)
-    pre, d1, d2 = ctx_slots([42, 70, 9], seed=5)
+    pre, d1, d2 = ctx_slots([ctx_len, 70, 9], seed=5)
     g = torch.Generator().manual_seed(4)
-    t = 12
     n, h = t + 2, hkv * group
     q, k, v = (torch.randn(n, h, D, generator=g), torch.randn(n, hkv, D, generator=g),
                torch.randn(n, hkv, D, generator=g))
-    mask = PagedAttention.build_mask(t, 42, group, window, "cpu")
-    seqs = [SeqAttention(0, t, pre, mask)]
+    seqs = [SeqAttention(0, t, pre)]
     buckets = build_decode_buckets([(t, d1), (t + 1, d2)], window, "cpu")
     mapping = torch.cat([pre[-t:], d1[-1:], d2[-1:]])
-    out = PagedAttention(c, mapping, seqs, h, hkv, buckets).attend(0, q, k, v)
+    out = PagedAttention(c, mapping, seqs, h, hkv, buckets, window).attend(0, q, k, v)
     assert (out[:t].double() - naive(c, 0, q[:t], pre, window)).abs().max().item() < 1e-5
     assert (out[t].double() - naive(c, 0, q[t:t + 1], d1, window)[0]).abs().max().item() < 1e-5
     assert (out[t + 1].double() - naive(c, 0, q[t + 1:], d2, window)[0]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_row_bits_do_not_depend_on_chunking(dtype):
+    """Batch invariance across chunked prefill: a prompt position's attention output has the
+    same bits whether its prompt was computed in one chunk or split anywhere."""
+    hkv, group, length = 3, 3, 300
+    c = make_cache(hkv, dtype)
+    slots = ctx_slots([length], seed=6)[0]
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(length, hkv * group, D, generator=g).to(dtype)
+    k, v = (torch.randn(length, hkv, D, generator=g).to(dtype) for _ in range(2))
+
+    def run(cuts: list[int]) -> torch.Tensor:
+        outs = []
+        for a, b in zip(cuts, cuts[1:]):  # one step per chunk, keys written as they come
+            ctx = PagedAttention(c, slots[a:b], [SeqAttention(0, b - a, slots[:b])], hkv * group, hkv)
+            outs.append(ctx.attend(0, q[a:b], k[a:b], v[a:b]))
+        return torch.cat(outs)
+
+    whole = run([0, length])
+    for cuts in ([0, 100, length], [0, 1, 2, 64, 65, 200, 299, length], [0, 128, 256, length]):
+        assert torch.equal(run(cuts), whole), cuts

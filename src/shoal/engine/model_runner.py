@@ -73,7 +73,6 @@ class ModelRunner:
         sample_seqs: list[Sequence] = []
         prompt_rows: list[tuple[Sequence, int, int, int]] = []  # seq, first row, count, first pos
         adapters: list[tuple[str | None, int]] = []  # (adapter, number of tokens)
-        group = self.num_heads // self.num_kv_heads
         decode_items: list[tuple[int, torch.Tensor]] = []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
@@ -83,11 +82,11 @@ class ModelRunner:
             positions.extend(range(start, end))
             ctx = self._ctx_slots(seq, end)  # (end,)
             slot_chunks.append(ctx[start:end])
-            if n == 1:  # a decode row: batched with others of its context-length bucket
+            if n == 1 and start >= seq.num_prompt_tokens:
+                # a decode row: batched with others of its context-length bucket
                 decode_items.append((q_start, ctx))
-            else:
-                mask = PagedAttention.build_mask(n, end, group, self.window, self.device)
-                seq_attn.append(SeqAttention(q_start, n, ctx, mask))
+            else:  # prompt tokens always take the prefill path, however they were chunked
+                seq_attn.append(SeqAttention(q_start, n, ctx))
             adapters.append((seq.adapter, n))
             if end == seq.num_tokens:  # the chunk reaches the last known token: it samples
                 sample_rows.append(q_start + n - 1)
@@ -100,7 +99,7 @@ class ModelRunner:
         pos = torch.tensor(positions, device=self.device)  # (N,)
         ctx = PagedAttention(self.cache, torch.cat(slot_chunks), seq_attn, self.num_heads,
                              self.num_kv_heads,
-                             build_decode_buckets(decode_items, self.window, self.device))
+                             build_decode_buckets(decode_items, self.window, self.device), self.window)
         if self.lora is not None:
             self._set_lora_mapping(adapters, lora_slots)
         hidden = self.model(input_ids, pos, ctx)  # (N, hidden)

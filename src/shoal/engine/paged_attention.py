@@ -22,6 +22,13 @@ import torch.nn.functional as F
 
 
 DECODE_BUCKET = 64
+PREFILL_BLOCK = 64  # query positions per prefill attention block (see `_attend_chunk`)
+
+
+def _pad_to_block(slots: torch.Tensor) -> torch.Tensor:
+    """(n,) slots -> (n rounded up to PREFILL_BLOCK,), padded with slot 0 (masked when read)."""
+    pad = -slots.numel() % PREFILL_BLOCK
+    return torch.cat((slots, slots.new_zeros(pad))) if pad else slots
 
 
 class PagedKVCache:
@@ -96,7 +103,6 @@ class SeqAttention:
     q_start: int  # first of its query rows in the flat batch
     q_len: int  # query tokens this step
     ctx_slots: torch.Tensor  # (ctx_len,) slots of all its keys, in position order
-    causal_mask: torch.Tensor | None  # (q_len * group, ctx_len) bool, None when all keys are visible
 
 
 class PagedAttention:
@@ -104,33 +110,35 @@ class PagedAttention:
 
     def __init__(self, cache: PagedKVCache, slot_mapping: torch.Tensor, seqs: list[SeqAttention],
                  num_heads: int, num_kv_heads: int,
-                 decode: list[DecodeBucket] | None = None) -> None:
+                 decode: list[DecodeBucket] | None = None, window: int | None = None) -> None:
         self.cache = cache
         self.slot_mapping = slot_mapping  # (N,) where each new token's K/V goes
-        self.seqs = seqs  # prefill chunks (and decodes, when not bucketed)
+        self.seqs = seqs  # prefill chunks
         self.decode = decode or []
         self.group = num_heads // num_kv_heads
+        self.window = window
+        self._masks: dict[int, torch.Tensor] = {}  # prefill block masks by block end, all layers
         # gather indices into the cache viewed as (Hkv * slots, D), built once per step for all
         # layers: a dim-0 index_select copies whole rows and runs on all threads (measured 2x
-        # faster than index_select along dim 1 at 2 threads)
+        # faster than index_select along dim 1 at 2 threads). A prefill sequence's slots are
+        # padded (slot 0, always masked) up to its last block's end.
         n_slots = cache.k.shape[2]
-        self._seq_rows = [head_rows(s.ctx_slots, num_kv_heads, n_slots) for s in self.seqs]
+        self._seq_rows = [head_rows(_pad_to_block(s.ctx_slots), num_kv_heads, n_slots) for s in self.seqs]
         self._decode_rows = [head_rows(b.slots, num_kv_heads, n_slots) for b in self.decode]
 
-    @staticmethod
-    def build_mask(q_len: int, ctx_len: int, group: int, window: int | None,
-                   device) -> torch.Tensor | None:
-        """Causal mask for queries at positions ctx_len-q_len .. ctx_len-1, rows repeated per
-        query head of a kv group (the folded layout). None when every key is visible."""
-        if q_len == 1 and (window is None or ctx_len <= window):
-            return None
-        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device).repeat_interleave(group)
-        k_pos = torch.arange(ctx_len, device=device)
-        diff = q_pos[:, None] - k_pos[None, :]
-        allowed = diff >= 0
-        if window is not None:
-            allowed &= diff < window
-        return allowed
+    def block_mask(self, end: int, device) -> torch.Tensor:
+        """(PREFILL_BLOCK * group, end) bool: may query position end - PREFILL_BLOCK + r // group
+        see key position c (causal, and within the sliding window)? The folded layout: rows are
+        repeated per query head of a kv group."""
+        m = self._masks.get(end)
+        if m is None:
+            q_pos = torch.arange(end - PREFILL_BLOCK, end, device=device).repeat_interleave(self.group)
+            diff = q_pos[:, None] - torch.arange(end, device=device)[None, :]
+            m = diff >= 0
+            if self.window is not None:
+                m &= diff < self.window
+            self._masks[end] = m
+        return m
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q (N, H, D); k, v (N, Hkv, D)
@@ -142,20 +150,46 @@ class PagedAttention:
         hkv, d = k.shape[1], k.shape[2]
         g = self.group
         kf, vf = kc.view(-1, d), vc.view(-1, d)  # (Hkv * slots, D)
-        # 2) each sequence attends over its own slots
+        # 2) each prefill chunk attends over its own slots
         for s, rows in zip(self.seqs, self._seq_rows):
-            qs = q[s.q_start:s.q_start + s.q_len]  # (T, H, D)
-            keys = kf.index_select(0, rows).view(hkv, -1, d).to(q.dtype)  # (Hkv, S, D)
+            keys = kf.index_select(0, rows).view(hkv, -1, d).to(q.dtype)  # (Hkv, S', D), S' padded
             vals = vf.index_select(0, rows).view(hkv, -1, d).to(q.dtype)
-            # fold each kv head's query group into the query axis: (Hkv, T*g, D)
-            qf = qs.view(s.q_len, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, s.q_len * g, d)
-            o = F.scaled_dot_product_attention(qf, keys, vals, attn_mask=s.causal_mask)
-            out[s.q_start:s.q_start + s.q_len] = o.view(hkv, s.q_len, g, d).permute(1, 0, 2, 3).reshape(
-                s.q_len, hkv * g, d)
+            self._attend_chunk(s, q, keys, vals, out)
         # 3) decode rows, one batched computation per bucket
         for b, rows in zip(self.decode, self._decode_rows):
             self._attend_bucket(b, rows, q, kf, vf, out)
         return out
+
+    def _attend_chunk(self, s: SeqAttention, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
+                      out: torch.Tensor) -> None:
+        """One prefill chunk (query positions a..b-1, b = its context length), block by block.
+
+        Queries go in blocks of PREFILL_BLOCK positions aligned to position 0, a partial block
+        padded to full size; the block ending at position e attends over keys 0..e-1 with its
+        causal mask. Every product therefore has a shape fixed by the block, not by the chunk:
+        a row's bits do not depend on how its prompt was chunked (batch invariance; one SDPA
+        call per chunk was not, its kernels change with the query count), keys past a block
+        are never read, and 4-D inputs take PyTorch's flash kernel on CPU. Measured per layer,
+        a 512-token prompt, bf16, 2 threads: 7.3 ms (one masked SDPA call, 3-D) -> 3.0 ms.
+        keys, vals (Hkv, S', D) with S' >= the last block's end; q, out (N, H, D).
+        """
+        pb, g = PREFILL_BLOCK, self.group
+        hkv, d = keys.shape[0], keys.shape[2]
+        b = s.ctx_slots.numel()
+        a = b - s.q_len
+        for lo in range(a - a % pb, b, pb):
+            hi = lo + pb
+            qa, qz = max(a, lo), min(b, hi)  # this chunk's positions in the block
+            rows = slice(s.q_start + qa - a, s.q_start + qz - a)
+            blk = q[rows] if qz - qa == pb else q.new_zeros(pb, hkv * g, d)
+            if qz - qa < pb:
+                blk[qa - lo:qz - lo] = q[rows]
+            # fold each kv head's query group into the query axis: (1, Hkv, pb * g, D)
+            qf = blk.view(pb, hkv, g, d).permute(1, 0, 2, 3).reshape(1, hkv, pb * g, d)
+            o = F.scaled_dot_product_attention(qf, keys[None, :, :hi], vals[None, :, :hi],
+                                               attn_mask=self.block_mask(hi, q.device))
+            o = o.view(hkv, pb, g, d)[:, qa - lo:qz - lo]  # (Hkv, qz - qa, g, D)
+            out[rows] = o.permute(1, 0, 2, 3).reshape(qz - qa, hkv * g, d)
 
     def _attend_bucket(self, b: DecodeBucket, rows: torch.Tensor, q: torch.Tensor, kf: torch.Tensor,
                        vf: torch.Tensor, out: torch.Tensor) -> None:
