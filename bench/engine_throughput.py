@@ -7,6 +7,7 @@ Workloads (each sized by flags so a 2-core box finishes in minutes):
   adapters the `streams` workload with `--adapters` random LoRA adapters mixed, against the
            same workload on the base model, and PEFT mixed-adapter batches as the baseline.
   many_adapters  the `many` workload with the adapters mixed (compare with `many`).
+  prefill  8 prompts of 512 tokens, one output token each: prompt tokens/s (HF at batch 1).
 Shoal reports output tok/s, TTFT and inter-token latency p50/p99; HF runs static batches (1 and
 `--hf-batch`, padded) in fp32 and bf16. Prints a table and one JSON line; peak RSS is read after
 Shoal's runs, before any baseline loads. Usage:
@@ -150,12 +151,17 @@ def main() -> None:
         "single": make_prompts(1, 128, 128, 0, vocab),
         "streams": make_prompts(args.streams, 64, 128, 1, vocab),
         "many": make_prompts(args.requests, 64, 512, 2, vocab),
+        "prefill": make_prompts(8, 512, 512, 3, vocab),
     }
+    prompt_tokens = sum(len(p) for p in sets["prefill"])
     results: dict[str, dict] = {}
     run_shoal(engine, make_prompts(2, 16, 16, 9, vocab), 4)  # warm-up
     for w in ("single", "streams", "many"):
         if w in work:
             results[f"shoal {w} ({dtype})"] = run_shoal(engine, sets[w], args.out)
+    if "prefill" in work:
+        r = run_shoal(engine, sets["prefill"], 1)
+        results[f"shoal prefill, prompt tok/s ({dtype})"] = {**r, "tok_s": prompt_tokens / r["seconds"]}
     adapter_paths: list[str] = []
     if any(w.endswith("adapters") for w in work):
         root = tempfile.mkdtemp(prefix="shoal-adapters-")
@@ -187,6 +193,10 @@ def main() -> None:
             if "many" in work:
                 results[f"HF generate many, batch {args.hf_batch} ({name})"] = run_hf(
                     hf, sets["many"], args.out, args.hf_batch)
+            if "prefill" in work:
+                r = run_hf(hf, sets["prefill"], 1, 1)
+                results[f"HF generate prefill, prompt tok/s, batch 1 ({name})"] = {
+                    **r, "tok_s": prompt_tokens / r["seconds"]}
         if adapter_paths:
             from peft import PeftModel
 

@@ -5,7 +5,7 @@ of `--prompt` random prompt tokens and `--out` generated tokens arrive at once, 
 (the KV budget is sized to hold them: no preemption). Prints RSS after start-up and the peak
 (VmHWM) per configuration, then HF transformers `generate` on the same 32 sequences (one static
 batch, fp32) as the baseline, also in its own process. Usage:
-  python bench/memory.py --threads 2 [--configs fp32,fp32+bf16kv,int8+bf16kv] [--skip-hf]
+  python bench/memory.py --threads 2 [--configs fp32,bf16,fp32+bf16kv,int8+bf16kv] [--skip-hf]
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import subprocess
 import sys
 import time
 
-CONFIGS = {  # name -> EngineConfig overrides
-    "fp32": {},
-    "fp32+bf16kv": {"kv_cache_dtype": "bfloat16"},
+CONFIGS = {  # name -> EngineConfig overrides (int8: activations in the CPU's default dtype)
+    "fp32": {"dtype": "float32"},
+    "bf16": {"dtype": "bfloat16"},
+    "fp32+bf16kv": {"dtype": "float32", "kv_cache_dtype": "bfloat16"},
     "int8+bf16kv": {"kv_cache_dtype": "bfloat16", "quantization": "int8"},
 }
 
@@ -65,7 +66,11 @@ def child(args) -> dict:
     over = CONFIGS[args.child]
     tokens = args.streams * (args.prompt + args.out)
     mc = read_config(ModelRegistry().resolve(args.model))
-    kv_dtype = torch.bfloat16 if "kv_cache_dtype" in over else torch.float32  # fp32 model on CPU
+    from shoal.engine.llm_engine import default_dtype
+
+    model_dtype = over.get("dtype", "auto")
+    bf16_model = model_dtype == "bfloat16" or (model_dtype == "auto" and default_dtype("cpu") == torch.bfloat16)
+    kv_dtype = torch.bfloat16 if ("kv_cache_dtype" in over or bf16_model) else torch.float32
     per_token = PagedKVCache.bytes_per_block(mc.num_layers, 1, mc.num_kv_heads, mc.head_dim, kv_dtype)
     kv = int(tokens * per_token * 1.05) + (1 << 20)  # all sequences resident: no preemption
     llm = LLM(EngineConfig(model=args.model, kv_cache_memory=kv, max_num_seqs=args.streams,

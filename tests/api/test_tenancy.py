@@ -31,7 +31,7 @@ def _adapter(engine, path, seed: int) -> str:
     g = torch.Generator().manual_seed(seed)
     weights = {}
     for name, mod in engine.engine.model.named_modules():
-        if name.endswith(("q_proj", "v_proj")):
+        if name.rsplit(".", 1)[-1] in ("q_proj", "v_proj"):
             weights[name] = (torch.randn(4, mod.in_features, generator=g) * 0.3,
                              torch.randn(mod.out_features, 4, generator=g) * 0.3)
     save_adapter(str(path), LoRAAdapter.from_weights("x", weights, lora_alpha=8))

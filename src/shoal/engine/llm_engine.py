@@ -14,6 +14,7 @@ import itertools
 import torch
 
 from ..config import EngineConfig
+from ..model.fused import fuse_projections
 from ..model.loader import LoadedModel, resolve_dtype
 from .block_manager import BlockManager
 from ..lora.grouping import MIN_ROWS
@@ -59,6 +60,7 @@ class LLMEngine:
             from ..model.quant import quantize_model
 
             quantize_model(self.model, config.quantization)
+        fuse_projections(self.model)  # q/k/v and gate/up as one product each (in place, once)
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)

@@ -33,6 +33,8 @@ class TrainableLoRALinear(Linear):
         y = x @ W.T + b + scaling * (dropout(x) @ A.T) @ B.T      # scaling = lora_alpha / r
     """
 
+    fusable = False  # a fused q/k/v product would skip this update (`shoal.model.fused`)
+
     def __init__(self, base: nn.Linear, r: int, lora_alpha: float, dropout: float,
                  init: torch.Generator, dropout_gen: torch.Generator | None) -> None:
         nn.Module.__init__(self)

@@ -229,20 +229,27 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._base(x)  # (..., out)
+        self.add_lora_(x, y)
+        return y
+
+    def add_lora_(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y (..., out) += each token's LoRA delta, in place; y may be a column slice of a fused
+        projection's output (`shoal.model.fused`)."""
         lead = tuple(x.shape[:-1])
         if self.mapping.grouped and lead == self.mapping.shape and len(lead) == 1:
             if self.mapping.active:
                 self._forward_grouped(x, y, self.mapping.groups())
-            return y
+            return
         plan = self.mapping.plan(lead)
         if not plan:
-            return y  # no token uses an adapter
+            return  # no token uses an adapter
         x2, y2 = x.reshape(-1, self.in_features), y.view(-1, self.out_features)  # (N, in), (N, out)
         for s, tokens in plan:
             r = self.ranks[s]
             if r == 0:
                 continue
-            a, b = self.lora_a_stacked[s, :r], self.lora_b_stacked[s, :r]  # (r, in), (r, out)
+            a = self.lora_a_stacked[s, :r].to(x2.dtype)  # (r, in)
+            b = self.lora_b_stacked[s, :r].to(x2.dtype)  # (r, out)
             if isinstance(tokens, slice):
                 # 1) sorted: contiguous rows, updated in place
                 xa = x2[tokens] @ a.t()  # (n, r)
@@ -251,7 +258,6 @@ class LoRALinear(nn.Linear):
                 # 2) interleaved: gather rows, scatter-add the delta
                 xa = x2.index_select(0, tokens) @ a.t()  # (n, r)
                 y2.index_add_(0, tokens, xa @ b, alpha=self._scale[s])
-        return y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -259,8 +265,10 @@ class LoRALinear(nn.Linear):
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    """Paths of every nn.Linear except lm_head (the output layer PEFT's all-linear skips too)."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    """Paths of every nn.Linear except lm_head (the output layer PEFT's all-linear skips too) and
+    the engine's fused projections (their parts are the targets)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n != "lm_head" and not getattr(m, "fused", False)]
 
 
 def apply_lora(model: nn.Module, max_loras: int, max_rank: int,

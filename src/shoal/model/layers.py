@@ -47,6 +47,7 @@ class Linear(nn.Linear):
     invariance; 0 = plain)."""
 
     k_chunk: int = 0
+    fusable: bool = True  # its weight may be a view into a fused product's (`shoal.model.fused`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.k_chunk)
@@ -139,8 +140,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def fused_ok(parts: tuple[nn.Module, ...]) -> bool:
+    """May a fused product stand for these parts? Yes when each is a plain layer (`fusable`) or
+    adds its LoRA delta on top of it (`add_lora_`); a part wrapped by anything else (a
+    trainer's LoRA layer) sends the forward down the unfused path."""
+    return all(getattr(p, "fusable", False) or hasattr(p, "add_lora_") for p in parts)
+
+
+def add_lora_deltas(x: torch.Tensor, y: torch.Tensor, parts: tuple[nn.Module, ...]) -> None:
+    """Add each LoRA-wrapped part's delta (`LoRALinear.add_lora_`) to its slice of a fused
+    projection's output y (..., sum of the parts' out_features); plain parts add nothing."""
+    start = 0
+    for p in parts:
+        add = getattr(p, "add_lora_", None)
+        if add is not None:
+            add(x, y[..., start:start + p.out_features])
+        start += p.out_features
+
+
 class LlamaAttention(nn.Module):
-    """q/k/v/o projections + RoPE; the attention math is done by `ctx.attend`."""
+    """q/k/v/o projections + RoPE; the attention math is done by `ctx.attend`. With `fused_qkv`
+    set (`shoal.model.fused`), q/k/v come from one product and RoPE runs once over q and k."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -151,9 +171,18 @@ class LlamaAttention(nn.Module):
         self.k_proj = Linear(h, config.num_kv_heads * d, bias=config.attention_bias)
         self.v_proj = Linear(h, config.num_kv_heads * d, bias=config.attention_bias)
         self.o_proj = Linear(config.num_heads * d, h, bias=False)
+        self.fused_qkv: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
         lead = x.shape[:-1]
+        if self.fused_qkv is not None and fused_ok((self.q_proj, self.k_proj, self.v_proj)):
+            h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+            y = self.fused_qkv(x)  # (..., (H + 2 Hkv) * D): q | k | v
+            add_lora_deltas(x, y, (self.q_proj, self.k_proj, self.v_proj))
+            qk = apply_rope(y[..., :(h + hkv) * d].view(*lead, h + hkv, d), cos, sin)  # (..., H + Hkv, D)
+            v = y[..., (h + hkv) * d:].view(*lead, hkv, d)
+            o = ctx.attend(self.layer_idx, qk[..., :h, :], qk[..., h:, :], v)  # (..., H, D)
+            return self.o_proj(o.flatten(-2))
         q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)  # (..., H, D)
         k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)  # (..., Hkv, D)
         v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
@@ -181,7 +210,8 @@ class GPT2Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x))."""
+    """down(silu(gate(x)) * up(x)); with `fused_gate_up` set (`shoal.model.fused`), gate and up
+    come from one product."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -189,8 +219,14 @@ class SwiGLU(nn.Module):
         self.gate_proj = Linear(h, i, bias=b)
         self.up_proj = Linear(h, i, bias=b)
         self.down_proj = Linear(i, h, bias=b)
+        self.fused_gate_up: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_gate_up is not None and fused_ok((self.gate_proj, self.up_proj)):
+            y = self.fused_gate_up(x)  # (..., 2 I): gate | up
+            add_lora_deltas(x, y, (self.gate_proj, self.up_proj))
+            i = self.gate_proj.out_features
+            return self.down_proj(F.silu(y[..., :i]) * y[..., i:])
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

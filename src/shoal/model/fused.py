@@ -1,0 +1,66 @@
+"""Fused input projections: q/k/v and gate/up each as one product, for the engine.
+
+`fuse_projections(model)` gives every Llama block's attention a `fused_qkv` and its MLP a
+`fused_gate_up`: one Linear (or int8 QuantLinear) whose weight is the parts' weights stacked
+along the output axis. The parts (q_proj, k_proj, v_proj; gate_proj, up_proj) stay in the model
+with their weights rebound to views of the fused one, so checkpoints' names, LoRA wrappers
+(which add their deltas to their slice of the fused output, `LoRALinear.add_lora_`) and direct
+calls see the same numbers without a second copy. (The names do not end in a part's name, so
+suffix matching of PEFT target_modules never picks them.) One product reads the input once and makes
+one GEMM/GEMV call instead of three (two): per decode step of SmolLM2-135M, bf16, 2 threads,
+the five projections of 30 layers took 8.0 -> 6.5 ms at 1 row and 14.4 -> 12.9 ms at 32 rows
+(torch 2.13, 2-core AVX-512 EPYC; fp32 gained nothing, 17.3 vs 17.4 ms).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import Linear, LlamaAttention, SwiGLU
+
+
+def _fuse(parts: list[nn.Linear]) -> nn.Linear:
+    """One layer computing cat([p(x) for p in parts], -1); the parts' tensors become views."""
+    bias = None
+    if parts[0].bias is not None:
+        bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+    if parts[0].weight is None:  # int8 (QuantLinear): stack qweight and qscale
+        from .quant import QuantLinear
+
+        fused: nn.Linear = QuantLinear(parts[0].in_features, sum(p.out_features for p in parts),
+                                       torch.cat([p.qweight for p in parts]),
+                                       torch.cat([p.qscale for p in parts]), bias)
+    else:
+        fused = Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=False,
+                       device="meta")
+        fused.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
+        fused.bias = bias
+    fused.fused = True  # not a LoRA target (`shoal.lora.layers.default_targets`)
+    start = 0
+    for p in parts:
+        rows = slice(start, start + p.out_features)
+        if p.weight is None:
+            p.qweight, p.qscale = fused.qweight[rows], fused.qscale[rows]
+        else:
+            p.weight = nn.Parameter(fused.weight[rows], requires_grad=False)
+        if bias is not None:
+            p.bias = nn.Parameter(bias[rows], requires_grad=False)
+        start += p.out_features
+    return fused
+
+
+@torch.no_grad()
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse q/k/v and gate/up of every Llama block in place; returns how many fused layers were
+    made (0 for GPT-2, whose c_attn is fused already, or when done before). Call before LoRA is
+    applied and after quantization."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, LlamaAttention) and m.fused_qkv is None:
+            m.fused_qkv = _fuse([m.q_proj, m.k_proj, m.v_proj])
+            n += 1
+        elif isinstance(m, SwiGLU) and m.fused_gate_up is None:
+            m.fused_gate_up = _fuse([m.gate_proj, m.up_proj])
+            n += 1
+    return n

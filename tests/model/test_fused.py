@@ -1,0 +1,80 @@
+"""Fused q/k/v and gate/up projections (`shoal.model.fused`): same model, one product each."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from shoal.finetune.lora_train import apply_trainable_lora
+from shoal.lora.layers import apply_lora, default_targets
+from shoal.model.fused import fuse_projections
+from shoal.model.quant import quantize_model
+from tests.model.test_transformer import pair
+
+
+def ids(n: int = 2, t: int = 11) -> torch.Tensor:
+    return torch.randint(3, 200, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_fused_model_computes_the_same_logits(family):
+    _, model = pair(family)
+    ref = model.logits(ids())
+    parts = [model.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].mlp.up_proj.weight]
+    assert fuse_projections(model) == 2 * model.config.num_layers
+    got = model.logits(ids())
+    assert (got - ref).abs().max().item() < 1e-5
+    # the parts are views of the fused weights (no second copy), with their old values
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert torch.equal(attn.q_proj.weight, parts[0]) and torch.equal(mlp.up_proj.weight, parts[1])
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.fused_qkv.weight.untyped_storage().data_ptr()
+    assert attn.fused_qkv.weight.shape[0] == attn.q_proj.out_features + 2 * attn.k_proj.out_features
+    assert fuse_projections(model) == 0  # once
+    # never a LoRA target, and no name that suffix matching of q_proj / up_proj would pick
+    assert not [p for p in default_targets(model) if "fused" in p]
+    assert not [n for n, _ in model.named_modules() if n.endswith(("q_proj", "v_proj", "up_proj")) and "fused" in n]
+
+
+def test_fused_int8_model_equals_unfused_int8():
+    _, model = pair("llama")
+    quantize_model(model)
+    ref = model.logits(ids())
+    fuse_projections(model)
+    assert model.model.layers[1].mlp.fused_gate_up.weight is None  # int8 buffers stacked
+    assert torch.equal(model.logits(ids()), ref)  # the int8 kernel is row- and column-exact here
+
+
+def test_serving_lora_on_a_fused_model_adds_each_parts_delta():
+    _, model = pair("llama")
+    plain = copy.deepcopy(model)
+    fuse_projections(model)
+    outs = []
+    for m in (plain, model):
+        mapping = apply_lora(m, max_loras=2, max_rank=4)
+        g = torch.Generator().manual_seed(5)
+        for path, layer in mapping.layers.items():
+            layer.set_lora(1, torch.randn(4, layer.in_features, generator=g),
+                           torch.randn(layer.out_features, 4, generator=g), 0.5)
+        mapping.set([1, -1])  # row 0 on the adapter, row 1 on the base model
+        outs.append(m.logits(ids()))
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-4
+    mapping.clear()
+    base = model.logits(ids())
+    assert (outs[1][0] - base[0]).abs().max().item() > 1e-3  # the adapter acted on row 0 only
+    assert (outs[1][1] - base[1]).abs().max().item() < 1e-6
+
+
+def test_a_trainers_lora_on_a_fused_model_takes_the_unfused_path():
+    _, model = pair("llama")
+    plain = copy.deepcopy(model)
+    fuse_projections(model)
+    outs = []
+    for m in (plain, model):
+        lora = apply_trainable_lora(m, r=4, lora_alpha=8, seed=0)
+        with torch.no_grad():
+            for p in lora.parameters():
+                p.add_(0.1)  # lora_B starts at zero: make the update visible
+        outs.append(m.logits(ids()))
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-5
