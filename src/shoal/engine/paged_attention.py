@@ -6,10 +6,11 @@ is `block * block_size + offset`. Heads lead the slots so that gathering a seque
 gather is the only copy of the cache a step makes (no transpose copy after it). Each step packs
 all scheduled tokens into one flat batch (N,); `PagedAttention.attend` writes the new
 keys/values to their slots, then attends each sequence's queries over that sequence's own slots.
-Attention runs per sequence with exact lengths, so a row's result never depends on what else is
-in the batch (batch invariance). Decode rows (one query each) are batched by context-length
-bucket: each is padded to its own bucket (a multiple of DECODE_BUCKET), never to the batch's
-longest, so its arithmetic is the same alone or in company.
+Every product's shape is fixed by the row itself, never by what else is in the batch (batch
+invariance): a prefill chunk attends per sequence, in blocks of PREFILL_BLOCK query positions
+aligned to position 0 (so chunking does not change a row either); decode rows (one query each)
+are batched by context-length bucket, each padded to its own bucket (a multiple of
+DECODE_BUCKET), never to the batch's longest, so its arithmetic is the same alone or in company.
 Grouped-query heads fold the group into the query axis: no K/V is repeated.
 """
 
@@ -117,7 +118,7 @@ class PagedAttention:
         self.decode = decode or []
         self.group = num_heads // num_kv_heads
         self.window = window
-        self._masks: dict[int, torch.Tensor] = {}  # prefill block masks by block end, all layers
+        self._masks: dict[tuple, torch.Tensor] = {}  # prefill block masks by (end, dtype), all layers
         # gather indices into the cache viewed as (Hkv * slots, D), built once per step for all
         # layers: a dim-0 index_select copies whole rows and runs on all threads (measured 2x
         # faster than index_select along dim 1 at 2 threads). A prefill sequence's slots are
@@ -126,18 +127,21 @@ class PagedAttention:
         self._seq_rows = [head_rows(_pad_to_block(s.ctx_slots), num_kv_heads, n_slots) for s in self.seqs]
         self._decode_rows = [head_rows(b.slots, num_kv_heads, n_slots) for b in self.decode]
 
-    def block_mask(self, end: int, device) -> torch.Tensor:
-        """(PREFILL_BLOCK * group, end) bool: may query position end - PREFILL_BLOCK + r // group
-        see key position c (causal, and within the sliding window)? The folded layout: rows are
-        repeated per query head of a kv group."""
-        m = self._masks.get(end)
+    def block_mask(self, end: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """(PREFILL_BLOCK * group, end) additive mask in `dtype`: 0 where query position
+        end - PREFILL_BLOCK + r // group may see key position c (causal, and within the sliding
+        window), -inf elsewhere. The folded layout: rows are repeated per query head of a kv
+        group. Additive, since SDPA turns a bool mask into one on every call (measured 2
+        `where`s per call, 2-3% of a prefill step)."""
+        m = self._masks.get((end, dtype))
         if m is None:
             q_pos = torch.arange(end - PREFILL_BLOCK, end, device=device).repeat_interleave(self.group)
             diff = q_pos[:, None] - torch.arange(end, device=device)[None, :]
-            m = diff >= 0
+            allowed = diff >= 0
             if self.window is not None:
-                m &= diff < self.window
-            self._masks[end] = m
+                allowed &= diff < self.window
+            m = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+            self._masks[(end, dtype)] = m
         return m
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -187,7 +191,7 @@ class PagedAttention:
             # fold each kv head's query group into the query axis: (1, Hkv, pb * g, D)
             qf = blk.view(pb, hkv, g, d).permute(1, 0, 2, 3).reshape(1, hkv, pb * g, d)
             o = F.scaled_dot_product_attention(qf, keys[None, :, :hi], vals[None, :, :hi],
-                                               attn_mask=self.block_mask(hi, q.device))
+                                               attn_mask=self.block_mask(hi, q.dtype, q.device))
             o = o.view(hkv, pb, g, d)[:, qa - lo:qz - lo]  # (Hkv, qz - qa, g, D)
             out[rows] = o.permute(1, 0, 2, 3).reshape(qz - qa, hkv * g, d)
 

@@ -150,11 +150,15 @@ def fused_ok(parts: tuple[nn.Module, ...]) -> bool:
 def add_lora_deltas(x: torch.Tensor, y: torch.Tensor, parts: tuple[nn.Module, ...]) -> None:
     """Add each LoRA-wrapped part's delta (`LoRALinear.add_lora_`) to its slice of a fused
     projection's output y (..., sum of the parts' out_features); plain parts add nothing."""
+    lora = [p for p in parts if hasattr(p, "add_lora_")]
+    if not lora or not lora[0].mapping.active:
+        return
+    if x.device.type == "cpu" and len(lora) > 1 and lora[0].mapping.grouped:
+        x = x.float()  # the grouped LoRA products run in fp32 on CPU: cast the shared input once
     start = 0
     for p in parts:
-        add = getattr(p, "add_lora_", None)
-        if add is not None:
-            add(x, y[..., start:start + p.out_features])
+        if hasattr(p, "add_lora_"):
+            p.add_lora_(x, y[..., start:start + p.out_features])
         start += p.out_features
 
 
