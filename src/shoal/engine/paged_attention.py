@@ -123,9 +123,19 @@ class PagedAttention:
         # layers: a dim-0 index_select copies whole rows and runs on all threads (measured 2x
         # faster than index_select along dim 1 at 2 threads). A prefill sequence's slots are
         # padded (slot 0, always masked) up to its last block's end.
-        n_slots = cache.k.shape[2]
-        self._seq_rows = [head_rows(_pad_to_block(s.ctx_slots), num_kv_heads, n_slots) for s in self.seqs]
-        self._decode_rows = [head_rows(b.slots, num_kv_heads, n_slots) for b in self.decode]
+        # When blocks tile the padded lengths, whole blocks are gathered: the cache viewed as
+        # (Hkv * num_blocks, block_size * D), one index per block instead of per slot (slots
+        # come from block tables, so each block_size run of them is one block, in order)
+        bs = cache.block_size
+        self._unit = bs if PREFILL_BLOCK % bs == 0 and DECODE_BUCKET % bs == 0 else 1
+        n_rows = cache.k.shape[2] // self._unit
+
+        def rows_of(slots: torch.Tensor) -> torch.Tensor:
+            first = slots.view(-1, self._unit)[:, 0] // self._unit  # block (or slot) ids
+            return head_rows(first, num_kv_heads, n_rows)
+
+        self._seq_rows = [rows_of(_pad_to_block(s.ctx_slots)) for s in self.seqs]
+        self._decode_rows = [rows_of(b.slots) for b in self.decode]
 
     def block_mask(self, end: int, dtype: torch.dtype, device) -> torch.Tensor:
         """(PREFILL_BLOCK * group, end) additive mask in `dtype`: 0 where query position
@@ -153,7 +163,7 @@ class PagedAttention:
         out = torch.empty_like(q)
         hkv, d = k.shape[1], k.shape[2]
         g = self.group
-        kf, vf = kc.view(-1, d), vc.view(-1, d)  # (Hkv * slots, D)
+        kf, vf = kc.view(-1, self._unit * d), vc.view(-1, self._unit * d)  # (Hkv * slots / unit, unit * D)
         # 2) each prefill chunk attends over its own slots
         for s, rows in zip(self.seqs, self._seq_rows):
             keys = kf.index_select(0, rows).view(hkv, -1, d).to(q.dtype)  # (Hkv, S', D), S' padded
@@ -200,11 +210,11 @@ class PagedAttention:
         """One decode bucket: out[b.rows] = softmax(q k^T / sqrt(D) + bias) v, in fp32 (bf16 on
         CPU: SDPA on the bf16 cache, fp32 accumulation).
 
-        rows (Hkv*Bb*Sb,) = head_rows(b.slots); q, out (N, H, D); kf, vf (Hkv*slots, D) this
-        layer's cache. Batch index i = h * Bb + r (kv head h, bucket row r).
+        rows: this bucket's gather rows into kf, vf, this layer's cache viewed as (Hkv * slots /
+        unit, unit * D) (`__init__`); q, out (N, H, D). Batch index i = h * Bb + r (kv head h, bucket row r).
         """
         bb, sb = b.rows.numel(), b.length
-        d = kf.shape[1]
+        d = q.shape[-1]
         g = self.group
         hkv = out.shape[1] // g
         if q.dtype == kf.dtype == torch.bfloat16 and q.device.type == "cpu":
