@@ -10,6 +10,7 @@ import torch
 from shoal.finetune.lora_train import apply_trainable_lora
 from shoal.lora.layers import apply_lora, default_targets
 from shoal.model.fused import fuse_projections
+from shoal.model.layers import add_lora_deltas
 from shoal.model.quant import quantize_model
 from tests.model.test_transformer import pair
 
@@ -78,3 +79,43 @@ def test_a_trainers_lora_on_a_fused_model_takes_the_unfused_path():
                 p.add_(0.1)  # lora_B starts at zero: make the update visible
         outs.append(m.logits(ids()))
     assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("slots", [[-1] * 3 + [0] * 5 + [1] * 20 + [0] * 2, [1, 0, -1, 1, 0, 0, 1, 1]])
+def test_lora_group_serves_a_fused_projections_parts_with_one_shrink(slots, monkeypatch):
+    """Packed (engine) inputs: the parts of fused q/k/v and gate/up share one A buffer
+    (`LoRAGroup`) and give the per-layer results; runs in place and tiles both exercised."""
+    monkeypatch.setattr("shoal.lora.grouping.LONG_RUN", 16)
+    _, model = pair("llama")
+    plain = copy.deepcopy(model)
+    fuse_projections(model)
+    x = torch.randn(len(slots), model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for m in (plain, model):
+        mapping = apply_lora(m, max_loras=2, max_rank=4)
+        mapping.grouped = True
+        g = torch.Generator().manual_seed(6)
+        for path, layer in mapping.layers.items():
+            if path.endswith("k_proj"):
+                continue  # a part without weights in any slot: skipped, its siblings served
+            for slot in (0, 1):
+                layer.set_lora(slot, torch.randn(2 + slot, layer.in_features, generator=g),
+                               torch.randn(layer.out_features, 2 + slot, generator=g), 0.5 + slot)
+        mapping.set(slots)
+        attn, mlp = m.model.layers[0].self_attn, m.model.layers[0].mlp
+        with torch.no_grad():
+            if attn.fused_qkv is None:
+                qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+            else:
+                qkv = attn.fused_qkv(x)
+                add_lora_deltas(x, qkv, (attn.q_proj, attn.k_proj, attn.v_proj))
+            outs.append((qkv, mlp(x)))
+    attn = model.model.layers[0].self_attn
+    group = attn.q_proj.lora_group
+    assert group is not None and group.layers == (attn.q_proj, attn.k_proj, attn.v_proj)
+    assert attn.v_proj.lora_a_stacked.untyped_storage().data_ptr() == group.a.untyped_storage().data_ptr()
+    r = attn.q_proj.lora_a_stacked.shape[1]
+    assert torch.equal(group.a[1, 2 * r:2 * r + 3], attn.v_proj.lora_a_stacked[1, :3])  # set_lora wrote through
+    assert model.model.layers[0].mlp.up_proj.lora_group is not None
+    for plain_out, fused_out in zip(*outs):
+        assert (plain_out - fused_out).abs().max().item() < 1e-4

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..model.layers import linear
-from .grouping import TILE_CAP, GroupPlan, lora_delta
+from .grouping import TILE_CAP, GroupPlan, LoRAGroup, add_grouped_
 
 # A step's plan: for each slot in the batch, the tokens of x (flattened to (N, in)) it owns,
 # as a contiguous slice when the slot's tokens are adjacent, else as an index tensor.
@@ -141,6 +141,7 @@ class LoRALinear(nn.Linear):
         self.register_buffer("lora_b_stacked", torch.zeros(n, r, self.out_features, **kw), persistent=False)
         self.register_buffer("scaling", torch.zeros(n, **kw), persistent=False)
         self.ranks = [0] * n  # rank held by each slot (0 = empty)
+        self.lora_group: LoRAGroup | None = None  # set when A shares a buffer with siblings
         self._scale = [0.0] * n  # python copy of `scaling` for the hot path
 
     @torch.no_grad()
@@ -167,58 +168,6 @@ class LoRALinear(nn.Linear):
         self.scaling[slot] = 0.0
         self.ranks[slot], self._scale[slot] = 0, 0.0
 
-    def _forward_grouped(self, x2: torch.Tensor, y2: torch.Tensor, g: GroupPlan) -> None:
-        """Every adapter token: long runs in place (`_forward_runs`), the rest (decodes) in two
-        batched products over slot tiles (BGMV/SGMV-style).
-
-        Semantics: as the class docstring. Work is G tokens x max_rank (not N x every slot), the
-        weights of slots outside the batch are not read, and a row's arithmetic does not depend
-        on the other rows: each tile or run is its own product (batch invariance, see
-        `lora_delta`).
-        """
-        if not any(self.ranks[s] for s in g.slots):
-            return  # no adapter in the batch targets this layer
-        if g.runs:
-            self._forward_runs(x2, y2, g.runs)
-        tiles, rows = g.tile_slots.numel(), g.rows
-        if not tiles:
-            return
-        # 1) the adapter tokens as tiles (tiles*rows, in): a view when they already are (the
-        #    engine orders a step's tokens by slot), else gathered into zero-padded tiles
-        if g.span is not None:
-            xp = x2[g.span]
-        else:
-            xp = x2.new_zeros(tiles * rows, self.in_features)
-            xp.index_copy_(0, g.dst, x2.index_select(0, g.tok))
-        # 2) each tile's A, B and scaling: the stacked buffers themselves when tile t is slot t
-        if g.all_slots:
-            a, b, scale = self.lora_a_stacked, self.lora_b_stacked, self.scaling
-        else:
-            a = self.lora_a_stacked.index_select(0, g.tile_slots)  # (tiles, R, in)
-            b = self.lora_b_stacked.index_select(0, g.tile_slots)  # (tiles, R, out)
-            scale = self.scaling.index_select(0, g.tile_slots)  # (tiles,)
-        # 3) (tiles, rows, in) -> (tiles, rows, out) deltas, rounded to y's dtype
-        delta = lora_delta(xp.view(tiles, rows, self.in_features), a, b, scale, y2.dtype,
-                           self.mapping.min_rows)
-        # 4) add each token's delta to its row of y (rows are distinct: deterministic)
-        if g.span is not None:
-            y2[g.span].add_(delta.reshape(tiles * rows, self.out_features))
-        else:
-            y2.index_add_(0, g.tok, delta.reshape(tiles * rows, self.out_features).index_select(0, g.dst))
-
-    def _forward_runs(self, x2: torch.Tensor, y2: torch.Tensor, runs: list[tuple[int, slice]]) -> None:
-        """Long contiguous runs (prefill chunks): each run's rows in place, no padding or copies.
-        The same products (`lora_delta`) as the tiles, so a row gets the same bits on either
-        path."""
-        for s, rows in runs:
-            if not self.ranks[s]:
-                continue
-            # (1, n, in) -> (1, n, out)
-            delta = lora_delta(x2[rows].unsqueeze(0), self.lora_a_stacked[s:s + 1],
-                               self.lora_b_stacked[s:s + 1], self.scaling[s:s + 1], y2.dtype,
-                               self.mapping.min_rows)
-            y2[rows].add_(delta[0])
-
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output (..., out): float weights, or int8 ones (QuantLinear)."""
         if self.weight is None:
@@ -238,7 +187,7 @@ class LoRALinear(nn.Linear):
         lead = tuple(x.shape[:-1])
         if self.mapping.grouped and lead == self.mapping.shape and len(lead) == 1:
             if self.mapping.active:
-                self._forward_grouped(x, y, self.mapping.groups())
+                add_grouped_(x, [y], [self], self.lora_a_stacked, self.mapping.groups())
             return
         plan = self.mapping.plan(lead)
         if not plan:
@@ -308,4 +257,10 @@ def apply_lora(model: nn.Module, max_loras: int, max_rank: int,
         layer = LoRALinear(getattr(parent, child), mapping, dtype=dtype, device=device)
         setattr(parent, child, layer)
         mapping.layers[path] = layer
+    # parts of a fused projection (`shoal.model.fused`) that all got LoRA share one A buffer
+    for m in model.modules():
+        for parts in getattr(m, "fused_parts", lambda: [])():
+            wrapped = [p for p in parts if isinstance(p, LoRALinear) and p.mapping is mapping]
+            if len(wrapped) > 1:
+                LoRAGroup(wrapped)
     return mapping

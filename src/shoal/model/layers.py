@@ -150,16 +150,20 @@ def fused_ok(parts: tuple[nn.Module, ...]) -> bool:
 def add_lora_deltas(x: torch.Tensor, y: torch.Tensor, parts: tuple[nn.Module, ...]) -> None:
     """Add each LoRA-wrapped part's delta (`LoRALinear.add_lora_`) to its slice of a fused
     projection's output y (..., sum of the parts' out_features); plain parts add nothing."""
-    lora = [p for p in parts if hasattr(p, "add_lora_")]
-    if not lora or not lora[0].mapping.active:
-        return
-    if x.device.type == "cpu" and len(lora) > 1 and lora[0].mapping.grouped:
-        x = x.float()  # the grouped LoRA products run in fp32 on CPU: cast the shared input once
-    start = 0
+    lora, ys, start = [], [], 0
     for p in parts:
         if hasattr(p, "add_lora_"):
-            p.add_lora_(x, y[..., start:start + p.out_features])
+            lora.append(p)
+            ys.append(y[..., start:start + p.out_features])
         start += p.out_features
+    if not lora or not lora[0].mapping.active:
+        return
+    group = lora[0].lora_group
+    if group is not None and group.layers == tuple(lora):
+        group.add_(x, ys)  # one shrink product for all of them
+        return
+    for p, part_y in zip(lora, ys):
+        p.add_lora_(x, part_y)
 
 
 class LlamaAttention(nn.Module):
@@ -176,6 +180,10 @@ class LlamaAttention(nn.Module):
         self.v_proj = Linear(h, config.num_kv_heads * d, bias=config.attention_bias)
         self.o_proj = Linear(config.num_heads * d, h, bias=False)
         self.fused_qkv: nn.Module | None = None
+
+    def fused_parts(self) -> list[tuple[nn.Module, ...]]:
+        """The layers `fused_qkv` stands for (none when not fused)."""
+        return [(self.q_proj, self.k_proj, self.v_proj)] if self.fused_qkv is not None else []
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -224,6 +232,10 @@ class SwiGLU(nn.Module):
         self.up_proj = Linear(h, i, bias=b)
         self.down_proj = Linear(i, h, bias=b)
         self.fused_gate_up: nn.Module | None = None
+
+    def fused_parts(self) -> list[tuple[nn.Module, ...]]:
+        """The layers `fused_gate_up` stands for (none when not fused)."""
+        return [(self.gate_proj, self.up_proj)] if self.fused_gate_up is not None else []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gate_up is not None and fused_ok((self.gate_proj, self.up_proj)):
