@@ -1,8 +1,9 @@
 """How a step's adapter tokens are grouped for the multi-LoRA products (`LoRALinear`).
 
 `GroupPlan` decides, once per step on the host, which tokens are served in place as long runs
-(prefill chunks) and which go into one-slot tiles (decodes); `lora_delta` is the batched
-shrink-expand product both paths use, row-invariant on CPU.
+(prefill chunks) and which go into one-slot tiles (decodes); `lora_deltas` is the batched
+shrink-expand product both paths use, row-invariant on CPU; `add_grouped_` applies a step's
+deltas to one layer or to a `LoRAGroup` (the parts of a fused projection, one shrink for all).
 """
 
 from __future__ import annotations
