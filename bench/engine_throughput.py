@@ -45,8 +45,9 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(int(q * len(xs)), len(xs) - 1)] if xs else float("nan")
 
 
-def run_shoal(engine, prompts, out_tokens: int, adapters=None) -> dict:
-    """Drive the engine's step loop; time every token as it is produced."""
+def run_shoal(engine, prompts, out_tokens: int, adapters=None, sync=None) -> dict:
+    """Drive the engine's step loop; time every token as it is produced (after `sync()`, e.g.
+    torch.cuda.synchronize, when given)."""
     from shoal.engine.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=out_tokens, ignore_eos=True)
@@ -55,10 +56,12 @@ def run_shoal(engine, prompts, out_tokens: int, adapters=None) -> dict:
     last: dict[str, float] = {}
     gaps: list[float] = []
     for i, p in enumerate(prompts):
-        engine.add_request(f"b{i}", p, params, adapters[i] if adapters else None)
+        engine.add_request(f"b{i}-{t0}", p, params, adapters[i] if adapters else None)
     total = 0
     while engine.has_unfinished():
         outs = engine.step()
+        if sync is not None:
+            sync()
         now = time.perf_counter()
         for o in outs:
             k = len(o.outputs[0].token_ids_delta)
@@ -77,18 +80,21 @@ def run_shoal(engine, prompts, out_tokens: int, adapters=None) -> dict:
             "itl_p50_ms": 1e3 * pct(gaps, 0.5), "itl_p99_ms": 1e3 * pct(gaps, 0.99)}
 
 
-def run_hf(model, prompts, out_tokens: int, batch: int, adapter_names=None) -> dict:
+def run_hf(model, prompts, out_tokens: int, batch: int, adapter_names=None, device: str = "cpu",
+           sync=None) -> dict:
     """Static batches of `batch` left-padded prompts through HF `generate` (greedy)."""
     total, t0 = 0, time.perf_counter()
     for s in range(0, len(prompts), batch):
         chunk = prompts[s:s + batch]
         width = max(len(p) for p in chunk)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         kw = {"adapter_names": adapter_names[s:s + batch]} if adapter_names else {}
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=out_tokens,
                                  min_new_tokens=out_tokens, do_sample=False, pad_token_id=0, **kw)
+        if sync is not None:
+            sync()
         total += (out.shape[1] - width) * len(chunk)
     dt = time.perf_counter() - t0
     return {"tok_s": total / dt, "seconds": dt, "tokens": total}
@@ -208,16 +214,21 @@ def main() -> None:
             names = [f"a{i % args.adapters}" for i in range(len(sets["streams"]))]
             results[f"PEFT mixed adapters, batch {args.hf_batch} (bfloat16)"] = run_hf(
                 pm, sets["streams"], args.out, args.hf_batch, names)
+    report(results, {"threads": args.threads, "out_tokens": args.out,
+                     "shoal_peak_rss_mb": round(shoal_rss)}, args.json)
+
+
+def report(results: dict[str, dict], meta: dict, json_path: str | None) -> None:
+    """Print the table and one JSON line (date, meta, results); also write it to json_path."""
     print(f"\n{'run':58s} {'tok/s':>8s} {'TTFT p50/p99 ms':>17s} {'ITL p50/p99 ms':>16s}")
     for k, r in results.items():
-        lat = (f"{r['ttft_p50_ms']:7.0f}/{r['ttft_p99_ms']:<7.0f}  {r['itl_p50_ms']:6.1f}/{r['itl_p99_ms']:<6.1f}"
+        lat = (f"{r['ttft_p50_ms']:7.0f}/{r['ttft_p99_ms']:<7.0f}  {r['itl_p50_ms']:6.2f}/{r['itl_p99_ms']:<6.2f}"
                if "ttft_p50_ms" in r else "")
         print(f"{k:58s} {r['tok_s']:8.1f}  {lat}")
-    out = {"date": time.strftime("%Y-%m-%d"), "threads": args.threads, "out_tokens": args.out,
-           "shoal_peak_rss_mb": round(shoal_rss), "results": results}
+    out = {"date": time.strftime("%Y-%m-%d"), **meta, "results": results}
     print(json.dumps(out))
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(out, f, indent=2)
 
 

@@ -20,11 +20,9 @@ CPU smoke run: python bench/gpu_engine.py --device cpu --shapes tiny --requests 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
-import time
 
 import torch
 
@@ -61,56 +59,6 @@ def build(shape: str, root: str, tokenizer_dir: str) -> str:
     return path
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(int(q * len(xs)), len(xs) - 1)] if xs else float("nan")
-
-
-def run_shoal(engine, prompts, out_tokens: int, sync) -> dict:
-    from shoal.engine.sampling_params import SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_tokens=out_tokens, ignore_eos=True)
-    t0 = time.perf_counter()
-    first, last, gaps, total = {}, {}, [], 0
-    for i, p in enumerate(prompts):
-        engine.add_request(f"g{i}-{t0}", p, params)
-    while engine.has_unfinished():
-        outs = engine.step()
-        sync()
-        now = time.perf_counter()
-        for o in outs:
-            k = len(o.outputs[0].token_ids_delta)
-            if not k:
-                continue
-            total += k
-            if o.request_id in first:
-                gaps.append(now - last[o.request_id])
-            else:
-                first[o.request_id] = now - t0
-            last[o.request_id] = now
-    dt = time.perf_counter() - t0
-    ttft = list(first.values())
-    return {"tok_s": total / dt, "seconds": dt, "tokens": total,
-            "ttft_p50_ms": 1e3 * pct(ttft, 0.5), "ttft_p99_ms": 1e3 * pct(ttft, 0.99),
-            "itl_p50_ms": 1e3 * pct(gaps, 0.5), "itl_p99_ms": 1e3 * pct(gaps, 0.99)}
-
-
-def run_hf(model, prompts, out_tokens: int, batch: int, device: str, sync) -> dict:
-    total, t0 = 0, time.perf_counter()
-    for s in range(0, len(prompts), batch):
-        chunk = prompts[s:s + batch]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=out_tokens,
-                                 min_new_tokens=out_tokens, do_sample=False, pad_token_id=0)
-        sync()
-        total += (out.shape[1] - width) * len(chunk)
-    dt = time.perf_counter() - t0
-    return {"tok_s": total / dt, "seconds": dt, "tokens": total}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b")
@@ -127,7 +75,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(__file__))
-    from engine_throughput import make_prompts
+    from engine_throughput import make_prompts, report, run_hf, run_shoal
 
     from shoal.config import EngineConfig
     from shoal.engine.llm_engine import LLMEngine
@@ -146,9 +94,9 @@ def main() -> None:
                            max_num_seqs=args.requests, max_num_batched_tokens=args.max_batched_tokens,
                            kv_cache_memory=int(args.kv_cache_gb * 2**30) if cuda else 256 << 20)
         engine = LLMEngine(cfg, load_dir(path, dtype=dtype, device=args.device))
-        run_shoal(engine, make_prompts(4, 16, 16, 9, 49152), 4, sync)  # warm-up
-        results[f"{shape} shoal, {args.requests} requests"] = run_shoal(engine, prompts, args.out, sync)
-        results[f"{shape} shoal, 1 request"] = run_shoal(engine, prompts[:1], args.out, sync)
+        run_shoal(engine, make_prompts(4, 16, 16, 9, 49152), 4, sync=sync)  # warm-up
+        results[f"{shape} shoal, {args.requests} requests"] = run_shoal(engine, prompts, args.out, sync=sync)
+        results[f"{shape} shoal, 1 request"] = run_shoal(engine, prompts[:1], args.out, sync=sync)
         del engine
         if cuda:
             torch.cuda.empty_cache()
@@ -156,24 +104,14 @@ def main() -> None:
             import transformers
 
             hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
-            run_hf(hf, make_prompts(2, 16, 16, 9, 49152), 4, 2, args.device, sync)  # warm-up
+            run_hf(hf, make_prompts(2, 16, 16, 9, 49152), 4, 2, device=args.device, sync=sync)  # warm-up
             results[f"{shape} HF generate, batch {args.hf_batch}"] = run_hf(
-                hf, prompts, args.out, args.hf_batch, args.device, sync)
+                hf, prompts, args.out, args.hf_batch, device=args.device, sync=sync)
             del hf
             if cuda:
                 torch.cuda.empty_cache()
-    print(f"\n{'run':52s} {'tok/s':>9s} {'TTFT p50/p99 ms':>17s} {'ITL p50/p99 ms':>16s}")
-    for k, r in results.items():
-        lat = (f"{r['ttft_p50_ms']:7.0f}/{r['ttft_p99_ms']:<7.0f}  {r['itl_p50_ms']:6.2f}/{r['itl_p99_ms']:<6.2f}"
-               if "ttft_p50_ms" in r else "")
-        print(f"{k:52s} {r['tok_s']:9.1f}  {lat}")
-    out = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "dtype": args.dtype,
-           "torch": torch.__version__,
-           "gpu": torch.cuda.get_device_name() if cuda else None, "results": results}
-    print(json.dumps(out))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    report(results, {"device": args.device, "dtype": args.dtype, "torch": torch.__version__,
+                     "gpu": torch.cuda.get_device_name() if cuda else None}, args.json)
 
 
 if __name__ == "__main__":
