@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from shoal.lora.grouping import MIN_ROWS, lora_delta
+from shoal.lora.grouping import MIN_ROWS, lora_deltas
 from shoal.lora.layers import LoRALinear, LoRAMapping, apply_lora
 from tests.lora import pair
 
@@ -243,6 +243,10 @@ def test_lora_delta_row_is_bit_identical_for_any_tile_shape(dtype, k, n, r):
     """The grouped shrink-expand product gives a row the same bits whatever its tile's height
     and however many groups share the call (the fp32 products and the padding to
     MIN_ROWS; decode tiles have 1-3 rows, prefill runs hundreds)."""
+
+    def lora_delta(x, a, b, scale, out_dtype, min_rows):  # one layer's lora_deltas
+        return lora_deltas(x, a, [b], [scale], out_dtype, min_rows)[0]
+
     g = torch.Generator().manual_seed(5)
     x = torch.randn(64, k, generator=g).to(dtype)
     a = (torch.randn(1, r, k, generator=g) * 0.05).to(dtype)

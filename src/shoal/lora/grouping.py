@@ -115,12 +115,6 @@ def lora_deltas(x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor | None],
     return out
 
 
-def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
-               out_dtype: torch.dtype, min_rows: int = 1) -> torch.Tensor:
-    """One layer's `lora_deltas`: x (S, T, K), a (S, R, K), b (S, R, N), scale (S,) -> (S, T, N)."""
-    return lora_deltas(x, a, [b], [scale], out_dtype, min_rows)[0]
-
-
 def add_grouped_(x2: torch.Tensor, ys: list[torch.Tensor], layers: list, a: torch.Tensor,
                  g: GroupPlan) -> None:
     """ys[i] += layers[i]'s LoRA delta for every adapter token of a packed step (in place).
