@@ -135,6 +135,8 @@ def main() -> None:
     ap.add_argument("--quantization", default=None, help="int8: Shoal's weight-only int8 layers")
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--unpacked-too", action="store_true",
+                    help="also run Shoal with pack_weights=False (plain F.linear), for an A/B")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -150,9 +152,6 @@ def main() -> None:
                        kv_cache_dtype=args.kv_cache_dtype)
     loaded = load_for_engine(cfg)
     vocab = loaded.config.vocab_size
-    engine = LLMEngine(cfg, loaded)
-    dtype = str(next(engine.model.parameters()).dtype).replace("torch.", "")
-    dtype += ", int8 weights" if args.quantization else ""
     sets = {
         "single": make_prompts(1, 128, 128, 0, vocab),
         "streams": make_prompts(args.streams, 64, 128, 1, vocab),
@@ -161,18 +160,24 @@ def main() -> None:
     }
     prompt_tokens = sum(len(p) for p in sets["prefill"])
     results: dict[str, dict] = {}
-    run_shoal(engine, make_prompts(2, 16, 16, 9, vocab), 4)  # warm-up
-    for w in ("single", "streams", "many"):
-        if w in work:
-            results[f"shoal {w} ({dtype})"] = run_shoal(engine, sets[w], args.out)
-    if "prefill" in work:
-        r = run_shoal(engine, sets["prefill"], 1)
-        results[f"shoal prefill, prompt tok/s ({dtype})"] = {**r, "tok_s": prompt_tokens / r["seconds"]}
     adapter_paths: list[str] = []
     if any(w.endswith("adapters") for w in work):
         root = tempfile.mkdtemp(prefix="shoal-adapters-")
-        model_dir = ModelRegistry().resolve(args.model)
-        adapter_paths = make_adapters(model_dir, args.adapters, root)
+        adapter_paths = make_adapters(ModelRegistry().resolve(args.model), args.adapters, root)
+    for pack in [True] + ([False] if args.unpacked_too else []):
+        cfg.pack_weights = pack
+        engine = LLMEngine(cfg, loaded or load_for_engine(cfg))  # a fresh model for the second
+        loaded = None
+        dtype = str(next(engine.model.parameters()).dtype).replace("torch.", "")
+        dtype += ", int8 weights" if args.quantization else ""
+        dtype += "" if pack else ", unpacked"
+        run_shoal(engine, make_prompts(2, 16, 16, 9, vocab), 4)  # warm-up
+        for w in ("single", "streams", "many"):
+            if w in work:
+                results[f"shoal {w} ({dtype})"] = run_shoal(engine, sets[w], args.out)
+        if "prefill" in work:
+            r = run_shoal(engine, sets["prefill"], 1)
+            results[f"shoal prefill, prompt tok/s ({dtype})"] = {**r, "tok_s": prompt_tokens / r["seconds"]}
         for i, p in enumerate(adapter_paths):
             engine.lora.add_adapter(f"a{i}", p)
         for w in ("adapters", "many_adapters"):
@@ -181,8 +186,9 @@ def main() -> None:
                 names = [f"a{i % args.adapters}" for i in range(len(prompts))]
                 results[f"shoal {w.replace('adapters', '').strip('_') or 'streams'}, {args.adapters} "
                         f"adapters mixed ({dtype})"] = run_shoal(engine, prompts, args.out, names)
-    shoal_rss = rss_peak_mb()
-    del engine
+        if pack:
+            shoal_rss = rss_peak_mb()
+        del engine
     if not args.skip_hf:
         import transformers
 

@@ -1,4 +1,8 @@
-"""Engine fixtures: a tiny random Llama (and GPT-2) with the tiny BPE tokenizer, loaded once."""
+"""Engine fixtures: a tiny random Llama (and GPT-2) with the tiny BPE tokenizer, loaded once.
+
+Engines transform a passed-in model in place (fused projections, packed CPU weights): the
+numbers stay the same, so tests share these; a test that needs the untouched modules loads the
+directory again (`loaded.source`)."""
 
 from __future__ import annotations
 

@@ -251,9 +251,11 @@ def test_bad_sampling_params_name_the_field(kwargs, field):
         SamplingParams(**kwargs)
 
 
-def test_bf16_model_math_is_bitwise_batch_invariant(tmp_path, tiny_tokenizer_dir):
+@pytest.mark.parametrize("pack", [True, False])
+def test_bf16_model_math_is_bitwise_batch_invariant(tmp_path, tiny_tokenizer_dir, pack):
     """A row's logprobs are bit-identical alone and among 32 other requests (bf16, CPU), with
-    an MLP wider than 1024 so the split-K path is exercised."""
+    an MLP wider than 1024 so the split-K path is exercised, on packed weights (the default)
+    and on plain ones."""
     from shoal.model.loader import load_dir
     from tests.helpers import hf_tiny_config, save_tiny_hf_dir
 
@@ -263,11 +265,14 @@ def test_bf16_model_math_is_bitwise_batch_invariant(tmp_path, tiny_tokenizer_dir
     loaded = load_dir(str(tmp_path / "wide"), dtype="bfloat16")
     target = prompts(1, seed=40, lo=30, hi=30)[0]
     params = SamplingParams(temperature=1.0, max_tokens=16, seed=3, ignore_eos=True, logprobs=2)
-    alone = make_llm(loaded).generate([target], params)[0].outputs[0]
+    alone = make_llm(loaded, pack_weights=pack).generate([target], params)[0].outputs[0]
+    down = loaded.model.model.layers[0].mlp.down_proj.weight
+    assert len(getattr(down, "chunks", ())) == (2 if pack else 0)  # packed in split-K chunks
     others = prompts(32, seed=41, lo=5, hi=100)
     ps = [params] + [SamplingParams(temperature=1.0, max_tokens=3 + i % 20, ignore_eos=True)
                      for i in range(32)]
-    mixed = make_llm(loaded, max_num_batched_tokens=128).generate([target] + others, ps)[0].outputs[0]
+    mixed = make_llm(loaded, max_num_batched_tokens=128,
+                     pack_weights=pack).generate([target] + others, ps)[0].outputs[0]
     assert mixed.token_ids == alone.token_ids
     assert [lp for _, lp, _ in mixed.logprobs] == [lp for _, lp, _ in alone.logprobs]
 

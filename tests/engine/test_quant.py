@@ -22,13 +22,20 @@ from tests.helpers import hf_tiny_config, save_tiny_hf_dir
 
 
 def fresh(loaded: LoadedModel) -> LoadedModel:
-    """A copy whose model can be quantized in place (the session fixtures stay fp32)."""
-    return LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.config, loaded.source)
+    """The fixture's model loaded again from its directory, as no engine has touched it (engines
+    fuse and pack a passed-in model in place), so it can be quantized in place."""
+    return load_dir(loaded.source, dtype="float32")
 
 
 def linear_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of linear weights, each counted once: the parts of a fused projection (views of
+    its weight, or meta when packed) are skipped, so fused or not gives the same sum."""
+    parts = {id(p) for m in model.modules() if hasattr(m, "fused_parts")
+             for group in m.fused_parts() for p in group}
     n = 0
     for m in model.modules():
+        if id(m) in parts:
+            continue
         if isinstance(m, QuantLinear):
             n += m.qweight.numel() * m.qweight.element_size() + m.qscale.numel() * m.qscale.element_size()
         elif isinstance(m, torch.nn.Linear):

@@ -15,6 +15,7 @@ import torch
 
 from ..config import EngineConfig
 from ..model.fused import fuse_projections
+from ..model.packed import pack_linears
 from ..model.loader import LoadedModel, resolve_dtype
 from .block_manager import BlockManager
 from ..lora.grouping import MIN_ROWS
@@ -61,6 +62,9 @@ class LLMEngine:
 
             quantize_model(self.model, config.quantization)
         fuse_projections(self.model)  # q/k/v and gate/up as one product each (in place, once)
+        if config.pack_weights:  # CPU float linears in oneDNN's layout (`shoal.model.packed`)
+            bf16 = next(self.model.parameters()).dtype == torch.bfloat16
+            pack_linears(self.model, INVARIANT_K if config.batch_invariant and bf16 else 0)
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
@@ -232,7 +236,8 @@ INVARIANT_K = 1024  # bf16 CPU matmuls were measured row-invariant up to this in
 
 
 def set_batch_invariant(model: torch.nn.Module) -> int:
-    """Switch wide bf16 CPU linears to split-K (see `shoal.model.layers.linear`) and pad LoRA's
+    """Switch wide unpacked bf16 CPU linears to split-K (see `shoal.model.layers.linear`; packed
+    ones are packed in the same chunks, `shoal.model.packed`) and pad LoRA's
     grouped CPU products to MIN_ROWS rows; returns how many linears changed. fp32, CUDA and
     int8 linears (`weight` None: the int8 kernel is row-invariant as it is) are left alone."""
     p = next(model.parameters())
@@ -245,7 +250,8 @@ def set_batch_invariant(model: torch.nn.Module) -> int:
         return 0
     n = 0
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and m.weight is not None and m.in_features > INVARIANT_K:
+        if (isinstance(m, torch.nn.Linear) and m.weight is not None and m.weight.device.type == "cpu"
+                and m.in_features > INVARIANT_K):  # packed weights (meta) were cut when packed
             m.k_chunk = INVARIANT_K
             n += 1
     return n

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .packed import PackedWeight
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -27,7 +28,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (measured: torch 2.13, oneDNN, AVX512-BF16), so a row's result would depend on what else is
     in the batch. Chunks of K <= 1024 are row-invariant, and so is their fp32 sum.
     Semantics: y = sum_c x[:, c] @ weight[:, c].T (+ bias), c over the K chunks.
+    A weight packed for oneDNN (`shoal.model.packed`) computes the same, with the chunks it was
+    packed in (k_chunk is fixed at packing).
     """
+    if isinstance(weight, PackedWeight):
+        return weight.linear(x, bias)
     k = x.shape[-1]
     if k_chunk <= 0 or k <= k_chunk:
         return F.linear(x, weight, bias)

@@ -1,0 +1,140 @@
+"""Linear weights pre-packed into oneDNN's blocked layout, for the engine on CPU.
+
+`pack_linears(model)` replaces each float CPU linear's (out, in) weight by the same numbers
+reordered once into the layout oneDNN's GEMM reads directly (`torch.ops.mkldnn.
+_reorder_linear_weight`); `shoal.model.layers.linear` then calls `mkldnn._linear_pointwise` on
+it. F.linear on a plain weight reorders (or reads strided) on every call, which is most of the
+cost of a thin product. Measured on SmolLM2-135M shapes (torch 2.13, 2-core AVX-512 EPYC,
+2 threads, F.linear -> packed, microseconds):
+
+    bf16  (3072, 576)   M=1  124 -> 52    M=32  400 -> 302   M=512  4663 -> 4468
+    bf16  (576, 1536)   M=1   85 -> 48    M=32  210 -> 169
+    bf16  (49152, 576)  M=1 3402 -> 2139  M=32 8094 -> 5486
+    fp32  (3072, 576)   M=1  140 -> 69    M=32  800 -> 608   M=512 10583 -> 8418
+    fp32  (49152, 576)  M=1 9499 -> 4486  M=32 23683 -> 9668
+
+The numbers are the same weights: a packed bf16 product gives F.linear's bits at one row, and,
+like F.linear, a row's result is the same for any number of rows (1..1024 measured) while
+K <= 1024 and not beyond (K = 1536 and 2048 measured), so for batch invariance wider bf16 layers
+are packed in split-K chunks (`k_chunk`, summed in fp32 as `shoal.model.layers.linear` does).
+fp32 packed products are row-invariant at K <= 576 and not at K = 1536, as fp32 F.linear
+already was not (fp32 matches token for token, not bit for bit).
+
+What changes for the rest of the model:
+- Each packed layer's `weight` is a `PackedWeight`: a Parameter with the logical shape and
+  dtype on the meta device (no memory), so LoRA wrappers and shape checks read it as before,
+  and the packed pieces in `chunks`. It supports only this product: no views, no autograd.
+  The engine packs; training never does.
+- The parts of a fused projection (`shoal.model.fused`) held views of the fused weight; they
+  get a PackedWeight without chunks (shape and dtype, no memory): the fused product computes
+  them, and calling a part alone raises instead of computing with a stale copy.
+- A head tied to the input embedding gets its own packed copy (V x hidden more memory: 57 MB
+  for SmolLM2-135M in bf16); the embedding keeps the plain matrix for its row lookups.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def packing_available() -> bool:
+    """Do this torch build's oneDNN ops for packed linears exist?"""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight
+        torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+class PackedWeight(nn.Parameter):
+    """A linear's (out, in) weight held as oneDNN-packed pieces: the Parameter itself is a
+    meta tensor (shape and dtype, no memory); `chunks` holds (start, stop, packed) column
+    ranges, one unless split-K is in effect. `dense()` gives the plain matrix back, bit for bit.
+
+    Semantics of `linear(x, bias)`: one chunk: x @ W.T + bias in x's dtype; several: each
+    chunk's product in x's dtype, summed in fp32 (+ bias), rounded once: exactly
+    `shoal.model.layers.linear` with k_chunk.
+    """
+
+    chunks: tuple[tuple[int, int, torch.Tensor], ...]
+
+    @staticmethod
+    def of(weight: torch.Tensor, k_chunk: int = 0) -> "PackedWeight":
+        """Pack a plain (out, in) CPU weight, in K chunks of at most k_chunk (0 = whole)."""
+        w = weight.detach()
+        k = w.shape[1]
+        step = k
+        if 0 < k_chunk < k:  # the same cut as `shoal.model.layers.linear`
+            n = -(-k // k_chunk)
+            step = -(-k // n)
+        out = PackedWeight(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
+        out.chunks = tuple((c, min(c + step, k),
+                            torch.ops.mkldnn._reorder_linear_weight(w[:, c:c + step].contiguous()))
+                           for c in range(0, k, step))
+        return out
+
+    @staticmethod
+    def part_of_fused(weight: torch.Tensor) -> "PackedWeight":
+        """The weight of a fused projection's part: its shape and dtype, no chunks (the fused
+        layer computes it); using it alone raises."""
+        out = PackedWeight(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
+        out.chunks = ()
+        return out
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (..., in) -> (..., out) in x's dtype (see the class docstring)."""
+        if not self.chunks:
+            raise RuntimeError("this layer is part of a fused, packed projection "
+                               "(shoal.model.fused): call the fused layer")
+        if len(self.chunks) == 1:
+            return torch.ops.mkldnn._linear_pointwise(x, self.chunks[0][2], bias, "none", [], "")
+        y = None
+        for start, stop, w in self.chunks:  # split-K: fp32 sum of the chunk products
+            part = torch.ops.mkldnn._linear_pointwise(x[..., start:stop], w, None, "none", [], "").float()
+            y = part if y is None else y.add_(part)
+        if bias is not None:
+            y.add_(bias.float())
+        return y.to(x.dtype)
+
+    def dense(self) -> torch.Tensor:
+        """The plain (out, in) weight."""
+        return torch.cat([w.to_dense() for _, _, w in self.chunks], dim=1)
+
+    def __deepcopy__(self, memo):
+        if id(self) not in memo:
+            twin = PackedWeight(torch.empty(self.shape, dtype=self.dtype, device="meta"), requires_grad=False)
+            twin.chunks = tuple((a, b, w.clone()) for a, b, w in self.chunks)
+            memo[id(self)] = twin
+        return memo[id(self)]
+
+
+def _packable(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    return (isinstance(m, nn.Linear) and isinstance(w, torch.Tensor) and w.device.type == "cpu"
+            and not isinstance(w, PackedWeight) and w.dtype in (torch.float32, torch.bfloat16))
+
+
+@torch.no_grad()
+def pack_linears(model: nn.Module, k_chunk: int = 0) -> int:
+    """Pack every float CPU nn.Linear of `model` in place (see the module docstring), wider
+    ones than k_chunk > 0 in split-K chunks; returns how many were packed (0 when oneDNN's ops
+    are missing, on CUDA, for int8 layers, or when done before). Call after `fuse_projections`
+    and before LoRA wraps the layers."""
+    if not packing_available():
+        return 0
+    parts = {id(p) for m in model.modules() if hasattr(m, "fused_parts")
+             for group in m.fused_parts() for p in group}
+    n = 0
+    for m in list(model.modules()):
+        if id(m) in parts:
+            if _packable(m):  # a view of the fused weight: keep only its shape and dtype
+                m.weight = PackedWeight.part_of_fused(m.weight)
+            continue
+        if _packable(m):
+            m.weight = PackedWeight.of(m.weight, k_chunk)  # a tied embedding keeps the old one
+            n += 1
+    return n

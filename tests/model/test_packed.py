@@ -1,0 +1,112 @@
+"""Packed CPU weights (`shoal.model.packed`): the same products from oneDNN's layout, rows
+invariant to the batch, fused parts kept as shapes only, tied heads copied, deep copies."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shoal.model.fused import fuse_projections
+from shoal.model.layers import Linear, linear
+from shoal.model.packed import PackedWeight, pack_linears, packing_available
+from tests.model.test_transformer import pair
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="torch built without oneDNN")
+
+
+def ids(n: int = 2, t: int = 11) -> torch.Tensor:
+    return torch.randint(3, 200, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_packed_model_computes_the_same_logits(family):
+    _, model = pair(family)
+    ref = model.logits(ids())
+    fused = fuse_projections(model)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    n = pack_linears(model)
+    # every linear but the fused parts is packed; the parts keep only shape and dtype
+    assert n == len(linears) - (3 + 2) * fused // 2 > 0
+    assert pack_linears(model) == 0  # once
+    with torch.inference_mode():
+        got = model.logits(ids())
+    assert (got - ref).abs().max().item() < 1e-5
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            assert isinstance(m.weight, PackedWeight) and m.weight.device.type == "meta"
+
+
+def test_fused_parts_become_shapes_that_refuse_to_run():
+    _, model = pair("llama")
+    fuse_projections(model)
+    attn = model.model.layers[0].self_attn
+    q_before = attn.q_proj.weight.detach().clone()
+    fused_before = attn.fused_qkv.weight.detach().clone()
+    pack_linears(model)
+    assert attn.q_proj.weight.device.type == "meta" and attn.q_proj.weight.shape == q_before.shape
+    assert torch.equal(attn.fused_qkv.weight.dense(), fused_before)  # same numbers, bit for bit
+    assert attn.q_proj.weight.chunks == ()
+    with pytest.raises(RuntimeError, match="fused"):
+        attn.q_proj(torch.randn(1, q_before.shape[1]))
+
+
+def test_tied_head_gets_its_own_packed_copy():
+    _, model = pair("llama")
+    if not model.config.tie_word_embeddings:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    emb = model.model.embed_tokens.weight
+    assert model.lm_head.weight is emb
+    pack_linears(model)
+    assert model.model.embed_tokens.weight is emb and not emb.is_mkldnn  # row lookups stay plain
+    assert isinstance(model.lm_head.weight, PackedWeight)
+    assert torch.equal(model.lm_head.weight.dense(), emb)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_linear_matches_f_linear(dtype):
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 64, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
+    x = torch.randn(5, 3, 64, generator=g).to(dtype)
+    got = linear(x, PackedWeight.of(w), b)
+    assert got.shape == (5, 3, 96) and got.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 0.07  # values ~8: bf16 rounding is ~0.03
+    assert (got.float() - F.linear(x, w, b).float()).abs().max().item() <= tol
+    if dtype == torch.bfloat16:  # one row: F.linear's bits exactly
+        assert torch.equal(linear(x[:1, 0], PackedWeight.of(w), b), F.linear(x[:1, 0], w, b))
+
+
+@pytest.mark.parametrize("k", [576, 1536])
+def test_packed_bf16_rows_are_batch_invariant(k):
+    """A row's bits do not change with the number of rows: as they are at K <= 1024, and in
+    split-K chunks beyond (packed with k_chunk, like `linear`'s), equal to `linear`'s split-K."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(192, k, generator=g).to(torch.bfloat16)
+    x = torch.randn(130, k, generator=g).to(torch.bfloat16)
+    p = PackedWeight.of(w, 1024)
+    assert len(p.chunks) == (1 if k <= 1024 else 2) and torch.equal(p.dense(), w)
+    one = torch.cat([linear(x[i:i + 1], p) for i in range(130)])
+    for m in (2, 3, 7, 13, 33, 64, 130):
+        assert torch.equal(linear(x[:m], p), one[:m]), m
+    assert torch.equal(one[:1], linear(x[:1], w, None, 1024))
+
+
+def test_deep_copy_of_a_packed_model_is_packed_and_equal():
+    _, model = pair("llama")
+    fuse_projections(model)
+    pack_linears(model)
+    twin = copy.deepcopy(model)
+    w, w2 = model.lm_head.weight, twin.lm_head.weight
+    assert isinstance(w2, PackedWeight) and w2 is not w and torch.equal(w2.dense(), w.dense())
+    with torch.inference_mode():
+        assert torch.equal(twin.logits(ids()), model.logits(ids()))
+
+
+def test_non_cpu_float_layers_are_left_alone():
+    layer = Linear(8, 4, device="meta")
+    model = torch.nn.Sequential(layer, Linear(8, 4).to(torch.float16))
+    assert pack_linears(model) == 0
+    assert layer.weight.device.type == "meta" and not isinstance(model[1].weight, PackedWeight)
