@@ -16,7 +16,7 @@ Grouped-query heads fold the group into the query axis: no K/V is repeated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,14 @@ class DecodeBucket:
     slots: torch.Tensor  # (Bb * Sb,) context slots, padded with slot 0
     bias: torch.Tensor  # (Bb, 1, Sb) fp32: 0 for real keys, -inf for padding / outside window
     length: int  # Sb
+    _masks: dict = field(default_factory=dict)  # bias as SDPA's (Bb, 1, 1, Sb) mask, by dtype
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """`bias` in `dtype` as a (Bb, 1, 1, Sb) SDPA mask, made once per step (not per layer)."""
+        m = self._masks.get(dtype)
+        if m is None:
+            m = self._masks[dtype] = self.bias.view(-1, 1, 1, self.length).to(dtype)
+        return m
 
 
 def build_decode_buckets(items: list[tuple[int, torch.Tensor]], window: int | None,
@@ -224,7 +232,7 @@ class PagedAttention:
             keys = kf.index_select(0, rows).view(hkv, bb, sb, d).transpose(0, 1)  # (Bb, Hkv, Sb, D)
             vals = vf.index_select(0, rows).view(hkv, bb, sb, d).transpose(0, 1)
             qb = q.index_select(0, b.rows).view(bb, hkv, g, d)  # (Bb, Hkv, g, D)
-            mask = b.bias.view(bb, 1, 1, sb).to(q.dtype)  # 0 / -inf, broadcast over heads
+            mask = b.mask(q.dtype)  # (Bb, 1, 1, Sb) 0 / -inf, broadcast over heads
             o = F.scaled_dot_product_attention(qb, keys, vals, attn_mask=mask)  # (Bb, Hkv, g, D)
             out.view(out.shape[0], hkv, g, d).index_copy_(0, b.rows, o)
             return
