@@ -20,6 +20,7 @@ import time
 CONFIGS = {  # name -> EngineConfig overrides (int8: activations in the CPU's default dtype)
     "fp32": {"dtype": "float32"},
     "bf16": {"dtype": "bfloat16"},
+    "bf16-unpacked": {"dtype": "bfloat16", "pack_weights": False},  # plain F.linear weights
     "fp32+bf16kv": {"dtype": "float32", "kv_cache_dtype": "bfloat16"},
     "int8+bf16kv": {"kv_cache_dtype": "bfloat16", "quantization": "int8"},
 }

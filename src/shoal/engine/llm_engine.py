@@ -96,6 +96,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_req: dict[int, Request] = {}
         self._ids = itertools.count()
+        release_free_heap()  # what loading, fusing and packing freed
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -230,6 +231,21 @@ class LLMEngine:
         if reason is not None:
             seq.finish_reason = reason
             self.scheduler.finish(seq)
+
+
+def release_free_heap() -> bool:
+    """Give the C heap's free pages back to the OS (glibc `malloc_trim`; False elsewhere).
+    Loading, fusing and packing free the weights they replace, but glibc keeps freed heap
+    memory for reuse: measured +185 MB RSS over the model for building a packed engine on
+    SmolLM2-135M bf16, +47 MB after trimming."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 INVARIANT_K = 1024  # bf16 CPU matmuls were measured row-invariant up to this input width
