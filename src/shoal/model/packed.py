@@ -38,15 +38,28 @@ import torch
 from torch import nn
 
 
+_OPS: dict[str, object] = {}  # "reorder", "linear": the ops found (`packing_available`)
+
+
+def _find_op(name: str):
+    # torch registers these under `mkldnn` (2.x CPU builds) and, in some builds, `onednn`
+    for ns in ("mkldnn", "onednn"):
+        try:
+            return getattr(getattr(torch.ops, ns), name)
+        except (AttributeError, RuntimeError):
+            continue
+    return None
+
+
 def packing_available() -> bool:
     """Do this torch build's oneDNN ops for packed linears exist?"""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        torch.ops.mkldnn._reorder_linear_weight
-        torch.ops.mkldnn._linear_pointwise
-    except (AttributeError, RuntimeError):
-        return False
+    if not _OPS:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        reorder, linear = _find_op("_reorder_linear_weight"), _find_op("_linear_pointwise")
+        if reorder is None or linear is None:
+            return False
+        _OPS.update(reorder=reorder, linear=linear)
     return True
 
 
@@ -70,6 +83,8 @@ class PackedWeight(nn.Parameter):
     @staticmethod
     def of(weight: torch.Tensor, k_chunk: int = 0) -> "PackedWeight":
         """Pack a plain (out, in) CPU weight, in K chunks of at most k_chunk (0 = whole)."""
+        if not packing_available():
+            raise RuntimeError("packed weights need torch's oneDNN (mkldnn) linear ops")
         w = weight.detach()
         k = w.shape[1]
         step = k
@@ -78,7 +93,7 @@ class PackedWeight(nn.Parameter):
             step = -(-k // n)
         out = PackedWeight(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
         out.chunks = tuple((c, min(c + step, k),
-                            torch.ops.mkldnn._reorder_linear_weight(w[:, c:c + step].contiguous()))
+                            _OPS["reorder"](w[:, c:c + step].contiguous()))
                            for c in range(0, k, step))
         return out
 
@@ -96,11 +111,11 @@ class PackedWeight(nn.Parameter):
             raise RuntimeError("this layer is part of a fused, packed projection "
                                "(shoal.model.fused): call the fused layer")
         if len(self.chunks) == 1:
-            return torch.ops.mkldnn._linear_pointwise(x, self.chunks[0][2], bias, "none", [], "")
+            return _OPS["linear"](x, self.chunks[0][2], bias, "none", [], "")
         (a, b, w), *rest = self.chunks  # split-K: the products summed chunk by chunk
-        y = torch.ops.mkldnn._linear_pointwise(x[..., a:b], w, bias, "none", [], "")
+        y = _OPS["linear"](x[..., a:b], w, bias, "none", [], "")
         for a, b, w in rest:
-            y = torch.ops.mkldnn._linear_pointwise.binary(x[..., a:b], y, w, None, "add")
+            y = _OPS["linear"].binary(x[..., a:b], y, w, None, "add")
         return y
 
     def dense(self) -> torch.Tensor:
