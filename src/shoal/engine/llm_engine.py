@@ -15,8 +15,8 @@ import torch
 
 from ..config import EngineConfig
 from ..model.fused import fuse_projections
-from ..model.packed import pack_linears
 from ..model.loader import LoadedModel, resolve_dtype
+from ..model.packed import pack_linears
 from .block_manager import BlockManager
 from ..lora.grouping import MIN_ROWS
 from .model_runner import ModelRunner, StepResult

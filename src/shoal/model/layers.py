@@ -28,8 +28,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (measured: torch 2.13, oneDNN, AVX512-BF16), so a row's result would depend on what else is
     in the batch. Chunks of K <= 1024 are row-invariant, and so is their fp32 sum.
     Semantics: y = sum_c x[:, c] @ weight[:, c].T (+ bias), c over the K chunks.
-    A weight packed for oneDNN (`shoal.model.packed`) computes the same, with the chunks it was
-    packed in (k_chunk is fixed at packing).
+    A weight packed for oneDNN (`shoal.model.packed`) computes the same product with the
+    chunks it was packed in (k_chunk is fixed at packing), summed as `PackedWeight` describes.
     """
     if isinstance(weight, PackedWeight):
         return weight.linear(x, bias)
