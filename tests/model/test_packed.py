@@ -120,3 +120,14 @@ def test_non_cpu_float_layers_are_left_alone():
     model = torch.nn.Sequential(layer, Linear(8, 4).to(torch.float16))
     assert pack_linears(model) == 0
     assert layer.weight.device.type == "meta" and not isinstance(model[1].weight, PackedWeight)
+
+
+def test_bf16_stays_plain_without_onednn_bf16_kernels(monkeypatch):
+    """On a CPU where oneDNN has no native bf16 kernels (torch's check says no), bf16 layers keep
+    plain weights (F.linear's fallback); fp32 layers are packed as usual."""
+    import shoal.model.packed as packed
+
+    monkeypatch.setattr(packed, "bf16_packing_ok", lambda: False)
+    model = torch.nn.Sequential(Linear(8, 4).to(torch.bfloat16), Linear(8, 4))
+    assert pack_linears(model) == 1
+    assert not isinstance(model[0].weight, PackedWeight) and isinstance(model[1].weight, PackedWeight)

@@ -131,18 +131,32 @@ class PackedWeight(nn.Parameter):
         return memo[id(self)]
 
 
+def bf16_packing_ok() -> bool:
+    """Does oneDNN have native bf16 kernels on this CPU (torch's own check: AVX-512 BW/VL/DQ on
+    x86)? Without them a packed bf16 product would run oneDNN's slow reference code, while
+    F.linear falls back to PyTorch's own kernels, so bf16 weights stay plain there."""
+    op = _find_op("_is_mkldnn_bf16_supported")
+    try:
+        return bool(op()) if op is not None else False
+    except RuntimeError:
+        return False
+
+
 def _packable(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
-    return (isinstance(m, nn.Linear) and isinstance(w, torch.Tensor) and w.device.type == "cpu"
-            and not isinstance(w, PackedWeight) and w.dtype in (torch.float32, torch.bfloat16))
+    if not (isinstance(m, nn.Linear) and isinstance(w, torch.Tensor) and w.device.type == "cpu"
+            and not isinstance(w, PackedWeight)):
+        return False
+    return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and bf16_packing_ok())
 
 
 @torch.no_grad()
 def pack_linears(model: nn.Module, k_chunk: int = 0) -> int:
     """Pack every float CPU nn.Linear of `model` in place (see the module docstring), wider
     ones than k_chunk > 0 in split-K chunks; returns how many were packed (0 when oneDNN's ops
-    are missing, on CUDA, for int8 layers, or when done before). Call after `fuse_projections`
-    and before LoRA wraps the layers."""
+    are missing, on CUDA, for int8 layers, for bf16 ones on a CPU without oneDNN's bf16 kernels
+    (`bf16_packing_ok`), or when done before). Call after `fuse_projections` and before LoRA
+    wraps the layers."""
     if not packing_available():
         return 0
     parts = {id(p) for m in model.modules() if hasattr(m, "fused_parts")
