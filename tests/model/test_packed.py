@@ -12,13 +12,10 @@ import torch.nn.functional as F
 from shoal.model.fused import fuse_projections
 from shoal.model.layers import Linear, linear
 from shoal.model.packed import PackedWeight, pack_linears, packing_available
+from tests.model.test_fused import ids
 from tests.model.test_transformer import pair
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="torch built without oneDNN")
-
-
-def ids(n: int = 2, t: int = 11) -> torch.Tensor:
-    return torch.randint(3, 200, (n, t), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
