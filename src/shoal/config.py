@@ -52,9 +52,10 @@ class EngineConfig:
     LoRA's fp32 products pad tiles to 4 rows."""
     pack_weights: bool = True
     """On CPU, reorder float linear weights once into oneDNN's blocked layout (the same
-    weights; SmolLM2-135M bf16, 2 threads: 1.3x faster at one stream, about 1.06x at 32 streams
-    and in prefill; a tied output layer gets its own copy, +57 MB). bf16 weights only where
-    oneDNN has native bf16 kernels. Off = plain F.linear."""
+    weights; SmolLM2-135M bf16, 2 threads: about 1.2x faster at one stream, 1.06-1.15x at 32
+    streams and in prefill). A tied output layer stays plain (a packed copy would cost
+    +57 MB); bf16 weights are packed only where oneDNN has native bf16 kernels. Off = plain
+    F.linear."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; None = leave torch's setting."""
     kv_cache_dtype: str = "auto"

@@ -290,3 +290,26 @@ def test_split_k_linear_is_row_invariant():
         assert torch.equal(linear(x[:m], w, None, 1024), one[:m])
     ref = (x[:, :768] @ w[:, :768].T).float() + (x[:, 768:] @ w[:, 768:].T).float()
     assert torch.equal(one, ref.to(torch.bfloat16))
+
+
+def test_engine_trims_the_heap_at_most_once_per_interval(tiny_llama, monkeypatch):
+    """`release_free_heap` runs after a step only once HEAP_TRIM_INTERVAL_S has passed since the
+    last call: every step with an interval of 0, never within a long interval."""
+    import shoal.engine.llm_engine as le
+
+    calls = []
+    monkeypatch.setattr(le, "release_free_heap", lambda: calls.append(1) or True)
+    monkeypatch.setattr(le, "HEAP_TRIM_INTERVAL_S", 0.0)
+    eng = make_llm(tiny_llama).engine
+    eng.add_request(None, [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    start, steps = len(calls), 0
+    while eng.has_unfinished():
+        eng.step()
+        steps += 1
+    assert len(calls) - start == steps == 4
+    monkeypatch.setattr(le, "HEAP_TRIM_INTERVAL_S", 3600.0)
+    eng.add_request(None, [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    before = len(calls)
+    while eng.has_unfinished():
+        eng.step()
+    assert len(calls) == before

@@ -24,7 +24,7 @@ def test_packed_model_computes_the_same_logits(family):
     ref = model.logits(ids())
     fused = fuse_projections(model)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    n = pack_linears(model)
+    n = pack_linears(model, pack_tied=True)
     # every linear but the fused parts is packed; the parts keep only shape and dtype
     assert n == len(linears) - (3 + 2) * fused // 2 > 0
     assert pack_linears(model) == 0  # once
@@ -50,17 +50,22 @@ def test_fused_parts_become_shapes_that_refuse_to_run():
         attn.q_proj(torch.randn(1, q_before.shape[1]))
 
 
-def test_tied_head_gets_its_own_packed_copy():
+@pytest.mark.parametrize("pack_tied", [False, True])
+def test_tied_head_stays_shared_unless_asked(pack_tied):
     _, model = pair("llama")
     if not model.config.tie_word_embeddings:
         model.config.tie_word_embeddings = True
         model.tie_weights()
     emb = model.model.embed_tokens.weight
     assert model.lm_head.weight is emb
-    pack_linears(model)
-    assert model.model.embed_tokens.weight is emb and not emb.is_mkldnn  # row lookups stay plain
-    assert isinstance(model.lm_head.weight, PackedWeight)
-    assert torch.equal(model.lm_head.weight.dense(), emb)
+    n_linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert pack_linears(model, pack_tied=pack_tied) == n_linears - (0 if pack_tied else 1)
+    assert model.model.embed_tokens.weight is emb and not isinstance(emb, PackedWeight)  # lookups stay plain
+    if pack_tied:  # its own packed copy
+        assert isinstance(model.lm_head.weight, PackedWeight)
+        assert torch.equal(model.lm_head.weight.dense(), emb)
+    else:  # no second copy
+        assert model.lm_head.weight is emb
 
 
 @pytest.mark.parametrize("k_chunk", [0, 40])
@@ -104,7 +109,7 @@ def test_packed_bf16_rows_are_batch_invariant(k):
 def test_deep_copy_of_a_packed_model_is_packed_and_equal():
     _, model = pair("llama")
     fuse_projections(model)
-    pack_linears(model)
+    pack_linears(model, pack_tied=True)
     twin = copy.deepcopy(model)
     w, w2 = model.lm_head.weight, twin.lm_head.weight
     assert isinstance(w2, PackedWeight) and w2 is not w and torch.equal(w2.dense(), w.dense())

@@ -10,6 +10,7 @@ engine drives it from one thread.
 from __future__ import annotations
 
 import itertools
+import time
 
 import torch
 
@@ -97,6 +98,7 @@ class LLMEngine:
         self._seq_req: dict[int, Request] = {}
         self._ids = itertools.count()
         release_free_heap()  # what loading, fusing and packing freed
+        self._last_trim = time.monotonic()
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -170,7 +172,12 @@ class LLMEngine:
         if not sched.scheduled:
             return []
         result = self.runner.run(sched.scheduled, sched.copies)
-        return self._postprocess(sched, result)
+        outputs = self._postprocess(sched, result)
+        now = time.monotonic()
+        if now - self._last_trim >= HEAP_TRIM_INTERVAL_S:  # see HEAP_TRIM_INTERVAL_S
+            release_free_heap()
+            self._last_trim = now
+        return outputs
 
     def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         touched: dict[str, Request] = {}
@@ -247,6 +254,13 @@ def release_free_heap() -> bool:
     except (OSError, AttributeError):
         return False
 
+
+# Seconds of stepping between two `release_free_heap` calls. Prefill steps leave freed heap
+# memory behind that glibc keeps: 32 streams x 1k tokens (bf16) grew from 1341 MB at start-up
+# to 1486 MB over the prefill and peaked at 1527 MB; trimming after every step held it at
+# 1355-1379 MB (peak 1453 MB), but a trim takes 2.7 ms (p50; max 10.8 ms), 10% of a one-row
+# decode step. Once a second costs well under 1% of any workload.
+HEAP_TRIM_INTERVAL_S = 1.0
 
 INVARIANT_K = 1024  # bf16 CPU matmuls were measured row-invariant up to this input width
 
