@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from shoal.config import EngineConfig
 from shoal.engine.llm import LLM
 from shoal.engine.sampling_params import SamplingParams
+from shoal.model.fused import fused_part_ids
 from shoal.model.layers import Linear
 from shoal.model.loader import LoadedModel, load_dir
 from shoal.model.quant import (QuantEmbedding, QuantLinear, dequantize_int8, quant_linear,
@@ -30,8 +31,7 @@ def fresh(loaded: LoadedModel) -> LoadedModel:
 def linear_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of linear weights, each counted once: the parts of a fused projection (views of
     its weight, or meta when packed) are skipped, so fused or not gives the same sum."""
-    parts = {id(p) for m in model.modules() if hasattr(m, "fused_parts")
-             for group in m.fused_parts() for p in group}
+    parts = fused_part_ids(model)
     n = 0
     for m in model.modules():
         if id(m) in parts:

@@ -64,13 +64,13 @@ class LLMEngine:
 
             quantize_model(self.model, config.quantization)
         fuse_projections(self.model)  # q/k/v and gate/up as one product each (in place, once)
+        p = next(self.model.parameters())  # the model's dtype and device (packing keeps both)
         if config.pack_weights:  # CPU float linears in oneDNN's layout (`shoal.model.packed`)
-            bf16 = next(self.model.parameters()).dtype == torch.bfloat16
+            bf16 = p.dtype == torch.bfloat16
             pack_linears(self.model, INVARIANT_K if config.batch_invariant and bf16 else 0)
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
-        p = next(self.model.parameters())
         kv_dtype = p.dtype if config.kv_cache_dtype == "auto" else resolve_dtype(config.kv_cache_dtype)
         per_block = PagedKVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads,
                                                  mc.head_dim, kv_dtype)

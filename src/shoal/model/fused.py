@@ -50,6 +50,12 @@ def _fuse(parts: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
+def fused_part_ids(model: nn.Module) -> set[int]:
+    """ids of the modules a fused projection stands for (their weights are views of it)."""
+    return {id(p) for m in model.modules() if hasattr(m, "fused_parts")
+            for group in m.fused_parts() for p in group}
+
+
 @torch.no_grad()
 def fuse_projections(model: nn.Module) -> int:
     """Fuse q/k/v and gate/up of every Llama block in place; returns how many fused layers were

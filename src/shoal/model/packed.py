@@ -167,8 +167,9 @@ def pack_linears(model: nn.Module, k_chunk: int = 0, pack_tied: bool = False) ->
     """
     if not packing_available():
         return 0
-    parts = {id(p) for m in model.modules() if hasattr(m, "fused_parts")
-             for group in m.fused_parts() for p in group}
+    from .fused import fused_part_ids  # fused imports layers, which imports this module
+
+    parts = fused_part_ids(model)
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     n = 0
     for m in list(model.modules()):
