@@ -64,7 +64,7 @@ class LLMEngine:
 
             quantize_model(self.model, config.quantization)
         fuse_projections(self.model)  # q/k/v and gate/up as one product each (in place, once)
-        p = next(self.model.parameters())  # the model's dtype and device (packing keeps both)
+        p = next(self.model.parameters())  # dtype and device, read before packing (PackedWeight is meta)
         if config.pack_weights:  # CPU float linears in oneDNN's layout (`shoal.model.packed`)
             bf16 = p.dtype == torch.bfloat16
             pack_linears(self.model, INVARIANT_K if config.batch_invariant and bf16 else 0)
