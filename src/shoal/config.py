@@ -52,8 +52,8 @@ class EngineConfig:
     LoRA's fp32 products pad tiles to 4 rows."""
     pack_weights: bool = True
     """On CPU, reorder float linear weights once into oneDNN's blocked layout (the same
-    weights; SmolLM2-135M bf16, 2 threads: about 1.2x faster at one stream, 1.06-1.15x at 32
-    streams and in prefill). A tied output layer stays plain (a packed copy would cost
+    weights; SmolLM2-135M bf16, 2 threads, alternated runs: 1.09-1.18x faster at one stream,
+    1.02-1.25x at 32 streams, 1.03-1.1x in prefill). A tied output layer stays plain (a packed copy would cost
     +57 MB); bf16 weights are packed only where oneDNN has native bf16 kernels. Off = plain
     F.linear."""
     num_threads: int | None = None

@@ -6,7 +6,8 @@ _reorder_linear_weight`); `shoal.model.layers.linear` then calls `mkldnn._linear
 it. F.linear on a plain weight reorders (or reads strided) on every call, which is most of the
 cost of a thin product. Measured on SmolLM2-135M shapes (torch 2.13, 2-core AVX-512 EPYC,
 2 threads, weights hot in cache, F.linear -> packed, microseconds; in a whole decode step, where
-every weight comes from memory, one stream ran 1.25x faster and 32 streams about 1.15x):
+every weight comes from memory, one stream ran 1.24-1.25x faster and 32 streams 1.13-1.19x with
+the tied head packed, 1.09-1.18x and 1.02-1.25x with it plain, the engine's default):
 
     bf16  (3072, 576)   M=1  124 -> 52    M=32  400 -> 302   M=512  4663 -> 4468
     bf16  (576, 1536)   M=1   85 -> 48    M=32  210 -> 169
