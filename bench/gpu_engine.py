@@ -7,6 +7,7 @@ Then, in one process, per shape:
   shoal   256 requests (prompts 64-512 tokens, `--out` tokens each) submitted at once to the
           engine: output tok/s, TTFT and inter-token p50/p99;
   single  one request alone: inter-token p50/p99 (issue 3's batch-1 target is <= 2 ms/token);
+  eager   with --modes graphs,eager: both again with CUDA graphs off (`EngineConfig.cuda_graphs`);
   hf      HF `generate` on the same prompts, static batches of `--hf-batch` (default 256, left
           padded), greedy, the same dtype and device.
 Prints a table and one JSON line. Usage (GPU machine, both shapes):
@@ -20,6 +21,7 @@ CPU smoke run: python bench/gpu_engine.py --device cpu --shapes tiny --requests 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -72,6 +74,7 @@ def main() -> None:
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "shoal-gpu-bench"))
     ap.add_argument("--tokenizer-dir", default=None, help="default: the converted default model's")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--modes", default="graphs", help="Shoal runs: graphs, eager or both (comma separated)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(__file__))
@@ -90,16 +93,29 @@ def main() -> None:
     for shape in args.shapes.split(","):
         path = build(shape, args.work, tokenizer_dir)
         prompts = make_prompts(args.requests, 64, 512, 2, 49152)
-        cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device,
-                           max_num_seqs=args.requests, max_num_batched_tokens=args.max_batched_tokens,
-                           kv_cache_memory=int(args.kv_cache_gb * 2**30) if cuda else 256 << 20)
-        engine = LLMEngine(cfg, load_dir(path, dtype=dtype, device=args.device))
-        run_shoal(engine, make_prompts(4, 16, 16, 9, 49152), 4, sync=sync)  # warm-up
-        results[f"{shape} shoal, {args.requests} requests"] = run_shoal(engine, prompts, args.out, sync=sync)
-        results[f"{shape} shoal, 1 request"] = run_shoal(engine, prompts[:1], args.out, sync=sync)
-        del engine
-        if cuda:
-            torch.cuda.empty_cache()
+        warm = [[t ^ 1 for t in p] for p in prompts]  # same lengths, different tokens
+        for graphs in [m == "graphs" for m in args.modes.split(",")]:
+            cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device,
+                               max_num_seqs=args.requests, max_num_batched_tokens=args.max_batched_tokens,
+                               kv_cache_memory=int(args.kv_cache_gb * 2**30) if cuda else 256 << 20,
+                               cuda_graphs=graphs)
+            engine = LLMEngine(cfg, load_dir(path, dtype=dtype, device=args.device))
+            name = f"{shape} shoal" + ("" if graphs else " eager")
+            run_shoal(engine, make_prompts(4, 16, 16, 9, 49152), 4, sync=sync)  # warm-up
+            # a first pass over prompts of the same lengths (other tokens: no prefix-cache hits
+            # in the measured pass) captures the graphs its buckets need; reported apart
+            first = run_shoal(engine, warm, args.out, sync=sync)
+            results[f"{name}, {args.requests} requests"] = run_shoal(engine, prompts, args.out, sync=sync)
+            results[f"{name}, {args.requests} requests"]["first_pass_s"] = first["seconds"]
+            run_shoal(engine, warm[:1], args.out, sync=sync)
+            results[f"{name}, 1 request"] = run_shoal(engine, prompts[:1], args.out, sync=sync)
+            graphs_held = engine.runner.graphs
+            results[f"{name}, 1 request"]["graphs"] = len(graphs_held.graphs) if graphs_held else 0
+            for k in (f"{name}, {args.requests} requests", f"{name}, 1 request"):
+                print(k, json.dumps(results[k]), flush=True)  # as they come (a long run may be cut)
+            del engine, graphs_held
+            if cuda:
+                torch.cuda.empty_cache()
         if not args.skip_hf:
             import transformers
 
@@ -107,6 +123,7 @@ def main() -> None:
             run_hf(hf, make_prompts(2, 16, 16, 9, 49152), 4, 2, device=args.device, sync=sync)  # warm-up
             results[f"{shape} HF generate, batch {args.hf_batch}"] = run_hf(
                 hf, prompts, args.out, args.hf_batch, device=args.device, sync=sync)
+            print(f"{shape} HF", json.dumps(results[f"{shape} HF generate, batch {args.hf_batch}"]), flush=True)
             del hf
             if cuda:
                 torch.cuda.empty_cache()

@@ -63,7 +63,8 @@ def decode_step(cache, layer, q, k, v, slots: list[torch.Tensor], window=None):
 
 def test_cache_layout_and_writes():
     c = make_cache(hkv=2)
-    assert c.k.shape == (2, 2, 160 * BLOCK, D)
+    assert c.k.shape == (2, 2, 161 * BLOCK, D)  # 160 blocks for sequences + the scratch block
+    assert c.num_blocks == 160 and c.scratch_slot == 160 * BLOCK
     n = 5
     q, k, v = torch.randn(n, 4, D), torch.randn(n, 2, D), torch.randn(n, 2, D)
     slots = torch.tensor([3, 17, 40, 41, 99])
@@ -125,10 +126,13 @@ def test_decode_row_bits_do_not_depend_on_its_bucket(dtype):
 
 
 @pytest.mark.parametrize("ctx_len,t,window", [(42, 12, None), (142, 82, None), (142, 82, 50), (64, 64, None),
-                                             (65, 1, None), (200, 7, 30)])
-def test_prefill_chunk_and_decode_rows_in_one_step_equal_naive(ctx_len, t, window):
+                                             (65, 1, None), (200, 7, 30), (90, 90, 40)])
+@pytest.mark.parametrize("gpu_style", [False, True])
+def test_prefill_chunk_and_decode_rows_in_one_step_equal_naive(ctx_len, t, window, gpu_style):
     """A mixed step: a prefill chunk (positions ctx_len-t .. ctx_len-1, causal mask; chunks
-    within one block and across several, aligned and not) beside decode rows."""
+    within one block and across several, aligned and not) beside decode rows. gpu_style: the
+    CUDA layout, each chunk in one call (causal kernel for a first chunk without a window,
+    folded groups under a mask otherwise) and all decode rows in one bucket."""
     hkv, group = 2, 2
     c = make_cache(hkv)
     pre, d1, d2 = ctx_slots([ctx_len, 70, 9], seed=5)
@@ -137,9 +141,12 @@ def test_prefill_chunk_and_decode_rows_in_one_step_equal_naive(ctx_len, t, windo
     q, k, v = (torch.randn(n, h, D, generator=g), torch.randn(n, hkv, D, generator=g),
                torch.randn(n, hkv, D, generator=g))
     seqs = [SeqAttention(0, t, pre)]
-    buckets = build_decode_buckets([(t, d1), (t + 1, d2)], window, "cpu")
+    buckets = build_decode_buckets([(t, d1), (t + 1, d2)], window, "cpu", single=gpu_style)
+    assert len(buckets) == (1 if gpu_style else 2)
     mapping = torch.cat([pre[-t:], d1[-1:], d2[-1:]])
-    out = PagedAttention(c, mapping, seqs, h, hkv, buckets, window).attend(0, q, k, v)
+    ctx = PagedAttention(c, mapping, seqs, h, hkv, buckets, window)
+    ctx.whole_chunks = gpu_style
+    out = ctx.attend(0, q, k, v)
     assert (out[:t].double() - naive(c, 0, q[:t], pre, window)).abs().max().item() < 1e-5
     assert (out[t].double() - naive(c, 0, q[t:t + 1], d1, window)[0]).abs().max().item() < 1e-5
     assert (out[t + 1].double() - naive(c, 0, q[t + 1:], d2, window)[0]).abs().max().item() < 1e-5

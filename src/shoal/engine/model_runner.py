@@ -4,7 +4,10 @@ It owns the paged KV cache. Per step it builds, in one place, the flat token ids
 (N,), the slot mapping, each sequence's context slots and causal mask, and the per-token LoRA
 slot index; then one forward runs every sequence (prefill chunks and decodes together). Logits
 are computed only for rows that sample (a sequence whose chunk reaches its last token) and for
-prompt positions whose logprobs were asked for. No sampling or scheduling here.
+prompt positions whose logprobs were asked for. The step's index tensors are built on the CPU
+and moved to the device in a few copies (on a GPU, one small copy per sequence cost more than
+the step's kernels). On CUDA, decode-only steps replay captured graphs (`decode_graphs`).
+No sampling or scheduling here.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.transformer import Transformer
+from .decode_graphs import DecodeGraphs
 from .paged_attention import PagedAttention, PagedKVCache, SeqAttention, build_decode_buckets
 from .sequence import Sequence
 
@@ -29,7 +33,7 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, lora=None,
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None, cuda_graphs: bool = False) -> None:
         self.model = model
         c = model.config
         p = next(model.parameters())
@@ -40,13 +44,39 @@ class ModelRunner:
         self.num_heads, self.num_kv_heads = c.num_heads, c.num_kv_heads
         self.window = c.sliding_window
         self.lora = lora  # LoRAManager or None
-        self._block_offsets = torch.arange(block_size, device=self.device)
+        self._block_offsets = torch.arange(block_size)
+        self.graphs: DecodeGraphs | None = None  # decode steps of the base model as graphs
+        if cuda_graphs and self.device.type == "cuda":
+            self.use_decode_graphs(capture=True)
+
+    def use_decode_graphs(self, capture: bool) -> None:
+        """Run decode-only steps through `DecodeGraphs` (capture=False: the same fixed-shape
+        function, eagerly; any device)."""
+        self.graphs = DecodeGraphs(self.model, self.cache, self.num_heads, self.num_kv_heads,
+                                   self.window, capture)
 
     def _ctx_slots(self, seq: Sequence, ctx_len: int) -> torch.Tensor:
-        """(ctx_len,) cache slots of positions 0..ctx_len-1."""
+        """(ctx_len,) cache slots of positions 0..ctx_len-1, on the CPU."""
         nblocks = -(-ctx_len // self.block_size)
-        blocks = torch.tensor(seq.block_table[:nblocks], device=self.device)
+        blocks = torch.tensor(seq.block_table[:nblocks])
         return (blocks[:, None] * self.block_size + self._block_offsets).flatten()[:ctx_len]
+
+    def _run_graphed(self, scheduled: list[tuple[Sequence, int]]) -> StepResult | None:
+        """A decode-only step of the base model through the graphs; None when the step has
+        anything else (a prefill chunk, an adapter's row)."""
+        ids, positions, tables = [], [], []
+        for seq, n in scheduled:
+            pos = seq.num_computed_tokens
+            if (n != 1 or pos < seq.num_prompt_tokens or pos + 1 != seq.num_tokens
+                    or seq.adapter is not None):
+                return None
+            ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            tables.append(seq.block_table)
+        if self.lora is not None:  # no adapter rows: the LoRA layers add nothing (nor capture any)
+            self.lora.clear_mapping()
+        logits = self.graphs.run(ids, positions, tables)  # (B, V)
+        return StepResult([seq for seq, _ in scheduled], logits, {})
 
     def _set_lora_mapping(self, adapters: list[tuple[str | None, int]], slots: dict[str, int]) -> None:
         """Give every token its adapter's slot (-1 = base)."""
@@ -58,6 +88,10 @@ class ModelRunner:
     def run(self, scheduled: list[tuple[Sequence, int]], copies: list[tuple[int, int]] = ()) -> StepResult:
         """Run one step over `scheduled` (sequence, tokens to compute from num_computed_tokens)."""
         self.cache.copy_blocks(list(copies))
+        if self.graphs is not None:
+            result = self._run_graphed(scheduled)
+            if result is not None:
+                return result
         # LoRA: make the step's adapters resident, then order sequences by slot (base first) so
         # each adapter's tokens are contiguous and in slot order (its tiles are views of x)
         lora_slots: dict[str, int] = {}
@@ -97,9 +131,14 @@ class ModelRunner:
                 prompt_rows.append((seq, q_start, cnt, start))
         input_ids = torch.tensor(ids, device=self.device)  # (N,)
         pos = torch.tensor(positions, device=self.device)  # (N,)
-        ctx = PagedAttention(self.cache, torch.cat(slot_chunks), seq_attn, self.num_heads,
-                             self.num_kv_heads,
-                             build_decode_buckets(decode_items, self.window, self.device), self.window)
+        if self.device.type != "cpu":
+            for s in seq_attn:
+                s.ctx_slots = s.ctx_slots.to(self.device)
+        # on a GPU all decode rows form one bucket (its kernels do not promise row invariance)
+        buckets = build_decode_buckets(decode_items, self.window, self.device,
+                                       single=self.device.type == "cuda")
+        ctx = PagedAttention(self.cache, torch.cat(slot_chunks).to(self.device), seq_attn,
+                             self.num_heads, self.num_kv_heads, buckets, self.window)
         if self.lora is not None:
             self._set_lora_mapping(adapters, lora_slots)
         hidden = self.model(input_ids, pos, ctx)  # (N, hidden)

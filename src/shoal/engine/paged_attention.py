@@ -33,14 +33,16 @@ def _pad_to_block(slots: torch.Tensor) -> torch.Tensor:
 
 
 class PagedKVCache:
-    """K and V slot arrays for every layer."""
+    """K and V slot arrays for every layer: `num_blocks` blocks for sequences, then one scratch
+    block that no sequence is given (padding rows of a fixed-shape step write there)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: str | torch.device = "cpu") -> None:
-        shape = (num_layers, num_kv_heads, num_blocks * block_size, head_dim)
+        shape = (num_layers, num_kv_heads, (num_blocks + 1) * block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.scratch_slot = num_blocks * block_size  # first slot of the scratch block
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -78,23 +80,26 @@ class DecodeBucket:
 
 
 def build_decode_buckets(items: list[tuple[int, torch.Tensor]], window: int | None,
-                         device) -> list[DecodeBucket]:
-    """items: (row, ctx_slots) of every decode row -> one DecodeBucket per bucket length."""
+                         device, single: bool = False) -> list[DecodeBucket]:
+    """items: (row, ctx_slots) of every decode row -> one DecodeBucket per bucket length (with
+    `single`, one bucket padded to the longest: fewer launches, for a GPU). Built on the CPU
+    and moved in three copies per bucket (per-row writes into device tensors cost a launch each)."""
     groups: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    top = max((s.numel() for _, s in items), default=0)
     for row, slots in items:
-        sb = -(-slots.numel() // DECODE_BUCKET) * DECODE_BUCKET
+        sb = -(-(top if single else slots.numel()) // DECODE_BUCKET) * DECODE_BUCKET
         groups.setdefault(sb, []).append((row, slots))
     out = []
     for sb, members in sorted(groups.items()):
-        padded = torch.zeros(len(members), sb, dtype=torch.long, device=device)
-        bias = torch.full((len(members), 1, sb), float("-inf"), device=device)
+        padded = torch.zeros(len(members), sb, dtype=torch.long)
+        bias = torch.full((len(members), 1, sb), float("-inf"))
         for i, (_, slots) in enumerate(members):
             n = slots.numel()
             padded[i, :n] = slots
             lo = 0 if window is None else max(0, n - window)
             bias[i, 0, lo:n] = 0.0
-        rows = torch.tensor([r for r, _ in members], device=device)
-        out.append(DecodeBucket(rows, padded.flatten(), bias, sb))
+        rows = torch.tensor([r for r, _ in members])
+        out.append(DecodeBucket(rows.to(device), padded.flatten().to(device), bias.to(device), sb))
     return out
 
 
@@ -116,6 +121,8 @@ class SeqAttention:
 
 class PagedAttention:
     """Attention context for one engine step (see module docstring)."""
+
+    whole_chunks: bool | None = None  # prefill chunks in one call each; None = on CUDA only
 
     def __init__(self, cache: PagedKVCache, slot_mapping: torch.Tensor, seqs: list[SeqAttention],
                  num_heads: int, num_kv_heads: int,
@@ -173,10 +180,12 @@ class PagedAttention:
         g = self.group
         kf, vf = kc.view(-1, self._unit * d), vc.view(-1, self._unit * d)  # (Hkv * slots / unit, unit * D)
         # 2) each prefill chunk attends over its own slots
+        # one product per chunk on a GPU (its kernels are not row-invariant anyway)
+        whole = self.whole_chunks if self.whole_chunks is not None else q.device.type == "cuda"
         for s, rows in zip(self.seqs, self._seq_rows):
             keys = kf.index_select(0, rows).view(hkv, -1, d).to(q.dtype)  # (Hkv, S', D), S' padded
             vals = vf.index_select(0, rows).view(hkv, -1, d).to(q.dtype)
-            self._attend_chunk(s, q, keys, vals, out)
+            (self._attend_chunk_whole if whole else self._attend_chunk)(s, q, keys, vals, out)
         # 3) decode rows, one batched computation per bucket
         for b, rows in zip(self.decode, self._decode_rows):
             self._attend_bucket(b, rows, q, kf, vf, out)
@@ -213,6 +222,35 @@ class PagedAttention:
             o = o.view(hkv, pb, g, d)[:, qa - lo:qz - lo]  # (Hkv, qz - qa, g, D)
             out[rows] = o.permute(1, 0, 2, 3).reshape(qz - qa, hkv * g, d)
 
+    def _attend_chunk_whole(self, s: SeqAttention, q: torch.Tensor, keys: torch.Tensor,
+                            vals: torch.Tensor, out: torch.Tensor) -> None:
+        """One prefill chunk in one SDPA call (for a GPU, where the per-block loop of
+        `_attend_chunk` costs launches and buys no invariance). A chunk that starts the sequence
+        (no sliding window) takes the causal kernel with grouped heads; a later chunk folds
+        each kv head's query group into the query axis under an explicit mask.
+        keys, vals (Hkv, S', D) with S' >= its context length b; q, out (N, H, D)."""
+        g = self.group
+        hkv, d = keys.shape[0], keys.shape[2]
+        b, t = s.ctx_slots.numel(), s.q_len
+        a = b - t
+        rows = slice(s.q_start, s.q_start + t)
+        k, v = keys[None, :, :b], vals[None, :, :b]  # (1, Hkv, b, D)
+        if a == 0 and self.window is None:  # (each kv head repeated for its group: a small copy)
+            if g > 1:
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (1, H, T, D)
+            o = F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], k, v, is_causal=True)
+            out[rows] = o[0].transpose(0, 1)  # (T, H, D)
+            return
+        qf = q[rows].view(t, hkv, g, d).permute(1, 0, 2, 3).reshape(1, hkv, t * g, d)
+        q_pos = torch.arange(a, b, device=q.device).repeat_interleave(g)  # (T * g,)
+        diff = q_pos[:, None] - torch.arange(b, device=q.device)[None, :]  # (T * g, b)
+        allowed = diff >= 0
+        if self.window is not None:
+            allowed &= diff < self.window
+        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+        o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask)  # (1, Hkv, T * g, D)
+        out[rows] = o.view(hkv, t, g, d).permute(1, 0, 2, 3).reshape(t, hkv * g, d)
+
     def _attend_bucket(self, b: DecodeBucket, rows: torch.Tensor, q: torch.Tensor, kf: torch.Tensor,
                        vf: torch.Tensor, out: torch.Tensor) -> None:
         """One decode bucket: out[b.rows] = softmax(q k^T / sqrt(D) + bias) v, in fp32 (bf16 on
@@ -225,9 +263,9 @@ class PagedAttention:
         d = q.shape[-1]
         g = self.group
         hkv = out.shape[1] // g
-        if q.dtype == kf.dtype == torch.bfloat16 and q.device.type == "cpu":
-            # bf16: SDPA reads the gathered bf16 keys as they are (fp32 accumulation inside),
-            # no fp32 copies. Per layer, Bb = 32, Sb = 192: 652 -> 458 us (1 row: 45 -> 34);
+        if q.dtype == kf.dtype and (q.dtype == torch.bfloat16 or q.device.type == "cuda"):
+            # bf16 (or CUDA): SDPA reads the gathered keys as they are (fp32 accumulation
+            # inside), no fp32 copies. Per layer, Bb = 32, Sb = 192: 652 -> 458 us (1 row: 45 -> 34);
             # a row's bits measured the same for any Bb (torch 2.13, AVX-512, 2 threads)
             keys = kf.index_select(0, rows).view(hkv, bb, sb, d).transpose(0, 1)  # (Bb, Hkv, Sb, D)
             vals = vf.index_select(0, rows).view(hkv, bb, sb, d).transpose(0, 1)

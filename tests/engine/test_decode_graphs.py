@@ -1,0 +1,80 @@
+"""The fixed-shape decode step that CUDA graphs capture (`shoal.engine.decode_graphs`), run
+eagerly on the CPU: the reference tokens through it (padded batches, a sliding window, LoRA
+engines whose base-only steps take it), padding rows writing only the scratch slot, and the
+bucket grids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shoal.engine.decode_graphs import BATCH_GRID, batch_bucket, context_bucket
+from shoal.engine.sampling_params import SamplingParams
+from shoal.model.generate import generate
+from shoal.model.loader import load_dir
+from tests.engine.test_engine_lora import engine as lora_engine
+from tests.engine.test_engine_lora import setup  # noqa: F401  (module fixture)
+from tests.engine.test_llm_engine import GREEDY, STOPS, make_llm, prompts, ref
+from tests.helpers import hf_tiny_config, save_tiny_hf_dir
+
+
+def graphed(llm):
+    llm.engine.runner.use_decode_graphs(capture=False)
+    return llm
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
+def test_graph_path_gives_the_reference_tokens(family, request):
+    loaded = request.getfixturevalue(family)
+    ps = prompts(13, seed=5)  # 13 rows run as 16: three padding rows
+    llm = graphed(make_llm(loaded))
+    outs = llm.generate(ps, GREEDY)
+    for p, out in zip(ps, outs):
+        assert out.outputs[0].token_ids == ref(loaded.model, p)
+    buckets = set(llm.engine.runner.graphs.graphs)
+    assert (16, 64) in buckets or (16, 128) in buckets  # the padded batch took the graph path
+    assert all(bp in BATCH_GRID and sb % 64 == 0 for bp, sb in buckets)
+    assert llm.engine.block_manager.num_free_blocks == 512  # padding rows held no blocks
+
+
+def test_graph_path_keeps_a_sliding_window(tmp_path, tiny_tokenizer_dir):
+    torch.manual_seed(0)
+    save_tiny_hf_dir(hf_tiny_config("mistral"), tmp_path / "m", tiny_tokenizer_dir)  # window 8
+    loaded = load_dir(str(tmp_path / "m"), dtype="float32")
+    assert loaded.config.sliding_window == 8
+    ps = prompts(5, seed=6, lo=10, hi=40)
+    outs = graphed(make_llm(loaded)).generate(ps, GREEDY)
+    for p, out in zip(ps, outs):
+        assert out.outputs[0].token_ids == ref(loaded.model, p)
+
+
+def test_padding_rows_write_only_the_scratch_slot(tiny_llama):
+    llm = graphed(make_llm(tiny_llama, block_size=8))
+    runner = llm.engine.runner
+    cache = runner.cache
+    k0 = cache.k.clone()
+    # three rows (run as four): positions 0, 3 and 9 in blocks 1, 2 and (3, 4)
+    logits = runner.graphs.run([5, 6, 7], [0, 3, 9], [[1], [2], [3, 4]])
+    assert logits.shape == (3, tiny_llama.config.vocab_size)
+    changed = (cache.k != k0).any(dim=-1).any(dim=1).any(dim=0)  # (slots,) written anywhere
+    assert sorted(changed.nonzero().flatten().tolist()) == [8, 19, 33, cache.scratch_slot]
+
+
+def test_lora_engine_graphs_base_only_steps(setup):  # noqa: F811
+    root, paths, merged = setup
+    llm = graphed(lora_engine(root, paths))
+    names = [None, "ad0", None, "ad3", None]
+    ps = prompts(len(names), seed=32)
+    # adapter rows stop after 3 tokens; from then on the steps are base-only and graphed
+    params = [SamplingParams(temperature=0.0, max_tokens=3 if n else 10) for n in names]
+    outs = llm.generate(ps, params, adapter=names)
+    for p, name, prm, out in zip(ps, names, params, outs):
+        assert out.outputs[0].token_ids == generate(merged[name], p, prm.max_tokens, stop_token_ids=STOPS)
+    assert llm.engine.runner.graphs.graphs  # base-only steps took the graph path
+
+
+def test_bucket_grids():
+    assert [batch_bucket(n) for n in (1, 3, 13, 25, 256, 257)] == [1, 4, 16, 32, 256, 320]
+    assert [context_bucket(n, 16) for n in (1, 64, 65, 512, 513, 600, 1025)] == [
+        64, 64, 128, 512, 640, 640, 1280]
+    assert context_bucket(10, 48) == 96  # a multiple of the block size
