@@ -111,3 +111,21 @@ def test_missing_tokenizer_dir(tmp_path):
 
     with pytest.raises(TokenizerError, match="tokenizer.json"):
         Tokenizer.from_dir(str(tmp_path))
+
+
+@pytest.mark.real_model
+def test_decode_equals_transformers_decode(real_tok, tiny_tokenizer_dir):
+    """`decode` calls the Rust tokenizer directly; it must give what transformers' decode (clean
+    up off) gives, special tokens kept or skipped, on random ids and split characters."""
+    import random
+
+    for tok in (real_tok, Tokenizer.from_dir(tiny_tokenizer_dir)):
+        rng = random.Random(0)
+        n = tok.vocab_size
+        specials = [t for t in (tok.eos_token_id, tok.bos_token_id) if t is not None]
+        for _ in range(200):
+            ids = [rng.randrange(n) for _ in range(rng.randint(0, 12))] + rng.sample(specials, len(specials))
+            rng.shuffle(ids)
+            for skip in (False, True):
+                want = tok.hf.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+                assert tok.decode(ids, skip_special_tokens=skip) == want
