@@ -78,3 +78,16 @@ def test_bucket_grids():
     assert [context_bucket(n, 16) for n in (1, 64, 65, 512, 513, 600, 1025)] == [
         64, 64, 128, 512, 640, 640, 1280]
     assert context_bucket(10, 48) == 96  # a multiple of the block size
+
+
+def test_sdpa_backends_limit_cuda_steps_to_the_efficient_kernel():
+    from shoal.engine.model_runner import sdpa_backends
+
+    flash_before = torch.backends.cuda.flash_sdp_enabled()
+    with sdpa_backends(torch.device("cuda")):  # flags only: needs no GPU
+        assert torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert not torch.backends.cuda.flash_sdp_enabled()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled() == flash_before
+    with sdpa_backends(torch.device("cpu")):  # CPU steps keep every backend
+        assert torch.backends.cuda.flash_sdp_enabled() == flash_before
