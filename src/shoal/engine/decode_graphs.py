@@ -123,6 +123,9 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
+        # thread_local: CUDA calls other threads of the server make meanwhile (an adapter's
+        # weights copied in, say) must not invalidate the capture
+        recording = torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local")
+        with recording, torch.inference_mode():
             logits = self._forward(inputs, bp, sb)
         return graph, inputs, logits
