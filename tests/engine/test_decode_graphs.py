@@ -58,6 +58,11 @@ def test_padding_rows_write_only_the_scratch_slot(tiny_llama):
     assert logits.shape == (3, tiny_llama.config.vocab_size)
     changed = (cache.k != k0).any(dim=-1).any(dim=1).any(dim=0)  # (slots,) written anywhere
     assert sorted(changed.nonzero().flatten().tolist()) == [8, 19, 33, cache.scratch_slot]
+    # every bucket writes its logits into the one shared output buffer (rows for max_num_seqs)
+    assert logits.data_ptr() == runner.graphs.out.data_ptr()
+    assert runner.graphs.out.shape[0] == batch_bucket(llm.engine.config.max_num_seqs)
+    with pytest.raises(ValueError, match="max_rows"):
+        runner.graphs.run([5] * 40, [0] * 40, [[1]] * 40)  # more rows than max_num_seqs (32)
 
 
 def test_lora_engine_graphs_base_only_steps(setup):  # noqa: F811

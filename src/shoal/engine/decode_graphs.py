@@ -15,7 +15,9 @@ Everything else is computed inside the graph from it: each new token's cache slo
 block table), the context slots, and the additive mask (keys at positions < length, and within
 the sliding window). Padding rows carry position -1: they write their key/value to the cache's
 scratch slot (`PagedKVCache.scratch_slot`, never handed to a sequence) and attend over one key.
-Graphs are captured lazily, the first time a bucket is needed, into one shared memory pool.
+Graphs are captured lazily, the first time a bucket is needed, into one shared memory pool, and
+all write their logits into one (max rows, V) buffer: a graph keeps no memory of its own beyond
+its kernels (per-graph outputs would cost 131 MB a graph at 256 rows of Llama-3's vocabulary).
 
 With `capture=False` the same function runs eagerly each step (on CPU too): the tests use it to
 check the graph path's inputs and padding against the plain path without a GPU.
@@ -53,19 +55,23 @@ class DecodeGraphs:
     """Runs decode-only steps through captured graphs (or the same function eagerly)."""
 
     def __init__(self, model, cache: PagedKVCache, num_heads: int, num_kv_heads: int,
-                 window: int | None, capture: bool) -> None:
+                 window: int | None, capture: bool, max_rows: int) -> None:
         self.model, self.cache = model, cache
         self.num_heads, self.num_kv_heads, self.window = num_heads, num_kv_heads, window
         self.capture = capture
         self.bs = cache.block_size
         self.device = cache.k.device
-        self.graphs: dict[tuple[int, int], tuple[object, torch.Tensor, torch.Tensor]] = {}
+        self.max_rows = batch_bucket(max_rows)
+        self.graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}  # graph, input buffer
         self.pool = None  # the graphs' shared memory pool (CUDA)
+        self.out: torch.Tensor | None = None  # (max rows, V) fp32 logits, every graph's output
 
     def run(self, ids: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
         """Logits (B, V) fp32 for B decode rows: token ids, their positions, block tables."""
         b = len(ids)
         bp = batch_bucket(b)
+        if bp > self.max_rows:
+            raise ValueError(f"decode graphs: {b} rows exceed max_rows {self.max_rows}")
         sb = context_bucket(max(positions) + 1, self.bs)
         nb = sb // self.bs
         flat = ids + [0] * (bp - b) + positions + [-1] * (bp - b)
@@ -78,14 +84,18 @@ class DecodeGraphs:
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._build(bp, sb)
-        graph, inputs, logits = entry
+        graph, inputs = entry
         inputs.copy_(host)
         if graph is None:  # eager: the same function, run now
-            return self._forward(inputs, bp, sb)[:b]
-        graph.replay()
-        return logits[:b]
+            self._step(inputs, bp, sb)
+        else:
+            graph.replay()
+        return self.out[:b]
 
     # ---- the function a graph holds --------------------------------------------------------
+
+    def _step(self, inputs: torch.Tensor, bp: int, sb: int) -> None:
+        self.out[:bp].copy_(self._forward(inputs, bp, sb))
 
     def _forward(self, inputs: torch.Tensor, bp: int, sb: int) -> torch.Tensor:
         bs, nb = self.bs, sb // self.bs
@@ -108,17 +118,19 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden)  # (Bp, V) fp32
 
     def _build(self, bp: int, sb: int):
-        """(graph or None, input buffer, output logits) for one bucket; the buffer starts as all
-        padding rows, so warm-up and capture touch only the scratch slot."""
+        """(graph or None, input buffer) for one bucket; the buffer starts as all padding rows,
+        so warm-up and capture touch only the scratch slot."""
+        if self.out is None:
+            self.out = torch.empty(self.max_rows, self.model.config.vocab_size, device=self.device)
         inputs = torch.zeros(bp * (2 + sb // self.bs), dtype=torch.long, device=self.device)
         inputs[bp:2 * bp] = -1
         if not self.capture:
-            return None, inputs, None
+            return None, inputs
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(2):  # warm-up: kernels chosen, workspaces allocated
-                self._forward(inputs, bp, sb)
+                self._step(inputs, bp, sb)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
@@ -127,5 +139,5 @@ class DecodeGraphs:
         # weights copied in, say) must not invalidate the capture
         recording = torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local")
         with recording, torch.inference_mode():
-            logits = self._forward(inputs, bp, sb)
-        return graph, inputs, logits
+            self._step(inputs, bp, sb)  # its temporaries go back to the pool for the next capture
+        return graph, inputs

@@ -91,7 +91,8 @@ class LLMEngine:
         if config.batch_invariant:
             set_batch_invariant(self.model)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, lora=self.lora,
-                                  kv_dtype=kv_dtype, cuda_graphs=config.cuda_graphs)
+                                  kv_dtype=kv_dtype, cuda_graphs=config.cuda_graphs,
+                                  max_num_seqs=config.max_num_seqs)
         eos = self.tokenizer.stop_token_ids
         self.sampler = Sampler(eos)
         self.outputs = OutputProcessor(self.tokenizer, eos, self.max_model_len)

@@ -34,7 +34,8 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, lora=None,
-                 kv_dtype: torch.dtype | None = None, cuda_graphs: bool = False) -> None:
+                 kv_dtype: torch.dtype | None = None, cuda_graphs: bool = False,
+                 max_num_seqs: int = 256) -> None:
         self.model = model
         c = model.config
         p = next(model.parameters())
@@ -46,6 +47,7 @@ class ModelRunner:
         self.window = c.sliding_window
         self.lora = lora  # LoRAManager or None
         self._block_offsets = torch.arange(block_size)
+        self.max_num_seqs = max_num_seqs  # most rows a step has (sizes the graphs' output)
         self.graphs: DecodeGraphs | None = None  # decode steps of the base model as graphs
         if cuda_graphs and self.device.type == "cuda":
             self.use_decode_graphs(capture=True)
@@ -54,7 +56,7 @@ class ModelRunner:
         """Run decode-only steps through `DecodeGraphs` (capture=False: the same fixed-shape
         function, eagerly; any device)."""
         self.graphs = DecodeGraphs(self.model, self.cache, self.num_heads, self.num_kv_heads,
-                                   self.window, capture)
+                                   self.window, capture, self.max_num_seqs)
 
     def _ctx_slots(self, seq: Sequence, ctx_len: int) -> torch.Tensor:
         """(ctx_len,) cache slots of positions 0..ctx_len-1, on the CPU."""
