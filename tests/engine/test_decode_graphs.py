@@ -48,6 +48,41 @@ def test_graph_path_keeps_a_sliding_window(tmp_path, tiny_tokenizer_dir):
         assert out.outputs[0].token_ids == ref(loaded.model, p)
 
 
+def test_graph_path_with_forks_preemption_prefix_hits_and_abort(tiny_llama):
+    """The engine features around a decode step keep working when decode steps take the graph
+    path: n samples forking off shared prompt blocks (copy-on-write before the step), recompute
+    after preemption under a tiny KV budget, prefix-cache hits, abort."""
+    model = tiny_llama.model
+    # n=2 at temperature 0: both samples are the reference tokens; the partial prompt block is
+    # copied for the second sample before its first (graphed) decode step
+    llm = graphed(make_llm(tiny_llama))
+    p = prompts(1, seed=3, lo=21, hi=21)[0]
+    out = llm.generate([p], SamplingParams(n=2, temperature=0.0, max_tokens=12))[0]
+    assert [c.token_ids for c in out.outputs] == [ref(model, p)] * 2
+    # a prefix-cache hit: the same prompt again gives the same tokens
+    assert llm.generate([p], GREEDY)[0].outputs[0].token_ids == ref(model, p)
+    assert llm.engine.runner.graphs.graphs
+    # preemption: 16 prompts in 16 blocks of 8
+    ps = prompts(16, seed=1, lo=20, hi=90)
+    small = graphed(make_llm(tiny_llama, num_kv_blocks=16, max_num_batched_tokens=64))
+    assert [o.outputs[0].token_ids for o in small.generate(ps, GREEDY)] == [ref(model, q) for q in ps]
+    assert small.engine.block_manager.num_free_blocks == 16
+    assert small.engine.runner.graphs.graphs  # decode steps between preemptions were graphed
+    # abort mid-stream frees everything; the engine serves on
+    eng = llm.engine
+    total = eng.block_manager.num_free_blocks
+    for i, q in enumerate(prompts(6, seed=12)):
+        eng.add_request(f"r{i}", q, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+    for _ in range(4):
+        eng.step()
+    assert eng.block_manager.num_free_blocks < total
+    for i in range(6):
+        assert eng.abort(f"r{i}")
+    assert eng.block_manager.num_free_blocks == total
+    q = prompts(1, seed=13)[0]
+    assert llm.generate([q], GREEDY)[0].outputs[0].token_ids == ref(model, q)
+
+
 def test_padding_rows_write_only_the_scratch_slot(tiny_llama):
     llm = graphed(make_llm(tiny_llama, block_size=8))
     runner = llm.engine.runner
