@@ -45,7 +45,7 @@ def batch_bucket(n: int) -> int:
 
 def context_bucket(n: int, block_size: int) -> int:
     """Context slots a graph for a longest context of n reads: a multiple of 64 up to 512, then
-    eight steps per doubling (at most 1/8 padding); always a multiple of block_size."""
+    eight steps per doubling (padding under a quarter); always a multiple of block_size."""
     step = 64 if n <= 512 else 1 << ((n - 1).bit_length() - 3)
     step = -(-step // block_size) * block_size
     return -(-n // step) * step
