@@ -146,10 +146,11 @@ def test_prefill_chunk_and_decode_rows_in_one_step_equal_naive(ctx_len, t, windo
     mapping = torch.cat([pre[-t:], d1[-1:], d2[-1:]])
     ctx = PagedAttention(c, mapping, seqs, h, hkv, buckets, window)
     ctx.whole_chunks = gpu_style
-    out = ctx.attend(0, q, k, v)
-    assert (out[:t].double() - naive(c, 0, q[:t], pre, window)).abs().max().item() < 1e-5
-    assert (out[t].double() - naive(c, 0, q[t:t + 1], d1, window)[0]).abs().max().item() < 1e-5
-    assert (out[t + 1].double() - naive(c, 0, q[t + 1:], d2, window)[0]).abs().max().item() < 1e-5
+    for layer in (0, 1):  # the second layer reuses the step's masks
+        out = ctx.attend(layer, q, k, v)
+        assert (out[:t].double() - naive(c, layer, q[:t], pre, window)).abs().max().item() < 1e-5
+        assert (out[t].double() - naive(c, layer, q[t:t + 1], d1, window)[0]).abs().max().item() < 1e-5
+        assert (out[t + 1].double() - naive(c, layer, q[t + 1:], d2, window)[0]).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

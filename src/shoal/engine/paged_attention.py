@@ -133,7 +133,7 @@ class PagedAttention:
         self.decode = decode or []
         self.group = num_heads // num_kv_heads
         self.window = window
-        self._masks: dict[tuple, torch.Tensor] = {}  # prefill block masks by (end, dtype), all layers
+        self._masks: dict[tuple, torch.Tensor] = {}  # prefill masks by shape and dtype, all layers
         # gather indices into the cache viewed as (Hkv * slots, D), built once per step for all
         # layers: a dim-0 index_select copies whole rows and runs on all threads (measured 2x
         # faster than index_select along dim 1 at 2 threads). A prefill sequence's slots are
@@ -242,12 +242,16 @@ class PagedAttention:
             out[rows] = o[0].transpose(0, 1)  # (T, H, D)
             return
         qf = q[rows].view(t, hkv, g, d).permute(1, 0, 2, 3).reshape(1, hkv, t * g, d)
-        q_pos = torch.arange(a, b, device=q.device).repeat_interleave(g)  # (T * g,)
-        diff = q_pos[:, None] - torch.arange(b, device=q.device)[None, :]  # (T * g, b)
-        allowed = diff >= 0
-        if self.window is not None:
-            allowed &= diff < self.window
-        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+        mask = self._masks.get(("whole", a, b, q.dtype))  # made once per step, not per layer
+        if mask is None:
+            q_pos = torch.arange(a, b, device=q.device).repeat_interleave(g)  # (T * g,)
+            diff = q_pos[:, None] - torch.arange(b, device=q.device)[None, :]  # (T * g, b)
+            allowed = diff >= 0
+            if self.window is not None:
+                allowed &= diff < self.window
+            mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                ~allowed, float("-inf"))
+            self._masks[("whole", a, b, q.dtype)] = mask
         o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask)  # (1, Hkv, T * g, D)
         out[rows] = o.view(hkv, t, g, d).permute(1, 0, 2, 3).reshape(t, hkv * g, d)
 
