@@ -57,9 +57,9 @@ class EngineConfig:
     +57 MB); bf16 weights are packed only where oneDNN has native bf16 kernels. Off = plain
     F.linear."""
     cuda_graphs: bool = True
-    """On CUDA, run decode-only steps as captured graphs, one per (batch, context) bucket,
-    captured the first time each is needed; steps with an adapter's rows or a prefill chunk
-    run eagerly. Off = eager kernels always."""
+    """On CUDA, run decode-only steps as captured graphs, one per (batch, context) bucket and
+    with or without LoRA work, captured the first time each is needed; steps with a prefill
+    chunk run eagerly. Off = eager kernels always."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; None = leave torch's setting."""
     kv_cache_dtype: str = "auto"

@@ -32,8 +32,8 @@ def test_graph_path_gives_the_reference_tokens(family, request):
     for p, out in zip(ps, outs):
         assert out.outputs[0].token_ids == ref(loaded.model, p)
     buckets = set(llm.engine.runner.graphs.graphs)
-    assert (16, 64) in buckets or (16, 128) in buckets  # the padded batch took the graph path
-    assert all(bp in BATCH_GRID and sb % 64 == 0 for bp, sb in buckets)
+    assert (16, 64, False) in buckets or (16, 128, False) in buckets  # the padded batch, graphed
+    assert all(bp in BATCH_GRID and sb % 64 == 0 and not lora for bp, sb, lora in buckets)
     assert llm.engine.block_manager.num_free_blocks == 512  # padding rows held no blocks
 
 
@@ -105,12 +105,30 @@ def test_lora_engine_graphs_base_only_steps(setup):  # noqa: F811
     llm = graphed(lora_engine(root, paths))
     names = [None, "ad0", None, "ad3", None]
     ps = prompts(len(names), seed=32)
-    # adapter rows stop after 3 tokens; from then on the steps are base-only and graphed
+    # adapter rows stop after 3 tokens; from then on the steps are base-only
     params = [SamplingParams(temperature=0.0, max_tokens=3 if n else 10) for n in names]
     outs = llm.generate(ps, params, adapter=names)
     for p, name, prm, out in zip(ps, names, params, outs):
         assert out.outputs[0].token_ids == generate(merged[name], p, prm.max_tokens, stop_token_ids=STOPS)
-    assert llm.engine.runner.graphs.graphs  # base-only steps took the graph path
+    kinds = {lora for _, _, lora in llm.engine.runner.graphs.graphs}
+    assert kinds == {True, False}  # steps with adapter rows and base-only steps, graphed apart
+
+
+@pytest.mark.parametrize("max_loras", [8, 2])
+def test_mixed_adapter_decode_steps_through_graphs(setup, max_loras):  # noqa: F811
+    """Base and five adapters (ranks 2-16, different target modules) in graphed decode steps
+    give, per row, the tokens of that adapter merged into the base; with 2 slots for 5
+    adapters the scheduler's admissions and LRU swaps still complete everything."""
+    root, paths, merged = setup
+    llm = graphed(lora_engine(root, paths, max_loras=max_loras, max_cpu_loras=max(max_loras, 5)))
+    names = [None, "ad0", "ad1", "ad2", "ad3", "ad4"] * 2
+    ps = prompts(len(names), seed=33)
+    outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=10), adapter=names)
+    stops = llm.engine.tokenizer.stop_token_ids  # this checkpoint's: eos only
+    for p, name, out in zip(ps, names, outs):
+        assert out.outputs[0].token_ids == generate(merged[name], p, 10, stop_token_ids=stops), name
+    assert any(lora for _, _, lora in llm.engine.runner.graphs.graphs)
+    assert llm.engine.runner.lora.mapping.graph_index is None  # cleared after each step
 
 
 def test_bucket_grids():

@@ -9,7 +9,7 @@ Each graph runs a fixed shape: Bp rows (the step's rows rounded up to `BATCH_GRI
 over Sb context slots (the longest context rounded up by `context_bucket`). Its only input is
 one int64 buffer, refreshed by one host-to-device copy per step:
 
-    [ token ids (Bp) | positions (Bp) | block tables (Bp, Sb / block_size) ]
+    [ token ids (Bp) | positions (Bp) | LoRA slots (Bp), with adapters | block tables (Bp, Sb / bs) ]
 
 Everything else is computed inside the graph from it: each new token's cache slot (from its
 block table), the context slots, and the additive mask (keys at positions < length, and within
@@ -21,9 +21,9 @@ its kernels (per-graph outputs would cost 131 MB a graph at 256 rows of Llama-3'
 
 With `capture=False` the same function runs eagerly each step (on CPU too): the tests use it to
 check the graph path's inputs and padding against the plain path without a GPU.
-Not graphed: steps with a prefill chunk or an adapter's row (the LoRA mapping is Python state
-a graph would freeze; base-only steps run with it cleared, so LoRA layers add nothing); those
-run the eager path.
+Steps with adapter rows take graphs of their own, whose LoRA layers read each token's slot from
+the buffer (`shoal.lora.grouping.add_indexed_`); base-only steps take graphs without LoRA work.
+Not graphed: steps with a prefill chunk (they run the eager path).
 """
 
 from __future__ import annotations
@@ -55,51 +55,67 @@ class DecodeGraphs:
     """Runs decode-only steps through captured graphs (or the same function eagerly)."""
 
     def __init__(self, model, cache: PagedKVCache, num_heads: int, num_kv_heads: int,
-                 window: int | None, capture: bool, max_rows: int) -> None:
+                 window: int | None, capture: bool, max_rows: int, lora_mapping=None) -> None:
         self.model, self.cache = model, cache
         self.num_heads, self.num_kv_heads, self.window = num_heads, num_kv_heads, window
         self.capture = capture
         self.bs = cache.block_size
         self.device = cache.k.device
         self.max_rows = batch_bucket(max_rows)
-        self.graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}  # graph, input buffer
+        self.mapping = lora_mapping  # the LoRA layers' mapping (`shoal.lora.layers`), or None
+        # (rows, context slots, with LoRA) -> (graph or None, its input buffer)
+        self.graphs: dict[tuple[int, int, bool], tuple[object, torch.Tensor]] = {}
         self.pool = None  # the graphs' shared memory pool (CUDA)
         self.out: torch.Tensor | None = None  # (max rows, V) fp32 logits, every graph's output
 
-    def run(self, ids: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """Logits (B, V) fp32 for B decode rows: token ids, their positions, block tables."""
+    def run(self, ids: list[int], positions: list[int], tables: list[list[int]],
+            lora_slots: list[int] | None = None) -> torch.Tensor:
+        """Logits (B, V) fp32 for B decode rows: token ids, their positions, block tables, and
+        with adapters in the step each row's LoRA slot (-1 = base; resident in its slot)."""
         b = len(ids)
+        lora = lora_slots is not None
+        if lora and self.mapping is None:
+            raise ValueError("decode graphs: LoRA slots given but the model has no LoRA layers")
         bp = batch_bucket(b)
         if bp > self.max_rows:
             raise ValueError(f"decode graphs: {b} rows exceed max_rows {self.max_rows}")
         sb = context_bucket(max(positions) + 1, self.bs)
         nb = sb // self.bs
         flat = ids + [0] * (bp - b) + positions + [-1] * (bp - b)
+        if lora:
+            flat += lora_slots + [-1] * (bp - b)
         for t in tables:  # each row's first nb blocks, zero padded (padding slots are masked)
             flat += t[:nb]
             flat += [0] * (nb - min(len(t), nb))
         flat += [0] * ((bp - b) * nb)
         host = torch.tensor(flat, dtype=torch.long)
-        key = (bp, sb)
+        key = (bp, sb, lora)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self.graphs[key] = self._build(bp, sb)
+            entry = self.graphs[key] = self._build(*key)
         graph, inputs = entry
         inputs.copy_(host)
         if graph is None:  # eager: the same function, run now
-            self._step(inputs, bp, sb)
+            self._step(inputs, *key)
         else:
             graph.replay()
         return self.out[:b]
 
     # ---- the function a graph holds --------------------------------------------------------
 
-    def _step(self, inputs: torch.Tensor, bp: int, sb: int) -> None:
-        self.out[:bp].copy_(self._forward(inputs, bp, sb))
+    def _step(self, inputs: torch.Tensor, bp: int, sb: int, lora: bool) -> None:
+        if not lora:
+            self.out[:bp].copy_(self._forward(inputs, bp, sb, 2 * bp))
+            return
+        self.mapping.graph_index = inputs[2 * bp:3 * bp]  # (Bp,) every LoRA layer reads it
+        try:
+            self.out[:bp].copy_(self._forward(inputs, bp, sb, 3 * bp))
+        finally:
+            self.mapping.graph_index = None
 
-    def _forward(self, inputs: torch.Tensor, bp: int, sb: int) -> torch.Tensor:
+    def _forward(self, inputs: torch.Tensor, bp: int, sb: int, tables_at: int) -> torch.Tensor:
         bs, nb = self.bs, sb // self.bs
-        ids, pos, tables = inputs[:bp], inputs[bp:2 * bp], inputs[2 * bp:].view(bp, nb)
+        ids, pos, tables = inputs[:bp], inputs[bp:2 * bp], inputs[tables_at:].view(bp, nb)
         valid = pos >= 0  # (Bp,) real rows
         p = pos.clamp(min=0)
         slot = tables.gather(1, (p // bs)[:, None]).squeeze(1) * bs + p % bs  # (Bp,) new K/V slot
@@ -117,20 +133,20 @@ class DecodeGraphs:
         hidden = self.model(ids, p, ctx)  # (Bp, hidden)
         return self.model.compute_logits(hidden)  # (Bp, V) fp32
 
-    def _build(self, bp: int, sb: int):
-        """(graph or None, input buffer) for one bucket; the buffer starts as all padding rows,
-        so warm-up and capture touch only the scratch slot."""
+    def _build(self, bp: int, sb: int, lora: bool):
+        """(graph or None, input buffer) for one bucket; the buffer starts as all padding rows
+        (base rows), so warm-up and capture touch only the scratch slot."""
         if self.out is None:
             self.out = torch.empty(self.max_rows, self.model.config.vocab_size, device=self.device)
-        inputs = torch.zeros(bp * (2 + sb // self.bs), dtype=torch.long, device=self.device)
-        inputs[bp:2 * bp] = -1
+        inputs = torch.zeros(bp * (2 + lora + sb // self.bs), dtype=torch.long, device=self.device)
+        inputs[bp:(2 + lora) * bp] = -1
         if not self.capture:
             return None, inputs
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(2):  # warm-up: kernels chosen, workspaces allocated
-                self._step(inputs, bp, sb)
+                self._step(inputs, bp, sb, lora)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
@@ -139,5 +155,5 @@ class DecodeGraphs:
         # weights copied in, say) must not invalidate the capture
         recording = torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local")
         with recording, torch.inference_mode():
-            self._step(inputs, bp, sb)  # its temporaries go back to the pool for the next capture
+            self._step(inputs, bp, sb, lora)  # its temporaries return to the pool
         return graph, inputs

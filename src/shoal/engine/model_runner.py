@@ -56,7 +56,8 @@ class ModelRunner:
         """Run decode-only steps through `DecodeGraphs` (capture=False: the same fixed-shape
         function, eagerly; any device)."""
         self.graphs = DecodeGraphs(self.model, self.cache, self.num_heads, self.num_kv_heads,
-                                   self.window, capture, self.max_num_seqs)
+                                   self.window, capture, self.max_num_seqs,
+                                   self.lora.mapping if self.lora is not None else None)
 
     def _ctx_slots(self, seq: Sequence, ctx_len: int) -> torch.Tensor:
         """(ctx_len,) cache slots of positions 0..ctx_len-1, on the CPU."""
@@ -65,20 +66,25 @@ class ModelRunner:
         return (blocks[:, None] * self.block_size + self._block_offsets).flatten()[:ctx_len]
 
     def _run_graphed(self, scheduled: list[tuple[Sequence, int]]) -> StepResult | None:
-        """A decode-only step of the base model through the graphs; None when the step has
-        anything else (a prefill chunk, an adapter's row)."""
+        """A decode-only step through the graphs; None when the step has a prefill chunk."""
         ids, positions, tables = [], [], []
         for seq, n in scheduled:
             pos = seq.num_computed_tokens
-            if (n != 1 or pos < seq.num_prompt_tokens or pos + 1 != seq.num_tokens
-                    or seq.adapter is not None):
+            if n != 1 or pos < seq.num_prompt_tokens or pos + 1 != seq.num_tokens:
                 return None
             ids.append(seq.token_ids[pos])
             positions.append(pos)
             tables.append(seq.block_table)
-        if self.lora is not None:  # no adapter rows: the LoRA layers add nothing (nor capture any)
-            self.lora.clear_mapping()
-        logits = self.graphs.run(ids, positions, tables)  # (B, V)
+        lora_slots = None
+        if self.lora is not None:
+            names = {seq.adapter for seq, _ in scheduled if seq.adapter is not None}
+            if names:  # adapters resident first; each row reads its slot inside the graph
+                slots = self.lora.prepare(names)
+                lora_slots = [slots[seq.adapter] if seq.adapter is not None else -1
+                              for seq, _ in scheduled]
+            else:  # base only: the LoRA layers add nothing (nor capture any work)
+                self.lora.clear_mapping()
+        logits = self.graphs.run(ids, positions, tables, lora_slots)  # (B, V)
         return StepResult([seq for seq, _ in scheduled], logits, {})
 
     def _set_lora_mapping(self, adapters: list[tuple[str | None, int]], slots: dict[str, int]) -> None:

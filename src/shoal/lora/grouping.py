@@ -167,6 +167,30 @@ def add_grouped_(x2: torch.Tensor, ys: list[torch.Tensor], layers: list, a: torc
             y.index_add_(0, g.tok, d.index_select(0, g.dst))
 
 
+def add_indexed_(x2: torch.Tensor, ys: list[torch.Tensor], layers: list, a: torch.Tensor,
+                 idx: torch.Tensor) -> None:
+    """ys[i] += layers[i]'s LoRA delta, each token's slot read from idx (N,) (-1 = base), with
+    shapes fixed by N alone and no host-side plan: the form a captured CUDA graph can hold
+    (`shoal.engine.decode_graphs`), where the step's slots are a tensor refreshed per replay.
+
+    x2 (N, in); ys[i] (N, out_i); a: the layers' A slots stacked (max_loras, n*R, in). Each
+    token gathers its slot's A and B (BGMV-style, as tensors: N x R x (in + out) values per
+    layer), so it costs more than `add_grouped_` and is used only where shapes must not change.
+    Semantics: ys[i][t] += scaling_i[s] * (x2[t] @ A_i[s].T) @ B_i[s] for s = idx[t] >= 0.
+    """
+    on = idx >= 0  # (N,)
+    s = idx.clamp(min=0)
+    ct = a.dtype
+    # 1) shrink (N, 1, in) @ (N, in, n*R) -> (N, 1, n*R), one product for all n layers
+    xa = torch.bmm(x2.to(ct)[:, None, :], a.index_select(0, s).transpose(1, 2))
+    r = a.shape[1] // len(layers)
+    for i, (layer, y) in enumerate(zip(layers, ys)):
+        # 2) scale (0 for base tokens), expand (N, 1, R) @ (N, R, out_i), add in place
+        scale = torch.where(on, layer.scaling.index_select(0, s), 0.0).to(ct)  # (N,)
+        xi = xa[:, :, i * r:(i + 1) * r] * scale.view(-1, 1, 1)
+        y.add_(torch.bmm(xi, layer.lora_b_stacked.index_select(0, s))[:, 0].to(y.dtype))
+
+
 class LoRAGroup:
     """LoRA layers fed the same input (the parts of a fused q/k/v or gate/up projection,
     `shoal.model.fused`): their A slots live in one (max_loras, n * max_rank, in) buffer, each
@@ -189,7 +213,9 @@ class LoRAGroup:
         """ys[i] (..., out_i) += layers[i]'s delta; x (..., in) their common input."""
         mapping = self.layers[0].mapping
         lead = tuple(x.shape[:-1])
-        if mapping.grouped and lead == mapping.shape and len(lead) == 1:
+        if mapping.graph_index is not None:
+            add_indexed_(x, ys, list(self.layers), self.a, mapping.graph_index)
+        elif mapping.grouped and lead == mapping.shape and len(lead) == 1:
             add_grouped_(x, ys, list(self.layers), self.a, mapping.groups())
         else:  # unpacked inputs: layer by layer (the A views hold the same weights)
             for layer, y in zip(self.layers, ys):

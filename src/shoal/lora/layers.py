@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..model.layers import linear
-from .grouping import TILE_CAP, GroupPlan, LoRAGroup, add_grouped_
+from .grouping import TILE_CAP, GroupPlan, LoRAGroup, add_grouped_, add_indexed_
 
 # A step's plan: for each slot in the batch, the tokens of x (flattened to (N, in)) it owns,
 # as a contiguous slice when the slot's tokens are adjacent, else as an index tensor.
@@ -41,6 +41,9 @@ class LoRAMapping:
         self.tile_cap = TILE_CAP
         self.min_rows = 1  # rows a grouped product is padded to (MIN_ROWS: batch invariance)
         self._groups: GroupPlan | None = None
+        # (N,) slot per token as a tensor, set only while a fixed-shape forward runs (the CUDA
+        # graph decode path): every LoRA layer then takes `add_indexed_`, for any slots
+        self.graph_index: torch.Tensor | None = None
 
     def set(self, slots: Sequence[int] | torch.Tensor) -> None:
         """Set the slot indices for the next forward (-1 = base); host-side (a CUDA tensor is
@@ -75,8 +78,8 @@ class LoRAMapping:
 
     @property
     def active(self) -> bool:
-        """True when some token uses an adapter."""
-        return bool(self._runs)
+        """True when some token uses (or, with `graph_index`, may use) an adapter."""
+        return bool(self._runs) or self.graph_index is not None
 
     def plan(self, lead: tuple[int, ...]) -> Plan:
         """(slot, tokens) pairs for x with leading shape `lead`, tokens indexing x.reshape(-1, in)."""
@@ -185,6 +188,9 @@ class LoRALinear(nn.Linear):
         """y (..., out) += each token's LoRA delta, in place; y may be a column slice of a fused
         projection's output (`shoal.model.fused`)."""
         lead = tuple(x.shape[:-1])
+        if self.mapping.graph_index is not None:
+            add_indexed_(x, [y], [self], self.lora_a_stacked, self.mapping.graph_index)
+            return
         if self.mapping.grouped and lead == self.mapping.shape and len(lead) == 1:
             if self.mapping.active:
                 add_grouped_(x, [y], [self], self.lora_a_stacked, self.mapping.groups())
