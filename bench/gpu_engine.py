@@ -121,9 +121,9 @@ def main() -> None:
 
             hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
             run_hf(hf, make_prompts(2, 16, 16, 9, 49152), 4, 2, device=args.device, sync=sync)  # warm-up
-            results[f"{shape} HF generate, batch {args.hf_batch}"] = run_hf(
-                hf, prompts, args.out, args.hf_batch, device=args.device, sync=sync)
-            print(f"{shape} HF", json.dumps(results[f"{shape} HF generate, batch {args.hf_batch}"]), flush=True)
+            name = f"{shape} HF generate, batch {args.hf_batch}"
+            results[name] = run_hf(hf, prompts, args.out, args.hf_batch, device=args.device, sync=sync)
+            print(name, json.dumps(results[name]), flush=True)
             del hf
             if cuda:
                 torch.cuda.empty_cache()

@@ -14,7 +14,8 @@ from shoal.model.generate import generate
 from shoal.model.loader import load_dir
 from tests.engine.test_engine_lora import engine as lora_engine
 from tests.engine.test_engine_lora import setup  # noqa: F401  (module fixture)
-from tests.engine.test_llm_engine import GREEDY, STOPS, make_llm, prompts, ref
+from tests.engine.test_llm_engine import (GREEDY, STOPS, check_abort_mid_stream, make_llm, prompts,
+                                          ref)
 from tests.helpers import hf_tiny_config, save_tiny_hf_dir
 
 
@@ -68,19 +69,8 @@ def test_graph_path_with_forks_preemption_prefix_hits_and_abort(tiny_llama):
     assert [o.outputs[0].token_ids for o in small.generate(ps, GREEDY)] == [ref(model, q) for q in ps]
     assert small.engine.block_manager.num_free_blocks == 16
     assert small.engine.runner.graphs.graphs  # decode steps between preemptions were graphed
-    # abort mid-stream frees everything; the engine serves on
-    eng = llm.engine
-    total = eng.block_manager.num_free_blocks
-    for i, q in enumerate(prompts(6, seed=12)):
-        eng.add_request(f"r{i}", q, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
-    for _ in range(4):
-        eng.step()
-    assert eng.block_manager.num_free_blocks < total
-    for i in range(6):
-        assert eng.abort(f"r{i}")
-    assert eng.block_manager.num_free_blocks == total
-    q = prompts(1, seed=13)[0]
-    assert llm.generate([q], GREEDY)[0].outputs[0].token_ids == ref(model, q)
+    # abort mid-stream (after graphed decode steps) frees everything; the engine serves on
+    check_abort_mid_stream(llm, steps=4)
 
 
 def test_padding_rows_write_only_the_scratch_slot(tiny_llama):

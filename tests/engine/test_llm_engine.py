@@ -200,13 +200,13 @@ def test_max_and_min_tokens(tiny_llama):
     assert first not in held.outputs[0].token_ids[:4]
 
 
-def test_abort_frees_every_block_and_engine_serves_on(tiny_llama):
-    llm = make_llm(tiny_llama)
+def check_abort_mid_stream(llm, steps: int = 3) -> None:
+    """Abort 6 requests after `steps` steps: every block is free again, the engine serves on."""
     eng = llm.engine
     total = eng.block_manager.num_free_blocks
     for i, p in enumerate(prompts(6, seed=12)):
         eng.add_request(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
-    for _ in range(3):
+    for _ in range(steps):
         eng.step()
     assert eng.block_manager.num_free_blocks < total
     for i in range(6):
@@ -214,7 +214,11 @@ def test_abort_frees_every_block_and_engine_serves_on(tiny_llama):
     assert eng.block_manager.num_free_blocks == total
     assert not eng.has_unfinished()
     p = prompts(1, seed=13)[0]
-    assert llm.generate([p], GREEDY)[0].outputs[0].token_ids == ref(tiny_llama.model, p)
+    assert llm.generate([p], GREEDY)[0].outputs[0].token_ids == ref(eng.model, p)
+
+
+def test_abort_frees_every_block_and_engine_serves_on(tiny_llama):
+    check_abort_mid_stream(make_llm(tiny_llama))
 
 
 def test_prefix_cache_hits_across_requests(tiny_llama):
