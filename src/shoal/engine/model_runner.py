@@ -48,7 +48,7 @@ class ModelRunner:
         self.lora = lora  # LoRAManager or None
         self._block_offsets = torch.arange(block_size)
         self.max_num_seqs = max_num_seqs  # most rows a step has (sizes the graphs' output)
-        self.graphs: DecodeGraphs | None = None  # decode steps of the base model as graphs
+        self.graphs: DecodeGraphs | None = None  # decode-only steps as graphs (CUDA)
         if cuda_graphs and self.device.type == "cuda":
             self.use_decode_graphs(capture=True)
 
@@ -166,10 +166,10 @@ class ModelRunner:
 
 def sdpa_backends(device: torch.device):
     """On CUDA, SDPA limited to the memory-efficient kernel (math as the fallback). Measured on
-    an H200 (torch 2.11, bf16): with the default choice each new sequence length cost ~10-60 ms
-    the first time (flash; cuDNN 40-50 ms), the efficient kernel ~0.05 ms, and the same
-    ~0.15 ms per call after; a first pass over 96 prompts of new lengths spent 5.6 of its
-    6.8 s there (a second pass over the same lengths: 0.58 s in all)."""
+    an H200 (torch 2.11, bf16): with the default choice each new sequence length cost ~60 ms
+    the first time (flash alone ~10 ms, cuDNN 40-50 ms), the efficient kernel ~0.05 ms (once
+    its first call had loaded it), and all ~0.15 ms per call after; a first pass over 96
+    prompts of new lengths spent 5.6 of its 6.8 s there (the same lengths again: 0.58 s)."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -133,7 +133,7 @@ class PagedAttention:
         self.decode = decode or []
         self.group = num_heads // num_kv_heads
         self.window = window
-        self._masks: dict[tuple, torch.Tensor] = {}  # prefill masks by shape and dtype, all layers
+        self._masks: dict[tuple, torch.Tensor] = {}  # `block_mask`s by (start, end, dtype)
         # gather indices into the cache viewed as (Hkv * slots, D), built once per step for all
         # layers: a dim-0 index_select copies whole rows and runs on all threads (measured 2x
         # faster than index_select along dim 1 at 2 threads). A prefill sequence's slots are
@@ -152,21 +152,21 @@ class PagedAttention:
         self._seq_rows = [rows_of(_pad_to_block(s.ctx_slots)) for s in self.seqs]
         self._decode_rows = [rows_of(b.slots) for b in self.decode]
 
-    def block_mask(self, end: int, dtype: torch.dtype, device) -> torch.Tensor:
-        """(PREFILL_BLOCK * group, end) additive mask in `dtype`: 0 where query position
-        end - PREFILL_BLOCK + r // group may see key position c (causal, and within the sliding
-        window), -inf elsewhere. The folded layout: rows are repeated per query head of a kv
-        group. Additive, since SDPA turns a bool mask into one on every call (measured 2
-        `where`s per call, 2-3% of a prefill step)."""
-        m = self._masks.get((end, dtype))
+    def block_mask(self, start: int, end: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """((end - start) * group, end) additive mask in `dtype`: 0 where query position
+        start + r // group may see key position c (causal, and within the sliding window), -inf
+        elsewhere; made once per step for all layers. The folded layout: rows are repeated per
+        query head of a kv group. Additive, since SDPA turns a bool mask into one on every call
+        (measured 2 `where`s per call, 2-3% of a prefill step)."""
+        m = self._masks.get((start, end, dtype))
         if m is None:
-            q_pos = torch.arange(end - PREFILL_BLOCK, end, device=device).repeat_interleave(self.group)
+            q_pos = torch.arange(start, end, device=device).repeat_interleave(self.group)
             diff = q_pos[:, None] - torch.arange(end, device=device)[None, :]
             allowed = diff >= 0
             if self.window is not None:
                 allowed &= diff < self.window
             m = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
-            self._masks[(end, dtype)] = m
+            self._masks[(start, end, dtype)] = m
         return m
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -218,7 +218,7 @@ class PagedAttention:
             # fold each kv head's query group into the query axis: (1, Hkv, pb * g, D)
             qf = blk.view(pb, hkv, g, d).permute(1, 0, 2, 3).reshape(1, hkv, pb * g, d)
             o = F.scaled_dot_product_attention(qf, keys[None, :, :hi], vals[None, :, :hi],
-                                               attn_mask=self.block_mask(hi, q.dtype, q.device))
+                                               attn_mask=self.block_mask(lo, hi, q.dtype, q.device))
             o = o.view(hkv, pb, g, d)[:, qa - lo:qz - lo]  # (Hkv, qz - qa, g, D)
             out[rows] = o.permute(1, 0, 2, 3).reshape(qz - qa, hkv * g, d)
 
@@ -226,8 +226,8 @@ class PagedAttention:
                             vals: torch.Tensor, out: torch.Tensor) -> None:
         """One prefill chunk in one SDPA call (for a GPU, where the per-block loop of
         `_attend_chunk` costs launches and buys no invariance). A chunk that starts the sequence
-        (no sliding window) takes the causal kernel with grouped heads; a later chunk folds
-        each kv head's query group into the query axis under an explicit mask.
+        (no sliding window) takes the causal kernel, each kv head repeated for its group; a later
+        chunk folds each kv head's query group into the query axis under `block_mask`.
         keys, vals (Hkv, S', D) with S' >= its context length b; q, out (N, H, D)."""
         g = self.group
         hkv, d = keys.shape[0], keys.shape[2]
@@ -242,16 +242,7 @@ class PagedAttention:
             out[rows] = o[0].transpose(0, 1)  # (T, H, D)
             return
         qf = q[rows].view(t, hkv, g, d).permute(1, 0, 2, 3).reshape(1, hkv, t * g, d)
-        mask = self._masks.get(("whole", a, b, q.dtype))  # made once per step, not per layer
-        if mask is None:
-            q_pos = torch.arange(a, b, device=q.device).repeat_interleave(g)  # (T * g,)
-            diff = q_pos[:, None] - torch.arange(b, device=q.device)[None, :]  # (T * g, b)
-            allowed = diff >= 0
-            if self.window is not None:
-                allowed &= diff < self.window
-            mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(
-                ~allowed, float("-inf"))
-            self._masks[("whole", a, b, q.dtype)] = mask
+        mask = self.block_mask(a, b, q.dtype, q.device)  # (T * g, b)
         o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask)  # (1, Hkv, T * g, D)
         out[rows] = o.view(hkv, t, g, d).permute(1, 0, 2, 3).reshape(t, hkv * g, d)
 
