@@ -4,11 +4,13 @@ bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
 import torch
 
+from shoal import kernels
 from shoal.config import EngineConfig
 from shoal.engine.llm import LLM
 from shoal.engine.sampling_params import SamplingParams
@@ -38,13 +40,17 @@ def ref(model, p, n=12):
     return generate(model, p, n, stop_token_ids=STOPS)
 
 
+@pytest.mark.parametrize("cpu_kernels", [True, False])
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
-def test_mixed_batch_equals_reference_generate(family, request):
+def test_mixed_batch_equals_reference_generate(family, cpu_kernels, request):
+    """With the fused CPU kernels (`shoal.kernels`, the default) and with PyTorch ops only."""
     loaded = request.getfixturevalue(family)
     ps = prompts(16)
-    outs = make_llm(loaded).generate(ps, GREEDY)
-    for p, out in zip(ps, outs):
-        assert out.outputs[0].token_ids == ref(loaded.model, p)
+    with contextlib.nullcontext() if cpu_kernels else kernels.disabled():
+        outs = make_llm(loaded).generate(ps, GREEDY)
+        refs = [ref(loaded.model, p) for p in ps]
+    for p, out, want in zip(ps, outs, refs):
+        assert out.outputs[0].token_ids == want
         assert out.outputs[0].finish_reason == ("length" if len(out.outputs[0].token_ids) == 12
                                                 else "stop")
 
@@ -255,11 +261,17 @@ def test_bad_sampling_params_name_the_field(kwargs, field):
         SamplingParams(**kwargs)
 
 
-@pytest.mark.parametrize("pack", [True, False])
-def test_bf16_model_math_is_bitwise_batch_invariant(tmp_path, tiny_tokenizer_dir, pack):
+@pytest.mark.parametrize("pack,cpu_kernels", [(True, True), (False, True), (True, False)])
+def test_bf16_model_math_is_bitwise_batch_invariant(tmp_path, tiny_tokenizer_dir, pack, cpu_kernels):
     """A row's logprobs are bit-identical alone and among 32 other requests (bf16, CPU), with
     an MLP wider than 1024 so the split-K path is exercised, on packed weights (the default)
-    and on plain ones."""
+    and on plain ones, with the fused CPU kernels (the default) and without."""
+    if not cpu_kernels:
+        kernels.set_enabled(False)
+        try:
+            return test_bf16_model_math_is_bitwise_batch_invariant(tmp_path, tiny_tokenizer_dir, pack, True)
+        finally:
+            kernels.set_enabled(True)
     from shoal.model.loader import load_dir
     from tests.helpers import hf_tiny_config, save_tiny_hf_dir
 

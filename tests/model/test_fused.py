@@ -117,5 +117,5 @@ def test_lora_group_serves_a_fused_projections_parts_with_one_shrink(slots, monk
     r = attn.q_proj.lora_a_stacked.shape[1]
     assert torch.equal(group.a[1, 2 * r:2 * r + 3], attn.v_proj.lora_a_stacked[1, :3])  # set_lora wrote through
     assert model.model.layers[0].mlp.up_proj.lora_group is not None
-    for plain_out, fused_out in zip(*outs):
-        assert (plain_out - fused_out).abs().max().item() < 1e-4
+    for plain_out, fused_out in zip(*outs):  # (the fused MLP's SiLU may be the CPU kernel's)
+        torch.testing.assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-4)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from shoal.model.fused import fuse_projections
-from shoal.model.layers import Linear, linear
+from shoal.model.layers import INVARIANT_ROWS, Linear, linear
 from shoal.model.packed import PackedWeight, pack_linears, packing_available
 from tests.model.test_fused import ids
 from tests.model.test_transformer import pair
@@ -85,18 +85,25 @@ def test_packed_linear_matches_f_linear(dtype, k_chunk):
         assert torch.equal(linear(x[:1, 0], p, b), F.linear(x[:1, 0], w, b))
 
 
+@pytest.mark.parametrize("n", [192, 3072])
 @pytest.mark.parametrize("k", [576, 1536])
-def test_packed_bf16_rows_are_batch_invariant(k):
-    """A row's bits do not change with the number of rows: as they are at K <= 1024, and in
-    split-K chunks beyond (packed with k_chunk), each chunk added to the rounded running sum."""
+def test_packed_bf16_rows_are_batch_invariant(k, n):
+    """With the engine's row cap (`INVARIANT_ROWS`), a row's bits do not change with the number
+    of rows or its position: as they are at K <= 1024, and in split-K chunks beyond (packed with
+    k_chunk), each chunk added to the rounded running sum. (Without the cap, on a CPU with AMX,
+    products of 33+ rows round differently: see `INVARIANT_ROWS`.)"""
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(192, k, generator=g).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
     x = torch.randn(130, k, generator=g).to(torch.bfloat16)
     p = PackedWeight.of(w, 1024)
     assert len(p.chunks) == (1 if k <= 1024 else 2) and torch.equal(p.dense(), w)
     one = torch.cat([linear(x[i:i + 1], p) for i in range(130)])
-    for m in (2, 3, 7, 13, 33, 64, 130):
-        assert torch.equal(linear(x[:m], p), one[:m]), m
+    for m in (2, 3, 7, 13, 32, 33, 64, 130):
+        assert torch.equal(linear(x[:m], p, max_rows=INVARIANT_ROWS), one[:m]), m
+        assert torch.equal(linear(x[:m], w, max_rows=INVARIANT_ROWS, k_chunk=1024)[:1],
+                           linear(x[:1], w, k_chunk=1024)), m  # plain weights too
+    shifted = torch.cat([x[1:40], x[:1]])  # row 0 last in a 40-row batch
+    assert torch.equal(linear(shifted, p, max_rows=INVARIANT_ROWS)[-1], one[0])
     if k <= 1024:
         assert torch.equal(one[:1], F.linear(x[:1], w))
     else:  # Semantics: chunk 1's product in fp32 plus chunk 0's, rounded

@@ -18,6 +18,7 @@ import torch
 from ..config import EngineConfig
 from ..model.fused import fuse_projections
 from ..model.loader import LoadedModel, resolve_dtype
+from ..model.layers import INVARIANT_ROWS
 from ..model.packed import pack_linears
 from .block_manager import BlockManager
 from ..lora.grouping import MIN_ROWS
@@ -274,9 +275,10 @@ INVARIANT_K = 1024  # bf16 CPU matmuls were measured row-invariant up to this in
 
 
 def set_batch_invariant(model: torch.nn.Module) -> int:
-    """Switch wide unpacked bf16 CPU linears to split-K (see `shoal.model.layers.linear`; packed
-    ones are packed in the same chunks, `shoal.model.packed`) and pad LoRA's
-    grouped CPU products to MIN_ROWS rows; returns how many linears changed. fp32, CUDA and
+    """Cap bf16 CPU products at INVARIANT_ROWS rows, switch wide unpacked bf16 CPU linears to
+    split-K (see `shoal.model.layers.linear`; packed ones are packed in the same chunks,
+    `shoal.model.packed`) and pad LoRA's
+    grouped CPU products to MIN_ROWS rows; returns how many bf16 linears changed. fp32, CUDA and
     int8 linears (`weight` None: the int8 kernel is row-invariant as it is) are left alone."""
     p = next(model.parameters())
     if p.device.type != "cpu":
@@ -288,8 +290,9 @@ def set_batch_invariant(model: torch.nn.Module) -> int:
         return 0
     n = 0
     for m in model.modules():
-        if (isinstance(m, torch.nn.Linear) and m.weight is not None and m.weight.device.type == "cpu"
-                and m.in_features > INVARIANT_K):  # packed weights (meta) were cut when packed
-            m.k_chunk = INVARIANT_K
+        if isinstance(m, torch.nn.Linear) and m.weight is not None and m.weight.dtype == torch.bfloat16:
+            m.max_rows = INVARIANT_ROWS  # every bf16 product on the one-row kernel
+            if m.weight.device.type == "cpu" and m.in_features > INVARIANT_K:
+                m.k_chunk = INVARIANT_K  # (packed weights, on meta, were cut when packed)
             n += 1
     return n

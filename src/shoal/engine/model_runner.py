@@ -19,7 +19,8 @@ import torch
 
 from ..model.transformer import Transformer
 from .decode_graphs import DecodeGraphs
-from .paged_attention import PagedAttention, PagedKVCache, SeqAttention, build_decode_buckets
+from .. import kernels
+from .paged_attention import DecodeRows, PagedAttention, PagedKVCache, SeqAttention, build_decode_buckets
 from .sequence import Sequence
 
 
@@ -58,6 +59,10 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.cache, self.num_heads, self.num_kv_heads,
                                    self.window, capture, self.max_num_seqs,
                                    self.lora.mapping if self.lora is not None else None)
+
+    def _decode_kernel(self) -> bool:
+        """Do decode rows take the CPU kernel (`kernels.decode_attention`) this step?"""
+        return kernels.usable(self.cache.k[0, 0, :1], torch.empty(0, dtype=self.dtype, device=self.device))
 
     def _ctx_slots(self, seq: Sequence, ctx_len: int) -> torch.Tensor:
         """(ctx_len,) cache slots of positions 0..ctx_len-1, on the CPU."""
@@ -146,11 +151,14 @@ class ModelRunner:
         if self.device.type != "cpu":
             for s in seq_attn:
                 s.ctx_slots = s.ctx_slots.to(self.device)
-        # on a GPU all decode rows form one bucket (its kernels do not promise row invariance)
-        buckets = build_decode_buckets(decode_items, self.window, self.device,
-                                       single=self.device.type == "cuda")
+        buckets, decode_rows = [], None
+        if decode_items and self._decode_kernel():  # CPU: one kernel call a layer, in place
+            decode_rows = DecodeRows.build(decode_items)
+        else:  # on a GPU all decode rows form one bucket (its kernels do not promise row invariance)
+            buckets = build_decode_buckets(decode_items, self.window, self.device,
+                                           single=self.device.type == "cuda")
         ctx = PagedAttention(self.cache, torch.cat(slot_chunks).to(self.device), seq_attn,
-                             self.num_heads, self.num_kv_heads, buckets, self.window)
+                             self.num_heads, self.num_kv_heads, buckets, self.window, decode_rows)
         if self.lora is not None:
             self._set_lora_mapping(adapters, lora_slots)
         hidden = self.model(input_ids, pos, ctx)  # (N, hidden)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
+
 
 DECODE_BUCKET = 64
 PREFILL_BLOCK = 64  # query positions per prefill attention block (see `_attend_chunk`)
@@ -103,6 +105,29 @@ def build_decode_buckets(items: list[tuple[int, torch.Tensor]], window: int | No
     return out
 
 
+@dataclass
+class DecodeRows:
+    """All decode rows of a step for the CPU kernel (`kernels.decode_attention`), which reads
+    each row's keys in place: no buckets, no padding, no gather. Row i's key slots, in position
+    order, are slots[offsets[i]:offsets[i + 1]]."""
+
+    rows: torch.Tensor  # (B,) int64: their rows in the flat batch
+    slots: torch.Tensor  # (sum of context lengths,) int64
+    offsets: torch.Tensor  # (B + 1,) int64
+
+    @classmethod
+    def build(cls, items: list[tuple[int, torch.Tensor]]) -> "DecodeRows":
+        """items: (row, ctx_slots) of every decode row (CPU tensors)."""
+        lengths = torch.tensor([0] + [s.numel() for _, s in items])
+        return cls(torch.tensor([r for r, _ in items], dtype=torch.long),
+                   torch.cat([s for _, s in items]), lengths.cumsum(0))
+
+
+def kernel_layout(t: torch.Tensor) -> bool:
+    """(N, heads, D) with heads and D contiguous (any row stride): what the kernels read."""
+    return t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2]
+
+
 def head_rows(slots: torch.Tensor, num_kv_heads: int, num_slots: int) -> torch.Tensor:
     """(S,) slots -> (Hkv * S,) rows of one layer's cache viewed as (Hkv * num_slots, D), head
     major: gathering them gives that head-by-head (Hkv, S, D) block of keys in one copy."""
@@ -126,11 +151,13 @@ class PagedAttention:
 
     def __init__(self, cache: PagedKVCache, slot_mapping: torch.Tensor, seqs: list[SeqAttention],
                  num_heads: int, num_kv_heads: int,
-                 decode: list[DecodeBucket] | None = None, window: int | None = None) -> None:
+                 decode: list[DecodeBucket] | None = None, window: int | None = None,
+                 decode_rows: DecodeRows | None = None) -> None:
         self.cache = cache
         self.slot_mapping = slot_mapping  # (N,) where each new token's K/V goes
         self.seqs = seqs  # prefill chunks
         self.decode = decode or []
+        self.decode_rows = decode_rows  # decode rows for the CPU kernel (instead of `decode`)
         self.group = num_heads // num_kv_heads
         self.window = window
         self._masks: dict[tuple, torch.Tensor] = {}  # `block_mask`s by (start, end, dtype)
@@ -173,9 +200,15 @@ class PagedAttention:
         # q (N, H, D); k, v (N, Hkv, D)
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]  # (Hkv, slots, D)
         # 1) store this step's keys/values in their slots (rounded once to the cache's dtype)
-        kc.index_copy_(1, self.slot_mapping, k.transpose(0, 1).to(kc.dtype))
-        vc.index_copy_(1, self.slot_mapping, v.transpose(0, 1).to(vc.dtype))
-        out = torch.empty_like(q)
+        if kernel_layout(k) and kernel_layout(v) and kernels.usable(k, v, kc):
+            kernels.cache_write(k, v, self.slot_mapping, kc, vc)  # one call, the same bits
+        else:
+            kc.index_copy_(1, self.slot_mapping, k.transpose(0, 1).to(kc.dtype))
+            vc.index_copy_(1, self.slot_mapping, v.transpose(0, 1).to(vc.dtype))
+        out = q.new_empty(q.shape)  # (N, H, D) contiguous (q may be a strided view)
+        if self.decode_rows is not None:  # 2') decode rows: the kernel reads the cache in place
+            r = self.decode_rows
+            kernels.decode_attention(q, kc, vc, r.rows, r.slots, r.offsets, self.window, out)
         hkv, d = k.shape[1], k.shape[2]
         g = self.group
         kf, vf = kc.view(-1, self._unit * d), vc.view(-1, self._unit * d)  # (Hkv * slots / unit, unit * D)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
+
 TILE_CAP = 64  # most rows of one tile in the grouped product (a longer group is split)
 LONG_RUN = 16  # a slot whose tokens are one contiguous run this long is served in place
 
@@ -96,6 +98,8 @@ def lora_deltas(x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor | None],
     """
     ct = torch.float32 if x.device.type == "cpu" else x.dtype
     s, t, k = x.shape
+    if x.dtype == out_dtype and kernels.usable(x, a):  # CPU: each row alone, in C++
+        return _lora_deltas_kernel(x, a, bs, scales)
     if t < min_rows:
         xp = x.new_empty((s, min_rows, k), dtype=ct)  # (S, min_rows, K), cast and padded in one copy
         xp[:, t:].copy_(x[:, -1:].expand(s, min_rows - t, k))
@@ -115,6 +119,24 @@ def lora_deltas(x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor | None],
     return out
 
 
+def _lora_deltas_kernel(x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor | None],
+                        scales: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """`lora_deltas` through `kernels.lora_bgmv` (group s = slot s; rows need no padding)."""
+    s, t, k = x.shape
+    r = a.shape[1] // len(bs)
+    a = a.float()
+    if a.stride(2) != 1 or a.stride(1) != k:
+        a = a.contiguous()
+    live = [i for i, b in enumerate(bs) if b is not None]
+    outs = [x.new_empty((s * t, bs[i].shape[2])) for i in live]
+    kernels.lora_bgmv(x.reshape(s * t, k), torch.arange(s).repeat_interleave(t),
+                      [a[:, i * r:(i + 1) * r] for i in live], [bs[i].float().contiguous() for i in live],
+                      [scales[i].expand(s) for i in live], [torch.full((s,), r) for i in live], outs,
+                      accumulate=False)
+    done = dict(zip(live, outs))
+    return [done[i].view(s, t, -1) if i in done else None for i in range(len(bs))]
+
+
 def add_grouped_(x2: torch.Tensor, ys: list[torch.Tensor], layers: list, a: torch.Tensor,
                  g: GroupPlan) -> None:
     """ys[i] += layers[i]'s LoRA delta for every adapter token of a packed step (in place).
@@ -132,6 +154,15 @@ def add_grouped_(x2: torch.Tensor, ys: list[torch.Tensor], layers: list, a: torc
     if not any(live):
         return  # no adapter in the batch targets these layers
     min_rows, dtype, k = layers[0].mapping.min_rows, ys[0].dtype, x2.shape[1]
+    if a.dtype == torch.float32 and kernels.usable(x2, a, *ys):
+        # CPU: every adapter token in one kernel call, its slot's weights read in place (no
+        # tiles, padding or gathers); each row computed alone (batch invariant by construction)
+        on = [i for i, live_i in enumerate(live) if live_i]
+        r = a.shape[1] // len(layers)
+        kernels.lora_bgmv(x2, layers[0].mapping.slot_tensor(), [a[:, i * r:(i + 1) * r] for i in on],
+                          [layers[i].lora_b_stacked for i in on], [layers[i].scaling for i in on],
+                          [layers[i].rank_t for i in on], [ys[i] for i in on], accumulate=True)
+        return
     # 1) runs: each run's rows of x in place, its slot's weights as views
     for s, rows in g.runs:
         bs = [layer.lora_b_stacked[s:s + 1] if layer.ranks[s] else None for layer in layers]

@@ -65,6 +65,13 @@ class LoRAMapping:
                 start = i
         self.slots, self.shape, self._runs, self._plans = tuple(flat), shape, runs, {}
         self._groups = None
+        self._slot_tensor: torch.Tensor | None = None
+
+    def slot_tensor(self) -> torch.Tensor:
+        """The step's per-token slots (N,) int64 on the CPU, made once per step."""
+        if self._slot_tensor is None:
+            self._slot_tensor = torch.tensor(self.slots, dtype=torch.int64)
+        return self._slot_tensor
 
     def groups(self) -> GroupPlan:
         """The step's tiles for the grouped product (packed (N,) input with some adapter token)."""
@@ -144,6 +151,7 @@ class LoRALinear(nn.Linear):
         self.register_buffer("lora_b_stacked", torch.zeros(n, r, self.out_features, **kw), persistent=False)
         self.register_buffer("scaling", torch.zeros(n, **kw), persistent=False)
         self.ranks = [0] * n  # rank held by each slot (0 = empty)
+        self.rank_t = torch.zeros(n, dtype=torch.int64)  # the same, for the CPU kernel
         self.lora_group: LoRAGroup | None = None  # set when A shares a buffer with siblings
         self._scale = [0.0] * n  # python copy of `scaling` for the hot path
 
@@ -162,6 +170,7 @@ class LoRALinear(nn.Linear):
         self.lora_b_stacked[slot, :r].copy_(lora_b.t())
         self.scaling[slot] = scaling
         self.ranks[slot], self._scale[slot] = r, float(scaling)
+        self.rank_t[slot] = r
 
     @torch.no_grad()
     def reset_lora(self, slot: int) -> None:
@@ -170,6 +179,7 @@ class LoRALinear(nn.Linear):
         self.lora_b_stacked[slot].zero_()
         self.scaling[slot] = 0.0
         self.ranks[slot], self._scale[slot] = 0, 0.0
+        self.rank_t[slot] = 0
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output (..., out): float weights, or int8 ones (QuantLinear)."""
@@ -177,7 +187,7 @@ class LoRALinear(nn.Linear):
             from ..model.quant import quant_linear
 
             return quant_linear(x, self.qweight, self.qscale, self.bias)
-        return linear(x, self.weight, self.bias, self.k_chunk)
+        return linear(x, self.weight, self.bias, self.k_chunk, getattr(self, "max_rows", 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._base(x)  # (..., out)

@@ -15,14 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from .config import ModelConfig
 from .packed import PackedWeight
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           k_chunk: int = 0) -> torch.Tensor:
+           k_chunk: int = 0, max_rows: int = 0) -> torch.Tensor:
     """F.linear, or with k_chunk > 0 a split-K product: the input dimension is cut into equal
-    chunks of at most k_chunk, each product is taken separately and summed in fp32.
+    chunks of at most k_chunk, each product is taken separately and summed in fp32. With
+    max_rows > 0, at most that many rows go into one product (see `INVARIANT_ROWS`).
 
     Why: on CPU, bf16 matmuls with K > 1024 change their reduction order with the number of rows
     (measured: torch 2.13, oneDNN, AVX512-BF16), so a row's result would depend on what else is
@@ -31,9 +33,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     A weight packed for oneDNN (`shoal.model.packed`) computes the same product with the
     chunks it was packed in (k_chunk is fixed at packing), summed as `PackedWeight` describes.
     """
+    k = x.shape[-1]
+    if 0 < max_rows < x.numel() // max(k, 1):  # row blocks, each its own product
+        x2 = x.reshape(-1, k)
+        parts = [linear(x2[i:i + max_rows], weight, bias, k_chunk) for i in range(0, x2.shape[0], max_rows)]
+        return torch.cat(parts).view(*x.shape[:-1], -1)
     if isinstance(weight, PackedWeight):
         return weight.linear(x, bias)
-    k = x.shape[-1]
     if k_chunk <= 0 or k <= k_chunk:
         return F.linear(x, weight, bias)
     n = -(-k // k_chunk)
@@ -47,15 +53,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.to(x.dtype)
 
 
+# Most rows of one bf16 CPU product when the engine asks for batch invariance. oneDNN picks its
+# kernel by the row count: on a CPU with AMX (measured: Xeon with AMX-BF16, torch 2.13, 2
+# threads) products of 33+ rows take AMX tiles, whose sums round differently from the AVX-512
+# kernel that 1..32 rows take (every SmolLM2-135M shape: a row's bits equal its one-row
+# product for any 1..32 rows, and differ from 33, 42 or 64 rows on, by shape). Capping products
+# at 32 rows keeps every row on the one-row kernel. On CPUs without AMX (2-core AVX-512 EPYC)
+# rows were invariant for 1..1024 anyway, and the cap only adds calls.
+INVARIANT_ROWS = 32
+
+
 class Linear(nn.Linear):
     """nn.Linear with an optional split-K mode (`k_chunk`, set by the engine for batch
-    invariance; 0 = plain)."""
+    invariance; 0 = plain) and row cap (`max_rows`, likewise; 0 = none)."""
 
     k_chunk: int = 0
+    max_rows: int = 0
     fusable: bool = True  # its weight may be a view into a fused product's (`shoal.model.fused`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.k_chunk)
+        return linear(x, self.weight, self.bias, self.k_chunk, self.max_rows)
 
 
 # Rows for which `head_logits` takes the weight-major product (see its measurements).
@@ -98,9 +115,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype and kernels.usable(x, self.weight):
+            return kernels.rms_norm(x, self.weight, self.eps)[0]  # the same steps, one call
         # normalize in fp32, round to the input dtype, then scale (HF's order, one fused op)
         y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
         return self.weight * y.to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(residual + x), residual + x): the residual add and the norm in one kernel call
+        on CPU (the sum rounded to x's dtype first, as `residual + x` is)."""
+        if x.dtype == residual.dtype == self.weight.dtype and kernels.usable(x, residual, self.weight):
+            return kernels.rms_norm(x, self.weight, self.eps, residual)
+        h = residual + x
+        return self(h), h
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -196,7 +223,12 @@ class LlamaAttention(nn.Module):
             h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
             y = self.fused_qkv(x)  # (..., (H + 2 Hkv) * D): q | k | v
             add_lora_deltas(x, y, (self.q_proj, self.k_proj, self.v_proj))
-            qk = apply_rope(y[..., :(h + hkv) * d].view(*lead, h + hkv, d), cos, sin)  # (..., H + Hkv, D)
+            qk = y[..., :(h + hkv) * d].view(*lead, h + hkv, d)  # (..., H + Hkv, D), rows strided
+            if y.is_contiguous() and cos.dtype == y.dtype and kernels.usable(y, cos, sin):
+                rows = y.view(-1, y.shape[-1])[:, :(h + hkv) * d].view(-1, h + hkv, d)
+                kernels.rope_(rows, cos, sin)  # in place in y (so in qk): apply_rope's bits
+            else:
+                qk = apply_rope(qk, cos, sin)
             v = y[..., (h + hkv) * d:].view(*lead, hkv, d)
             o = ctx.attend(self.layer_idx, qk[..., :h, :], qk[..., h:, :], v)  # (..., H, D)
             return self.o_proj(o.flatten(-2))
@@ -247,6 +279,8 @@ class SwiGLU(nn.Module):
             y = self.fused_gate_up(x)  # (..., 2 I): gate | up
             add_lora_deltas(x, y, (self.gate_proj, self.up_proj))
             i = self.gate_proj.out_features
+            if kernels.usable(y):
+                return self.down_proj(kernels.silu_mul(y))  # (..., I), one call
             return self.down_proj(F.silu(y[..., :i]) * y[..., i:])
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 

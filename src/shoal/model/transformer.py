@@ -27,8 +27,9 @@ class LlamaBlock(nn.Module):
         self.mlp = SwiGLU(config)
 
     def forward(self, h, cos, sin, ctx):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        a = self.self_attn(self.input_layernorm(h), cos, sin, ctx)
+        x, h = self.post_attention_layernorm.add_forward(a, h)  # h = h + a; x = norm(h)
+        return h + self.mlp(x)
 
 
 class LlamaBackbone(nn.Module):

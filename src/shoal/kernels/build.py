@@ -1,0 +1,124 @@
+"""Build and load the C++ CPU kernels (`csrc/cpu_kernels.cpp`) once per machine.
+
+The source is compiled with the system's C++ compiler (`$CXX`, else g++ or c++) into a shared
+library under `$SHOAL_KERNEL_CACHE` (default `~/.cache/shoal/kernels`), keyed by a hash of the
+source, the flags, the compiler and the CPU's feature flags (`-march=native` code must not run
+on another CPU), and loaded with ctypes. About a second to build; later processes load the
+cached file. No compiler, a failed build or `SHOAL_CPU_KERNELS=0`: `library()` returns None
+and callers keep their PyTorch paths (`reason()` says why).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+# no -ffast-math: the kernels round where PyTorch rounds; no FMA contraction, so a product
+# plus a product rounds as PyTorch's separate ops do
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
+         "-shared", "-fPIC", "-std=c++17"]
+ABI = 1  # shoal_kernels_abi() of the source this module's signatures describe
+
+_reason = "not loaded yet"
+
+i64, vp, ci, cf = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+SIGNATURES = {  # argument types of each entry point (all return int: 0 = done, 1 = unsupported dtype)
+    "shoal_rms_norm": [ci, vp, i64, vp, i64, vp, i64, vp, vp, i64, i64, i64, cf],
+    "shoal_rope": [ci, vp, i64, i64, i64, i64, vp, vp],
+    "shoal_cache_write": [ci, vp, i64, vp, i64, i64, i64, i64, vp, ci, vp, vp, i64],
+    "shoal_decode_attention": [ci, vp, i64, vp, i64, i64, i64, i64, ci, vp, vp, i64, vp, vp, i64,
+                               cf, vp, i64],
+    "shoal_silu_mul": [ci, vp, i64, i64, i64, vp],
+    "shoal_lora_bgmv": [ci, vp, i64, i64, i64, vp, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp, ci],
+}
+
+
+def reason() -> str:
+    """Why `library()` is None (or "loaded")."""
+    return _reason
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("SHOAL_KERNEL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "shoal" / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(cxx: str, target: Path) -> None:
+    """Compile into a temporary file beside `target`, then rename (atomic: concurrent builders
+    never load a half-written library)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{Path(cxx).name} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, built on first use; None when unavailable (see `reason`)."""
+    global _reason
+    if os.environ.get("SHOAL_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+        _reason = "disabled by SHOAL_CPU_KERNELS"
+        return None
+    if platform.system() != "Linux":
+        _reason = f"not built on {platform.system()}"
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        _reason = "no C++ compiler (g++ or $CXX) found"
+        return None
+    import torch  # noqa: F401  (loads PyTorch's libgomp first: the kernels then share its pool)
+
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), cxx.encode(),
+                                     _cpu_flags().encode()])).hexdigest()[:16]
+    target = cache_dir() / key / "libshoal_cpu.so"
+    try:
+        if not target.exists():
+            _build(cxx, target)
+        lib = ctypes.CDLL(str(target))
+        if lib.shoal_kernels_abi() != ABI:
+            raise RuntimeError(f"ABI {lib.shoal_kernels_abi()} != {ABI}")
+        for name, argtypes in SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _reason = f"build or load failed: {e}"
+        log.warning("shoal: CPU kernels unavailable, using PyTorch ops (%s)", e)
+        return None
+    _reason = "loaded"
+    return lib

@@ -1,0 +1,166 @@
+"""PyTorch-facing wrappers of the fused CPU kernels (`csrc/cpu_kernels.cpp`).
+
+`usable(*tensors)` says whether the kernels may stand in for the PyTorch op chains: the library
+is built (`build.library`), they are switched on (`set_enabled`, `SHOAL_CPU_KERNELS`), every
+tensor is a float32/bfloat16 CPU tensor, and no autograd graph is being recorded (training keeps
+PyTorch's ops). Each wrapper then computes what its docstring's "Semantics" says, for rows laid
+out as (rows, ...) with a contiguous last dimension; callers check `usable` first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .build import library
+
+_DT = {torch.float32: 0, torch.bfloat16: 1}
+_enabled = True
+
+
+def set_enabled(on: bool) -> None:
+    """Use the kernels where `usable` (default) or never (the PyTorch paths, e.g. for an A/B)."""
+    global _enabled
+    _enabled = bool(on)
+
+
+def enabled() -> bool:
+    return _enabled and library() is not None
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within the block, every caller takes its PyTorch path."""
+    global _enabled
+    prev, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = prev
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    if not _enabled or library() is None:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in _DT or (grad and t.requires_grad):
+            return False
+    return True
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., d) as 2-D (rows, d) with a contiguous last dim (a view when possible)."""
+    if x.dim() == 2 and x.stride(1) == 1:
+        return x
+    return x.reshape(-1, x.shape[-1]) if x.is_contiguous() else x.contiguous().view(-1, x.shape[-1])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Semantics: r = x + residual (rounded to x's dtype; r = x without a residual);
+    y = weight * (r_fp32 / sqrt(mean(r_fp32^2) + eps)).to(dtype), as `RMSNorm` does.
+    Returns (y, r if a residual was given else None), both shaped like x."""
+    lib = library()
+    d = x.shape[-1]
+    xr = _rows(x)
+    n = xr.shape[0]
+    out = torch.empty((n, d), dtype=x.dtype)
+    res_out = rr = None
+    if residual is not None:
+        rr = _rows(residual)
+        res_out = torch.empty((n, d), dtype=x.dtype)
+    w = weight if weight.dtype == x.dtype and weight.is_contiguous() else weight.to(x.dtype).contiguous()
+    lib.shoal_rms_norm(_DT[x.dtype], xr.data_ptr(), xr.stride(0),
+                       rr.data_ptr() if rr is not None else None, rr.stride(0) if rr is not None else 0,
+                       res_out.data_ptr() if res_out is not None else None, d,
+                       w.data_ptr(), out.data_ptr(), d, n, d, float(eps))
+    shape = x.shape
+    return out.view(shape), (res_out.view(shape) if res_out is not None else None)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """In place on x (N, heads, D) (row stride free, heads and D contiguous), cos/sin (N, D) in
+    x's dtype. Semantics, bit for bit: x = x * cos + cat(-x2, x1) * sin (`apply_rope`, each
+    product and the sum rounded to x's dtype)."""
+    n, heads, d = x.shape
+    assert x.stride(2) == 1 and x.stride(1) == d, "rope_: heads and head_dim must be contiguous"
+    cos, sin = cos.to(x.dtype).reshape(n, d).contiguous(), sin.to(x.dtype).reshape(n, d).contiguous()
+    library().shoal_rope(_DT[x.dtype], x.data_ptr(), x.stride(0), n, heads, d, cos.data_ptr(),
+                         sin.data_ptr())
+    return x
+
+
+def cache_write(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kc: torch.Tensor,
+                vc: torch.Tensor) -> None:
+    """k, v (N, Hkv, D) (row stride free); slots (N,) int64; kc, vc (Hkv, S, D) one layer's
+    cache. Semantics: kc[:, slots[i]] = k[i].to(kc.dtype), the same for v (`index_copy_`)."""
+    n, hkv, d = k.shape
+    assert k.stride(1) == d and v.stride(1) == d and k.stride(2) == 1 and v.stride(2) == 1
+    assert kc.is_contiguous() and vc.is_contiguous() and slots.dtype == torch.int64
+    slots = slots.contiguous()
+    library().shoal_cache_write(_DT[k.dtype], k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                                n, hkv, d, slots.data_ptr(), _DT[kc.dtype], kc.data_ptr(),
+                                vc.data_ptr(), kc.shape[1])
+
+
+def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rows: torch.Tensor,
+                     slots: torch.Tensor, offsets: torch.Tensor, window: int | None,
+                     out: torch.Tensor) -> None:
+    """Decode rows attending over a paged cache, read in place (no gather).
+
+    q (N, H, D) (row stride free), out (N, H, D) likewise; kc, vc (Hkv, S, D) one layer's cache;
+    rows (B,) int64: the query rows; slots (sum of lengths,) int64, row i's keys in position
+    order at slots[offsets[i]:offsets[i + 1]]; window: attend over the last `window` keys only.
+    Semantics: out[r] = softmax(q[r] k^T / sqrt(D)) v per query head, kv head h // (H / Hkv),
+    in fp32; the same bits for a row whatever the other rows are."""
+    n, h, d = q.shape
+    hkv = kc.shape[0]
+    assert q.stride(2) == 1 and q.stride(1) == d and out.stride(2) == 1 and out.stride(1) == d
+    assert kc.is_contiguous() and vc.is_contiguous() and out.dtype == q.dtype
+    library().shoal_decode_attention(
+        _DT[q.dtype], q.data_ptr(), q.stride(0), rows.data_ptr(), rows.numel(), h, hkv, d,
+        _DT[kc.dtype], kc.data_ptr(), vc.data_ptr(), kc.shape[1], slots.data_ptr(),
+        offsets.data_ptr(), int(window or 0), d ** -0.5, out.data_ptr(), out.stride(0))
+
+
+def silu_mul(y: torch.Tensor) -> torch.Tensor:
+    """y (..., 2M) = gate | up -> (..., M). Semantics: F.silu(gate) * up, each rounded to y's dtype."""
+    yr = _rows(y)
+    n, m = yr.shape[0], yr.shape[1] // 2
+    out = torch.empty((n, m), dtype=y.dtype)
+    library().shoal_silu_mul(_DT[y.dtype], yr.data_ptr(), yr.stride(0), n, m, out.data_ptr())
+    return out.view(*y.shape[:-1], m)
+
+
+def lora_bgmv(x: torch.Tensor, slots: torch.Tensor, as_: list[torch.Tensor], bs: list[torch.Tensor],
+              scales: list[torch.Tensor], ranks: list[torch.Tensor], outs: list[torch.Tensor],
+              accumulate: bool) -> None:
+    """The LoRA deltas of n layers fed the same input, each token with its own slot (BGMV).
+
+    x (N, K) (row stride free); slots (N,) int64, -1 = base (left alone); as_[i] (L, R, K) fp32
+    layer i's A slots (rows contiguous; dim 0 may be a stride-0 expand, all with one stride);
+    bs[i] (L, R, N_i) fp32, B transposed; scales[i] (L,) fp32; ranks[i] (L,) int64: rows of the
+    slot that hold weights (the rest are zero padding and skipped); outs[i] (N, N_i) in x's dtype
+    (row stride free, e.g. column slices of one fused output).
+    Semantics per token t, s = slots[t] >= 0, the fp32 product rounded once to x's dtype:
+        d_i = ((x[t] @ as_[i][s].T) * scales[i][s]) @ bs[i][s]
+        outs[i][t] = d_i (accumulate False) or outs[i][t] + d_i (True, rounded again)
+    Each token is computed alone, in a fixed order: its bits do not depend on the other rows."""
+    n, k = x.shape
+    assert x.stride(1) == 1 and len({a.stride(0) for a in as_}) == 1
+    for a, b, o in zip(as_, bs, outs):
+        assert a.dtype == b.dtype == torch.float32 and a.stride(2) == 1 and a.stride(1) == k
+        assert b.stride(2) == 1 and b.stride(1) == b.shape[2]
+        assert o.dtype == x.dtype and o.stride(1) == 1 and o.shape[0] == n
+    ranks = [r.to(torch.int64).contiguous() for r in ranks]
+    scales = [sc.to(torch.float32).contiguous() for sc in scales]
+    table = torch.tensor([[a.data_ptr() for a in as_], [b.data_ptr() for b in bs], [b.stride(0) for b in bs],
+                          [sc.data_ptr() for sc in scales], [r.data_ptr() for r in ranks],
+                          [o.data_ptr() for o in outs], [o.stride(0) for o in outs],
+                          [o.shape[1] for o in outs]], dtype=torch.int64)  # (8, n layers)
+    slots = slots.to(torch.int64).contiguous()
+    library().shoal_lora_bgmv(_DT[x.dtype], x.data_ptr(), x.stride(0), n, k, slots.data_ptr(),
+                              as_[0].stride(0), len(bs), *(row.data_ptr() for row in table),
+                              int(accumulate))

@@ -1,0 +1,144 @@
+"""The fused CPU kernels against the PyTorch op chains they stand for (`shoal.kernels`):
+bit for bit where the docstrings say so, to float rounding elsewhere, and row-invariant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shoal import kernels
+from shoal.model.layers import apply_rope
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _built():
+    assert kernels.library() is not None, kernels.reason()  # this machine has a C++ compiler
+
+
+def rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_with_residual(dtype):
+    x, r, w = rand(7, 576, dtype=dtype), rand(7, 576, dtype=dtype, seed=1), rand(576, dtype=dtype, seed=2)
+    y, h = kernels.rms_norm(x, w, 1e-5, r)
+    assert torch.equal(h, r + x)  # the residual sum, rounded as PyTorch rounds it
+    want = w * F.rms_norm(h.float(), (576,), None, 1e-5).to(dtype)
+    if dtype == torch.bfloat16:
+        assert (y.float() - want.float()).abs().max().item() <= 2 ** -6 * want.abs().max().item()
+    else:
+        torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+    y2, none = kernels.rms_norm(h, w, 1e-5)
+    assert none is None and torch.equal(y2, y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_in_place_is_apply_rope_bit_for_bit(dtype):
+    qkv = rand(5, 15 * 64, dtype=dtype)  # 9 q heads, 3 k heads, 3 v heads of 64
+    pos = torch.tensor([0, 3, 17, 250, 4000])
+    inv = 1.0 / (1e5 ** (torch.arange(0, 64, 2).float() / 64))
+    emb = torch.cat([pos[:, None].float() * inv] * 2, dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    qk = qkv[:, :12 * 64].view(5, 12, 64)  # strided rows: the fused projection's output
+    want = apply_rope(qk, cos, sin)
+    v_before = qkv[:, 12 * 64:].clone()
+    kernels.rope_(qk, cos, sin)
+    assert torch.equal(qk, want) and torch.equal(qkv[:, 12 * 64:], v_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype):
+    y = rand(4, 2 * 1536, dtype=dtype, scale=4.0)
+    want = F.silu(y[:, :1536]) * y[:, 1536:]
+    got = kernels.silu_mul(y)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)  # (measured: the fp32 values round to the same bf16)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cache_write_and_decode_attention(dtype, kv_dtype):
+    hkv, slots_total, d, h = 3, 1024, 64, 9
+    kc = torch.zeros(hkv, slots_total, d, dtype=kv_dtype)
+    vc = torch.zeros_like(kc)
+    k, v = rand(40, hkv, d, dtype=dtype, seed=1), rand(40, hkv, d, dtype=dtype, seed=2)
+    slots = torch.randperm(slots_total, generator=torch.Generator().manual_seed(3))[:40]
+    kernels.cache_write(k, v, slots, kc, vc)
+    assert torch.equal(kc[:, slots], k.transpose(0, 1).to(kv_dtype))
+    assert torch.equal(vc[:, slots], v.transpose(0, 1).to(kv_dtype))
+    q = rand(6, h, d, dtype=dtype, seed=4)
+    lens = [40, 1, 17, 33, 40, 5]
+    offsets = torch.tensor([0] + lens).cumsum(0)
+    ctx = torch.cat([slots[:n] for n in lens])
+    rows = torch.arange(6)
+    tol = 1e-6 if dtype == kv_dtype == torch.float32 else 1e-2
+    for window in (None, 8):
+        out = torch.zeros_like(q)
+        kernels.decode_attention(q, kc, vc, rows, ctx, offsets, window, out)
+        for i, n in enumerate(lens):  # the reference: fp64 softmax attention, kv heads repeated
+            lo = 0 if window is None else max(0, n - window)
+            kk = kc[:, slots[lo:n]].double().repeat_interleave(3, 0)  # (H, n', D)
+            vv = vc[:, slots[lo:n]].double().repeat_interleave(3, 0)
+            p = (q[i].double()[:, None] @ kk.transpose(1, 2) / 8).softmax(-1)
+            assert (p @ vv)[:, 0].sub(out[i].double()).abs().max().item() < tol
+    # a row's bits alone = among the others, at any position
+    alone = torch.zeros_like(q)
+    kernels.decode_attention(q, kc, vc, torch.tensor([2]), ctx[offsets[2]:offsets[3]],
+                             torch.tensor([0, lens[2]]), None, alone)
+    out = torch.zeros_like(q)
+    kernels.decode_attention(q, kc, vc, rows, ctx, offsets, None, out)
+    assert torch.equal(alone[2], out[2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_bgmv_per_token_slots(dtype):
+    """Each token's own slot; -1 left alone; a zero-rank slot adds nothing; strided outputs
+    (column slices of one fused output); the bits of a row do not depend on the other rows."""
+    n_tok, k, slots_n, r = 9, 576, 4, 8
+    x = rand(n_tok, k, dtype=dtype)
+    a = rand(slots_n, 2 * r, k, seed=1, scale=0.05)  # two layers' A stacked
+    bs = [rand(slots_n, r, 96, seed=2, scale=0.05), rand(slots_n, r, 32, seed=3, scale=0.05)]
+    scales = [torch.tensor([1.0, 2.0, 0.5, 1.5]), torch.tensor([2.0, 1.0, 1.0, 1.0])]
+    ranks = [torch.tensor([8, 8, 3, 0]), torch.tensor([8, 0, 8, 8])]
+    slots = torch.tensor([0, -1, 1, 2, 3, 0, 2, -1, 1])
+    base = rand(n_tok, 128, dtype=dtype, seed=4)
+    y = base.clone()
+    outs = [y[:, :96], y[:, 96:]]
+    kernels.lora_bgmv(x, slots, [a[:, :r], a[:, r:]], bs, scales, ranks, outs, accumulate=True)
+    for t, s in enumerate(slots.tolist()):
+        if s < 0:
+            assert torch.equal(y[t], base[t])
+            continue
+        for i, (lo, hi) in enumerate(((0, 96), (96, 128))):
+            rk = int(ranks[i][s])
+            xa = x[t].double() @ a[s, i * r:i * r + rk].double().T * float(scales[i][s])
+            want = base[t, lo:hi].double() + xa @ bs[i][s, :rk].double()
+            tol = 1e-4 if dtype == torch.float32 else 0.05
+            assert (y[t, lo:hi].double() - want).abs().max().item() < tol
+    one = base[3:4].clone()
+    kernels.lora_bgmv(x[3:4], slots[3:4], [a[:, :r], a[:, r:]], bs, scales, ranks,
+                      [one[:, :96], one[:, 96:]], accumulate=True)
+    assert torch.equal(one[0], y[3])
+
+
+def test_callers_fall_back_when_disabled():
+    """With the kernels switched off (or unavailable), the model's modules run PyTorch ops and
+    give the same results within float rounding."""
+    from shoal.model.layers import RMSNorm
+
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data = rand(576, seed=5)
+    x = rand(3, 576)
+    with torch.no_grad():
+        fast = norm(x)
+        with kernels.disabled():
+            assert not kernels.usable(x)
+            slow = norm(x)
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
+    assert kernels.usable(x) and not kernels.usable(x.requires_grad_())  # autograd: PyTorch ops
