@@ -20,16 +20,11 @@ namespace {
 
 typedef uint16_t bf16_t;
 
-inline float bf2f(bf16_t x) {
-  uint32_t u = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+// (bit casts with __builtin_bit_cast: memcpy in these helpers kept GCC from vectorizing loops)
+inline float bf2f(bf16_t x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16); }
 
 inline bf16_t f2bf(float f) {  // round to nearest even, like PyTorch's float -> bfloat16
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
+  uint32_t u = __builtin_bit_cast(uint32_t, f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16_t>((u >> 16) | 0x40);  // NaN
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<bf16_t>(u >> 16);
@@ -49,7 +44,9 @@ template <> inline float rnd<bf16_t>(float v) { return bf2f(f2bf(v)); }
 // relative error ~1e-7. Inputs below -87 give ~1e-38 instead of 0.
 inline float exp_neg(float x) {
   x = x < -87.0f ? -87.0f : x;
-  float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick (exact for |x / ln 2| < 2^22; floor() kept
+  // GCC from vectorizing)
+  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -60,10 +57,7 @@ inline float exp_neg(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   int32_t e = static_cast<int32_t>(n) + 127;
-  uint32_t bits = static_cast<uint32_t>(e) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
+  return p * __builtin_bit_cast(float, static_cast<uint32_t>(e) << 23);
 }
 
 // ---- RMSNorm, optionally after a residual add ------------------------------------------------
@@ -198,6 +192,7 @@ void decode_attention_impl(const TQ* q, int64_t qs, const int64_t* rows, int64_t
       for (int64_t j = 0; j < g; ++j) {
         float* sc = scores + j * len;
         float m = -INFINITY;
+#pragma omp simd reduction(max : m)
         for (int64_t s = 0; s < len; ++s) m = sc[s] > m ? sc[s] : m;
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
