@@ -266,12 +266,11 @@ def test_bf16_model_math_is_bitwise_batch_invariant(tmp_path, tiny_tokenizer_dir
     """A row's logprobs are bit-identical alone and among 32 other requests (bf16, CPU), with
     an MLP wider than 1024 so the split-K path is exercised, on packed weights (the default)
     and on plain ones, with the fused CPU kernels (the default) and without."""
-    if not cpu_kernels:
-        kernels.set_enabled(False)
-        try:
-            return test_bf16_model_math_is_bitwise_batch_invariant(tmp_path, tiny_tokenizer_dir, pack, True)
-        finally:
-            kernels.set_enabled(True)
+    with contextlib.nullcontext() if cpu_kernels else kernels.disabled():
+        _check_bf16_batch_invariance(tmp_path, tiny_tokenizer_dir, pack)
+
+
+def _check_bf16_batch_invariance(tmp_path, tiny_tokenizer_dir, pack):
     from shoal.model.loader import load_dir
     from tests.helpers import hf_tiny_config, save_tiny_hf_dir
 
@@ -284,6 +283,10 @@ def test_bf16_model_math_is_bitwise_batch_invariant(tmp_path, tiny_tokenizer_dir
     alone = make_llm(loaded, pack_weights=pack).generate([target], params)[0].outputs[0]
     down = loaded.model.model.layers[0].mlp.down_proj.weight
     assert len(getattr(down, "chunks", ())) == (2 if pack else 0)  # packed in split-K chunks
+    from shoal.model.layers import INVARIANT_ROWS  # products capped at 32 rows (AMX CPUs)
+
+    assert loaded.model.model.layers[0].mlp.down_proj.max_rows == INVARIANT_ROWS
+    assert loaded.model.lm_head.max_rows == INVARIANT_ROWS
     others = prompts(32, seed=41, lo=5, hi=100)
     ps = [params] + [SamplingParams(temperature=1.0, max_tokens=3 + i % 20, ignore_eos=True)
                      for i in range(32)]
