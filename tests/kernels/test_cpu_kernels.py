@@ -96,14 +96,16 @@ def test_cache_write_and_decode_attention(dtype, kv_dtype):
     assert torch.equal(alone[2], out[2])
 
 
+@pytest.mark.parametrize("wdtype", DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lora_bgmv_per_token_slots(dtype):
-    """Each token's own slot; -1 left alone; a zero-rank slot adds nothing; strided outputs
-    (column slices of one fused output); the bits of a row do not depend on the other rows."""
+def test_lora_bgmv_per_token_slots(dtype, wdtype):
+    """Each token's own slot (fp32 or bf16 slots); -1 left alone; a zero-rank slot adds nothing;
+    strided outputs (column slices of one fused output); a row's bits do not depend on the
+    other rows."""
     n_tok, k, slots_n, r = 9, 576, 4, 8
     x = rand(n_tok, k, dtype=dtype)
-    a = rand(slots_n, 2 * r, k, seed=1, scale=0.05)  # two layers' A stacked
-    bs = [rand(slots_n, r, 96, seed=2, scale=0.05), rand(slots_n, r, 32, seed=3, scale=0.05)]
+    a = rand(slots_n, 2 * r, k, seed=1, scale=0.05, dtype=wdtype)  # two layers' A stacked
+    bs = [rand(slots_n, r, 96, seed=2, scale=0.05, dtype=wdtype), rand(slots_n, r, 32, seed=3, scale=0.05, dtype=wdtype)]
     scales = [torch.tensor([1.0, 2.0, 0.5, 1.5]), torch.tensor([2.0, 1.0, 1.0, 1.0])]
     ranks = [torch.tensor([8, 8, 3, 0]), torch.tensor([8, 0, 8, 8])]
     slots = torch.tensor([0, -1, 1, 2, 3, 0, 2, -1, 1])

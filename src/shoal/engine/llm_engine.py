@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from .. import kernels
 from ..config import EngineConfig
 from ..model.fused import fuse_projections
 from ..model.loader import LoadedModel, resolve_dtype
@@ -82,10 +83,14 @@ class LLMEngine:
         if config.enable_lora:
             from ..lora.adapter_cache import LoRAManager
 
-            # CPU: fp32 slots, the dtype the LoRA products run in (`lora.grouping.lora_deltas`):
-            # casting bf16 slots every step added ~9 ms of copies to a 32-adapter decode step
-            # (profiled), for twice the slot memory (8 x rank 16: 78 -> 156 MB)
-            lora_dtype = torch.float32 if p.device.type == "cpu" else p.dtype
+            # CPU: slots in the model's dtype when the CPU kernel computes the deltas (it reads
+            # bf16 slots as they are: half the bytes of fp32 a decode step reads, and 32 adapters
+            # on SmolLM2-135M read ~300 MB of fp32 slots a step); else fp32, the dtype the
+            # PyTorch products run in (`lora.grouping.lora_deltas`): casting bf16 slots every
+            # step added ~9 ms of copies to a 32-adapter decode step (profiled)
+            lora_dtype = p.dtype
+            if p.device.type == "cpu" and not (p.dtype in (torch.float32, torch.bfloat16) and kernels.enabled()):
+                lora_dtype = torch.float32
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank,
                                     config.max_cpu_loras, device=p.device, dtype=lora_dtype)
             self.lora.mapping.grouped = True  # packed batches: one tiled product per layer

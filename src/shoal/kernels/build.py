@@ -28,7 +28,7 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 # plus a product rounds as PyTorch's separate ops do
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
          "-shared", "-fPIC", "-std=c++17"]
-ABI = 1  # shoal_kernels_abi() of the source this module's signatures describe
+ABI = 2  # shoal_kernels_abi() of the source this module's signatures describe
 
 _reason = "not loaded yet"
 
@@ -40,7 +40,7 @@ SIGNATURES = {  # argument types of each entry point (all return int: 0 = done, 
     "shoal_decode_attention": [ci, vp, i64, vp, i64, i64, i64, i64, ci, vp, vp, i64, vp, vp, i64,
                                cf, vp, i64],
     "shoal_silu_mul": [ci, vp, i64, i64, i64, vp],
-    "shoal_lora_bgmv": [ci, vp, i64, i64, i64, vp, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp, ci],
+    "shoal_lora_bgmv": [ci, ci, vp, i64, i64, i64, vp, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp, ci],
 }
 
 

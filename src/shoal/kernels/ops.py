@@ -139,19 +139,20 @@ def lora_bgmv(x: torch.Tensor, slots: torch.Tensor, as_: list[torch.Tensor], bs:
               accumulate: bool) -> None:
     """The LoRA deltas of n layers fed the same input, each token with its own slot (BGMV).
 
-    x (N, K) (row stride free); slots (N,) int64, -1 = base (left alone); as_[i] (L, R, K) fp32
-    layer i's A slots (rows contiguous; dim 0 may be a stride-0 expand, all with one stride);
-    bs[i] (L, R, N_i) fp32, B transposed; scales[i] (L,) fp32; ranks[i] (L,) int64: rows of the
+    x (N, K) (row stride free); slots (N,) int64, -1 = base (left alone); as_[i] (L, R, K)
+    layer i's A slots, fp32 or bf16 (rows contiguous; dim 0 may be a stride-0 expand, all with
+    one stride); bs[i] (L, R, N_i) B transposed, the same dtype; scales[i] (L,) fp32; ranks[i] (L,) int64: rows of the
     slot that hold weights (the rest are zero padding and skipped); outs[i] (N, N_i) in x's dtype
     (row stride free, e.g. column slices of one fused output).
-    Semantics per token t, s = slots[t] >= 0, the fp32 product rounded once to x's dtype:
+    Semantics per token t, s = slots[t] >= 0, the fp32 product (bf16 weights widened exactly)
+    rounded once to x's dtype:
         d_i = ((x[t] @ as_[i][s].T) * scales[i][s]) @ bs[i][s]
         outs[i][t] = d_i (accumulate False) or outs[i][t] + d_i (True, rounded again)
     Each token is computed alone, in a fixed order: its bits do not depend on the other rows."""
     n, k = x.shape
-    assert x.stride(1) == 1 and len({a.stride(0) for a in as_}) == 1
+    assert x.stride(1) == 1 and len({a.stride(0) for a in as_}) == 1 and len({a.dtype for a in as_}) == 1
     for a, b, o in zip(as_, bs, outs):
-        assert a.dtype == b.dtype == torch.float32 and a.stride(2) == 1 and a.stride(1) == k
+        assert a.dtype == b.dtype and a.dtype in _DT and a.stride(2) == 1 and a.stride(1) == k
         assert b.stride(2) == 1 and b.stride(1) == b.shape[2]
         assert o.dtype == x.dtype and o.stride(1) == 1 and o.shape[0] == n
     ranks = [r.to(torch.int64).contiguous() for r in ranks]
@@ -161,6 +162,6 @@ def lora_bgmv(x: torch.Tensor, slots: torch.Tensor, as_: list[torch.Tensor], bs:
                           [o.data_ptr() for o in outs], [o.stride(0) for o in outs],
                           [o.shape[1] for o in outs]], dtype=torch.int64)  # (8, n layers)
     slots = slots.to(torch.int64).contiguous()
-    library().shoal_lora_bgmv(_DT[x.dtype], x.data_ptr(), x.stride(0), n, k, slots.data_ptr(),
+    library().shoal_lora_bgmv(_DT[x.dtype], _DT[as_[0].dtype], x.data_ptr(), x.stride(0), n, k, slots.data_ptr(),
                               as_[0].stride(0), len(bs), *(row.data_ptr() for row in table),
                               int(accumulate))

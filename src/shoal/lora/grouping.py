@@ -124,13 +124,14 @@ def _lora_deltas_kernel(x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor 
     """`lora_deltas` through `kernels.lora_bgmv` (group s = slot s; rows need no padding)."""
     s, t, k = x.shape
     r = a.shape[1] // len(bs)
-    a = a.float()
+    wt = a.dtype if a.dtype in (torch.float32, torch.bfloat16) else torch.float32  # slots' dtype
+    a = a.to(wt)
     if a.stride(2) != 1 or a.stride(1) != k:
         a = a.contiguous()
     live = [i for i, b in enumerate(bs) if b is not None]
     outs = [x.new_empty((s * t, bs[i].shape[2])) for i in live]
     kernels.lora_bgmv(x.reshape(s * t, k), torch.arange(s).repeat_interleave(t),
-                      [a[:, i * r:(i + 1) * r] for i in live], [bs[i].float().contiguous() for i in live],
+                      [a[:, i * r:(i + 1) * r] for i in live], [bs[i].to(wt).contiguous() for i in live],
                       [scales[i].expand(s) for i in live], [torch.full((s,), r) for i in live], outs,
                       accumulate=False)
     done = dict(zip(live, outs))
@@ -154,7 +155,7 @@ def add_grouped_(x2: torch.Tensor, ys: list[torch.Tensor], layers: list, a: torc
     if not any(live):
         return  # no adapter in the batch targets these layers
     min_rows, dtype, k = layers[0].mapping.min_rows, ys[0].dtype, x2.shape[1]
-    if a.dtype == torch.float32 and kernels.usable(x2, a, *ys):
+    if a.dtype in (torch.float32, torch.bfloat16) and kernels.usable(x2, a, *ys):
         # CPU: every adapter token in one kernel call, its slot's weights read in place (no
         # tiles, padding or gathers); each row computed alone (batch invariant by construction)
         on = [i for i, live_i in enumerate(live) if live_i]

@@ -348,12 +348,12 @@ void silu_mul_impl(const T* y, int64_t ys, int64_t n, int64_t m, T* out) {
 
 // ---- multi-LoRA deltas, one slot per token (BGMV) ----------------------------------------------
 // Token t with slot s = slot[t] >= 0, for each of n layers sharing the input x (layer i's A slots
-// at a_i, rows of K fp32, slot s at a_i + s * sa):
+// at a_i, rows of K in TW (fp32 or bf16, widened exactly), slot s at a_i + s * sa):
 //   delta_i = T(sum_r T32(T32(x_t . a_i[s, r]) * scale_i[s]) * b_i[s, r, :])   (fp32 sums)
 // and out_i[t] = delta_i (accumulate = 0) or T(out_i[t] + delta_i) (accumulate = 1): the
 // arithmetic of `shrink, scale, expand, round, add`. Only the slot's rank_i[s] rows are read
 // (the zero padding adds nothing). Tokens with slot -1 are left alone (base model).
-template <typename T>
+template <typename T, typename TW>
 void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int64_t* slot,
                     int64_t sa, int64_t n_layers, const int64_t* a_ptr, const int64_t* b_ptr,
                     const int64_t* b_stride, const int64_t* scale_ptr, const int64_t* rank_ptr,
@@ -380,17 +380,17 @@ void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int6
         continue;
       }
       const float scale = reinterpret_cast<const float*>(scale_ptr[i])[s];
-      const float* bs = reinterpret_cast<const float*>(b_ptr[i]) + s * b_stride[i];
+      const TW* bs = reinterpret_cast<const TW*>(b_ptr[i]) + s * b_stride[i];
       for (int64_t e = 0; e < w; ++e) acc[e] = 0.0f;
       for (int64_t r = 0; r < rank; ++r) {
-        const float* ar = reinterpret_cast<const float*>(a_ptr[i]) + s * sa + r * k;
+        const TW* ar = reinterpret_cast<const TW*>(a_ptr[i]) + s * sa + r * k;
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t e = 0; e < k; ++e) dot += xf[e] * ar[e];
+        for (int64_t e = 0; e < k; ++e) dot += xf[e] * ld(ar, e);
         const float c = dot * scale;
-        const float* br = bs + r * w;
+        const TW* br = bs + r * w;
 #pragma omp simd
-        for (int64_t e = 0; e < w; ++e) acc[e] += c * br[e];
+        for (int64_t e = 0; e < w; ++e) acc[e] += c * ld(br, e);
       }
       if (accumulate) {
 #pragma omp simd
@@ -424,7 +424,7 @@ void decode_attention_d(const void* q, int64_t qs, const int64_t* rows, int64_t 
 
 extern "C" {
 
-int shoal_kernels_abi() { return 1; }
+int shoal_kernels_abi() { return 2; }
 
 int shoal_rms_norm(int dt, const void* x, int64_t xs, const void* res, int64_t rs, void* res_out,
                    int64_t ros, const void* w, void* out, int64_t os, int64_t n, int64_t d, float eps) {
@@ -487,19 +487,25 @@ int shoal_decode_attention(int dtq, const void* q, int64_t qs, const int64_t* ro
   return 0;
 }
 
-int shoal_lora_bgmv(int dt, const void* x, int64_t xs, int64_t n_tok, int64_t k,
+int shoal_lora_bgmv(int dt, int dtw, const void* x, int64_t xs, int64_t n_tok, int64_t k,
                     const int64_t* slot, int64_t sa, int64_t n_layers, const int64_t* a_ptr,
                     const int64_t* b_ptr, const int64_t* b_stride, const int64_t* scale_ptr,
                     const int64_t* rank_ptr, const int64_t* out_ptr, const int64_t* out_stride,
                     const int64_t* width, int accumulate) {
-  if (dt == 0)
-    lora_bgmv_impl<float>((const float*)x, xs, n_tok, k, slot, sa, n_layers, a_ptr, b_ptr,
-                          b_stride, scale_ptr, rank_ptr, out_ptr, out_stride, width, accumulate);
-  else if (dt == 1)
-    lora_bgmv_impl<bf16_t>((const bf16_t*)x, xs, n_tok, k, slot, sa, n_layers, a_ptr, b_ptr,
-                           b_stride, scale_ptr, rank_ptr, out_ptr, out_stride, width, accumulate);
+#define SHOAL_BGMV(T, TW)                                                                      \
+  lora_bgmv_impl<T, TW>((const T*)x, xs, n_tok, k, slot, sa, n_layers, a_ptr, b_ptr, b_stride,  \
+                        scale_ptr, rank_ptr, out_ptr, out_stride, width, accumulate)
+  if (dt == 0 && dtw == 0)
+    SHOAL_BGMV(float, float);
+  else if (dt == 0 && dtw == 1)
+    SHOAL_BGMV(float, bf16_t);
+  else if (dt == 1 && dtw == 0)
+    SHOAL_BGMV(bf16_t, float);
+  else if (dt == 1 && dtw == 1)
+    SHOAL_BGMV(bf16_t, bf16_t);
   else
     return 1;
+#undef SHOAL_BGMV
   return 0;
 }
 
