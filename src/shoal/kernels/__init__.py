@@ -8,8 +8,8 @@ attention call them where `usable`; without a compiler everything runs on PyTorc
 """
 
 from .build import library, reason
-from .ops import (cache_write, decode_attention, disabled, enabled, lora_bgmv, rms_norm, rope_, set_enabled,
+from .ops import (BGMVLayers, cache_write, decode_attention, disabled, enabled, lora_bgmv, rms_norm, rope_, set_enabled,
                   silu_mul, usable)
 
 __all__ = ["library", "reason", "usable", "enabled", "set_enabled", "disabled", "rms_norm", "rope_",
-           "cache_write", "decode_attention", "silu_mul", "lora_bgmv"]
+           "cache_write", "decode_attention", "silu_mul", "lora_bgmv", "BGMVLayers"]

@@ -158,11 +158,15 @@ def add_grouped_(x2: torch.Tensor, ys: list[torch.Tensor], layers: list, a: torc
     if a.dtype in (torch.float32, torch.bfloat16) and kernels.usable(x2, a, *ys):
         # CPU: every adapter token in one kernel call, its slot's weights read in place (no
         # tiles, padding or gathers); each row computed alone (batch invariant by construction)
-        on = [i for i, live_i in enumerate(live) if live_i]
-        r = a.shape[1] // len(layers)
-        kernels.lora_bgmv(x2, layers[0].mapping.slot_tensor(), [a[:, i * r:(i + 1) * r] for i in on],
-                          [layers[i].lora_b_stacked for i in on], [layers[i].scaling for i in on],
-                          [layers[i].rank_t for i in on], [ys[i] for i in on], accumulate=True)
+        on = tuple(i for i, live_i in enumerate(live) if live_i)
+        key = (on, a.data_ptr(), *(layers[i].lora_b_stacked.data_ptr() for i in on))
+        plan = layers[0].bgmv.get(key)
+        if plan is None:  # made once per layer group (the slot buffers are written in place)
+            r = a.shape[1] // len(layers)
+            plan = layers[0].bgmv[key] = kernels.BGMVLayers(
+                [a[:, i * r:(i + 1) * r] for i in on], [layers[i].lora_b_stacked for i in on],
+                [layers[i].scale_f32 for i in on], [layers[i].rank_t for i in on])
+        plan(x2, layers[0].mapping.slot_tensor(), [ys[i] for i in on], accumulate=True)
         return
     # 1) runs: each run's rows of x in place, its slot's weights as views
     for s, rows in g.runs:

@@ -152,6 +152,8 @@ class LoRALinear(nn.Linear):
         self.register_buffer("scaling", torch.zeros(n, **kw), persistent=False)
         self.ranks = [0] * n  # rank held by each slot (0 = empty)
         self.rank_t = torch.zeros(n, dtype=torch.int64)  # the same, for the CPU kernel
+        self.scale_f32 = torch.zeros(n)  # `scaling` in fp32, for the CPU kernel
+        self.bgmv: dict = {}  # `kernels.BGMVLayers` of this layer's group, by (layers used, buffers)
         self.lora_group: LoRAGroup | None = None  # set when A shares a buffer with siblings
         self._scale = [0.0] * n  # python copy of `scaling` for the hot path
 
@@ -171,6 +173,7 @@ class LoRALinear(nn.Linear):
         self.scaling[slot] = scaling
         self.ranks[slot], self._scale[slot] = r, float(scaling)
         self.rank_t[slot] = r
+        self.scale_f32[slot] = float(scaling)
 
     @torch.no_grad()
     def reset_lora(self, slot: int) -> None:
@@ -180,6 +183,7 @@ class LoRALinear(nn.Linear):
         self.scaling[slot] = 0.0
         self.ranks[slot], self._scale[slot] = 0, 0.0
         self.rank_t[slot] = 0
+        self.scale_f32[slot] = 0.0
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output (..., out): float weights, or int8 ones (QuantLinear)."""
