@@ -17,9 +17,10 @@ import torch
 
 from .. import kernels
 from ..config import EngineConfig
-from ..model.fused import fuse_projections
+from ..model.fused import fuse_projections, fused_part_ids
 from ..model.loader import LoadedModel, resolve_dtype
-from ..model.layers import INVARIANT_ROWS
+from ..model.layers import linear
+from ..model.row_classes import INVARIANT_ROWS, PREFILL_ROWS, amx_class_consistent
 from ..model.packed import pack_linears
 from .block_manager import BlockManager
 from ..lora.grouping import MIN_ROWS
@@ -280,7 +281,7 @@ INVARIANT_K = 1024  # bf16 CPU matmuls were measured row-invariant up to this in
 
 
 def set_batch_invariant(model: torch.nn.Module) -> int:
-    """Cap bf16 CPU products at INVARIANT_ROWS rows, switch wide unpacked bf16 CPU linears to
+    """Give bf16 CPU linears row classes (`shoal.model.row_classes`), switch wide unpacked ones to
     split-K (see `shoal.model.layers.linear`; packed ones are packed in the same chunks,
     `shoal.model.packed`) and pad LoRA's
     grouped CPU products to MIN_ROWS rows; returns how many bf16 linears changed. fp32, CUDA and
@@ -294,10 +295,19 @@ def set_batch_invariant(model: torch.nn.Module) -> int:
     if p.dtype != torch.bfloat16:
         return 0
     n = 0
-    for m in model.modules():
+    parts = fused_part_ids(model)  # computed by their fused layer, never alone
+    for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and m.weight is not None and m.weight.dtype == torch.bfloat16:
-            m.max_rows = INVARIANT_ROWS  # every bf16 product on the one-row kernel
             if m.weight.device.type == "cpu" and m.in_features > INVARIANT_K:
                 m.k_chunk = INVARIANT_K  # (packed weights, on meta, were cut when packed)
+            # row classes (`shoal.model.row_classes`): decode rows on the one-row kernel;
+            # prefill rows in AMX-sized blocks where this layer's shape was checked consistent
+            # (the output layer only ever sees sampled rows: one-row kernel)
+            m.max_rows = INVARIANT_ROWS
             n += 1
+            if id(m) in parts or name.endswith("lm_head"):
+                continue
+            key = (m.out_features, m.in_features, m.k_chunk, type(m.weight).__name__, torch.get_num_threads())
+            product = functools.partial(linear, weight=m.weight, bias=None, k_chunk=m.k_chunk)
+            m.prefill_rows = PREFILL_ROWS if amx_class_consistent(product, m.in_features, key) else 0
     return n

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.row_classes import step_rows
 from ..model.transformer import Transformer
 from .decode_graphs import DecodeGraphs
 from .. import kernels
@@ -109,13 +110,15 @@ class ModelRunner:
             result = self._run_graphed(scheduled)
             if result is not None:
                 return result
-        # LoRA: make the step's adapters resident, then order sequences by slot (base first) so
-        # each adapter's tokens are contiguous and in slot order (its tiles are views of x)
+        # decode rows first, then prefill chunks (bf16 CPU products take them in different row
+        # classes: `shoal.model.row_classes`); LoRA: make the step's adapters resident, then
+        # order each part by slot (base first) so an adapter's tokens are contiguous
         lora_slots: dict[str, int] = {}
         if self.lora is not None:
             names = {seq.adapter for seq, _ in scheduled if seq.adapter is not None}
             lora_slots = self.lora.prepare(names) if names else {}
-            scheduled = sorted(scheduled, key=lambda sn: lora_slots.get(sn[0].adapter, -1))
+        scheduled = sorted(scheduled, key=lambda sn: (not _is_decode(*sn), lora_slots.get(sn[0].adapter, -1)))
+        n_decode = sum(1 for sn in scheduled if _is_decode(*sn))
         ids: list[int] = []
         positions: list[int] = []
         seq_attn: list[SeqAttention] = []
@@ -133,7 +136,7 @@ class ModelRunner:
             positions.extend(range(start, end))
             ctx = self._ctx_slots(seq, end)  # (end,)
             slot_chunks.append(ctx[start:end])
-            if n == 1 and start >= seq.num_prompt_tokens:
+            if _is_decode(seq, n):
                 # a decode row: batched with others of its context-length bucket
                 decode_items.append((q_start, ctx))
             else:  # prompt tokens always take the prefill path, however they were chunked
@@ -161,7 +164,8 @@ class ModelRunner:
                              self.num_heads, self.num_kv_heads, buckets, self.window, decode_rows)
         if self.lora is not None:
             self._set_lora_mapping(adapters, lora_slots)
-        hidden = self.model(input_ids, pos, ctx)  # (N, hidden)
+        with step_rows(len(ids), n_decode):  # rows [0, n_decode) are decode rows
+            hidden = self.model(input_ids, pos, ctx)  # (N, hidden)
         logits = None
         if sample_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
@@ -170,6 +174,11 @@ class ModelRunner:
             for s, r0, cnt, p0 in prompt_rows
         }
         return StepResult(sample_seqs, logits, prompt_logits)
+
+
+def _is_decode(seq: Sequence, n: int) -> bool:
+    """Is this scheduled chunk one generated token (a decode row), not prompt tokens?"""
+    return n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens
 
 
 def sdpa_backends(device: torch.device):

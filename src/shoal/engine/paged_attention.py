@@ -11,6 +11,9 @@ invariance): a prefill chunk attends per sequence, in blocks of PREFILL_BLOCK qu
 aligned to position 0 (so chunking does not change a row either); decode rows (one query each)
 are batched by context-length bucket, each padded to its own bucket (a multiple of
 DECODE_BUCKET), never to the batch's longest, so its arithmetic is the same alone or in company.
+On CPU with the fused kernels (`shoal.kernels`), decode rows instead go to one kernel call per
+layer that reads each row's slots in place (`DecodeRows`; no buckets, padding or gathers), and
+the cache write is one call.
 Grouped-query heads fold the group into the query axis: no K/V is repeated.
 """
 

@@ -61,7 +61,7 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -105,7 +105,7 @@ def library() -> ctypes.CDLL | None:
     import torch  # noqa: F401  (loads PyTorch's libgomp first: the kernels then share its pool)
 
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), cxx.encode(),
-                                     _cpu_flags().encode()])).hexdigest()[:16]
+                                     cpu_flags().encode()])).hexdigest()[:16]
     target = cache_dir() / key / "libshoal_cpu.so"
     try:
         if not target.exists():

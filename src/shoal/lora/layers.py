@@ -191,7 +191,8 @@ class LoRALinear(nn.Linear):
             from ..model.quant import quant_linear
 
             return quant_linear(x, self.qweight, self.qscale, self.bias)
-        return linear(x, self.weight, self.bias, self.k_chunk, getattr(self, "max_rows", 0))
+        return linear(x, self.weight, self.bias, self.k_chunk, getattr(self, "max_rows", 0),
+                      getattr(self, "prefill_rows", 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._base(x)  # (..., out)

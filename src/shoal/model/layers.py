@@ -16,15 +16,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from . import row_classes
 from .config import ModelConfig
 from .packed import PackedWeight
+from .row_classes import INVARIANT_ROWS  # noqa: F401  (re-exported: the engine and tests use it)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           k_chunk: int = 0, max_rows: int = 0) -> torch.Tensor:
+           k_chunk: int = 0, max_rows: int = 0, prefill_rows: int = 0) -> torch.Tensor:
     """F.linear, or with k_chunk > 0 a split-K product: the input dimension is cut into equal
     chunks of at most k_chunk, each product is taken separately and summed in fp32. With
-    max_rows > 0, at most that many rows go into one product (see `INVARIANT_ROWS`).
+    max_rows > 0 the rows go in blocks by class (`shoal.model.row_classes`: at most max_rows,
+    or prefill_rows for an engine step's prefill rows).
 
     Why: on CPU, bf16 matmuls with K > 1024 change their reduction order with the number of rows
     (measured: torch 2.13, oneDNN, AVX512-BF16), so a row's result would depend on what else is
@@ -34,10 +37,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     chunks it was packed in (k_chunk is fixed at packing), summed as `PackedWeight` describes.
     """
     k = x.shape[-1]
-    if 0 < max_rows < x.numel() // max(k, 1):  # row blocks, each its own product
-        x2 = x.reshape(-1, k)
-        parts = [linear(x2[i:i + max_rows], weight, bias, k_chunk) for i in range(0, x2.shape[0], max_rows)]
-        return torch.cat(parts).view(*x.shape[:-1], -1)
+    if max_rows > 0 and x.numel():  # row blocks by class, each its own product
+        y = row_classes.blocked(x.reshape(-1, k), lambda xb: linear(xb, weight, bias, k_chunk),
+                                max_rows, prefill_rows)
+        if y is not None:
+            return y.view(*x.shape[:-1], -1)
     if isinstance(weight, PackedWeight):
         return weight.linear(x, bias)
     if k_chunk <= 0 or k <= k_chunk:
@@ -53,26 +57,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.to(x.dtype)
 
 
-# Most rows of one bf16 CPU product when the engine asks for batch invariance. oneDNN picks its
-# kernel by the row count: on a CPU with AMX (measured: Xeon with AMX-BF16, torch 2.13, 2
-# threads) products of 33+ rows take AMX tiles, whose sums round differently from the AVX-512
-# kernel that 1..32 rows take (every SmolLM2-135M shape: a row's bits equal its one-row
-# product for any 1..32 rows, and differ from 33, 42 or 64 rows on, by shape). Capping products
-# at 32 rows keeps every row on the one-row kernel. On CPUs without AMX (2-core AVX-512 EPYC)
-# rows were invariant for 1..1024 anyway, and the cap only adds calls.
-INVARIANT_ROWS = 32
 
 
 class Linear(nn.Linear):
     """nn.Linear with an optional split-K mode (`k_chunk`, set by the engine for batch
-    invariance; 0 = plain) and row cap (`max_rows`, likewise; 0 = none)."""
+    invariance; 0 = plain) and row classes (`max_rows`, `prefill_rows`, likewise; 0 = none;
+    `shoal.model.row_classes`)."""
 
     k_chunk: int = 0
     max_rows: int = 0
+    prefill_rows: int = 0
     fusable: bool = True  # its weight may be a view into a fused product's (`shoal.model.fused`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.k_chunk, self.max_rows)
+        return linear(x, self.weight, self.bias, self.k_chunk, self.max_rows, self.prefill_rows)
 
 
 # Rows for which `head_logits` takes the weight-major product (see its measurements).
