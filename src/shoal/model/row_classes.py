@@ -51,10 +51,12 @@ def blocked(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor], ma
     product over all rows is already in the right class."""
     n = x.shape[0]
     n_decode = _step[-1][1] if _step and _step[-1][0] == n else None
-    if n_decode is None or prefill_rows <= 0:
+    if n_decode is None or prefill_rows <= 0 or n_decode == n:
         if n <= max_rows:
             return None
         return torch.cat([product(x[i:i + max_rows]) for i in range(0, n, max_rows)])
+    if n_decode == 0 and AMX_MIN_ROWS <= n <= prefill_rows:
+        return None  # one prefill-class product already
     parts = [product(x[i:min(i + max_rows, n_decode)]) for i in range(0, n_decode, max_rows)]
     for i in range(n_decode, n, prefill_rows):
         blk = x[i:i + prefill_rows]
