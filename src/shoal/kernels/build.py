@@ -1,8 +1,8 @@
-"""Build and load the C++ CPU kernels (`csrc/cpu_kernels.cpp`) once per machine.
+"""Build and load the C++ CPU kernels (`csrc/*.cpp`) once per machine.
 
-The source is compiled with the system's C++ compiler (`$CXX`, else g++ or c++) into a shared
+The sources are compiled with the system's C++ compiler (`$CXX`, else g++ or c++) into one shared
 library under `$SHOAL_KERNEL_CACHE` (default `~/.cache/shoal/kernels`), keyed by a hash of the
-source, the flags, the compiler and the CPU's feature flags (`-march=native` code must not run
+sources, the flags, the compiler and the CPU's feature flags (`-march=native` code must not run
 on another CPU), and loaded with ctypes. About a second to build; later processes load the
 cached file. No compiler, a failed build or `SHOAL_CPU_KERNELS=0`: `library()` returns None
 and callers keep their PyTorch paths (`reason()` says why).
@@ -23,7 +23,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = sorted(CSRC.glob("*.cpp"))  # elementwise, attention, lora; common.h beside them
 # no -ffast-math: the kernels round where PyTorch rounds; no FMA contraction, so a product
 # plus a product rounds as PyTorch's separate ops do
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
@@ -78,8 +79,8 @@ def _build(cxx: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True,
+                              text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{Path(cxx).name} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
@@ -104,7 +105,8 @@ def library() -> ctypes.CDLL | None:
         return None
     import torch  # noqa: F401  (loads PyTorch's libgomp first: the kernels then share its pool)
 
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), cxx.encode(),
+    sources = [p.read_bytes() for p in sorted(CSRC.glob("*.[ch]*"))]  # .cpp and .h
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), cxx.encode(),
                                      cpu_flags().encode()])).hexdigest()[:16]
     target = cache_dir() / key / "libshoal_cpu.so"
     try:

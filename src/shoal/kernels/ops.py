@@ -1,4 +1,4 @@
-"""PyTorch-facing wrappers of the fused CPU kernels (`csrc/cpu_kernels.cpp`).
+"""PyTorch-facing wrappers of the fused CPU kernels (`csrc/*.cpp`).
 
 `usable(*tensors)` says whether the kernels may stand in for the PyTorch op chains: the library
 is built (`build.library`), they are switched on (`set_enabled`, `SHOAL_CPU_KERNELS`), every

@@ -1,0 +1,177 @@
+// Fused CPU kernels for the engine's hot path (decode and small batches).
+//
+// Each kernel replaces a chain of small PyTorch ops whose fixed per-call cost dominates a
+// decode step on a few cores. Plain C ABI (called through ctypes, no torch headers: builds in
+// about a second). Element type per tensor: 0 = float32, 1 = bfloat16 (raw uint16 bits).
+// Every row is computed by the same code whatever else is in the batch: results do not
+// depend on batch size or position (batch invariance). OpenMP threads come from the process's
+// libgomp, the one PyTorch's CPU build already loaded, so they share its pool and thread count.
+//
+// Rounding: where the PyTorch op chain rounds an intermediate to bf16, so does the kernel, at
+// the same points (rotary embedding and cache writes match PyTorch bit for bit; norms,
+// SiLU and attention match to float rounding, their reduction order and exp differ).
+// This file: RMSNorm (+ residual add), RoPE, the KV cache write, SiLU-and-multiply.
+
+#include "common.h"
+
+namespace {
+using namespace shoal;
+
+// ---- RMSNorm, optionally after a residual add ------------------------------------------------
+// r = x (+ residual, rounded to T); y = r / sqrt(mean(r^2) + eps) in fp32, rounded to T, times w
+template <typename T>
+void rms_norm_impl(const T* x, int64_t xs, const T* res, int64_t rs, T* res_out, int64_t ros,
+                   const T* w, T* out, int64_t os, int64_t n, int64_t d, float eps) {
+#pragma omp parallel for schedule(static) if (n >= 8)
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xr = x + i * xs;
+    T* o = out + i * os;
+    float buf[d];
+    if (res != nullptr) {
+      const T* rr = res + i * rs;
+      T* ro = res_out + i * ros;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) {
+        float v = rnd<T>(ld(xr, j) + ld(rr, j));
+        buf[j] = v;
+        st(ro, j, v);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) buf[j] = ld(xr, j);
+    }
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < d; ++j) ss += buf[j] * buf[j];
+    float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) st(o, j, ld(w, j) * rnd<T>(buf[j] * inv));
+  }
+}
+
+// ---- rotary embedding in place (rotate-half layout) ------------------------------------------
+// x rows (n, heads, d) at row stride xs; cos, sin (n, d). Per element, as PyTorch's chain:
+// out = T(T(x * cos) + T(rot(x) * sin)), rot(x) = (-x2, x1)
+template <typename T>
+void rope_impl(T* x, int64_t xs, int64_t n, int64_t heads, int64_t d, const T* cs, const T* sn) {
+  const int64_t half = d / 2;
+#pragma omp parallel for schedule(static) if (n >= 32)
+  for (int64_t i = 0; i < n; ++i) {
+    const T* c = cs + i * d;
+    const T* s = sn + i * d;
+    for (int64_t h = 0; h < heads; ++h) {
+      T* p = x + i * xs + h * d;
+      float a[d];
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) a[j] = ld(p, j);
+#pragma omp simd
+      for (int64_t j = 0; j < half; ++j) {
+        float lo = rnd<T>(rnd<T>(a[j] * ld(c, j)) + rnd<T>(-a[j + half] * ld(s, j)));
+        float hi = rnd<T>(rnd<T>(a[j + half] * ld(c, j + half)) + rnd<T>(a[j] * ld(s, j + half)));
+        st(p, j, lo);
+        st(p, j + half, hi);
+      }
+    }
+  }
+}
+
+// ---- paged KV cache write --------------------------------------------------------------------
+// k, v rows (n, hkv, d) at row strides; cache (hkv, num_slots, d); token i -> slot slots[i]
+template <typename TI, typename TC>
+void cache_write_impl(const TI* k, int64_t ks, const TI* v, int64_t vs, int64_t n, int64_t hkv,
+                      int64_t d, const int64_t* slots, TC* kc, TC* vc, int64_t num_slots) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t slot = slots[i];
+    for (int64_t h = 0; h < hkv; ++h) {
+      const TI* kr = k + i * ks + h * d;
+      const TI* vr = v + i * vs + h * d;
+      TC* kd = kc + (h * num_slots + slot) * d;
+      TC* vd = vc + (h * num_slots + slot) * d;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) {
+        st(kd, j, ld(kr, j));
+        st(vd, j, ld(vr, j));
+      }
+    }
+  }
+}
+// ---- SiLU(gate) * up ---------------------------------------------------------------------------
+// y rows (n, 2 * m): gate | up, row stride ys -> out (n, m): T(T(silu(gate)) * up)
+template <typename T>
+void silu_mul_impl(const T* y, int64_t ys, int64_t n, int64_t m, T* out) {
+#pragma omp parallel for schedule(static) if (n >= 8)
+  for (int64_t i = 0; i < n; ++i) {
+    const T* gate = y + i * ys;
+    const T* up = gate + m;
+    T* o = out + i * m;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const float a = ld(gate, j);
+      // silu(a) = a / (1 + exp(-a)); exp of a non-positive argument only
+      const float e = exp_neg(-std::fabs(a));
+      const float silu = a >= 0.0f ? a / (1.0f + e) : a * e / (1.0f + e);
+      st(o, j, rnd<T>(silu) * ld(up, j));
+    }
+  }
+}
+}  // namespace
+
+extern "C" {
+
+int shoal_kernels_abi() { return 2; }
+
+int shoal_rms_norm(int dt, const void* x, int64_t xs, const void* res, int64_t rs, void* res_out,
+                   int64_t ros, const void* w, void* out, int64_t os, int64_t n, int64_t d, float eps) {
+  if (dt == 0)
+    rms_norm_impl<float>((const float*)x, xs, (const float*)res, rs, (float*)res_out, ros,
+                         (const float*)w, (float*)out, os, n, d, eps);
+  else if (dt == 1)
+    rms_norm_impl<bf16_t>((const bf16_t*)x, xs, (const bf16_t*)res, rs, (bf16_t*)res_out, ros,
+                          (const bf16_t*)w, (bf16_t*)out, os, n, d, eps);
+  else
+    return 1;
+  return 0;
+}
+
+int shoal_rope(int dt, void* x, int64_t xs, int64_t n, int64_t heads, int64_t d, const void* cs,
+               const void* sn) {
+  if (dt == 0)
+    rope_impl<float>((float*)x, xs, n, heads, d, (const float*)cs, (const float*)sn);
+  else if (dt == 1)
+    rope_impl<bf16_t>((bf16_t*)x, xs, n, heads, d, (const bf16_t*)cs, (const bf16_t*)sn);
+  else
+    return 1;
+  return 0;
+}
+
+int shoal_cache_write(int dti, const void* k, int64_t ks, const void* v, int64_t vs, int64_t n,
+                      int64_t hkv, int64_t d, const int64_t* slots, int dtc, void* kc, void* vc,
+                      int64_t num_slots) {
+  if (dti == 0 && dtc == 0)
+    cache_write_impl<float, float>((const float*)k, ks, (const float*)v, vs, n, hkv, d, slots,
+                                   (float*)kc, (float*)vc, num_slots);
+  else if (dti == 1 && dtc == 1)
+    cache_write_impl<bf16_t, bf16_t>((const bf16_t*)k, ks, (const bf16_t*)v, vs, n, hkv, d, slots,
+                                     (bf16_t*)kc, (bf16_t*)vc, num_slots);
+  else if (dti == 0 && dtc == 1)
+    cache_write_impl<float, bf16_t>((const float*)k, ks, (const float*)v, vs, n, hkv, d, slots,
+                                    (bf16_t*)kc, (bf16_t*)vc, num_slots);
+  else if (dti == 1 && dtc == 0)
+    cache_write_impl<bf16_t, float>((const bf16_t*)k, ks, (const bf16_t*)v, vs, n, hkv, d, slots,
+                                    (float*)kc, (float*)vc, num_slots);
+  else
+    return 1;
+  return 0;
+}
+
+int shoal_silu_mul(int dt, const void* y, int64_t ys, int64_t n, int64_t m, void* out) {
+  if (dt == 0)
+    silu_mul_impl<float>((const float*)y, ys, n, m, (float*)out);
+  else if (dt == 1)
+    silu_mul_impl<bf16_t>((const bf16_t*)y, ys, n, m, (bf16_t*)out);
+  else
+    return 1;
+  return 0;
+}
+
+}  // extern "C"
