@@ -48,10 +48,10 @@ class EngineConfig:
     """Adapters kept in CPU memory (LRU) behind the batch slots."""
     batch_invariant: bool = True
     """Make a row's logits independent of the rest of the batch: on CPU in bf16, matmuls with
-    an input dimension over 1024 run split-K (about 1.3x slower on those layers; measured), every
-    bf16 product takes at most 32 rows (on CPUs with AMX, 33+ rows round differently; a 512-token
-    prefill step measured 217 -> 378 ms there), and LoRA's fp32 products pad tiles to 4 rows (the
-    CPU kernel computes each token alone)."""
+    an input dimension over 1024 run split-K (about 1.3x slower on those layers; measured), bf16
+    products take decode rows in blocks of at most 32 and prefill rows in blocks of 33..256 (on
+    CPUs with AMX the two round differently; `shoal.model.row_classes`), and LoRA's fp32 products
+    pad tiles to 4 rows (the CPU kernel computes each token alone)."""
     pack_weights: bool = True
     """On CPU, reorder float linear weights once into oneDNN's blocked layout (the same
     weights; SmolLM2-135M bf16, 2 threads, alternated runs: 1.09-1.18x faster at one stream,

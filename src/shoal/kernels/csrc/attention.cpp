@@ -9,6 +9,25 @@
 namespace {
 using namespace shoal;
 
+// Softmax of each of g rows of scores (g, len) in place, left unnormalized: scores = exp(s - max),
+// inv[j] = 1 / the row's sum (applied to the output).
+inline void softmax_rows(float* scores, int64_t g, int64_t len, float* inv) {
+  for (int64_t j = 0; j < g; ++j) {
+    float* sc = scores + j * len;
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (int64_t s = 0; s < len; ++s) m = sc[s] > m ? sc[s] : m;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t s = 0; s < len; ++s) {
+      const float p = exp_neg(sc[s] - m);
+      sc[s] = p;
+      sum += p;
+    }
+    inv[j] = 1.0f / sum;
+  }
+}
+
 #if defined(__AVX512F__)
 // One decode-attention task (a row's G query heads over one kv head), head size 64, with
 // AVX-512 intrinsics: the G queries live in registers, each key and value row is loaded and
@@ -44,20 +63,7 @@ void attend64(const float* qf, const TC* kbase, const TC* vbase, const int64_t* 
   }
   // 2) softmax per head (probabilities left unnormalized; 1 / sum applied at the end)
   float inv[G];
-  for (int j = 0; j < G; ++j) {
-    float* sc = scores + j * len;
-    float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-    for (int64_t s = 0; s < len; ++s) m = sc[s] > m ? sc[s] : m;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t s = 0; s < len; ++s) {
-      const float p = exp_neg(sc[s] - m);
-      sc[s] = p;
-      sum += p;
-    }
-    inv[j] = 1.0f / sum;
-  }
+  softmax_rows(scores, G, len, inv);
   // 3) out (G, 64) = p @ v, accumulated in registers in key order
   __m512 acc[G][4];
   for (int j = 0; j < G; ++j)
@@ -158,20 +164,7 @@ void decode_attention_impl(const TQ* q, int64_t qs, const int64_t* rows, int64_t
       }
       // 2) softmax per query head, then 3) the weighted sum of values
       float inv[g];
-      for (int64_t j = 0; j < g; ++j) {
-        float* sc = scores + j * len;
-        float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-        for (int64_t s = 0; s < len; ++s) m = sc[s] > m ? sc[s] : m;
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t s = 0; s < len; ++s) {
-          float p = exp_neg(sc[s] - m);
-          sc[s] = p;
-          sum += p;
-        }
-        inv[j] = 1.0f / sum;
-      }
+      softmax_rows(scores, g, len, inv);
       for (int64_t s = 0; s < len; ++s) {
         const TC* vr = vbase + slots[lo + s] * d;
         float vf[d];
