@@ -144,3 +144,23 @@ def test_callers_fall_back_when_disabled():
             slow = norm(x)
     torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
     assert kernels.usable(x) and not kernels.usable(x.requires_grad_())  # autograd: PyTorch ops
+
+
+def test_no_compiler_means_pytorch_ops(monkeypatch):
+    """Without a C++ compiler the library is None, `reason` says why, nothing is usable, and a
+    model still runs (on PyTorch ops)."""
+    from shoal.kernels import build
+    from shoal.model.layers import RMSNorm
+
+    monkeypatch.setattr(build, "_compiler", lambda: None)
+    build.library.cache_clear()
+    try:
+        assert build.library() is None and "compiler" in build.reason()
+        x = rand(2, 576)
+        assert not kernels.usable(x)
+        with torch.no_grad():
+            assert RMSNorm(576, 1e-5)(x).shape == (2, 576)
+    finally:
+        monkeypatch.undo()
+        build.library.cache_clear()
+    assert build.library() is not None and build.reason() == "loaded"

@@ -47,6 +47,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(engine, args.model, store, settings)
     workers = start_workers(settings, args)
     mode = "open mode (no API keys yet)" if settings.loopback and not store.has_keys() else "API keys"
+    if cfg.device == "cpu":  # fused C++ kernels, or why not (`shoal.kernels`)
+        from .. import kernels
+
+        mode += "; CPU kernels " + ("on" if kernels.enabled() else f"off ({kernels.reason()})")
     print(f"shoal: {args.model} ready in {time.perf_counter() - t0:.1f}s; {mode}; "
           f"{len(workers)} fine-tuning worker(s); OpenAI API at "
           f"http://{settings.host}:{settings.port}/v1", file=sys.stderr)

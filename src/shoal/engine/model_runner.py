@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from ..model.row_classes import step_rows
 from ..model.transformer import Transformer
 from .decode_graphs import DecodeGraphs
-from .. import kernels
 from .paged_attention import DecodeRows, PagedAttention, PagedKVCache, SeqAttention, build_decode_buckets
 from .sequence import Sequence
 
