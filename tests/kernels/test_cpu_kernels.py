@@ -164,3 +164,22 @@ def test_no_compiler_means_pytorch_ops(monkeypatch):
         monkeypatch.undo()
         build.library.cache_clear()
     assert build.library() is not None and build.reason() == "loaded"
+
+
+def test_bad_layouts_and_slots_raise_instead_of_touching_memory():
+    q = rand(2, 9, 64)
+    kc = torch.zeros(3, 64, 64)
+    out = torch.empty_like(q)
+    with pytest.raises(ValueError, match="rows or slots"):  # offsets do not end at len(slots)
+        kernels.decode_attention(q, kc, kc, torch.tensor([0, 1]), torch.arange(5), torch.tensor([0, 2, 9]),
+                                 None, out)
+    with pytest.raises(ValueError, match="rows or slots"):  # a row past q
+        kernels.decode_attention(q, kc, kc, torch.tensor([0, 7]), torch.arange(5), torch.tensor([0, 2, 5]),
+                                 None, out)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.rope_(rand(2, 64, 9).transpose(1, 2), rand(2, 64), rand(2, 64))
+    from shoal.engine.paged_attention import PagedAttention, PagedKVCache
+
+    cache = PagedKVCache(1, 4, 16, 3, 64, torch.float32)  # 5 blocks of 16 slots (one scratch)
+    with pytest.raises(ValueError, match="outside the cache"):
+        PagedAttention(cache, torch.tensor([3, 80]), [], 9, 3)

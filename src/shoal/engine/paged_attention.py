@@ -161,6 +161,11 @@ class PagedAttention:
         self.seqs = seqs  # prefill chunks
         self.decode = decode or []
         self.decode_rows = decode_rows  # decode rows for the CPU kernel (instead of `decode`)
+        n_slots = cache.k.shape[2]  # the kernels read raw memory: slots are checked once a step
+        for t in (slot_mapping, decode_rows.slots if decode_rows is not None else None):
+            if t is not None and t.numel() and t.device.type == "cpu":
+                if not 0 <= int(t.min()) <= int(t.max()) < n_slots:
+                    raise ValueError(f"slots: outside the cache's {n_slots} slots")
         self.group = num_heads // num_kv_heads
         self.window = window
         self._masks: dict[tuple, torch.Tensor] = {}  # `block_mask`s by (start, end, dtype)

@@ -41,6 +41,13 @@ def disabled():
         _enabled = prev
 
 
+def _check(ok: bool, what: str) -> None:
+    """The kernels read and write raw memory: a layout they do not expect must not reach them
+    (a real check, kept under `python -O`)."""
+    if not ok:
+        raise ValueError(f"shoal.kernels: unexpected tensor {what}")
+
+
 def usable(*tensors: torch.Tensor) -> bool:
     if not _enabled or library() is None:
         return False
@@ -88,7 +95,7 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     x's dtype. Semantics, bit for bit: x = x * cos + cat(-x2, x1) * sin (`apply_rope`, each
     product and the sum rounded to x's dtype)."""
     n, heads, d = x.shape
-    assert x.stride(2) == 1 and x.stride(1) == d, "rope_: heads and head_dim must be contiguous"
+    _check(x.stride(2) == 1 and x.stride(1) == d, "rope_: heads and head_dim must be contiguous")
     cos, sin = cos.to(x.dtype).reshape(n, d).contiguous(), sin.to(x.dtype).reshape(n, d).contiguous()
     library().shoal_rope(_DT[x.dtype], x.data_ptr(), x.stride(0), n, heads, d, cos.data_ptr(),
                          sin.data_ptr())
@@ -100,8 +107,9 @@ def cache_write(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kc: torch
     """k, v (N, Hkv, D) (row stride free); slots (N,) int64; kc, vc (Hkv, S, D) one layer's
     cache. Semantics: kc[:, slots[i]] = k[i].to(kc.dtype), the same for v (`index_copy_`)."""
     n, hkv, d = k.shape
-    assert k.stride(1) == d and v.stride(1) == d and k.stride(2) == 1 and v.stride(2) == 1
-    assert kc.is_contiguous() and vc.is_contiguous() and slots.dtype == torch.int64
+    _check(k.stride(1) == d and v.stride(1) == d and k.stride(2) == 1 and v.stride(2) == 1, "layout")
+    _check(kc.is_contiguous() and vc.is_contiguous() and slots.dtype == torch.int64
+           and slots.numel() == n, "cache or slots")
     slots = slots.contiguous()
     library().shoal_cache_write(_DT[k.dtype], k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
                                 n, hkv, d, slots.data_ptr(), _DT[kc.dtype], kc.data_ptr(),
@@ -120,8 +128,10 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rows: 
     in fp32; the same bits for a row whatever the other rows are."""
     n, h, d = q.shape
     hkv = kc.shape[0]
-    assert q.stride(2) == 1 and q.stride(1) == d and out.stride(2) == 1 and out.stride(1) == d
-    assert kc.is_contiguous() and vc.is_contiguous() and out.dtype == q.dtype
+    _check(q.stride(2) == 1 and q.stride(1) == d and out.stride(2) == 1 and out.stride(1) == d, "layout")
+    _check(kc.is_contiguous() and vc.is_contiguous() and out.dtype == q.dtype
+           and offsets.numel() == rows.numel() + 1 and int(offsets[-1]) == slots.numel()
+           and (rows.numel() == 0 or 0 <= int(rows.min()) <= int(rows.max()) < n), "cache, rows or slots")
     library().shoal_decode_attention(
         _DT[q.dtype], q.data_ptr(), q.stride(0), rows.data_ptr(), rows.numel(), h, hkv, d,
         _DT[kc.dtype], kc.data_ptr(), vc.data_ptr(), kc.shape[1], slots.data_ptr(),
@@ -146,11 +156,13 @@ class BGMVLayers:
     def __init__(self, as_: list[torch.Tensor], bs: list[torch.Tensor], scales: list[torch.Tensor],
                  ranks: list[torch.Tensor]) -> None:
         k = as_[0].shape[2]
-        assert len({a.stride(0) for a in as_}) == 1 and len({a.dtype for a in as_}) == 1
+        _check(len({a.stride(0) for a in as_}) == 1 and len({a.dtype for a in as_}) == 1, "layout")
         for a, b, sc, r in zip(as_, bs, scales, ranks):
-            assert a.dtype == b.dtype and a.dtype in _DT and a.stride(2) == 1 and a.stride(1) == k
-            assert b.stride(2) == 1 and b.stride(1) == b.shape[2]
-            assert sc.dtype == torch.float32 and sc.is_contiguous() and r.dtype == torch.int64 and r.is_contiguous()
+            _check(a.dtype == b.dtype and a.dtype in _DT and a.stride(2) == 1 and a.stride(1) == k,
+                   "LoRA A/B layout")
+            _check(b.stride(2) == 1 and b.stride(1) == b.shape[2], "layout")
+            _check(sc.dtype == torch.float32 and sc.is_contiguous() and r.dtype == torch.int64
+                   and r.is_contiguous(), "LoRA scales/ranks")
         self.keep = (as_, bs, scales, ranks)
         self.table = torch.tensor([[a.data_ptr() for a in as_], [b.data_ptr() for b in bs],
                                    [b.stride(0) for b in bs], [sc.data_ptr() for sc in scales],
@@ -161,12 +173,14 @@ class BGMVLayers:
         self.widths = [b.shape[2] for b in bs]
         self._arr = ctypes.c_int64 * self.n
 
-    def __call__(self, x: torch.Tensor, slots: torch.Tensor, outs: list[torch.Tensor], accumulate: bool) -> None:
+    def __call__(self, x: torch.Tensor, slots: torch.Tensor, outs: list[torch.Tensor],
+                 accumulate: bool) -> None:
         """See `lora_bgmv`; slots (N,) int64 contiguous."""
         n = x.shape[0]
-        assert x.stride(1) == 1 and x.shape[1] == self.k and slots.dtype == torch.int64 and slots.is_contiguous()
+        _check(x.stride(1) == 1 and x.shape[1] == self.k and slots.dtype == torch.int64
+               and slots.is_contiguous() and slots.numel() == n, "LoRA input or slots")
         for o, w in zip(outs, self.widths):
-            assert o.dtype == x.dtype and o.stride(1) == 1 and o.shape == (n, w)
+            _check(o.dtype == x.dtype and o.stride(1) == 1 and o.shape == (n, w), "layout")
         out_ptr = self._arr(*[o.data_ptr() for o in outs])
         out_stride = self._arr(*[o.stride(0) for o in outs])
         a, b, bst, sc, rk, wd = self.ptrs

@@ -57,8 +57,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.to(x.dtype)
 
 
-
-
 class Linear(nn.Linear):
     """nn.Linear with an optional split-K mode (`k_chunk`, set by the engine for batch
     invariance; 0 = plain) and row classes (`max_rows`, `prefill_rows`, likewise; 0 = none;
