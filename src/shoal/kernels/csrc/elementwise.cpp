@@ -109,7 +109,8 @@ void silu_mul_impl(const T* y, int64_t ys, int64_t n, int64_t m, T* out) {
       const float a = ld(gate, j);
       // silu(a) = a / (1 + exp(-a)); exp of a non-positive argument only
       const float e = exp_neg(-std::fabs(a));
-      const float silu = a >= 0.0f ? a / (1.0f + e) : a * e / (1.0f + e);
+      const float num = a >= 0.0f ? a : a * e;  // (one division for both signs)
+      const float silu = num / (1.0f + e);
       st(o, j, rnd<T>(silu) * ld(up, j));
     }
   }
