@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--unpacked-too", action="store_true",
                     help="also run Shoal with pack_weights=False (plain F.linear), for an A/B")
+    ap.add_argument("--kernels-too", action="store_true",
+                    help="also run Shoal with the fused CPU kernels off (PyTorch ops), for an A/B")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -164,13 +166,18 @@ def main() -> None:
     if any(w.endswith("adapters") for w in work):
         root = tempfile.mkdtemp(prefix="shoal-adapters-")
         adapter_paths = make_adapters(ModelRegistry().resolve(args.model), args.adapters, root)
-    for pack in [True] + ([False] if args.unpacked_too else []):
+    from shoal import kernels
+
+    variants = [(True, True)] + [(False, True)] * args.unpacked_too + [(True, False)] * args.kernels_too
+    for pack, cpu_kernels in variants:
         cfg.pack_weights = pack
+        kernels.set_enabled(cpu_kernels)  # before the engine: LoRA slots follow it
         engine = LLMEngine(cfg, loaded or load_for_engine(cfg))  # a fresh model for the second
         loaded = None
         dtype = str(next(engine.model.parameters()).dtype).replace("torch.", "")
         dtype += ", int8 weights" if args.quantization else ""
         dtype += "" if pack else ", unpacked"
+        dtype += "" if cpu_kernels else ", PyTorch ops"
         run_shoal(engine, make_prompts(2, 16, 16, 9, vocab), 4)  # warm-up
         for w in ("single", "streams", "many"):
             if w in work:
@@ -186,9 +193,10 @@ def main() -> None:
                 names = [f"a{i % args.adapters}" for i in range(len(prompts))]
                 results[f"shoal {w.replace('adapters', '').strip('_') or 'streams'}, {args.adapters} "
                         f"adapters mixed ({dtype})"] = run_shoal(engine, prompts, args.out, names)
-        if pack:
+        if pack and cpu_kernels:
             shoal_rss = rss_peak_mb()
         del engine
+    kernels.set_enabled(True)
     if not args.skip_hf:
         import transformers
 
