@@ -20,6 +20,7 @@ import torch
 from .. import kernels
 from ..model.row_classes import step_rows
 from ..model.transformer import Transformer
+from .cpu_decode import CPUDecodeForward
 from .decode_graphs import DecodeGraphs
 from .paged_attention import DecodeRows, PagedAttention, PagedKVCache, SeqAttention, build_decode_buckets
 from .sequence import Sequence
@@ -51,6 +52,8 @@ class ModelRunner:
         self._block_offsets = torch.arange(block_size)
         self.max_num_seqs = max_num_seqs  # most rows a step has (sizes the graphs' output)
         self.graphs: DecodeGraphs | None = None  # decode-only steps as graphs (CUDA)
+        self.cpu_decode_forward = True  # all-decode CPU steps through `CPUDecodeForward`
+        self._cpu_decode: CPUDecodeForward | None = None
         if cuda_graphs and self.device.type == "cuda":
             self.use_decode_graphs(capture=True)
 
@@ -60,6 +63,18 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.cache, self.num_heads, self.num_kv_heads,
                                    self.window, capture, self.max_num_seqs,
                                    self.lora.mapping if self.lora is not None else None)
+
+    def _cpu_forward(self, input_ids: torch.Tensor) -> CPUDecodeForward | None:
+        """The flat forward for all-decode CPU steps (`cpu_decode`), made on first use; None when
+        off (`cpu_decode_forward`), on another device or model family, or without the kernels."""
+        if not self.cpu_decode_forward or self.device.type != "cpu":
+            return None
+        if self._cpu_decode is None:
+            if not CPUDecodeForward.supports(self.model):
+                self.cpu_decode_forward = False
+                return None
+            self._cpu_decode = CPUDecodeForward(self.model)
+        return self._cpu_decode if self._cpu_decode.usable(input_ids) else None
 
     def _decode_kernel(self) -> bool:
         """Do decode rows take the CPU kernel (`kernels.decode_attention`) this step?"""
@@ -164,8 +179,11 @@ class ModelRunner:
                              self.num_heads, self.num_kv_heads, buckets, self.window, decode_rows)
         if self.lora is not None:
             self._set_lora_mapping(adapters, lora_slots)
+        forward = self.model
+        if n_decode == len(ids) and not lora_slots and self._cpu_forward(input_ids) is not None:
+            forward = self._cpu_decode  # all decodes, no adapter rows: the flat CPU forward
         with step_rows(len(ids), n_decode):  # rows [0, n_decode) are decode rows
-            hidden = self.model(input_ids, pos, ctx)  # (N, hidden)
+            hidden = forward(input_ids, pos, ctx)  # (N, hidden)
         logits = None
         if sample_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])

@@ -1,0 +1,64 @@
+"""The flat CPU decode forward (`shoal.engine.cpu_decode`) gives the module path's bits, and
+serves only the steps it is meant for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shoal.engine.sampling_params import SamplingParams
+from tests.engine.test_engine_lora import engine, setup  # noqa: F401  (fixture)
+from tests.engine.test_llm_engine import make_llm, prompts
+
+
+def _wide_llama(tmp_path, tiny_tokenizer_dir, dtype):
+    from shoal.model.loader import load_dir
+    from tests.helpers import hf_tiny_config, save_tiny_hf_dir
+
+    torch.manual_seed(0)
+    save_tiny_hf_dir(hf_tiny_config("llama", intermediate_size=1536, max_position_embeddings=512),
+                     tmp_path / "wide", tiny_tokenizer_dir)
+    return load_dir(str(tmp_path / "wide"), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_flat_forward_gives_the_module_paths_bits(tmp_path, tiny_tokenizer_dir, dtype, monkeypatch):
+    """Same tokens and bit-identical logprobs with the flat forward on and off, for 12 mixed
+    requests (decode-only steps take it; steps with a prefill chunk take the modules)."""
+    from shoal.engine import cpu_decode
+
+    loaded = _wide_llama(tmp_path, tiny_tokenizer_dir, dtype)
+    ps = prompts(12, seed=7, lo=4, hi=90)
+    params = SamplingParams(temperature=1.0, max_tokens=10, seed=11, ignore_eos=True, logprobs=2)
+    calls = []
+    real = cpu_decode.CPUDecodeForward.__call__
+    monkeypatch.setattr(cpu_decode.CPUDecodeForward, "__call__",
+                        lambda self, *a: calls.append(a[0].numel()) or real(self, *a))
+    runs = []
+    for on in (True, False):
+        llm = make_llm(loaded, max_num_batched_tokens=64)
+        llm.engine.runner.cpu_decode_forward = on
+        runs.append([o.outputs[0] for o in llm.generate(ps, params)])
+    assert calls and max(calls) > 1  # the flat forward served decode steps, batched ones too
+    for fast, slow in zip(*runs):
+        assert fast.token_ids == slow.token_ids
+        assert [lp for _, lp, _ in fast.logprobs] == [lp for _, lp, _ in slow.logprobs]
+
+
+def test_steps_with_adapter_rows_take_the_modules(setup, monkeypatch):
+    """LoRA enabled: base-only decode steps take the flat forward, steps with an adapter row the
+    module path (where the LoRA layers add their deltas; their tokens are checked against merged
+    weights in test_engine_lora)."""
+    from shoal.engine import cpu_decode
+
+    root, paths, _ = setup
+    llm = engine(root, {"ad3": paths["ad3"]})
+    seen = []
+    real = cpu_decode.CPUDecodeForward.__call__
+    monkeypatch.setattr(cpu_decode.CPUDecodeForward, "__call__",
+                        lambda self, *a: seen.append(1) or real(self, *a))
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    llm.generate([prompts(1, seed=3)[0]], greedy, adapter="ad3")
+    assert not seen
+    llm.generate([prompts(1, seed=3)[0]], greedy)
+    assert len(seen) == 5  # every decode step of the base-only request
