@@ -166,6 +166,11 @@ class PagedAttention:
             if t is not None and t.numel() and t.device.type == "cpu":
                 if not 0 <= int(t.min()) <= int(t.max()) < n_slots:
                     raise ValueError(f"slots: outside the cache's {n_slots} slots")
+        if decode_rows is not None:  # rows inside the step's N, offsets ending at the slots
+            r, n = decode_rows.rows, slot_mapping.numel()
+            if int(decode_rows.offsets[-1]) != decode_rows.slots.numel() or (
+                    r.numel() and not 0 <= int(r.min()) <= int(r.max()) < n):
+                raise ValueError("decode_rows: rows or offsets do not fit the step")
         self.group = num_heads // num_kv_heads
         self.window = window
         self._masks: dict[tuple, torch.Tensor] = {}  # `block_mask`s by (start, end, dtype)
@@ -216,7 +221,7 @@ class PagedAttention:
         out = q.new_empty(q.shape)  # (N, H, D) contiguous (q may be a strided view)
         if self.decode_rows is not None:  # 2') decode rows: the kernel reads the cache in place
             r = self.decode_rows
-            kernels.decode_attention(q, kc, vc, r.rows, r.slots, r.offsets, self.window, out)
+            kernels.decode_attention(q, kc, vc, r.rows, r.slots, r.offsets, self.window, out, prechecked=True)
         hkv, d = k.shape[1], k.shape[2]
         g = self.group
         kf, vf = kc.view(-1, self._unit * d), vc.view(-1, self._unit * d)  # (Hkv * slots / unit, unit * D)

@@ -96,7 +96,9 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     product and the sum rounded to x's dtype)."""
     n, heads, d = x.shape
     _check(x.stride(2) == 1 and x.stride(1) == d, "rope_: heads and head_dim must be contiguous")
-    cos, sin = cos.to(x.dtype).reshape(n, d).contiguous(), sin.to(x.dtype).reshape(n, d).contiguous()
+    if cos.dtype != x.dtype or not (cos.is_contiguous() and sin.is_contiguous()) or cos.numel() != n * d:
+        cos, sin = cos.to(x.dtype).reshape(n, d).contiguous(), sin.to(x.dtype).reshape(n, d).contiguous()
+    _check(sin.dtype == x.dtype and sin.numel() == n * d, "cos/sin")
     library().shoal_rope(_DT[x.dtype], x.data_ptr(), x.stride(0), n, heads, d, cos.data_ptr(),
                          sin.data_ptr())
     return x
@@ -118,7 +120,7 @@ def cache_write(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kc: torch
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rows: torch.Tensor,
                      slots: torch.Tensor, offsets: torch.Tensor, window: int | None,
-                     out: torch.Tensor) -> None:
+                     out: torch.Tensor, prechecked: bool = False) -> None:
     """Decode rows attending over a paged cache, read in place (no gather).
 
     q (N, H, D) (row stride free), out (N, H, D) likewise; kc, vc (Hkv, S, D) one layer's cache;
@@ -130,8 +132,11 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rows: 
     hkv = kc.shape[0]
     _check(q.stride(2) == 1 and q.stride(1) == d and out.stride(2) == 1 and out.stride(1) == d, "layout")
     _check(kc.is_contiguous() and vc.is_contiguous() and out.dtype == q.dtype
-           and offsets.numel() == rows.numel() + 1 and int(offsets[-1]) == slots.numel()
-           and (rows.numel() == 0 or 0 <= int(rows.min()) <= int(rows.max()) < n), "cache, rows or slots")
+           and offsets.numel() == rows.numel() + 1, "cache, rows or slots")
+    if not prechecked:  # (the engine checks a step's rows and slots once, for all layers)
+        _check(int(offsets[-1]) == slots.numel() and (rows.numel() == 0 or 0 <= int(rows.min())
+               <= int(rows.max()) < n) and (slots.numel() == 0 or 0 <= int(slots.min())
+               <= int(slots.max()) < kc.shape[1]), "cache, rows or slots")
     library().shoal_decode_attention(
         _DT[q.dtype], q.data_ptr(), q.stride(0), rows.data_ptr(), rows.numel(), h, hkv, d,
         _DT[kc.dtype], kc.data_ptr(), vc.data_ptr(), kc.shape[1], slots.data_ptr(),
