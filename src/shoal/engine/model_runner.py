@@ -43,6 +43,7 @@ class ModelRunner:
         c = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self._param = p  # (its device and dtype decide whether the CPU kernels apply)
         self.block_size = block_size
         self.cache = PagedKVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
                                   kv_dtype or p.dtype, p.device)
@@ -78,7 +79,7 @@ class ModelRunner:
 
     def _decode_kernel(self) -> bool:
         """Do decode rows take the CPU kernel (`kernels.decode_attention`) this step?"""
-        return kernels.usable(self.cache.k[0, 0, :1], torch.empty(0, dtype=self.dtype, device=self.device))
+        return kernels.usable(self.cache.k, self._param)
 
     def _ctx_slots(self, seq: Sequence, ctx_len: int) -> torch.Tensor:
         """(ctx_len,) cache slots of positions 0..ctx_len-1, on the CPU."""

@@ -3,7 +3,7 @@
 The sources are compiled with the system's C++ compiler (`$CXX`, else g++ or c++) into one shared
 library under `$SHOAL_KERNEL_CACHE` (default `~/.cache/shoal/kernels`), keyed by a hash of the
 sources, the flags, the compiler and the CPU's feature flags (`-march=native` code must not run
-on another CPU), and loaded with ctypes. About a second to build; later processes load the
+on another CPU), and loaded with ctypes. A few seconds to build (~3 s measured); later processes load the
 cached file. No compiler, a failed build or `SHOAL_CPU_KERNELS=0`: `library()` returns None
 and callers keep their PyTorch paths (`reason()` says why).
 """

@@ -2,7 +2,7 @@
 //
 // Each kernel replaces a chain of small PyTorch ops whose fixed per-call cost dominates a
 // decode step on a few cores. Plain C ABI (called through ctypes, no torch headers: builds in
-// about a second). Element type per tensor: 0 = float32, 1 = bfloat16 (raw uint16 bits).
+// a few seconds). Element type per tensor: 0 = float32, 1 = bfloat16 (raw uint16 bits).
 // Every row is computed by the same code whatever else is in the batch: results do not
 // depend on batch size or position (batch invariance). OpenMP threads come from the process's
 // libgomp, the one PyTorch's CPU build already loaded, so they share its pool and thread count.
