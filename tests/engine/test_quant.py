@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from shoal.config import EngineConfig
 from shoal.engine.llm import LLM
 from shoal.engine.sampling_params import SamplingParams
+from shoal.kernels import qlinear as amx
 from shoal.model.fused import fused_part_ids
 from shoal.model.layers import Linear
 from shoal.model.loader import LoadedModel, load_dir
@@ -114,7 +115,9 @@ def test_quant_linear_module_is_a_linear_without_float_weight():
     assert ql.qweight.dtype == torch.int8 and ql.qscale.dtype == torch.bfloat16
     ql.k_chunk = 16  # set by the batch-invariant mode for wide layers: ignored
     x = torch.randn(4, 64)
-    assert torch.equal(ql(x), quant_linear(x, ql.qweight, ql.qscale, ql.bias))
+    assert torch.equal(ql(x), quant_linear(x, ql.qweight, ql.qscale, ql.bias, ql.packed))
+    assert ql.packed == amx.amx_ready()  # AMX order where this CPU has AMX (64 x 32 fits)
+    assert torch.equal(ql.int8_weight(), quantize_int8(layer.weight)[0])
 
 
 def test_engine_int8_is_close_to_fp32_with_a_quarter_of_the_weights(tiny_llama):
@@ -139,6 +142,23 @@ def test_engine_int8_is_close_to_fp32_with_a_quarter_of_the_weights(tiny_llama):
     assert sum(a == b for a, b in zip(base, int8)) >= 9  # random tiny models have near-ties
 
 
+def test_engine_int8_rows_keep_their_bits_in_any_batch(tiny_llama):
+    """Greedy tokens and their logprobs, bit for bit, for 12 prompts alone and together (with
+    chunked prefill mixing them): the int8 products are row-invariant (AMX or not)."""
+    llm = make_llm(fresh(tiny_llama), quantization="int8", max_num_batched_tokens=64)
+    packed = [m.packed for m in llm.engine.model.modules() if isinstance(m, QuantLinear)]
+    assert any(packed) == amx.amx_ready()
+    ps = prompts(12, seed=54)
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=0)
+
+    def key(o):
+        c = o.outputs[0]
+        return c.token_ids, c.logprobs  # (per token: the chosen logprob and the top-k)
+
+    together = [key(o) for o in llm.generate(ps, params)]
+    assert together == [key(llm.generate([p], params)[0]) for p in ps]
+
+
 @pytest.fixture(scope="module")
 def tiny_tied(tmp_path_factory, tiny_tokenizer_dir):
     torch.manual_seed(0)
@@ -156,7 +176,8 @@ def test_tied_embedding_reads_the_lm_head_int8_rows(tiny_tied):
     assert isinstance(emb, QuantEmbedding) and emb.qweight is head.qweight and emb.qscale is head.qscale
     assert not any(p.dim() == 2 for p in model.parameters())  # no float matrix is left
     ids = torch.tensor([[1, 5, 319], [0, 7, 7]])
-    assert torch.equal(emb(ids), dequantize_int8(head.qweight, head.qscale)[ids])
+    assert emb.packed == head.packed
+    assert torch.equal(emb(ids), dequantize_int8(head.int8_weight(), head.qscale)[ids])
     outs = make_llm(loaded).generate(prompts(3, seed=52), SamplingParams(temperature=0.0, max_tokens=4))
     assert all(len(o.outputs[0].token_ids) >= 1 for o in outs)
 

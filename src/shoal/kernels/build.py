@@ -24,12 +24,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = sorted(CSRC.glob("*.cpp"))  # elementwise, attention, lora; common.h beside them
+SOURCES = sorted(CSRC.glob("*.cpp"))  # elementwise, attention, lora, qlinear; common.h beside them
 # no -ffast-math: the kernels round where PyTorch rounds; no FMA contraction, so a product
 # plus a product rounds as PyTorch's separate ops do
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
          "-shared", "-fPIC", "-std=c++17"]
-ABI = 2  # shoal_kernels_abi() of the source this module's signatures describe
+ABI = 3  # shoal_kernels_abi() of the source this module's signatures describe
 
 _reason = "not loaded yet"
 
@@ -42,6 +42,9 @@ SIGNATURES = {  # argument types of each entry point (all return int: 0 = done, 
                                cf, vp, i64],
     "shoal_silu_mul": [ci, vp, i64, i64, i64, vp],
     "shoal_lora_bgmv": [ci, ci, vp, i64, i64, i64, vp, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp, ci],
+    "shoal_amx_ready": [],
+    "shoal_qpack": [vp, i64, i64, vp],
+    "shoal_qlinear": [vp, i64, i64, i64, vp, vp, i64, vp, i64],
 }
 
 

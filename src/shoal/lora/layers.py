@@ -140,6 +140,7 @@ class LoRALinear(nn.Linear):
         if self.weight is None:
             self.register_buffer("qweight", base.qweight, persistent=False)  # (out, in) int8
             self.register_buffer("qscale", base.qscale, persistent=False)  # (out,)
+            self.qpacked = base.packed  # qweight in AMX order (shoal.kernels.qlinear)
         self.k_chunk = getattr(base, "k_chunk", 0)  # split-K mode of the base layer
         self.mapping = mapping
         ref = self.weight if self.weight is not None else base.qscale
@@ -190,7 +191,7 @@ class LoRALinear(nn.Linear):
         if self.weight is None:
             from ..model.quant import quant_linear
 
-            return quant_linear(x, self.qweight, self.qscale, self.bias)
+            return quant_linear(x, self.qweight, self.qscale, self.bias, self.qpacked)
         return linear(x, self.weight, self.bias, self.k_chunk, getattr(self, "max_rows", 0),
                       getattr(self, "prefill_rows", 0))
 

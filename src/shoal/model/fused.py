@@ -28,9 +28,11 @@ def _fuse(parts: list[nn.Linear]) -> nn.Linear:
     if parts[0].weight is None:  # int8 (QuantLinear): stack qweight and qscale
         from .quant import QuantLinear
 
+        # AMX-packed parts stack as packed rows (16-row blocks); a mix is unpacked first
+        packed = all(p.packed for p in parts)
+        qs = [p.qweight if packed or not p.packed else p.int8_weight() for p in parts]
         fused: nn.Linear = QuantLinear(parts[0].in_features, sum(p.out_features for p in parts),
-                                       torch.cat([p.qweight for p in parts]),
-                                       torch.cat([p.qscale for p in parts]), bias)
+                                       torch.cat(qs), torch.cat([p.qscale for p in parts]), bias, packed)
     else:
         fused = Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=False,
                        device="meta")
@@ -41,7 +43,7 @@ def _fuse(parts: list[nn.Linear]) -> nn.Linear:
     for p in parts:
         rows = slice(start, start + p.out_features)
         if p.weight is None:
-            p.qweight, p.qscale = fused.qweight[rows], fused.qscale[rows]
+            p.qweight, p.qscale, p.packed = fused.qweight[rows], fused.qscale[rows], fused.packed
         else:
             p.weight = nn.Parameter(fused.weight[rows], requires_grad=False)
         if bias is not None:

@@ -5,11 +5,16 @@ embedding is tied to lm_head, the embedding for a `QuantEmbedding` reading the s
 the float matrices are freed (4x less weight memory from fp32). Activations stay in the model's
 dtype; only the matmul sees bf16 inputs (CPU kernel).
 
-Why: CPU decode reads every weight once per token, so it is memory-bound. Measured (torch 2.13,
-2 shared AVX2 cores, 1 thread, 60 distinct 1536x576 layers so weights come from DRAM):
-`_weight_int8pack_mm` on bf16 activations is 1.5x faster than fp32 F.linear at 1-4 rows and
-1.5x slower at 32 rows (2x at 128: the AVX2 kernel is compute-bound). Whole decode step of
-SmolLM2-135M, one stream: 52.6 -> 44.7 ms; weight memory 513 -> 129 MiB.
+Why: CPU decode reads every weight once per token, so it is memory-bound. Two CPU kernels:
+- with AMX-BF16 (and the C++ kernels built), weights are packed for AMX tiles at quantization
+  (`shoal.kernels.qlinear`): each int8 block is widened to bf16 once per call and multiplied
+  in tiles. Measured (Xeon with AMX, 2 threads, SmolLM2-135M's 121 products a decode step,
+  weights 135 MB): 8.7 ms a step at 1 row and 13.5 at 32, vs bf16 `F.linear` 20.3 and 25.0,
+  vs `_weight_int8pack_mm` 11.1 and 82.5. Any row count gives a row the same bits.
+- otherwise `_weight_int8pack_mm` (row-major weights). Measured (torch 2.13, 2 shared AVX2
+  cores, 1 thread, 60 distinct 1536x576 layers so weights come from DRAM): 1.5x faster than
+  fp32 F.linear at 1-4 rows and 1.5x slower at 32 rows (2x at 128: the AVX2 kernel is
+  compute-bound). Whole decode step of SmolLM2-135M, one stream: 52.6 -> 44.7 ms.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import qlinear as amx
 from .layers import Linear
 
 MODES = ("int8",)
@@ -74,12 +80,14 @@ def _fallback(x2: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor) -> 
 
 
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, packed: bool = False) -> torch.Tensor:
     """y = x @ (qweight * qscale[:, None]).T + bias, in x's dtype.
 
     Args:
         x: (..., in) activations, any float dtype.
-        qweight: (out, in) int8.
+        qweight: (out, in) int8, row-major, or in AMX order when `packed` (`kernels.qlinear`:
+            then the AMX kernel computes it, or, with the kernels switched off, the row-major
+            path on an unpacked copy).
         qscale: (out,) per-output-channel scales (any float dtype; bf16 on CPU avoids a cast).
         bias: (out,) or None, added in x's dtype.
     Returns:
@@ -89,6 +97,14 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor,
     """
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # (M, in)
+    if packed:
+        if amx.usable(x2):
+            y = amx.qlinear(x2, qweight, qscale if qscale.dtype == torch.bfloat16 else qscale.bfloat16())
+            y = y.to(x.dtype)
+            if bias is not None:
+                y.add_(bias)
+            return y.view(*lead, qweight.shape[0])
+        qweight = amx.qunpack(qweight)  # kernels off (an A/B): slow, but the same product
     dev = x.device.type
     if _HAS_OP and dev not in _OP_FAILED and (dev != "cpu" or k % _K_MULTIPLE == 0):
         cdt = torch.bfloat16 if dev == "cpu" else x.dtype  # kernel_dtype, inlined (hot path)
@@ -114,16 +130,18 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor,
 class QuantLinear(Linear):
     """A Linear whose weight is int8 with per-output-channel scales (`weight` is None).
 
-    Buffers (non-persistent): `qweight` (out, in) int8, `qscale` (out,) in the kernel dtype
-    (bf16 on CPU). `bias` stays a float Parameter. forward(x (..., in)) -> (..., out) in x's
+    Buffers (non-persistent): `qweight` (out, in) int8 (in AMX order when `packed`; see
+    `int8_weight`), `qscale` (out,) in the kernel dtype (bf16 on CPU). `bias` stays a float
+    Parameter. forward(x (..., in)) -> (..., out) in x's
     dtype via `quant_linear`; `k_chunk` (split-K for batch invariance) is ignored: the int8
     kernel is row-invariant as it is. Still an nn.Linear, so LoRA target discovery finds it.
     """
 
     def __init__(self, in_features: int, out_features: int, qweight: torch.Tensor,
-                 qscale: torch.Tensor, bias: nn.Parameter | None = None) -> None:
+                 qscale: torch.Tensor, bias: nn.Parameter | None = None, packed: bool = False) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = in_features, out_features
+        self.packed = packed
         self.register_parameter("weight", None)
         self.register_parameter("bias", bias)
         self.register_buffer("qweight", qweight, persistent=False)
@@ -131,13 +149,21 @@ class QuantLinear(Linear):
 
     @classmethod
     def from_linear(cls, layer: nn.Linear) -> "QuantLinear":
-        """Quantize `layer`'s weight (its bias Parameter is reused as is)."""
+        """Quantize `layer`'s weight (its bias Parameter is reused as is); packed for the AMX
+        kernel when this CPU has one and the shape fits."""
         q, s = quantize_int8(layer.weight)
         s = s.to(kernel_dtype(layer.weight.device, layer.weight.dtype))
-        return cls(layer.in_features, layer.out_features, q, s, layer.bias)
+        packed = q.is_cpu and amx.packable(*q.shape)
+        if packed:
+            q = amx.qpack(q)
+        return cls(layer.in_features, layer.out_features, q, s, layer.bias, packed)
+
+    def int8_weight(self) -> torch.Tensor:
+        """(out, in) int8, row-major (a copy when packed)."""
+        return amx.qunpack(self.qweight) if self.packed else self.qweight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear(x, self.qweight, self.qscale, self.bias)
+        return quant_linear(x, self.qweight, self.qscale, self.bias, self.packed)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -148,18 +174,20 @@ class QuantEmbedding(nn.Module):
     """Token embedding read from int8 rows: forward(ids (...,)) -> (..., dim) in `dtype`,
     out = qweight[ids] * qscale[ids] (computed in fp32, rounded once to dtype).
 
-    Made for tied embeddings: `qweight`/`qscale` are the lm_head QuantLinear's own buffers.
+    Made for tied embeddings: `qweight`/`qscale` are the lm_head QuantLinear's own buffers (in AMX
+    order when `packed`).
     """
 
-    def __init__(self, qweight: torch.Tensor, qscale: torch.Tensor, dtype: torch.dtype) -> None:
+    def __init__(self, qweight: torch.Tensor, qscale: torch.Tensor, dtype: torch.dtype,
+                 packed: bool = False) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = qweight.shape
-        self.dtype = dtype
+        self.dtype, self.packed = dtype, packed
         self.register_buffer("qweight", qweight, persistent=False)
         self.register_buffer("qscale", qscale, persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids, self.qweight)  # (..., dim) int8
+        rows = amx.qrows(self.qweight, ids) if self.packed else F.embedding(ids, self.qweight)  # (..., dim) int8
         return (rows.float() * self.qscale[ids].float().unsqueeze(-1)).to(self.dtype)
 
     def extra_repr(self) -> str:
@@ -198,7 +226,8 @@ def quantize_model(model: nn.Module, mode: str = "int8") -> int:
         for path, layer in linears:
             q = QuantLinear.from_linear(layer)
             for epath, emb in tied.pop(id(layer.weight), []):
-                _set_module(model, epath, QuantEmbedding(q.qweight, q.qscale, emb.weight.dtype))
+                _set_module(model, epath, QuantEmbedding(q.qweight, q.qscale, emb.weight.dtype,
+                                                                   q.packed))
             _set_module(model, path, q)
             layer.weight = None  # drop this module's reference now (someone may hold the module)
     finally:

@@ -1,0 +1,178 @@
+// Weight-only int8 linear on AMX tiles, for the engine's int8 mode on CPUs with AMX-BF16.
+//
+// Weights are packed once (shoal_qpack) in the layout of AMX's B operand: a (N, K) int8 matrix
+// (N % 16 == 0, K % 32 == 0) becomes blocks of 16 output rows x 32 inputs,
+//   packed[nb][kb][kk][j][p] = w[16 nb + j][32 kb + 2 kk + p]     (nb < N/16, kb < K/32)
+// so rows [16a, 16b) of W are one contiguous run of the packed bytes (row slices and row
+// concatenations of packed matrices are packed matrices: fused projections stay views).
+//
+// y = x @ (w * scale[:, None]).T per row of x (bf16), each output an fp32 AMX sum over K in
+// 32-wide steps (TDPBF16PS on the int8 values widened exactly to bf16), times its scale, rounded
+// once to bf16. The tiles compute every row from that row alone (measured: a row's bits do not
+// depend on the row count or its position), so the product is batch-invariant at any size.
+// Each weight block is widened once per call whatever the row count (decode: the widening is
+// the cost; prefill: the tiles are).
+
+#include "common.h"
+
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define SHOAL_AMX 1
+#else
+#define SHOAL_AMX 0
+#endif
+
+namespace {
+using namespace shoal;
+
+#if SHOAL_AMX
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Tiles: 0,1 = C rows [0, r0) x two 16-column blocks; 2,3 = C rows [16, 16 + r1); 4, 5 = A for
+// those rows (32 bf16 of K each); 6, 7 = B, the two column blocks (16 x (16 pairs)).
+void configure(int r0, int r1) {
+  TileConfig c;
+  std::memset(&c, 0, sizeof c);
+  c.palette = 1;
+  const int rows[8] = {r0, r0, r1, r1, r0, r1, 16, 16};
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = static_cast<uint8_t>(rows[t] > 0 ? rows[t] : 1);
+    c.colsb[t] = 64;
+  }
+  _tile_loadconfig(&c);
+}
+
+// 512 packed int8 -> 512 bf16 in the same order (exact: |q| <= 127 fits bf16's mantissa)
+inline void widen_block(const int8_t* src, bf16_t* dst) {
+  for (int i = 0; i < 512; i += 32) {
+    __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+    __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16))));
+    _mm512_store_si512(reinterpret_cast<__m512i*>(dst + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
+  }
+}
+
+// C tiles -> y[rows, cols]: y = bf16(c * scale); `nb` = 1 or 2 column blocks of 16
+inline void epilogue(const float* c, int rows, int nb, const bf16_t* scale, bf16_t* y, int64_t ys) {
+  float s[32];
+  for (int j = 0; j < 16 * nb; ++j) s[j] = bf2f(scale[j]);
+  for (int i = 0; i < rows; ++i) {
+    bf16_t* yr = y + i * ys;
+    for (int j = 0; j < 16 * nb; ++j) yr[j] = f2bf(c[i * 32 + j] * s[j]);
+  }
+}
+
+// One strip: output columns [16 b0, 16 (b0 + nb)) for all m rows. `buf` holds the widened
+// weights: the whole strip (kb x nb blocks) when m > 32, else one K step of it (reused).
+void strip(const bf16_t* x, int64_t xs, int64_t m, int64_t kb, const int8_t* wp, const bf16_t* scale,
+           int64_t b0, int nb, bf16_t* y, int64_t ys, bf16_t* buf, int* cfg) {
+  const int8_t* w = wp + b0 * kb * 512;  // block b0 + t at w + t * kb * 512
+  const bool whole = m > 32;
+  if (whole)
+    for (int64_t c = 0; c < kb; ++c)
+      for (int t = 0; t < nb; ++t) widen_block(w + (t * kb + c) * 512, buf + (c * 2 + t) * 512);
+  alignas(64) float cbuf[32 * 32];
+  for (int64_t m0 = 0; m0 < m; m0 += 32) {
+    const int r0 = static_cast<int>(m - m0 < 16 ? m - m0 : 16);
+    const int r1 = static_cast<int>(m - m0 - 16 > 16 ? 16 : (m - m0 - 16 > 0 ? m - m0 - 16 : 0));
+    if (cfg[0] != r0 || cfg[1] != r1) {
+      configure(r0, r1);
+      cfg[0] = r0, cfg[1] = r1;
+    }
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    const bf16_t* xa = x + m0 * xs;
+    const bf16_t* xb = x + (m0 + 16) * xs;
+    for (int64_t c = 0; c < kb; ++c) {
+      bf16_t* bc = buf + (whole ? c * 2 : 0) * 512;
+      if (!whole)
+        for (int t = 0; t < nb; ++t) widen_block(w + (t * kb + c) * 512, bc + t * 512);
+      _tile_loadd(4, xa + c * 32, xs * 2);
+      _tile_loadd(6, bc, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if (nb == 2) {
+        _tile_loadd(7, bc + 512, 64);
+        _tile_dpbf16ps(1, 4, 7);
+      }
+      if (r1 > 0) {
+        _tile_loadd(5, xb + c * 32, xs * 2);
+        _tile_dpbf16ps(2, 5, 6);
+        if (nb == 2) _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    _tile_stored(0, cbuf, 128);
+    if (nb == 2) _tile_stored(1, cbuf + 16, 128);
+    epilogue(cbuf, r0, nb, scale + b0 * 16, y + m0 * ys + b0 * 16, ys);
+    if (r1 > 0) {
+      _tile_stored(2, cbuf, 128);
+      if (nb == 2) _tile_stored(3, cbuf + 16, 128);
+      epilogue(cbuf, r1, nb, scale + b0 * 16, y + (m0 + 16) * ys + b0 * 16, ys);
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+extern "C" {
+
+// 1 when the AMX kernel is compiled in and the OS grants this process the tile state
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA; asked once, idempotent), else 0.
+int shoal_amx_ready() {
+#if SHOAL_AMX
+  static const int ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ready;
+#else
+  return 0;
+#endif
+}
+
+// w (n, k) int8 row-major -> out (n * k) in the packed layout above; n % 16 == 0, k % 32 == 0.
+int shoal_qpack(const int8_t* w, int64_t n, int64_t k, int8_t* out) {
+  if (n % 16 || k % 32) return 1;
+  const int64_t kb = k / 32;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < n / 16; ++b)
+    for (int64_t c = 0; c < kb; ++c) {
+      int8_t* o = out + (b * kb + c) * 512;
+      for (int kk = 0; kk < 16; ++kk)
+        for (int j = 0; j < 16; ++j)
+          for (int p = 0; p < 2; ++p) o[kk * 32 + j * 2 + p] = w[(b * 16 + j) * k + c * 32 + kk * 2 + p];
+    }
+  return 0;
+}
+
+// y (m, n) bf16 (row stride ys) = x (m, k) bf16 (row stride xs, xs >= k) @ (unpack(wp) *
+// scale[:, None]).T, scale (n,) bf16; n % 16 == 0, k % 32 == 0. Returns 1 without AMX.
+int shoal_qlinear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const int8_t* wp,
+                  const bf16_t* scale, int64_t n, bf16_t* y, int64_t ys) {
+#if SHOAL_AMX
+  if (n % 16 || k % 32 || !shoal_amx_ready()) return 1;
+  if (m <= 0) return 0;
+  const int64_t kb = k / 32, nblocks = n / 16, strips = (nblocks + 1) / 2;
+  const int64_t buf_elems = (m > 32 ? kb : 1) * 2 * 512;
+#pragma omp parallel if (strips > 1)
+  {
+    bf16_t* buf = static_cast<bf16_t*>(std::aligned_alloc(64, buf_elems * sizeof(bf16_t)));
+    int cfg[2] = {-1, -1};
+#pragma omp for schedule(static)
+    for (int64_t s = 0; s < strips; ++s) {
+      const int nb = 2 * s + 1 < nblocks ? 2 : 1;
+      strip(x, xs, m, kb, wp, scale, 2 * s, nb, y, ys, buf, cfg);
+    }
+    if (cfg[0] >= 0) _tile_release();
+    std::free(buf);
+  }
+  return 0;
+#else
+  (void)x, (void)xs, (void)m, (void)k, (void)wp, (void)scale, (void)n, (void)y, (void)ys;
+  return 1;
+#endif
+}
+
+}  // extern "C"

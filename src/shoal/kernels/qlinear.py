@@ -1,0 +1,79 @@
+"""Weight-only int8 products on AMX tiles (`csrc/qlinear.cpp`), for `shoal.model.quant`.
+
+An int8 weight (N, K) is packed once (`qpack`) into the tiles' B-operand order; rows [16a, 16b)
+stay one contiguous run, so a packed matrix's 16-aligned row slices and row concatenations are
+packed matrices too (fused projections keep their parts as views). `qlinear` then computes
+bf16 activations against it at any row count with the same bits per row (batch-invariant).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import ops
+from .build import library
+
+ROW_ALIGN = 16  # N must be a multiple (one B tile's columns)
+K_ALIGN = 32  # K must be a multiple (one TDPBF16PS step)
+
+
+@functools.lru_cache(maxsize=None)
+def amx_ready() -> bool:
+    """The kernel library is loaded, was built with AMX-BF16, and the OS granted tile state."""
+    lib = library()
+    return lib is not None and bool(lib.shoal_amx_ready())
+
+
+def packable(n: int, k: int) -> bool:
+    return amx_ready() and n % ROW_ALIGN == 0 and k % K_ALIGN == 0
+
+
+def qpack(w: torch.Tensor) -> torch.Tensor:
+    """w (N, K) int8 -> (N, K) int8 holding the packed order (see `csrc/qlinear.cpp`)."""
+    n, k = w.shape
+    ops._check(w.dtype == torch.int8 and n % ROW_ALIGN == 0 and k % K_ALIGN == 0, "qpack: shape")
+    w = w.contiguous()
+    out = torch.empty_like(w)
+    library().shoal_qpack(w.data_ptr(), n, k, out.data_ptr())
+    return out
+
+
+def qunpack(p: torch.Tensor) -> torch.Tensor:
+    """The inverse of `qpack`: packed (N, K) -> row-major (N, K) int8 (a copy)."""
+    n, k = p.shape
+    blocks = p.reshape(n // ROW_ALIGN, k // K_ALIGN, 16, ROW_ALIGN, 2)  # [nb][kb][kk][j][p]
+    return blocks.permute(0, 3, 1, 2, 4).reshape(n, k)
+
+
+def qrows(p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (...,) of the row-major matrix that packed `p` holds -> (..., K) int8."""
+    n, k = p.shape
+    blocks = p.view(n // ROW_ALIGN, k // K_ALIGN, 16, ROW_ALIGN, 2)
+    rows = blocks[ids // ROW_ALIGN, :, :, ids % ROW_ALIGN, :]  # (..., K/32, 16, 2)
+    return rows.reshape(*ids.shape, k)
+
+
+def usable(x: torch.Tensor) -> bool:
+    """May `qlinear` take x now (kernels on, AMX ready, a CPU float tensor, no autograd)?"""
+    return ops.usable(x) and amx_ready()
+
+
+def qlinear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float (rows contiguous) -> (M, N) bf16.
+
+    Semantics: y[i, j] = bf16(s_ij * scale[j]) where s_ij = sum_k bf16(x[i, k]) * w[j, k] is an
+    fp32 sum computed in AMX tiles (TDPBF16PS over K in steps of 32; its rounding is the
+    hardware's, within ~1e-6 relative of the exact sum), w = qunpack(packed). Row i's result
+    depends on row i only (the same bits at any row count or position)."""
+    m, k = x.shape
+    n = packed.shape[0]
+    xb = x if x.dtype == torch.bfloat16 and x.stride(1) == 1 else x.to(torch.bfloat16).contiguous()
+    ops._check(packed.shape[1] == k and packed.is_contiguous() and scale.dtype == torch.bfloat16
+               and scale.is_contiguous() and scale.numel() == n, "qlinear: weight, scale or input")
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    rc = library().shoal_qlinear(xb.data_ptr(), xb.stride(0), m, k, packed.data_ptr(), scale.data_ptr(),
+                                 n, y.data_ptr(), n)
+    ops._check(rc == 0, "qlinear: kernel refused the shape")
+    return y

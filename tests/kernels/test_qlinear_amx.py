@@ -1,0 +1,95 @@
+"""The AMX int8 product (`shoal.kernels.qlinear`): the packed order and its inverse, the product
+against the dequantized weight, row invariance at any row count and position, odd shapes, and
+int8 layers that fall back when the kernels are off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shoal import kernels
+from shoal.kernels import qlinear as amx
+from shoal.model.layers import Linear
+from shoal.model.quant import QuantLinear, dequantize_int8, quant_linear, quantize_int8
+
+needs_amx = pytest.mark.skipif(not amx.amx_ready(), reason="this CPU has no AMX-BF16 (the kernel's only target)")
+
+
+def int8_layer(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q, s = quantize_int8(torch.randn(n, k, generator=g) * torch.logspace(-2, 0, n)[:, None])
+    return q, s.bfloat16()
+
+
+@pytest.mark.parametrize("n,k", [(16, 32), (48, 64), (960, 576)])
+def test_pack_unpack_and_row_gather_round_trip(n, k):
+    q, _ = int8_layer(n, k)
+    p = amx.qpack(q)
+    assert p.shape == q.shape and p.dtype == torch.int8 and not torch.equal(p, q)
+    assert torch.equal(amx.qunpack(p), q)
+    ids = torch.tensor([[0, n - 1, 17 % n], [5, 5, n // 2]])
+    assert torch.equal(amx.qrows(p, ids), q[ids])
+    # 16-aligned row slices and concatenations of packed matrices are packed matrices
+    assert torch.equal(p[16:32], amx.qpack(q[16:32].contiguous()))
+    assert torch.equal(torch.cat([p, p[:16]]), amx.qpack(torch.cat([q, q[:16]])))
+    with pytest.raises(ValueError, match="qpack"):
+        amx.qpack(q[:, :k - 1].contiguous())
+
+
+@needs_amx
+@pytest.mark.parametrize("n,k,m", [(48, 64, 1), (960, 576, 7), (576, 1536, 40), (3072, 576, 300)])
+def test_amx_product_is_the_dequantized_product(n, k, m):
+    q, s = int8_layer(n, k, seed=1)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2)).bfloat16()
+    y = amx.qlinear(x, amx.qpack(q), s)
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    exact = x.double() @ dequantize_int8(q, s).double().T  # (m, n)
+    # one bf16 rounding of the output, plus the fp32 sum's error (tiny next to it)
+    bound = exact.abs() * 2 ** -8 + (x.double().abs() @ dequantize_int8(q, s).double().abs().T) * 2 ** -20
+    assert ((y.double() - exact).abs() <= bound).all()
+
+
+@needs_amx
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_rows_are_batch_invariant(threads):
+    """A row's bits do not depend on how many rows share the call (1..70: both tile heights,
+    the 32-row groups and the whole-strip path) nor on where it sits."""
+    q, s = int8_layer(80, 576, seed=3)
+    p = amx.qpack(q)
+    x = torch.randn(70, 576, generator=torch.Generator().manual_seed(4)).bfloat16()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        one = torch.cat([amx.qlinear(x[i:i + 1], p, s) for i in range(70)])
+        for m in range(2, 71):
+            for start in sorted({0, (70 - m) // 2, 70 - m}):
+                assert torch.equal(amx.qlinear(x[start:start + m], p, s), one[start:start + m]), (m, start)
+        strided = torch.zeros(70, 640, dtype=torch.bfloat16)
+        strided[:, :576] = x  # rows with a stride wider than K
+        assert torch.equal(amx.qlinear(strided[:, :576], p, s), one)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_amx
+def test_packed_layer_falls_back_when_kernels_are_off():
+    layer = Linear(576, 96, bias=True)
+    ql = QuantLinear.from_linear(layer)
+    assert ql.packed
+    x = torch.randn(5, 576)
+    with torch.no_grad():
+        on = ql(x)
+        with kernels.disabled():
+            off = ql(x)  # the row-major kernel on an unpacked copy
+        want = quant_linear(x, ql.int8_weight(), ql.qscale, ql.bias)
+    assert torch.equal(off, want)
+    torch.testing.assert_close(on, off, rtol=2 ** -7, atol=1e-3)
+
+
+def test_shapes_the_tiles_cannot_take_stay_row_major():
+    odd = QuantLinear.from_linear(Linear(40, 24))  # 24 rows: not a multiple of 16
+    assert not odd.packed and torch.equal(odd.qweight, odd.int8_weight())
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(odd(x), torch.nn.functional.linear(x, dequantize_int8(odd.qweight, odd.qscale.float()))
+                                   + odd.bias, rtol=2 ** -7, atol=1e-3)
