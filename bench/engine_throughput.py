@@ -139,6 +139,8 @@ def main() -> None:
                     help="also run Shoal with pack_weights=False (plain F.linear), for an A/B")
     ap.add_argument("--kernels-too", action="store_true",
                     help="also run Shoal with the fused CPU kernels off (PyTorch ops), for an A/B")
+    ap.add_argument("--int8-too", action="store_true",
+                    help="also run with --quantization int8, in the same process (an A/B)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -168,14 +170,16 @@ def main() -> None:
         adapter_paths = make_adapters(ModelRegistry().resolve(args.model), args.adapters, root)
     from shoal import kernels
 
-    variants = [(True, True)] + [(False, True)] * args.unpacked_too + [(True, False)] * args.kernels_too
-    for pack, cpu_kernels in variants:
-        cfg.pack_weights = pack
+    q = args.quantization
+    variants = ([(True, True, q)] + [(False, True, q)] * args.unpacked_too + [(True, False, q)] * args.kernels_too
+                + [(True, True, "int8")] * (args.int8_too and q != "int8"))
+    for pack, cpu_kernels, quant in variants:
+        cfg.pack_weights, cfg.quantization = pack, quant
         kernels.set_enabled(cpu_kernels)  # before the engine: LoRA slots follow it
         engine = LLMEngine(cfg, loaded or load_for_engine(cfg))  # a fresh model for the second
         loaded = None
         dtype = str(next(engine.model.parameters()).dtype).replace("torch.", "")
-        dtype += ", int8 weights" if args.quantization else ""
+        dtype += ", int8 weights" if quant else ""
         dtype += "" if pack else ", unpacked"
         dtype += "" if cpu_kernels else ", PyTorch ops"
         run_shoal(engine, make_prompts(2, 16, 16, 9, vocab), 4)  # warm-up
@@ -193,7 +197,7 @@ def main() -> None:
                 names = [f"a{i % args.adapters}" for i in range(len(prompts))]
                 results[f"shoal {w.replace('adapters', '').strip('_') or 'streams'}, {args.adapters} "
                         f"adapters mixed ({dtype})"] = run_shoal(engine, prompts, args.out, names)
-        if pack and cpu_kernels:
+        if pack and cpu_kernels and quant == q:
             shoal_rss = rss_peak_mb()
         del engine
     kernels.set_enabled(True)

@@ -183,3 +183,28 @@ def test_bad_layouts_and_slots_raise_instead_of_touching_memory():
     cache = PagedKVCache(1, 4, 16, 3, 64, torch.float32)  # 5 blocks of 16 slots (one scratch)
     with pytest.raises(ValueError, match="outside the cache"):
         PagedAttention(cache, torch.tensor([3, 80]), [], 9, 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_stats_argmax_max_logsumexp(dtype):
+    """torch.argmax's answer (first maximum, NaN wins, ties, -inf rows), the max, logsumexp to
+    fp32 rounding, and each row's bits the same alone as in the batch."""
+    x = rand(9, 1003, scale=4.0, seed=5)  # an odd width: the lane tail is used
+    x[1, 700] = x[1, 20] = 50.0  # a tie: the first index
+    x[2] = float("-inf")
+    x[3, 5] = float("inf")
+    x[4, 30] = x[4, 900] = float("nan")
+    x[5, :500] = float("-inf")  # masked vocabulary (logit_bias / penalties)
+    x = x.to(dtype)
+    arg, mx, lse = kernels.row_stats(x)
+    assert torch.equal(arg, x.argmax(-1))
+    assert arg[1] == 20 and arg[4] == 30
+    want = torch.stack([torch.logsumexp(r.float(), -1) for r in x])
+    torch.testing.assert_close(lse, want, rtol=2e-6, atol=2e-6, equal_nan=True)
+    torch.testing.assert_close(mx, x.float().amax(-1), equal_nan=True)
+    for i in range(9):
+        a1, m1, l1 = kernels.row_stats(x[i:i + 1])
+        assert a1.item() == arg[i].item()
+        assert torch.equal(l1.view(torch.int32), lse[i:i + 1].view(torch.int32))  # the same bits
+    only = kernels.row_stats(x, with_lse=False)
+    assert only[2] is None and torch.equal(only[0], arg)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from .sequence import Sequence
 
 _NEG_INF = float("-inf")
@@ -150,7 +151,15 @@ class Sampler:
         B, V = logits.shape
         dev = logits.device
         l = self.process_logits(logits, seqs)  # (B, V)
-        tokens = l.argmax(dim=-1)  # (B,) greedy answer; sampled rows are overwritten below
+        raw = logits.float()  # (B, V) for the logprobs
+        lse = None
+        if dev.type == "cpu" and kernels.usable(raw, l) and raw.stride(1) == 1 and l.stride(1) == 1:
+            # one pass a row for argmax and logsumexp, each row alone (row-invariant)
+            tokens, _, lse = kernels.row_stats(raw)
+            if l is not logits:  # penalties, biases or masks changed the greedy answer's logits
+                tokens = kernels.row_stats(l, with_lse=False)[0]
+        else:
+            tokens = l.argmax(dim=-1)  # (B,) greedy answer; sampled rows are overwritten below
 
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled:
@@ -176,12 +185,13 @@ class Sampler:
             tokens[rows] = (probs / q).argmax(dim=-1)
 
         # raw logprobs: logits[tok] - logsumexp, without materialising log_softmax for all rows
-        raw = logits.float()
         # on CPU one row at a time: a (B, V) logsumexp splits its reductions differently as B
         # changes, so a row's logprob would depend on the batch (measured); a 1-D row's does
         # not. On a GPU (whose model math is not row-invariant anyway) in one call: per row it
         # cost 2 launches, 512 for 256 rows, ~40% of a decode step's host time (H200, measured)
-        if dev.type == "cpu":
+        if lse is not None:
+            pass  # the CPU kernel's, above
+        elif dev.type == "cpu":
             lse = torch.stack([torch.logsumexp(raw[i], dim=-1) for i in range(B)])  # (B,)
         else:
             lse = torch.logsumexp(raw, dim=-1)  # (B,)

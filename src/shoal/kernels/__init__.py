@@ -4,13 +4,14 @@ On a few cores, a decode step's non-matmul time is mostly the fixed cost of doze
 PyTorch ops a layer (norm casts, rotary halves, cache index copies, gathers, masks). These
 kernels do each chain in one call: RMSNorm (with the residual add), rotary embedding in place,
 the KV cache write, decode attention that reads the paged cache in place, SiLU-and-multiply,
-and the multi-LoRA deltas one slot per token. The model, the paged attention and the LoRA
+the multi-LoRA deltas one slot per token, the sampler's per-row argmax and logsumexp, and
+(with AMX) weight-only int8 products (`qlinear`). The model, the paged attention and the LoRA
 layers call them where `usable`; without a compiler everything runs on PyTorch ops.
 """
 
 from .build import library, reason
 from .ops import (BGMVLayers, cache_write, decode_attention, disabled, enabled, lora_bgmv, rms_norm, rope_,
-                  set_enabled, silu_mul, usable)
+                  row_stats, set_enabled, silu_mul, usable)
 
 __all__ = ["library", "reason", "usable", "enabled", "set_enabled", "disabled", "rms_norm", "rope_",
-           "cache_write", "decode_attention", "silu_mul", "lora_bgmv", "BGMVLayers"]
+           "cache_write", "decode_attention", "silu_mul", "lora_bgmv", "BGMVLayers", "row_stats"]

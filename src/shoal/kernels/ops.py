@@ -214,3 +214,18 @@ def lora_bgmv(x: torch.Tensor, slots: torch.Tensor, as_: list[torch.Tensor], bs:
     scales = [sc.to(torch.float32).contiguous() for sc in scales]
     ranks = [r.to(torch.int64).contiguous() for r in ranks]
     BGMVLayers(as_, bs, scales, ranks)(x, slots.to(torch.int64).contiguous(), outs, accumulate)
+
+
+def row_stats(x: torch.Tensor, with_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x (B, V) float32/bfloat16 (rows contiguous) -> (argmax (B,) int64, max (B,) fp32,
+    logsumexp (B,) fp32 or None). Semantics: torch.argmax (the first maximum; a NaN is the
+    maximum), the row's max, and max + log(sum(exp(x - max))) in fp32 (exp to ~1e-7 relative,
+    lanes summed in a fixed order; -inf for a row of -inf). Each row is computed alone."""
+    b, v = x.shape
+    _check(x.stride(1) == 1 and x.dtype in _DT, "row_stats: layout")
+    arg = torch.empty(b, dtype=torch.int64)
+    mx = torch.empty(b)
+    lse = torch.empty(b) if with_lse else None
+    library().shoal_row_stats(_DT[x.dtype], x.data_ptr(), x.stride(0), b, v, arg.data_ptr(), mx.data_ptr(),
+                              lse.data_ptr() if lse is not None else None)
+    return arg, mx, lse
