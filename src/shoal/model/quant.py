@@ -8,9 +8,10 @@ dtype; only the matmul sees bf16 inputs (CPU kernel).
 Why: CPU decode reads every weight once per token, so it is memory-bound. Two CPU kernels:
 - with AMX-BF16 (and the C++ kernels built), weights are packed for AMX tiles at quantization
   (`shoal.kernels.qlinear`): each int8 block is widened to bf16 once per call and multiplied
-  in tiles. Measured (Xeon with AMX, 2 threads, SmolLM2-135M's 121 products a decode step,
-  weights 135 MB): 8.7 ms a step at 1 row and 13.5 at 32, vs bf16 `F.linear` 20.3 and 25.0,
-  vs `_weight_int8pack_mm` 11.1 and 82.5. Any row count gives a row the same bits.
+  in tiles. Measured (`bench/int8_products.py`: Xeon with AMX, 2 threads, SmolLM2-135M's 121
+  products a decode step, 135 MB of int8 weights): 10.3 ms a step at 1 row and 13.4 at 32, vs
+  bf16 `F.linear` 20.8 and 27.6, vs `_weight_int8pack_mm` 10.6 and 89.0. Any row count gives
+  a row the same bits.
 - otherwise `_weight_int8pack_mm` (row-major weights). Measured (torch 2.13, 2 shared AVX2
   cores, 1 thread, 60 distinct 1536x576 layers so weights come from DRAM): 1.5x faster than
   fp32 F.linear at 1-4 rows and 1.5x slower at 32 rows (2x at 128: the AVX2 kernel is
