@@ -62,3 +62,31 @@ def test_steps_with_adapter_rows_take_the_modules(setup, monkeypatch):
     assert not seen
     llm.generate([prompts(1, seed=3)[0]], greedy)
     assert len(seen) == 5  # every decode step of the base-only request
+
+
+@pytest.mark.skipif(not __import__("shoal.kernels.qlinear", fromlist=["x"]).amx_ready(),
+                    reason="the one-call path needs int8 products on AMX")
+def test_one_call_int8_path_gives_the_python_paths_bits(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """bf16 + int8 on AMX: all blocks in one C++ call give the per-layer Python path's tokens and
+    logprobs bit for bit (12 mixed requests, batched decode steps among them)."""
+    from shoal.engine import cpu_decode
+
+    loaded = _wide_llama(tmp_path, tiny_tokenizer_dir, "bfloat16")
+    ps = prompts(12, seed=8, lo=4, hi=90)
+    params = SamplingParams(temperature=1.0, max_tokens=10, seed=12, ignore_eos=True, logprobs=2)
+    calls = []
+    real_call, real_fits = cpu_decode.CPUDecodeForward._native_call, cpu_decode.CPUDecodeForward._native_fits
+    monkeypatch.setattr(cpu_decode.CPUDecodeForward, "_native_call",
+                        lambda self, h, *a: calls.append(h.shape[0]) or real_call(self, h, *a))
+    runs = []
+    for on in (True, False):
+        monkeypatch.setattr(cpu_decode.CPUDecodeForward, "_native_fits",
+                            (lambda self, h, ctx: real_fits(self, h, ctx)) if on else (lambda self, h, ctx: False))
+        llm = make_llm(loaded, max_num_batched_tokens=64, quantization="int8")
+        before = len(calls)
+        runs.append([o.outputs[0] for o in llm.generate(ps, params)])
+        assert (len(calls) > before) == on
+    assert max(calls) > 1
+    for fast, slow in zip(*runs):
+        assert fast.token_ids == slow.token_ids
+        assert [lp for _, lp, _ in fast.logprobs] == [lp for _, lp, _ in slow.logprobs]

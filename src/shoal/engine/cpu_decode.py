@@ -9,6 +9,10 @@ lookups, LoRA checks or per-call layout tests, and each block's last residual ad
 the next block's norm (the kernel rounds the sum as `h + m` does). It serves steps whose rows
 are all decodes with no adapter rows, for the Llama family with fused q/k/v and gate/up; any
 other step takes the model's own forward. The bits are the module path's (tested).
+
+When every product is int8 on AMX (a bf16 model with `quantization="int8"` on a CPU with AMX),
+all blocks run in one C++ call (`csrc/llama_decode.cpp`: the same kernels in the same order, so
+the same bits), and no Python runs between the layers.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..kernels import qlinear
 from ..lora.layers import LoRALinear
 from ..model.layers import Linear, linear
+from ..model.quant import QuantLinear
 from ..model.transformer import LlamaBackbone, Transformer
 
 
@@ -50,6 +56,11 @@ class CPUDecodeForward:
                                 _product(mlp.down_proj), at.layer_idx))
         c = model.config
         self.h, self.hkv, self.d = c.num_heads, c.num_kv_heads, c.head_dim
+        self.native = _native_layers(model)  # per-layer parts for the one-call path, or None
+        self._eps = float(bb.layers[0].input_layernorm.eps)
+        self._final_eps, self._final_w = float(bb.norm.eps), bb.norm.weight
+        self._table: tuple | None = None  # (cache pointers, pointer table) for `native`
+        self._scratch = torch.empty(0, dtype=torch.bfloat16)
 
     @staticmethod
     def supports(model: Transformer) -> bool:
@@ -67,6 +78,8 @@ class CPUDecodeForward:
         bb = self.backbone
         h = bb.embed_tokens(input_ids)  # (N, hidden)
         cos, sin = bb.rotary_emb(positions, h.dtype)  # (N, D)
+        if self.native is not None and self._native_fits(h, ctx):
+            return self._native_call(h, cos, sin, ctx)
         nh, hkv, d = self.h, self.hkv, self.d
         n = h.shape[0]
         m = None  # the previous block's MLP output, added to h by the next norm
@@ -86,3 +99,74 @@ class CPUDecodeForward:
             x, h = kernels.rms_norm(a, ln2, eps2, h)
             m = down(kernels.silu_mul(gate_up(x)))
         return kernels.rms_norm(m, bb.norm.weight, bb.norm.eps, h)[0]  # norm(h + m)
+
+    # ---- all blocks in one C++ call (int8 products on AMX) ------------------------------------
+
+    def _native_fits(self, h: torch.Tensor, ctx) -> bool:
+        r = ctx.decode_rows
+        return (h.dtype == torch.bfloat16 and r is not None and not ctx.seqs and not ctx.decode
+                and ctx.cache.k.dtype in (torch.bfloat16, torch.float32) and qlinear.usable(h))
+
+    def _pointer_table(self, cache) -> torch.Tensor:
+        key = (cache.k.data_ptr(), cache.v.data_ptr())
+        if self._table is None or self._table[0] != key:
+            rows = [[*ptrs, cache.k[li].data_ptr(), cache.v[li].data_ptr()] for ptrs, li in self.native]
+            self._table = (key, torch.tensor(rows, dtype=torch.int64))  # (layers, 12)
+        return self._table[1]
+
+    def _native_call(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
+        n, hid = h.shape
+        c = self.model.config
+        nh, hkv, d, inter = self.h, self.hkv, self.d, c.intermediate_size
+        h = h.contiguous()
+        cos, sin = cos.to(h.dtype).reshape(n, d).contiguous(), sin.to(h.dtype).reshape(n, d).contiguous()
+        need = n * (3 * hid + (nh + 2 * hkv) * d + nh * d + 3 * inter)
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need, dtype=torch.bfloat16)
+        out = torch.empty_like(h)
+        cache, r = ctx.cache, ctx.decode_rows
+        slot_mapping = ctx.slot_mapping.contiguous()
+        kernels.ops._check(slot_mapping.numel() == n and r.rows.dtype == torch.int64, "decode rows")
+        dims = torch.tensor([hid, nh, hkv, d, inter, cache.k.shape[2], int(ctx.window or 0),
+                             0 if cache.k.dtype == torch.float32 else 1], dtype=torch.int64)
+        rc = kernels.library().shoal_llama_decode(
+            n, len(self.native), self._pointer_table(cache).data_ptr(), dims.data_ptr(), self._eps,
+            self._final_eps, d ** -0.5, h.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            slot_mapping.data_ptr(), r.rows.data_ptr(), r.rows.numel(), r.slots.data_ptr(),
+            r.offsets.data_ptr(), self._final_w.data_ptr(), out.data_ptr(), self._scratch.data_ptr())
+        kernels.ops._check(rc == 0, f"llama_decode: a kernel refused its input ({rc})")
+        return out
+
+
+def _amx_int8(m: nn.Module) -> bool:
+    """An AMX-packed int8 product without a bias (a LoRA wrapper's base counts: the one-call path
+    only serves steps without adapter rows)."""
+    packed = m.packed if type(m) is QuantLinear else (isinstance(m, LoRALinear) and getattr(m, "qpacked", False))
+    return (packed and m.bias is None and m.qscale.dtype == torch.bfloat16 and m.qweight.is_contiguous()
+            and m.qscale.is_contiguous())
+
+
+def _native_layers(model: Transformer) -> list | None:
+    """Per layer (its 10 weight pointers, its index) when every block's products are AMX-packed
+    int8 without biases, the norms share one eps and the weights are bf16; else None."""
+    if not qlinear.amx_ready():
+        return None
+    bb = model.backbone
+    out, eps = [], set()
+    for blk in bb.layers:
+        at, mlp = blk.self_attn, blk.mlp
+        prods = (at.fused_qkv, at.o_proj, mlp.fused_gate_up, mlp.down_proj)
+        norms = (blk.input_layernorm, blk.post_attention_layernorm)
+        if not all(_amx_int8(p) for p in prods):
+            return None
+        if not all(nm.weight.dtype == torch.bfloat16 and nm.weight.is_contiguous() for nm in norms):
+            return None
+        eps |= {float(nm.eps) for nm in norms}
+        qkv, o, gu, dn = prods
+        ln1, ln2 = norms
+        out.append(([ln1.weight.data_ptr(), qkv.qweight.data_ptr(), qkv.qscale.data_ptr(), o.qweight.data_ptr(),
+                     o.qscale.data_ptr(), ln2.weight.data_ptr(), gu.qweight.data_ptr(), gu.qscale.data_ptr(),
+                     dn.qweight.data_ptr(), dn.qscale.data_ptr()], at.layer_idx))
+    if len(eps) != 1 or bb.norm.weight.dtype != torch.bfloat16:
+        return None
+    return out

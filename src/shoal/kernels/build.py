@@ -24,7 +24,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = sorted(CSRC.glob("*.cpp"))  # elementwise, attention, lora, qlinear, sampling; common.h beside them
+SOURCES = sorted(CSRC.glob("*.cpp"))  # elementwise, attention, lora, qlinear, sampling, llama_decode; common.h beside them
 # no -ffast-math: the kernels round where PyTorch rounds; no FMA contraction, so a product
 # plus a product rounds as PyTorch's separate ops do
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
@@ -46,6 +46,7 @@ SIGNATURES = {  # argument types of each entry point (all return int: 0 = done, 
     "shoal_qpack": [vp, i64, i64, vp],
     "shoal_qlinear": [vp, i64, i64, i64, vp, vp, i64, vp, i64],
     "shoal_row_stats": [ci, vp, i64, i64, i64, vp, vp, vp],
+    "shoal_llama_decode": [i64, i64, vp, vp, cf, cf, cf, vp, vp, vp, vp, vp, i64, vp, vp, vp, vp, vp],
 }
 
 

@@ -1,0 +1,87 @@
+// All Llama blocks of a decode step in one call, for bf16 models whose products are int8 on
+// AMX (`qlinear.cpp`): the same kernel calls, in the same order and on the same buffers' values,
+// as `shoal.engine.cpu_decode.CPUDecodeForward` makes from Python, so the bits are the same
+// (tested); what goes is the Python between them (~300 calls a step; at one row that was about
+// a third of the step's time outside the weight reads).
+
+#include "common.h"
+
+extern "C" {
+int shoal_rms_norm(int dt, const void* x, int64_t xs, const void* res, int64_t rs, void* res_out,
+                   int64_t ros, const void* w, void* out, int64_t os, int64_t n, int64_t d, float eps);
+int shoal_rope(int dt, void* x, int64_t xs, int64_t n, int64_t heads, int64_t d, const void* cs,
+               const void* sn);
+int shoal_cache_write(int dti, const void* k, int64_t ks, const void* v, int64_t vs, int64_t n,
+                      int64_t hkv, int64_t d, const int64_t* slots, int dtc, void* kc, void* vc,
+                      int64_t num_slots);
+int shoal_decode_attention(int dt, const void* q, int64_t qs, const int64_t* rows, int64_t n_rows,
+                           int64_t h, int64_t hkv, int64_t d, int dtc, const void* kc, const void* vc,
+                           int64_t num_slots, const int64_t* slots, const int64_t* offsets,
+                           int64_t window, float scale, void* out, int64_t os);
+int shoal_silu_mul(int dt, const void* y, int64_t ys, int64_t n, int64_t m, void* out);
+int shoal_qlinear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, const int8_t* wp,
+                  const shoal::bf16_t* scale, int64_t n, shoal::bf16_t* y, int64_t ys);
+
+enum { LN1, QKV_W, QKV_S, O_W, O_S, LN2, GU_W, GU_S, DN_W, DN_S, K_CACHE, V_CACHE, PER_LAYER };
+
+// n decode rows through n_layers blocks. table: PER_LAYER pointers a layer (above); dims:
+// hidden, heads, kv heads, head size, intermediate size, cache slots, window (0 = none), cache
+// dtype (0 fp32, 1 bf16). h (n, hidden) bf16: the embeddings in, the residual stream out (in
+// place); out (n, hidden) = the final norm of it. cos, sin (n, head size) bf16. slot_mapping (n,)
+// where each row's key and value go; rows (n_rows,)/slots/offsets: the decode attention's (see
+// `kernels.decode_attention`). scratch: n * (2 hidden + qkv + heads * head size + 3 inter +
+// hidden) bf16. Returns 0, or the first failing kernel's code.
+int shoal_llama_decode(int64_t n, int64_t n_layers, const int64_t* table, const int64_t* dims,
+                       float eps, float final_eps, float scale, shoal::bf16_t* h, const void* cos,
+                       const void* sin, const int64_t* slot_mapping, const int64_t* rows,
+                       int64_t n_rows, const int64_t* slots, const int64_t* offsets, const void* final_w,
+                       shoal::bf16_t* out, shoal::bf16_t* scratch) {
+  using shoal::bf16_t;
+  const int64_t hid = dims[0], nh = dims[1], hkv = dims[2], d = dims[3], inter = dims[4];
+  const int64_t num_slots = dims[5], window = dims[6];
+  const int dtc = static_cast<int>(dims[7]);
+  const int64_t nqkv = (nh + 2 * hkv) * d, na = nh * d;
+  bf16_t* x = scratch;               // (n, hid) the normed input of a product
+  bf16_t* y = x + n * hid;           // (n, nqkv) q | k | v
+  bf16_t* att = y + n * nqkv;        // (n, na) attention output
+  bf16_t* a = att + n * na;          // (n, hid) o_proj output
+  bf16_t* gu = a + n * hid;          // (n, 2 inter) gate | up
+  bf16_t* act = gu + n * 2 * inter;  // (n, inter) SiLU(gate) * up
+  bf16_t* m = act + n * inter;       // (n, hid) the MLP output, added by the next norm
+  int rc = 0;
+#define SHOAL_TRY(call)            \
+  do {                             \
+    if ((rc = (call)) != 0) return rc; \
+  } while (0)
+  for (int64_t li = 0; li < n_layers; ++li) {
+    const int64_t* p = table + li * PER_LAYER;
+    auto ptr = [&](int i) { return reinterpret_cast<void*>(p[i]); };
+    auto w8 = [&](int i) { return reinterpret_cast<const int8_t*>(p[i]); };
+    auto b16 = [&](int i) { return reinterpret_cast<const bf16_t*>(p[i]); };
+    // 1) (h += m;) x = norm(h)
+    if (li == 0) {
+      SHOAL_TRY(shoal_rms_norm(1, h, hid, nullptr, 0, nullptr, hid, ptr(LN1), x, hid, n, hid, eps));
+    } else {
+      SHOAL_TRY(shoal_rms_norm(1, m, hid, h, hid, h, hid, ptr(LN1), x, hid, n, hid, eps));
+    }
+    // 2) q | k | v; RoPE on q and k in place; this step's k, v into the cache; attention
+    SHOAL_TRY(shoal_qlinear(x, hid, n, hid, w8(QKV_W), b16(QKV_S), nqkv, y, nqkv));
+    SHOAL_TRY(shoal_rope(1, y, nqkv, n, nh + hkv, d, cos, sin));
+    SHOAL_TRY(shoal_cache_write(1, y + nh * d, nqkv, y + (nh + hkv) * d, nqkv, n, hkv, d, slot_mapping,
+                                dtc, ptr(K_CACHE), ptr(V_CACHE), num_slots));
+    SHOAL_TRY(shoal_decode_attention(1, y, nqkv, rows, n_rows, nh, hkv, d, dtc, ptr(K_CACHE), ptr(V_CACHE),
+                                     num_slots, slots, offsets, window, scale, att, na));
+    SHOAL_TRY(shoal_qlinear(att, na, n, na, w8(O_W), b16(O_S), hid, a, hid));
+    // 3) h += a; x = norm(h); the MLP
+    SHOAL_TRY(shoal_rms_norm(1, a, hid, h, hid, h, hid, ptr(LN2), x, hid, n, hid, eps));
+    SHOAL_TRY(shoal_qlinear(x, hid, n, hid, w8(GU_W), b16(GU_S), 2 * inter, gu, 2 * inter));
+    SHOAL_TRY(shoal_silu_mul(1, gu, 2 * inter, n, inter, act));
+    SHOAL_TRY(shoal_qlinear(act, inter, n, inter, w8(DN_W), b16(DN_S), hid, m, hid));
+  }
+  // the final norm of h + m
+  SHOAL_TRY(shoal_rms_norm(1, m, hid, h, hid, h, hid, final_w, out, hid, n, hid, final_eps));
+#undef SHOAL_TRY
+  return 0;
+}
+
+}  // extern "C"
