@@ -65,10 +65,11 @@ def test_steps_with_adapter_rows_take_the_modules(setup, monkeypatch):
 
 
 @pytest.mark.skipif(not __import__("shoal.kernels.qlinear", fromlist=["x"]).amx_ready(),
-                    reason="the one-call path needs int8 products on AMX")
-def test_one_call_int8_path_gives_the_python_paths_bits(tmp_path, tiny_tokenizer_dir, monkeypatch):
-    """bf16 + int8 on AMX: all blocks in one C++ call give the per-layer Python path's tokens and
-    logprobs bit for bit (12 mixed requests, batched decode steps among them)."""
+                    reason="the one-call path needs products on AMX")
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_one_call_path_gives_the_python_paths_bits(tmp_path, tiny_tokenizer_dir, monkeypatch, quantization):
+    """bf16 on AMX (bf16 or int8 weights): all blocks in one C++ call give the per-layer Python
+    path's tokens and logprobs bit for bit (12 mixed requests, batched decode steps among them)."""
     from shoal.engine import cpu_decode
 
     loaded = _wide_llama(tmp_path, tiny_tokenizer_dir, "bfloat16")
@@ -82,10 +83,11 @@ def test_one_call_int8_path_gives_the_python_paths_bits(tmp_path, tiny_tokenizer
     for on in (True, False):
         monkeypatch.setattr(cpu_decode.CPUDecodeForward, "_native_fits",
                             (lambda self, h, ctx: real_fits(self, h, ctx)) if on else (lambda self, h, ctx: False))
-        llm = make_llm(loaded, max_num_batched_tokens=64, quantization="int8")
+        llm = make_llm(loaded, max_num_batched_tokens=64, quantization=quantization)
         before = len(calls)
         runs.append([o.outputs[0] for o in llm.generate(ps, params)])
         assert (len(calls) > before) == on
+        assert llm.engine.runner._cpu_decode.kind == (quantization is None)  # 1 = bf16 weights
     assert max(calls) > 1
     for fast, slow in zip(*runs):
         assert fast.token_ids == slow.token_ids

@@ -117,7 +117,7 @@ def test_quant_linear_module_is_a_linear_without_float_weight():
     x = torch.randn(4, 64)
     assert torch.equal(ql(x), quant_linear(x, ql.qweight, ql.qscale, ql.bias, ql.packed))
     assert ql.packed == amx.amx_ready()  # AMX order where this CPU has AMX (64 x 32 fits)
-    assert torch.equal(ql.int8_weight(), quantize_int8(layer.weight)[0])
+    assert torch.equal(ql.plain_weight(), quantize_int8(layer.weight)[0])
 
 
 def test_engine_int8_is_close_to_fp32_with_a_quarter_of_the_weights(tiny_llama):
@@ -177,7 +177,7 @@ def test_tied_embedding_reads_the_lm_head_int8_rows(tiny_tied):
     assert not any(p.dim() == 2 for p in model.parameters())  # no float matrix is left
     ids = torch.tensor([[1, 5, 319], [0, 7, 7]])
     assert emb.packed == head.packed
-    assert torch.equal(emb(ids), dequantize_int8(head.int8_weight(), head.qscale)[ids])
+    assert torch.equal(emb(ids), dequantize_int8(head.plain_weight(), head.qscale)[ids])
     outs = make_llm(loaded).generate(prompts(3, seed=52), SamplingParams(temperature=0.0, max_tokens=4))
     assert all(len(o.outputs[0].token_ids) >= 1 for o in outs)
 

@@ -81,14 +81,14 @@ def test_packed_layer_falls_back_when_kernels_are_off():
         on = ql(x)
         with kernels.disabled():
             off = ql(x)  # the row-major kernel on an unpacked copy
-        want = quant_linear(x, ql.int8_weight(), ql.qscale, ql.bias)
+        want = quant_linear(x, ql.plain_weight(), ql.qscale, ql.bias)
     assert torch.equal(off, want)
     torch.testing.assert_close(on, off, rtol=2 ** -7, atol=1e-3)
 
 
 def test_shapes_the_tiles_cannot_take_stay_row_major():
     odd = QuantLinear.from_linear(Linear(40, 24))  # 24 rows: not a multiple of 16
-    assert not odd.packed and torch.equal(odd.qweight, odd.int8_weight())
+    assert not odd.packed and torch.equal(odd.qweight, odd.plain_weight())
     x = torch.randn(3, 40)
     with torch.no_grad():
         torch.testing.assert_close(odd(x), torch.nn.functional.linear(x, dequantize_int8(odd.qweight, odd.qscale.float()))

@@ -10,8 +10,8 @@ the next block's norm (the kernel rounds the sum as `h + m` does). It serves ste
 are all decodes with no adapter rows, for the Llama family with fused q/k/v and gate/up; any
 other step takes the model's own forward. The bits are the module path's (tested).
 
-When every product is int8 on AMX (a bf16 model with `quantization="int8"` on a CPU with AMX),
-all blocks run in one C++ call (`csrc/llama_decode.cpp`: the same kernels in the same order, so
+When every product runs on AMX tiles (a bf16 model on a CPU with AMX: `AMXLinear`, or
+`quantization="int8"`), all blocks run in one C++ call (`csrc/llama_decode.cpp`: the same kernels in the same order, so
 the same bits), and no Python runs between the layers.
 """
 
@@ -56,7 +56,8 @@ class CPUDecodeForward:
                                 _product(mlp.down_proj), at.layer_idx))
         c = model.config
         self.h, self.hkv, self.d = c.num_heads, c.num_kv_heads, c.head_dim
-        self.native = _native_layers(model)  # per-layer parts for the one-call path, or None
+        native = _native_layers(model)  # (weight kind, per-layer parts) for the one-call path, or None
+        self.kind, self.native = native if native is not None else (None, None)
         self._eps = float(bb.layers[0].input_layernorm.eps)
         self._final_eps, self._final_w = float(bb.norm.eps), bb.norm.weight
         self._table: tuple | None = None  # (cache pointers, pointer table) for `native`
@@ -128,7 +129,7 @@ class CPUDecodeForward:
         slot_mapping = ctx.slot_mapping.contiguous()
         kernels.ops._check(slot_mapping.numel() == n and r.rows.dtype == torch.int64, "decode rows")
         dims = torch.tensor([hid, nh, hkv, d, inter, cache.k.shape[2], int(ctx.window or 0),
-                             0 if cache.k.dtype == torch.float32 else 1], dtype=torch.int64)
+                             0 if cache.k.dtype == torch.float32 else 1, self.kind], dtype=torch.int64)
         rc = kernels.library().shoal_llama_decode(
             n, len(self.native), self._pointer_table(cache).data_ptr(), dims.data_ptr(), self._eps,
             self._final_eps, d ** -0.5, h.data_ptr(), cos.data_ptr(), sin.data_ptr(),
@@ -138,35 +139,41 @@ class CPUDecodeForward:
         return out
 
 
-def _amx_int8(m: nn.Module) -> bool:
-    """An AMX-packed int8 product without a bias (a LoRA wrapper's base counts: the one-call path
-    only serves steps without adapter rows)."""
-    packed = m.packed if type(m) is QuantLinear else (isinstance(m, LoRALinear) and getattr(m, "qpacked", False))
-    return (packed and m.bias is None and m.qscale.dtype == torch.bfloat16 and m.qweight.is_contiguous()
-            and m.qscale.is_contiguous())
+def _amx_kind(m: nn.Module) -> int | None:
+    """0 for an AMX-packed int8 product, 1 for a bf16 one (`AMXLinear`), without a bias; else
+    None. A LoRA wrapper's base counts: the one-call path only serves steps without adapter rows."""
+    packed = m.packed if isinstance(m, QuantLinear) else (isinstance(m, LoRALinear) and getattr(m, "qpacked", False))
+    if not packed or m.bias is not None or not m.qweight.is_contiguous():
+        return None
+    if m.qscale is None:
+        return 1 if m.qweight.dtype == torch.bfloat16 else None
+    return 0 if m.qscale.dtype == torch.bfloat16 and m.qscale.is_contiguous() else None
 
 
 def _native_layers(model: Transformer) -> list | None:
-    """Per layer (its 10 weight pointers, its index) when every block's products are AMX-packed
-    int8 without biases, the norms share one eps and the weights are bf16; else None."""
+    """(weight kind, per layer (its 10 weight pointers, its index)) when every block's products
+    are AMX-packed, all int8 (kind 0) or all bf16 (kind 1), without biases, the norms share one
+    eps and their weights are bf16; else None."""
     if not qlinear.amx_ready():
         return None
     bb = model.backbone
-    out, eps = [], set()
+    out, eps, kinds = [], set(), set()
     for blk in bb.layers:
         at, mlp = blk.self_attn, blk.mlp
         prods = (at.fused_qkv, at.o_proj, mlp.fused_gate_up, mlp.down_proj)
         norms = (blk.input_layernorm, blk.post_attention_layernorm)
-        if not all(_amx_int8(p) for p in prods):
+        kinds |= {_amx_kind(p) for p in prods}
+        if None in kinds or len(kinds) > 1:
             return None
         if not all(nm.weight.dtype == torch.bfloat16 and nm.weight.is_contiguous() for nm in norms):
             return None
         eps |= {float(nm.eps) for nm in norms}
         qkv, o, gu, dn = prods
         ln1, ln2 = norms
-        out.append(([ln1.weight.data_ptr(), qkv.qweight.data_ptr(), qkv.qscale.data_ptr(), o.qweight.data_ptr(),
-                     o.qscale.data_ptr(), ln2.weight.data_ptr(), gu.qweight.data_ptr(), gu.qscale.data_ptr(),
-                     dn.qweight.data_ptr(), dn.qscale.data_ptr()], at.layer_idx))
+        sp = [p.qscale.data_ptr() if p.qscale is not None else 0 for p in prods]
+        out.append(([ln1.weight.data_ptr(), qkv.qweight.data_ptr(), sp[0], o.qweight.data_ptr(), sp[1],
+                     ln2.weight.data_ptr(), gu.qweight.data_ptr(), sp[2], dn.qweight.data_ptr(), sp[3]],
+                    at.layer_idx))
     if len(eps) != 1 or bb.norm.weight.dtype != torch.bfloat16:
         return None
-    return out
+    return kinds.pop(), out

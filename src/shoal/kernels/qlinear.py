@@ -1,9 +1,11 @@
-"""Weight-only int8 products on AMX tiles (`csrc/qlinear.cpp`), for `shoal.model.quant`.
+"""Products on AMX tiles (`csrc/qlinear.cpp`) for `shoal.model.quant`: int8 weights
+(`qlinear`, weight-only int8) and bf16 weights (`blinear`, the engine's bf16 layers on AMX).
 
-An int8 weight (N, K) is packed once (`qpack`) into the tiles' B-operand order; rows [16a, 16b)
-stay one contiguous run, so a packed matrix's 16-aligned row slices and row concatenations are
-packed matrices too (fused projections keep their parts as views). `qlinear` then computes
-bf16 activations against it at any row count with the same bits per row (batch-invariant).
+A (N, K) weight is packed once (`qpack`, int8 or bf16) into the tiles' B-operand order; rows
+[16a, 16b) stay one contiguous run, so a packed matrix's 16-aligned row slices and row
+concatenations are packed matrices too (fused projections keep their parts as views). The
+products then take bf16 activations at any row count with the same bits per row
+(batch-invariant: no row classes or split-K needed).
 """
 
 from __future__ import annotations
@@ -27,28 +29,31 @@ def amx_ready() -> bool:
 
 
 def packable(n: int, k: int) -> bool:
-    return amx_ready() and n % ROW_ALIGN == 0 and k % K_ALIGN == 0
+    """Would an (n, k) weight be packed now (AMX ready, the kernels on, the shape fits)?"""
+    return ops.enabled() and amx_ready() and n % ROW_ALIGN == 0 and k % K_ALIGN == 0
 
 
 def qpack(w: torch.Tensor) -> torch.Tensor:
-    """w (N, K) int8 -> (N, K) int8 holding the packed order (see `csrc/qlinear.cpp`)."""
+    """w (N, K) int8 or bf16 -> the same dtype and shape, holding the packed order."""
     n, k = w.shape
-    ops._check(w.dtype == torch.int8 and n % ROW_ALIGN == 0 and k % K_ALIGN == 0, "qpack: shape")
-    w = w.contiguous()
+    ops._check(w.dtype in (torch.int8, torch.bfloat16) and n % ROW_ALIGN == 0 and k % K_ALIGN == 0,
+               "qpack: dtype or shape")
+    w = w.detach().contiguous()
     out = torch.empty_like(w)
-    library().shoal_qpack(w.data_ptr(), n, k, out.data_ptr())
+    fn = library().shoal_qpack if w.dtype == torch.int8 else library().shoal_bpack
+    fn(w.data_ptr(), n, k, out.data_ptr())
     return out
 
 
 def qunpack(p: torch.Tensor) -> torch.Tensor:
-    """The inverse of `qpack`: packed (N, K) -> row-major (N, K) int8 (a copy)."""
+    """The inverse of `qpack`: packed (N, K) -> row-major (N, K), the same dtype (a copy)."""
     n, k = p.shape
     blocks = p.reshape(n // ROW_ALIGN, k // K_ALIGN, 16, ROW_ALIGN, 2)  # [nb][kb][kk][j][p]
     return blocks.permute(0, 3, 1, 2, 4).reshape(n, k)
 
 
 def qrows(p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Rows `ids` (...,) of the row-major matrix that packed `p` holds -> (..., K) int8."""
+    """Rows `ids` (...,) of the row-major matrix that packed `p` holds -> (..., K)."""
     n, k = p.shape
     blocks = p.view(n // ROW_ALIGN, k // K_ALIGN, 16, ROW_ALIGN, 2)
     rows = blocks[ids // ROW_ALIGN, :, :, ids % ROW_ALIGN, :]  # (..., K/32, 16, 2)
@@ -76,4 +81,18 @@ def qlinear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch
     rc = library().shoal_qlinear(xb.data_ptr(), xb.stride(0), m, k, packed.data_ptr(), scale.data_ptr(),
                                  n, y.data_ptr(), n)
     ops._check(rc == 0, "qlinear: kernel refused the shape")
+    return y
+
+
+def blinear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float (rows contiguous) -> (M, N) bf16: y = bf16(bf16(x) @ w.T), w = qunpack(packed)
+    (bf16), the sum in fp32 AMX tiles as `qlinear`'s; row i's bits depend on row i only."""
+    m, k = x.shape
+    n = packed.shape[0]
+    xb = x if x.dtype == torch.bfloat16 and x.stride(1) == 1 else x.to(torch.bfloat16).contiguous()
+    ops._check(packed.dtype == torch.bfloat16 and packed.shape[1] == k and packed.is_contiguous(),
+               "blinear: weight or input")
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    rc = library().shoal_blinear(xb.data_ptr(), xb.stride(0), m, k, packed.data_ptr(), n, y.data_ptr(), n)
+    ops._check(rc == 0, "blinear: kernel refused the shape")
     return y

@@ -143,7 +143,7 @@ class LoRALinear(nn.Linear):
             self.qpacked = base.packed  # qweight in AMX order (shoal.kernels.qlinear)
         self.k_chunk = getattr(base, "k_chunk", 0)  # split-K mode of the base layer
         self.mapping = mapping
-        ref = self.weight if self.weight is not None else base.qscale
+        ref = self.weight if self.weight is not None else (base.qscale if base.qscale is not None else base.qweight)
         dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.get_default_dtype())
         device = device if device is not None else ref.device
         n, r = mapping.max_loras, mapping.max_rank

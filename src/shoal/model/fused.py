@@ -25,14 +25,13 @@ def _fuse(parts: list[nn.Linear]) -> nn.Linear:
     bias = None
     if parts[0].bias is not None:
         bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
-    if parts[0].weight is None:  # int8 (QuantLinear): stack qweight and qscale
-        from .quant import QuantLinear
-
+    if parts[0].weight is None:  # int8 QuantLinear or bf16 AMXLinear: stack qweight (and qscale)
         # AMX-packed parts stack as packed rows (16-row blocks); a mix is unpacked first
         packed = all(p.packed for p in parts)
-        qs = [p.qweight if packed or not p.packed else p.int8_weight() for p in parts]
-        fused: nn.Linear = QuantLinear(parts[0].in_features, sum(p.out_features for p in parts),
-                                       torch.cat(qs), torch.cat([p.qscale for p in parts]), bias, packed)
+        qs = [p.qweight if packed or not p.packed else p.plain_weight() for p in parts]
+        fused: nn.Linear = type(parts[0])(parts[0].in_features, sum(p.out_features for p in parts),
+                                       torch.cat(qs), None if parts[0].qscale is None
+                                       else torch.cat([p.qscale for p in parts]), bias, packed)
     else:
         fused = Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=False,
                        device="meta")
@@ -43,7 +42,8 @@ def _fuse(parts: list[nn.Linear]) -> nn.Linear:
     for p in parts:
         rows = slice(start, start + p.out_features)
         if p.weight is None:
-            p.qweight, p.qscale, p.packed = fused.qweight[rows], fused.qscale[rows], fused.packed
+            p.qweight, p.packed = fused.qweight[rows], fused.packed
+            p.qscale = fused.qscale[rows] if fused.qscale is not None else None
         else:
             p.weight = nn.Parameter(fused.weight[rows], requires_grad=False)
         if bias is not None:

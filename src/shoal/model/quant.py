@@ -8,7 +8,7 @@ dtype; only the matmul sees bf16 inputs (CPU kernel).
 Why: CPU decode reads every weight once per token, so it is memory-bound. Two CPU kernels:
 - with AMX-BF16 (and the C++ kernels built), weights are packed for AMX tiles at quantization
   (`shoal.kernels.qlinear`): each int8 block is widened to bf16 once per call and multiplied
-  in tiles. Measured (`bench/int8_products.py`: Xeon with AMX, 2 threads, SmolLM2-135M's 121
+  in tiles. Measured (`bench/cpu_products.py`: Xeon with AMX, 2 threads, SmolLM2-135M's 121
   products a decode step, 135 MB of int8 weights): 10.3 ms a step at 1 row and 13.4 at 32, vs
   bf16 `F.linear` 20.8 and 27.6, vs `_weight_int8pack_mm` 10.6 and 89.0. Any row count gives
   a row the same bits.
@@ -88,8 +88,9 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor,
         x: (..., in) activations, any float dtype.
         qweight: (out, in) int8, row-major, or in AMX order when `packed` (`kernels.qlinear`:
             then the AMX kernel computes it, or, with the kernels switched off, the row-major
-            path on an unpacked copy).
-        qscale: (out,) per-output-channel scales (any float dtype; bf16 on CPU avoids a cast).
+            path on an unpacked copy). bf16 AMX-packed weights (`AMXLinear`) with qscale None.
+        qscale: (out,) per-output-channel scales (any float dtype; bf16 on CPU avoids a cast);
+            None for bf16 weights (no scaling).
         bias: (out,) or None, added in x's dtype.
     Returns:
         (..., out) in x.dtype. On CPU the product runs on bf16 inputs with fp32 accumulation and
@@ -100,12 +101,17 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor,
     x2 = x.reshape(-1, k)  # (M, in)
     if packed:
         if amx.usable(x2):
-            y = amx.qlinear(x2, qweight, qscale if qscale.dtype == torch.bfloat16 else qscale.bfloat16())
+            if qscale is None:
+                y = amx.blinear(x2, qweight)
+            else:
+                y = amx.qlinear(x2, qweight, qscale if qscale.dtype == torch.bfloat16 else qscale.bfloat16())
             y = y.to(x.dtype)
             if bias is not None:
                 y.add_(bias)
             return y.view(*lead, qweight.shape[0])
         qweight = amx.qunpack(qweight)  # kernels off (an A/B): slow, but the same product
+    if qscale is None:  # bf16 weights, kernels off: the plain product
+        return F.linear(x2, qweight.to(x.dtype), bias).view(*lead, qweight.shape[0])
     dev = x.device.type
     if _HAS_OP and dev not in _OP_FAILED and (dev != "cpu" or k % _K_MULTIPLE == 0):
         cdt = torch.bfloat16 if dev == "cpu" else x.dtype  # kernel_dtype, inlined (hot path)
@@ -132,7 +138,7 @@ class QuantLinear(Linear):
     """A Linear whose weight is int8 with per-output-channel scales (`weight` is None).
 
     Buffers (non-persistent): `qweight` (out, in) int8 (in AMX order when `packed`; see
-    `int8_weight`), `qscale` (out,) in the kernel dtype (bf16 on CPU). `bias` stays a float
+    `plain_weight`), `qscale` (out,) in the kernel dtype (bf16 on CPU). `bias` stays a float
     Parameter. forward(x (..., in)) -> (..., out) in x's
     dtype via `quant_linear`; `k_chunk` (split-K for batch invariance) is ignored: the int8
     kernel is row-invariant as it is. Still an nn.Linear, so LoRA target discovery finds it.
@@ -159,8 +165,8 @@ class QuantLinear(Linear):
             q = amx.qpack(q)
         return cls(layer.in_features, layer.out_features, q, s, layer.bias, packed)
 
-    def int8_weight(self) -> torch.Tensor:
-        """(out, in) int8, row-major (a copy when packed)."""
+    def plain_weight(self) -> torch.Tensor:
+        """(out, in) row-major int8 (bf16 for an `AMXLinear`; a copy when packed)."""
         return amx.qunpack(self.qweight) if self.packed else self.qweight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,10 +195,12 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = amx.qrows(self.qweight, ids) if self.packed else F.embedding(ids, self.qweight)  # (..., dim) int8
+        if self.qscale is None:  # bf16 rows (an AMXLinear head's)
+            return rows.to(self.dtype)
         return (rows.float() * self.qscale[ids].float().unsqueeze(-1)).to(self.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {'int8' if self.qscale is not None else 'bf16 AMX order'}"
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -243,3 +251,56 @@ def quantize_model(model: nn.Module, mode: str = "int8") -> int:
             t.data = t.data.clone()
     gc.collect()
     return n
+
+
+class AMXLinear(QuantLinear):
+    """A bf16 Linear whose weight is packed for AMX tiles (`kernels.qlinear.blinear`): `qweight`
+    (out, in) bf16 in the tiles' order, `qscale` None, `weight` None; the same numbers, so the
+    products are F.linear's up to the fp32 sum's order (the bias is added after rounding). Any
+    row count gives a row the same bits, so the engine's row classes and split-K (for oneDNN's
+    kernels) do not apply. Measured (`bench/cpu_products.py`, Xeon with AMX, 2 threads, the 121
+    products of a SmolLM2-135M decode step): 9.8 ms at 1 row and 12.5 at 32, vs F.linear 22.6
+    and 28.0."""
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear) -> "AMXLinear":
+        return cls(layer.in_features, layer.out_features, amx.qpack(layer.weight.detach()), None,
+                   layer.bias, True)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, bf16 AMX order")
+
+
+def amx_packable(layer: nn.Module) -> bool:
+    w = getattr(layer, "weight", None)
+    return (isinstance(layer, nn.Linear) and isinstance(w, torch.Tensor) and not w.is_meta
+            and w.device.type == "cpu" and w.dtype == torch.bfloat16 and amx.packable(*w.shape))
+
+
+@torch.no_grad()
+def pack_amx(model: nn.Module) -> int:
+    """Replace every bf16 CPU nn.Linear whose shape fits the tiles by an `AMXLinear` in place
+    (an embedding tied to one reads its packed rows: `QuantEmbedding`, no second copy); returns
+    how many. None where the CPU has no AMX-BF16 or the kernels are off. Call before
+    `fuse_projections` (packed parts concatenate into a packed fused weight)."""
+    from .layers import LlamaAttention, SwiGLU  # (layers imports this module's parent's kernels)
+
+    skip = set()  # parts of a projection fused later: all packed or none
+    for m in model.modules():
+        group = ((m.q_proj, m.k_proj, m.v_proj) if isinstance(m, LlamaAttention)
+                 else (m.gate_proj, m.up_proj) if isinstance(m, SwiGLU) else ())
+        if group and not all(amx_packable(p) for p in group):
+            skip |= {id(p) for p in group}
+    linears = [(n, m) for n, m in model.named_modules() if amx_packable(m) and id(m) not in skip]
+    tied: dict[int, list[str]] = {}
+    for n, e in model.named_modules():
+        if isinstance(e, nn.Embedding):
+            tied.setdefault(id(e.weight), []).append(n)
+    for path, layer in linears:
+        a = AMXLinear.from_linear(layer)
+        for epath in tied.pop(id(layer.weight), []):
+            _set_module(model, epath, QuantEmbedding(a.qweight, None, torch.bfloat16, True))
+        _set_module(model, path, a)
+        layer.weight = None
+    return len(linears)

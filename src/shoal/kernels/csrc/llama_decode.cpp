@@ -1,5 +1,5 @@
-// All Llama blocks of a decode step in one call, for bf16 models whose products are int8 on
-// AMX (`qlinear.cpp`): the same kernel calls, in the same order and on the same buffers' values,
+// All Llama blocks of a decode step in one call, for bf16 models whose products run on AMX
+// tiles (`qlinear.cpp`: int8 or bf16 weights): the same kernel calls, in the same order and on the same buffers' values,
 // as `shoal.engine.cpu_decode.CPUDecodeForward` makes from Python, so the bits are the same
 // (tested); what goes is the Python between them (~300 calls a step; at one row that was about
 // a third of the step's time outside the weight reads).
@@ -21,12 +21,14 @@ int shoal_decode_attention(int dt, const void* q, int64_t qs, const int64_t* row
 int shoal_silu_mul(int dt, const void* y, int64_t ys, int64_t n, int64_t m, void* out);
 int shoal_qlinear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, const int8_t* wp,
                   const shoal::bf16_t* scale, int64_t n, shoal::bf16_t* y, int64_t ys);
+int shoal_blinear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, const shoal::bf16_t* wp,
+                  int64_t n, shoal::bf16_t* y, int64_t ys);
 
 enum { LN1, QKV_W, QKV_S, O_W, O_S, LN2, GU_W, GU_S, DN_W, DN_S, K_CACHE, V_CACHE, PER_LAYER };
 
 // n decode rows through n_layers blocks. table: PER_LAYER pointers a layer (above); dims:
 // hidden, heads, kv heads, head size, intermediate size, cache slots, window (0 = none), cache
-// dtype (0 fp32, 1 bf16). h (n, hidden) bf16: the embeddings in, the residual stream out (in
+// dtype (0 fp32, 1 bf16), weight kind (0 int8 with bf16 scales, 1 bf16 without). h (n, hidden) bf16: the embeddings in, the residual stream out (in
 // place); out (n, hidden) = the final norm of it. cos, sin (n, head size) bf16. slot_mapping (n,)
 // where each row's key and value go; rows (n_rows,)/slots/offsets: the decode attention's (see
 // `kernels.decode_attention`). scratch: n * (2 hidden + qkv + heads * head size + 3 inter +
@@ -40,6 +42,7 @@ int shoal_llama_decode(int64_t n, int64_t n_layers, const int64_t* table, const 
   const int64_t hid = dims[0], nh = dims[1], hkv = dims[2], d = dims[3], inter = dims[4];
   const int64_t num_slots = dims[5], window = dims[6];
   const int dtc = static_cast<int>(dims[7]);
+  const bool int8 = dims[8] == 0;
   const int64_t nqkv = (nh + 2 * hkv) * d, na = nh * d;
   bf16_t* x = scratch;               // (n, hid) the normed input of a product
   bf16_t* y = x + n * hid;           // (n, nqkv) q | k | v
@@ -56,8 +59,12 @@ int shoal_llama_decode(int64_t n, int64_t n_layers, const int64_t* table, const 
   for (int64_t li = 0; li < n_layers; ++li) {
     const int64_t* p = table + li * PER_LAYER;
     auto ptr = [&](int i) { return reinterpret_cast<void*>(p[i]); };
-    auto w8 = [&](int i) { return reinterpret_cast<const int8_t*>(p[i]); };
     auto b16 = [&](int i) { return reinterpret_cast<const bf16_t*>(p[i]); };
+    // y (n, out) = x (n, k) @ the product at table entries w, w + 1 (weights, scales)
+    auto product = [&](const bf16_t* xin, int64_t k, int w, int64_t nout, bf16_t* yout) {
+      return int8 ? shoal_qlinear(xin, k, n, k, reinterpret_cast<const int8_t*>(p[w]), b16(w + 1), nout, yout, nout)
+                  : shoal_blinear(xin, k, n, k, b16(w), nout, yout, nout);
+    };
     // 1) (h += m;) x = norm(h)
     if (li == 0) {
       SHOAL_TRY(shoal_rms_norm(1, h, hid, nullptr, 0, nullptr, hid, ptr(LN1), x, hid, n, hid, eps));
@@ -65,18 +72,18 @@ int shoal_llama_decode(int64_t n, int64_t n_layers, const int64_t* table, const 
       SHOAL_TRY(shoal_rms_norm(1, m, hid, h, hid, h, hid, ptr(LN1), x, hid, n, hid, eps));
     }
     // 2) q | k | v; RoPE on q and k in place; this step's k, v into the cache; attention
-    SHOAL_TRY(shoal_qlinear(x, hid, n, hid, w8(QKV_W), b16(QKV_S), nqkv, y, nqkv));
+    SHOAL_TRY(product(x, hid, QKV_W, nqkv, y));
     SHOAL_TRY(shoal_rope(1, y, nqkv, n, nh + hkv, d, cos, sin));
     SHOAL_TRY(shoal_cache_write(1, y + nh * d, nqkv, y + (nh + hkv) * d, nqkv, n, hkv, d, slot_mapping,
                                 dtc, ptr(K_CACHE), ptr(V_CACHE), num_slots));
     SHOAL_TRY(shoal_decode_attention(1, y, nqkv, rows, n_rows, nh, hkv, d, dtc, ptr(K_CACHE), ptr(V_CACHE),
                                      num_slots, slots, offsets, window, scale, att, na));
-    SHOAL_TRY(shoal_qlinear(att, na, n, na, w8(O_W), b16(O_S), hid, a, hid));
+    SHOAL_TRY(product(att, na, O_W, hid, a));
     // 3) h += a; x = norm(h); the MLP
     SHOAL_TRY(shoal_rms_norm(1, a, hid, h, hid, h, hid, ptr(LN2), x, hid, n, hid, eps));
-    SHOAL_TRY(shoal_qlinear(x, hid, n, hid, w8(GU_W), b16(GU_S), 2 * inter, gu, 2 * inter));
+    SHOAL_TRY(product(x, hid, GU_W, 2 * inter, gu));
     SHOAL_TRY(shoal_silu_mul(1, gu, 2 * inter, n, inter, act));
-    SHOAL_TRY(shoal_qlinear(act, inter, n, inter, w8(DN_W), b16(DN_S), hid, m, hid));
+    SHOAL_TRY(product(act, inter, DN_W, hid, m));
   }
   // the final norm of h + m
   SHOAL_TRY(shoal_rms_norm(1, m, hid, h, hid, h, hid, final_w, out, hid, n, hid, final_eps));

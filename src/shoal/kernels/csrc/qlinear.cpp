@@ -58,25 +58,33 @@ inline void widen_block(const int8_t* src, bf16_t* dst) {
   }
 }
 
-// C tiles -> y[rows, cols]: y = bf16(c * scale); `nb` = 1 or 2 column blocks of 16
+// C tiles -> y[rows, cols]: y = bf16(c * scale), or bf16(c) without scales; `nb` = 1 or 2
+// column blocks of 16
 inline void epilogue(const float* c, int rows, int nb, const bf16_t* scale, bf16_t* y, int64_t ys) {
   float s[32];
-  for (int j = 0; j < 16 * nb; ++j) s[j] = bf2f(scale[j]);
+  for (int j = 0; j < 16 * nb; ++j) s[j] = scale ? bf2f(scale[j]) : 1.0f;
   for (int i = 0; i < rows; ++i) {
     bf16_t* yr = y + i * ys;
-    for (int j = 0; j < 16 * nb; ++j) yr[j] = f2bf(c[i * 32 + j] * s[j]);
+    if (scale)
+      for (int j = 0; j < 16 * nb; ++j) yr[j] = f2bf(c[i * 32 + j] * s[j]);
+    else
+      for (int j = 0; j < 16 * nb; ++j) yr[j] = f2bf(c[i * 32 + j]);
   }
 }
 
-// One strip: output columns [16 b0, 16 (b0 + nb)) for all m rows. `buf` holds the widened
-// weights: the whole strip (kb x nb blocks) when m > 32, else one K step of it (reused).
-void strip(const bf16_t* x, int64_t xs, int64_t m, int64_t kb, const int8_t* wp, const bf16_t* scale,
+// One strip: output columns [16 b0, 16 (b0 + nb)) for all m rows. W = int8_t: each weight block
+// is widened into `buf` (the whole strip, kb x nb blocks, when m > 32, else one K step of it,
+// reused); W = bf16_t: the tiles read the packed weights in place.
+template <typename W>
+void strip(const bf16_t* x, int64_t xs, int64_t m, int64_t kb, const W* wp, const bf16_t* scale,
            int64_t b0, int nb, bf16_t* y, int64_t ys, bf16_t* buf, int* cfg) {
-  const int8_t* w = wp + b0 * kb * 512;  // block b0 + t at w + t * kb * 512
-  const bool whole = m > 32;
+  constexpr bool widen = sizeof(W) == 1;
+  const W* w = wp + b0 * kb * 512;  // block b0 + t at w + t * kb * 512
+  const bool whole = widen && m > 32;
   if (whole)
     for (int64_t c = 0; c < kb; ++c)
-      for (int t = 0; t < nb; ++t) widen_block(w + (t * kb + c) * 512, buf + (c * 2 + t) * 512);
+      for (int t = 0; t < nb; ++t)
+        widen_block(reinterpret_cast<const int8_t*>(w) + (t * kb + c) * 512, buf + (c * 2 + t) * 512);
   alignas(64) float cbuf[32 * 32];
   for (int64_t m0 = 0; m0 < m; m0 += 32) {
     const int r0 = static_cast<int>(m - m0 < 16 ? m - m0 : 16);
@@ -89,14 +97,22 @@ void strip(const bf16_t* x, int64_t xs, int64_t m, int64_t kb, const int8_t* wp,
     const bf16_t* xa = x + m0 * xs;
     const bf16_t* xb = x + (m0 + 16) * xs;
     for (int64_t c = 0; c < kb; ++c) {
-      bf16_t* bc = buf + (whole ? c * 2 : 0) * 512;
-      if (!whole)
-        for (int t = 0; t < nb; ++t) widen_block(w + (t * kb + c) * 512, bc + t * 512);
+      const bf16_t* b0p;  // this K step's B blocks: b0p (block 0), b0p + bstep (block 1)
+      int64_t bstep;
+      if constexpr (widen) {
+        bf16_t* bc = buf + (whole ? c * 2 : 0) * 512;
+        if (!whole)
+          for (int t = 0; t < nb; ++t)
+            widen_block(reinterpret_cast<const int8_t*>(w) + (t * kb + c) * 512, bc + t * 512);
+        b0p = bc, bstep = 512;
+      } else {
+        b0p = reinterpret_cast<const bf16_t*>(w) + c * 512, bstep = kb * 512;
+      }
       _tile_loadd(4, xa + c * 32, xs * 2);
-      _tile_loadd(6, bc, 64);
+      _tile_loadd(6, b0p, 64);
       _tile_dpbf16ps(0, 4, 6);
       if (nb == 2) {
-        _tile_loadd(7, bc + 512, 64);
+        _tile_loadd(7, b0p + bstep, 64);
         _tile_dpbf16ps(1, 4, 7);
       }
       if (r1 > 0) {
@@ -105,17 +121,55 @@ void strip(const bf16_t* x, int64_t xs, int64_t m, int64_t kb, const int8_t* wp,
         if (nb == 2) _tile_dpbf16ps(3, 5, 7);
       }
     }
+    const bf16_t* sc = scale ? scale + b0 * 16 : nullptr;
     _tile_stored(0, cbuf, 128);
     if (nb == 2) _tile_stored(1, cbuf + 16, 128);
-    epilogue(cbuf, r0, nb, scale + b0 * 16, y + m0 * ys + b0 * 16, ys);
+    epilogue(cbuf, r0, nb, sc, y + m0 * ys + b0 * 16, ys);
     if (r1 > 0) {
       _tile_stored(2, cbuf, 128);
       if (nb == 2) _tile_stored(3, cbuf + 16, 128);
-      epilogue(cbuf, r1, nb, scale + b0 * 16, y + (m0 + 16) * ys + b0 * 16, ys);
+      epilogue(cbuf, r1, nb, sc, y + (m0 + 16) * ys + b0 * 16, ys);
     }
   }
 }
+
+template <typename W>
+int amx_linear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const W* wp, const bf16_t* scale,
+               int64_t n, bf16_t* y, int64_t ys) {
+  if (m <= 0) return 0;
+  const int64_t kb = k / 32, nblocks = n / 16, strips = (nblocks + 1) / 2;
+  const int64_t buf_elems = sizeof(W) == 1 ? (m > 32 ? kb : 1) * 2 * 512 : 32;
+#pragma omp parallel if (strips > 1)
+  {
+    bf16_t* buf = static_cast<bf16_t*>(std::aligned_alloc(64, buf_elems * sizeof(bf16_t)));
+    int cfg[2] = {-1, -1};
+#pragma omp for schedule(static)
+    for (int64_t s = 0; s < strips; ++s) {
+      const int nb = 2 * s + 1 < nblocks ? 2 : 1;
+      strip<W>(x, xs, m, kb, wp, scale, 2 * s, nb, y, ys, buf, cfg);
+    }
+    if (cfg[0] >= 0) _tile_release();
+    std::free(buf);
+  }
+  return 0;
+}
 #endif
+
+// w (n, k) row-major -> out (n * k) in the packed layout above; n % 16 == 0, k % 32 == 0.
+template <typename W>
+int pack(const W* w, int64_t n, int64_t k, W* out) {
+  if (n % 16 || k % 32) return 1;
+  const int64_t kb = k / 32;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < n / 16; ++b)
+    for (int64_t c = 0; c < kb; ++c) {
+      W* o = out + (b * kb + c) * 512;
+      for (int kk = 0; kk < 16; ++kk)
+        for (int j = 0; j < 16; ++j)
+          for (int p = 0; p < 2; ++p) o[kk * 32 + j * 2 + p] = w[(b * 16 + j) * k + c * 32 + kk * 2 + p];
+    }
+  return 0;
+}
 
 }  // namespace
 
@@ -132,20 +186,9 @@ int shoal_amx_ready() {
 #endif
 }
 
-// w (n, k) int8 row-major -> out (n * k) in the packed layout above; n % 16 == 0, k % 32 == 0.
-int shoal_qpack(const int8_t* w, int64_t n, int64_t k, int8_t* out) {
-  if (n % 16 || k % 32) return 1;
-  const int64_t kb = k / 32;
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < n / 16; ++b)
-    for (int64_t c = 0; c < kb; ++c) {
-      int8_t* o = out + (b * kb + c) * 512;
-      for (int kk = 0; kk < 16; ++kk)
-        for (int j = 0; j < 16; ++j)
-          for (int p = 0; p < 2; ++p) o[kk * 32 + j * 2 + p] = w[(b * 16 + j) * k + c * 32 + kk * 2 + p];
-    }
-  return 0;
-}
+// w (n, k) row-major -> out (n * k) in the packed order; 1 when n % 16 or k % 32
+int shoal_qpack(const int8_t* w, int64_t n, int64_t k, int8_t* out) { return pack(w, n, k, out); }
+int shoal_bpack(const bf16_t* w, int64_t n, int64_t k, bf16_t* out) { return pack(w, n, k, out); }
 
 // y (m, n) bf16 (row stride ys) = x (m, k) bf16 (row stride xs, xs >= k) @ (unpack(wp) *
 // scale[:, None]).T, scale (n,) bf16; n % 16 == 0, k % 32 == 0. Returns 1 without AMX.
@@ -153,24 +196,22 @@ int shoal_qlinear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const int8_
                   const bf16_t* scale, int64_t n, bf16_t* y, int64_t ys) {
 #if SHOAL_AMX
   if (n % 16 || k % 32 || !shoal_amx_ready()) return 1;
-  if (m <= 0) return 0;
-  const int64_t kb = k / 32, nblocks = n / 16, strips = (nblocks + 1) / 2;
-  const int64_t buf_elems = (m > 32 ? kb : 1) * 2 * 512;
-#pragma omp parallel if (strips > 1)
-  {
-    bf16_t* buf = static_cast<bf16_t*>(std::aligned_alloc(64, buf_elems * sizeof(bf16_t)));
-    int cfg[2] = {-1, -1};
-#pragma omp for schedule(static)
-    for (int64_t s = 0; s < strips; ++s) {
-      const int nb = 2 * s + 1 < nblocks ? 2 : 1;
-      strip(x, xs, m, kb, wp, scale, 2 * s, nb, y, ys, buf, cfg);
-    }
-    if (cfg[0] >= 0) _tile_release();
-    std::free(buf);
-  }
-  return 0;
+  return amx_linear<int8_t>(x, xs, m, k, wp, scale, n, y, ys);
 #else
   (void)x, (void)xs, (void)m, (void)k, (void)wp, (void)scale, (void)n, (void)y, (void)ys;
+  return 1;
+#endif
+}
+
+// The same product on bf16 weights packed in the same order (`shoal_bpack`): y = bf16(x @ w.T),
+// the tiles reading the weights in place.
+int shoal_blinear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const bf16_t* wp, int64_t n,
+                  bf16_t* y, int64_t ys) {
+#if SHOAL_AMX
+  if (n % 16 || k % 32 || !shoal_amx_ready()) return 1;
+  return amx_linear<bf16_t>(x, xs, m, k, wp, nullptr, n, y, ys);
+#else
+  (void)x, (void)xs, (void)m, (void)k, (void)wp, (void)n, (void)y, (void)ys;
   return 1;
 #endif
 }

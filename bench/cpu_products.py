@@ -1,10 +1,10 @@
-"""The products of one SmolLM2-135M decode step on CPU: weight-only int8 on AMX tiles (Shoal's
-`kernels.qlinear`) against torch's int8 kernel (`_weight_int8pack_mm`) and bf16 `F.linear`, in
-the same process. 30 layers of distinct random weights of the real shapes (fused q/k/v 960x576,
+"""The products of one SmolLM2-135M decode step on CPU: Shoal's AMX kernels (`kernels.qlinear`:
+weight-only int8, and bf16) against torch's int8 kernel (`_weight_int8pack_mm`) and bf16
+`F.linear` (oneDNN), in the same process. 30 layers of distinct random weights of the real shapes (fused q/k/v 960x576,
 o 576x576, fused gate/up 3072x576, down 576x1536) plus the output layer (49152x576), so the
 weights come from memory as in the engine. Prints ms a step per row count and the ratios.
 
-    python bench/int8_products.py [--rows 1,8,32,128] [--threads 2] [--layers 30]
+    python bench/cpu_products.py [--rows 1,8,32,128] [--threads 2] [--layers 30]
 """
 
 from __future__ import annotations
@@ -34,32 +34,34 @@ def main() -> None:
     if not amx.amx_ready():
         raise SystemExit("this CPU has no AMX-BF16 (or the kernels did not build): nothing to compare")
     g = torch.Generator().manual_seed(0)
-    layers = []  # (packed int8, bf16 scale, row-major int8, bf16 weight)
+    layers = []  # (packed int8, bf16 scale, row-major int8, bf16 weight, packed bf16)
     for n, k in SHAPES * args.layers + [(VOCAB, 576)]:
         q, s = quantize_int8(torch.randn(n, k, generator=g) * 0.02)
-        layers.append((amx.qpack(q), s.bfloat16(), q, (q.float() * s[:, None]).bfloat16()))
+        w = (q.float() * s[:, None]).bfloat16()
+        layers.append((amx.qpack(q), s.bfloat16(), q, w, amx.qpack(w)))
     kinds = {
-        "int8 AMX (shoal)": lambda x, p, s, q, w: amx.qlinear(x, p, s),
-        "int8 _weight_int8pack_mm": lambda x, p, s, q, w: torch.ops.aten._weight_int8pack_mm(x, q, s),
-        "bf16 F.linear": lambda x, p, s, q, w: F.linear(x, w),
+        "int8 AMX (shoal)": lambda x, p, s, q, w, pb: amx.qlinear(x, p, s),
+        "int8 _weight_int8pack_mm": lambda x, p, s, q, w, pb: torch.ops.aten._weight_int8pack_mm(x, q, s),
+        "bf16 AMX (shoal)": lambda x, p, s, q, w, pb: amx.blinear(x, pb),
+        "bf16 F.linear": lambda x, p, s, q, w, pb: F.linear(x, w),
     }
     results = {}
-    print(f"{'rows':>5} " + "".join(f"{k:>28}" for k in kinds) + "   bf16/AMX  int8mm/AMX")
+    print(f"{'rows':>5} " + "".join(f"{k:>26}" for k in kinds) + "  int8mm/int8  F.linear/bf16")
     for m in map(int, args.rows.split(",")):
         xs = {k: torch.randn(m, k, generator=g).bfloat16() for k in (576, 1536)}
         row = {}
         for name, fn in list(kinds.items()) * 2:  # twice, alternated: the second pass is kept
             def step():
-                for p, s, q, w in layers:
-                    fn(xs[q.shape[1]], p, s, q, w)
+                for p, s, q, w, pb in layers:
+                    fn(xs[q.shape[1]], p, s, q, w, pb)
             step()
             t = time.perf_counter()
             for _ in range(args.repeat):
                 step()
             row[name] = (time.perf_counter() - t) / args.repeat * 1e3
         results[m] = row
-        a, b, c = row.values()
-        print(f"{m:>5} " + "".join(f"{v:>28.2f}" for v in row.values()) + f"   {c / a:8.2f}x {b / a:10.2f}x")
+        a, b, c, d = row.values()
+        print(f"{m:>5} " + "".join(f"{v:>26.2f}" for v in row.values()) + f"  {b / a:10.2f}x {d / c:12.2f}x")
     print(json.dumps({"threads": args.threads, "layers": args.layers, "ms_per_step": results}))
 
 
