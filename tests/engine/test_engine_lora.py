@@ -102,3 +102,32 @@ def test_bad_adapters_are_refused_and_others_keep_working(setup, tmp_path):
     p = prompts(1, seed=34)[0]
     out = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=6), adapter="ad1")[0]
     assert out.outputs[0].token_ids == generate(merged["ad1"], p, 6, stop_token_ids=STOPS)
+
+
+def test_bf16_adapters_on_amx_layers_keep_their_bits_in_a_mixed_batch(setup):
+    """bf16 engine (on a CPU with AMX its linears are `AMXLinear`, LoRA wrapping them): each
+    request's tokens and logprobs are the same alone and in a batch mixing base and 5 adapters,
+    and the adapters change the output."""
+    from shoal.kernels import qlinear as amx
+    from shoal.model.quant import AMXLinear
+
+    root, paths, _ = setup
+    cfg = dict(model="tiny", block_size=8, num_kv_blocks=512, max_num_batched_tokens=128,
+               enable_lora=True, max_loras=8, max_lora_rank=16, max_cpu_loras=8)
+    llm = LLM(EngineConfig(**cfg), loaded=load_dir(str(root / "base"), dtype="bfloat16"))
+    for name, path in paths.items():
+        llm.add_adapter(name, path)
+    layers = [m for m in llm.engine.model.modules() if isinstance(m, AMXLinear)]
+    assert bool(layers) == amx.amx_ready()
+    names = [None, "ad0", "ad1", "ad2", "ad3", "ad4"] * 2
+    ps = prompts(len(names), seed=31)
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=0)
+
+    def key(o):
+        return o.outputs[0].token_ids, [lp for _, lp, _ in o.outputs[0].logprobs]
+
+    mixed = [key(o) for o in llm.generate(ps, params, adapter=names)]
+    alone = [key(llm.generate([p], params, adapter=a)[0]) for p, a in zip(ps, names)]
+    assert mixed == alone
+    base = [key(llm.generate([ps[i]], params)[0]) for i in range(1, 6)]
+    assert any(b != m for b, m in zip(base, mixed[1:6]))
