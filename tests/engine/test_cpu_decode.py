@@ -92,3 +92,40 @@ def test_one_call_path_gives_the_python_paths_bits(tmp_path, tiny_tokenizer_dir,
     for fast, slow in zip(*runs):
         assert fast.token_ids == slow.token_ids
         assert [lp for _, lp, _ in fast.logprobs] == [lp for _, lp, _ in slow.logprobs]
+
+
+@pytest.mark.skipif(not __import__("shoal.kernels.qlinear", fromlist=["x"]).amx_ready(),
+                    reason="the one-call path needs products on AMX")
+def test_one_call_path_adds_the_lora_layers_deltas_bit_for_bit(setup, monkeypatch):
+    """bf16 on AMX, base and 5 adapters mixed: decode steps with adapter rows through the one
+    call (LoRA deltas added in C++ after each product) give the module path's tokens and
+    logprobs bit for bit."""
+    from shoal.config import EngineConfig
+    from shoal.engine import cpu_decode
+    from shoal.engine.llm import LLM
+    from shoal.model.loader import load_dir
+
+    root, paths, _ = setup
+    names = [None, "ad0", "ad1", "ad2", "ad3", "ad4"] * 2
+    ps = prompts(len(names), seed=32)
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=1)
+    seen = []
+    real_fits = cpu_decode.CPUDecodeForward._native_fits
+    runs = []
+    for on in (True, False):
+        def fits(self, h, ctx, on=on):
+            ok = on and real_fits(self, h, ctx)
+            seen.append(ok and self.mapping.active)
+            return ok
+        monkeypatch.setattr(cpu_decode.CPUDecodeForward, "_native_fits", fits)
+        cfg = EngineConfig(model="tiny", block_size=8, num_kv_blocks=512, max_num_batched_tokens=128,
+                           enable_lora=True, max_loras=8, max_lora_rank=16, max_cpu_loras=8)
+        llm = LLM(cfg, loaded=load_dir(str(root / "base"), dtype="bfloat16"))
+        for name, path in paths.items():
+            llm.add_adapter(name, path)
+        runs.append([o.outputs[0] for o in llm.generate(ps, params, adapter=names)])
+        if on:
+            assert any(seen)  # adapter decode steps took the one call
+    for fast, slow in zip(*runs):
+        assert fast.token_ids == slow.token_ids
+        assert [lp for _, lp, _ in fast.logprobs] == [lp for _, lp, _ in slow.logprobs]

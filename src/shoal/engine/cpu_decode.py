@@ -62,6 +62,8 @@ class CPUDecodeForward:
         self._final_eps, self._final_w = float(bb.norm.eps), bb.norm.weight
         self._table: tuple | None = None  # (cache pointers, pointer table) for `native`
         self._scratch = torch.empty(0, dtype=torch.bfloat16)
+        self.mapping = next((m.mapping for m in model.modules() if isinstance(m, LoRALinear)), None)
+        self._lora: tuple | None = None  # (per-layer LoRA table, plans kept alive), made on first use
 
     @staticmethod
     def supports(model: Transformer) -> bool:
@@ -79,8 +81,11 @@ class CPUDecodeForward:
         bb = self.backbone
         h = bb.embed_tokens(input_ids)  # (N, hidden)
         cos, sin = bb.rotary_emb(positions, h.dtype)  # (N, D)
-        if self.native is not None and self._native_fits(h, ctx):
-            return self._native_call(h, cos, sin, ctx)
+        adapters = self.mapping is not None and self.mapping.active
+        if self.native is not None and self._native_fits(h, ctx) and (not adapters or self._lora_ready()):
+            return self._native_call(h, cos, sin, ctx, adapters)
+        if adapters:  # adapter rows need the LoRA layers: the modules
+            return self.model(input_ids, positions, ctx)
         nh, hkv, d = self.h, self.hkv, self.d
         n = h.shape[0]
         m = None  # the previous block's MLP output, added to h by the next norm
@@ -115,7 +120,14 @@ class CPUDecodeForward:
             self._table = (key, torch.tensor(rows, dtype=torch.int64))  # (layers, 12)
         return self._table[1]
 
-    def _native_call(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
+    def _lora_ready(self) -> bool:
+        """Build the LoRA table (once); False when some group's slots are not in a kernel dtype."""
+        if self._lora is None:
+            self._lora = _lora_table(self.model) or ()
+        return bool(self._lora)
+
+    def _native_call(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx,
+                     adapters: bool = False) -> torch.Tensor:
         n, hid = h.shape
         c = self.model.config
         nh, hkv, d, inter = self.h, self.hkv, self.d, c.intermediate_size
@@ -128,13 +140,21 @@ class CPUDecodeForward:
         cache, r = ctx.cache, ctx.decode_rows
         slot_mapping = ctx.slot_mapping.contiguous()
         kernels.ops._check(slot_mapping.numel() == n and r.rows.dtype == torch.int64, "decode rows")
+        lora_table, slots_t, dtw = 0, 0, 0
+        if adapters:
+            table, _, dtw = self._lora
+            slot_t = self.mapping.slot_tensor()  # (N,) each row's adapter slot, -1 = base
+            kernels.ops._check(slot_t.numel() == n and slot_t.dtype == torch.int64
+                               and int(slot_t.max()) < self.mapping.max_loras, "LoRA slots")
+            lora_table, slots_t = table.data_ptr(), slot_t.data_ptr()
         dims = torch.tensor([hid, nh, hkv, d, inter, cache.k.shape[2], int(ctx.window or 0),
-                             0 if cache.k.dtype == torch.float32 else 1, self.kind], dtype=torch.int64)
+                             0 if cache.k.dtype == torch.float32 else 1, self.kind, dtw], dtype=torch.int64)
         rc = kernels.library().shoal_llama_decode(
             n, len(self.native), self._pointer_table(cache).data_ptr(), dims.data_ptr(), self._eps,
             self._final_eps, d ** -0.5, h.data_ptr(), cos.data_ptr(), sin.data_ptr(),
             slot_mapping.data_ptr(), r.rows.data_ptr(), r.rows.numel(), r.slots.data_ptr(),
-            r.offsets.data_ptr(), self._final_w.data_ptr(), out.data_ptr(), self._scratch.data_ptr())
+            r.offsets.data_ptr(), self._final_w.data_ptr(), out.data_ptr(), self._scratch.data_ptr(),
+            lora_table, slots_t)
         kernels.ops._check(rc == 0, f"llama_decode: a kernel refused its input ({rc})")
         return out
 
@@ -177,3 +197,44 @@ def _native_layers(model: Transformer) -> list | None:
     if len(eps) != 1 or bb.norm.weight.dtype != torch.bfloat16:
         return None
     return kinds.pop(), out
+
+
+def _lora_table(model: Transformer) -> tuple | None:
+    """(table (layers, 4 groups x 4) int64, plans, slot dtype code) for the one-call path's LoRA
+    deltas: per layer and product (q/k/v, o, gate/up, down), [LoRA layers n, A slot stride, the
+    `kernels.BGMVLayers` pointer table, column offsets of each layer in the product's output]
+    (n = 0: no LoRA there). None when the slots are not fp32 or bf16."""
+    from ..kernels.ops import _DT
+
+    rows, keep, dts = [], [], set()
+    for blk in model.backbone.layers:
+        at, mlp = blk.self_attn, blk.mlp
+        c = model.config
+        nh, hkv, d = c.num_heads, c.num_kv_heads, c.head_dim
+        groups = (((at.q_proj, 0), (at.k_proj, nh * d), (at.v_proj, (nh + hkv) * d)), ((at.o_proj, 0),),
+                  ((mlp.gate_proj, 0), (mlp.up_proj, mlp.gate_proj.out_features)), ((mlp.down_proj, 0),))
+        row = []
+        for group in groups:
+            lora = [(p, off) for p, off in group if isinstance(p, LoRALinear)]
+            if not lora:
+                row += [0, 0, 0, 0]
+                continue
+            layers = [p for p, _ in lora]
+            g = layers[0].lora_group
+            if g is not None and g.layers == tuple(layers):  # one A buffer: its row views
+                r = g.a.shape[1] // len(layers)
+                as_ = [g.a[:, i * r:(i + 1) * r] for i in range(len(layers))]
+            else:
+                as_ = [p.lora_a_stacked for p in layers]
+            dts |= {a.dtype for a in as_}
+            if len({a.stride(0) for a in as_}) > 1 or any(a.dtype not in _DT for a in as_):
+                return None
+            plan = kernels.BGMVLayers(as_, [p.lora_b_stacked for p in layers], [p.scale_f32 for p in layers],
+                                      [p.rank_t for p in layers])
+            offs = torch.tensor([off for _, off in lora], dtype=torch.int64)
+            keep += [plan, offs]
+            row += [len(layers), plan.sa, plan.table.data_ptr(), offs.data_ptr()]
+        rows.append(row)
+    if len(dts) > 1:
+        return None
+    return torch.tensor(rows, dtype=torch.int64), keep, _DT[dts.pop()] if dts else 0

@@ -181,8 +181,10 @@ class ModelRunner:
         if self.lora is not None:
             self._set_lora_mapping(adapters, lora_slots)
         forward = self.model
-        if n_decode == len(ids) and not lora_slots and self._cpu_forward(input_ids) is not None:
-            forward = self._cpu_decode  # all decodes, no adapter rows: the flat CPU forward
+        if n_decode == len(ids) and self._cpu_forward(input_ids) is not None and (
+                not lora_slots or self._cpu_decode.native is not None):
+            # all decodes: the flat CPU forward (with adapter rows: only its one-call path)
+            forward = self._cpu_decode
         with step_rows(len(ids), n_decode):  # rows [0, n_decode) are decode rows
             hidden = forward(input_ids, pos, ctx)  # (N, hidden)
         logits = None

@@ -48,7 +48,8 @@ SIGNATURES = {  # argument types of each entry point (all return int: 0 = done, 
     "shoal_qlinear": [vp, i64, i64, i64, vp, vp, i64, vp, i64],
     "shoal_blinear": [vp, i64, i64, i64, vp, i64, vp, i64],
     "shoal_row_stats": [ci, vp, i64, i64, i64, vp, vp, vp],
-    "shoal_llama_decode": [i64, i64, vp, vp, cf, cf, cf, vp, vp, vp, vp, vp, i64, vp, vp, vp, vp, vp],
+    "shoal_llama_decode": [i64, i64, vp, vp, cf, cf, cf, vp, vp, vp, vp, vp, i64, vp, vp, vp, vp, vp,
+                           vp, vp],
 }
 
 

@@ -19,6 +19,11 @@ int shoal_decode_attention(int dt, const void* q, int64_t qs, const int64_t* row
                            int64_t num_slots, const int64_t* slots, const int64_t* offsets,
                            int64_t window, float scale, void* out, int64_t os);
 int shoal_silu_mul(int dt, const void* y, int64_t ys, int64_t n, int64_t m, void* out);
+int shoal_lora_bgmv(int dtx, int dtw, const void* x, int64_t xs, int64_t n_tok, int64_t k,
+                    const int64_t* slot, int64_t sa, int64_t n_layers, const int64_t* a_ptr,
+                    const int64_t* b_ptr, const int64_t* b_stride, const int64_t* scale_ptr,
+                    const int64_t* rank_ptr, const int64_t* out_ptr, const int64_t* out_stride,
+                    const int64_t* width, int accumulate);
 int shoal_qlinear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, const int8_t* wp,
                   const shoal::bf16_t* scale, int64_t n, shoal::bf16_t* y, int64_t ys);
 int shoal_blinear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, const shoal::bf16_t* wp,
@@ -32,17 +37,23 @@ enum { LN1, QKV_W, QKV_S, O_W, O_S, LN2, GU_W, GU_S, DN_W, DN_S, K_CACHE, V_CACH
 // place); out (n, hidden) = the final norm of it. cos, sin (n, head size) bf16. slot_mapping (n,)
 // where each row's key and value go; rows (n_rows,)/slots/offsets: the decode attention's (see
 // `kernels.decode_attention`). scratch: n * (2 hidden + qkv + heads * head size + 3 inter +
-// hidden) bf16. Returns 0, or the first failing kernel's code.
+// hidden) bf16. LoRA (lora null: none): lora (n_layers, 4 products x 4) int64, per product
+// (q|k|v, o, gate|up, down) [its LoRA layers L (0 = none), A slot stride, a BGMVLayers pointer
+// table (6, L), column offsets (L,) of the layers in the product's output]; slot (n,) each
+// row's adapter slot (-1 = base); dims[9] the slots' dtype. Each product's deltas are added to
+// its output right after it, as the LoRA layers do. Returns 0, or the first failing kernel's code.
 int shoal_llama_decode(int64_t n, int64_t n_layers, const int64_t* table, const int64_t* dims,
                        float eps, float final_eps, float scale, shoal::bf16_t* h, const void* cos,
                        const void* sin, const int64_t* slot_mapping, const int64_t* rows,
                        int64_t n_rows, const int64_t* slots, const int64_t* offsets, const void* final_w,
-                       shoal::bf16_t* out, shoal::bf16_t* scratch) {
+                       shoal::bf16_t* out, shoal::bf16_t* scratch, const int64_t* lora,
+                       const int64_t* slot) {
   using shoal::bf16_t;
   const int64_t hid = dims[0], nh = dims[1], hkv = dims[2], d = dims[3], inter = dims[4];
   const int64_t num_slots = dims[5], window = dims[6];
   const int dtc = static_cast<int>(dims[7]);
   const bool int8 = dims[8] == 0;
+  const int dtw = static_cast<int>(dims[9]);
   const int64_t nqkv = (nh + 2 * hkv) * d, na = nh * d;
   bf16_t* x = scratch;               // (n, hid) the normed input of a product
   bf16_t* y = x + n * hid;           // (n, nqkv) q | k | v
@@ -60,10 +71,21 @@ int shoal_llama_decode(int64_t n, int64_t n_layers, const int64_t* table, const 
     const int64_t* p = table + li * PER_LAYER;
     auto ptr = [&](int i) { return reinterpret_cast<void*>(p[i]); };
     auto b16 = [&](int i) { return reinterpret_cast<const bf16_t*>(p[i]); };
-    // y (n, out) = x (n, k) @ the product at table entries w, w + 1 (weights, scales)
-    auto product = [&](const bf16_t* xin, int64_t k, int w, int64_t nout, bf16_t* yout) {
-      return int8 ? shoal_qlinear(xin, k, n, k, reinterpret_cast<const int8_t*>(p[w]), b16(w + 1), nout, yout, nout)
-                  : shoal_blinear(xin, k, n, k, b16(w), nout, yout, nout);
+    // y (n, out) = x (n, k) @ the product at table entries w, w + 1 (weights, scales), then
+    // product g's LoRA deltas added in place
+    auto product = [&](const bf16_t* xin, int64_t k, int w, int64_t nout, bf16_t* yout, int g) {
+      int r = int8 ? shoal_qlinear(xin, k, n, k, reinterpret_cast<const int8_t*>(p[w]), b16(w + 1), nout, yout, nout)
+                   : shoal_blinear(xin, k, n, k, b16(w), nout, yout, nout);
+      const int64_t* lg = lora ? lora + (li * 4 + g) * 4 : nullptr;
+      if (r != 0 || lg == nullptr || lg[0] == 0) return r;
+      const int64_t nl = lg[0];
+      const int64_t* tab = reinterpret_cast<const int64_t*>(lg[2]);  // rows a, b, bst, sc, rk, wd
+      const int64_t* off = reinterpret_cast<const int64_t*>(lg[3]);
+      int64_t outp[8], outs[8];
+      if (nl > 8) return 2;
+      for (int64_t i = 0; i < nl; ++i) outp[i] = reinterpret_cast<int64_t>(yout + off[i]), outs[i] = nout;
+      return shoal_lora_bgmv(1, dtw, xin, k, n, k, slot, lg[1], nl, tab, tab + nl, tab + 2 * nl, tab + 3 * nl,
+                             tab + 4 * nl, outp, outs, tab + 5 * nl, 1);
     };
     // 1) (h += m;) x = norm(h)
     if (li == 0) {
@@ -72,18 +94,18 @@ int shoal_llama_decode(int64_t n, int64_t n_layers, const int64_t* table, const 
       SHOAL_TRY(shoal_rms_norm(1, m, hid, h, hid, h, hid, ptr(LN1), x, hid, n, hid, eps));
     }
     // 2) q | k | v; RoPE on q and k in place; this step's k, v into the cache; attention
-    SHOAL_TRY(product(x, hid, QKV_W, nqkv, y));
+    SHOAL_TRY(product(x, hid, QKV_W, nqkv, y, 0));
     SHOAL_TRY(shoal_rope(1, y, nqkv, n, nh + hkv, d, cos, sin));
     SHOAL_TRY(shoal_cache_write(1, y + nh * d, nqkv, y + (nh + hkv) * d, nqkv, n, hkv, d, slot_mapping,
                                 dtc, ptr(K_CACHE), ptr(V_CACHE), num_slots));
     SHOAL_TRY(shoal_decode_attention(1, y, nqkv, rows, n_rows, nh, hkv, d, dtc, ptr(K_CACHE), ptr(V_CACHE),
                                      num_slots, slots, offsets, window, scale, att, na));
-    SHOAL_TRY(product(att, na, O_W, hid, a));
+    SHOAL_TRY(product(att, na, O_W, hid, a, 1));
     // 3) h += a; x = norm(h); the MLP
     SHOAL_TRY(shoal_rms_norm(1, a, hid, h, hid, h, hid, ptr(LN2), x, hid, n, hid, eps));
-    SHOAL_TRY(product(x, hid, GU_W, 2 * inter, gu));
+    SHOAL_TRY(product(x, hid, GU_W, 2 * inter, gu, 2));
     SHOAL_TRY(shoal_silu_mul(1, gu, 2 * inter, n, inter, act));
-    SHOAL_TRY(product(act, inter, DN_W, hid, m));
+    SHOAL_TRY(product(act, inter, DN_W, hid, m, 3));
   }
   // the final norm of h + m
   SHOAL_TRY(shoal_rms_norm(1, m, hid, h, hid, h, hid, final_w, out, hid, n, hid, final_eps));
