@@ -127,6 +127,18 @@ def test_lora_bgmv_per_token_slots(dtype, wdtype):
     kernels.lora_bgmv(x[3:4], slots[3:4], [a[:, :r], a[:, r:]], bs, scales, ranks,
                       [one[:, :96], one[:, 96:]], accumulate=True)
     assert torch.equal(one[0], y[3])
+    # a run of one slot (a prefill chunk: tokens in blocks of 4 sharing each weight load) gives
+    # every token the bits it gets alone, however the run is cut
+    run = torch.full((11,), 2)
+    xr = rand(11, k, dtype=dtype, seed=6)
+    yr = rand(11, 128, dtype=dtype, seed=7)
+    got = yr.clone()
+    kernels.lora_bgmv(xr, run, [a[:, :r], a[:, r:]], bs, scales, ranks, [got[:, :96], got[:, 96:]], accumulate=True)
+    for lo, hi in ((0, 1), (0, 3), (2, 9), (5, 11)):
+        part = yr[lo:hi].clone()
+        kernels.lora_bgmv(xr[lo:hi], run[lo:hi], [a[:, :r], a[:, r:]], bs, scales, ranks,
+                          [part[:, :96], part[:, 96:]], accumulate=True)
+        assert torch.equal(part, got[lo:hi]), (lo, hi)
 
 
 def test_callers_fall_back_when_disabled():
