@@ -53,11 +53,13 @@ class EngineConfig:
     CPUs with AMX the two round differently; `shoal.model.row_classes`), and LoRA's fp32 products
     pad tiles to 4 rows (the CPU kernel computes each token alone)."""
     pack_weights: bool = True
-    """On CPU, reorder float linear weights once into oneDNN's blocked layout (the same
-    weights; SmolLM2-135M bf16, 2 threads, alternated runs: 1.09-1.18x faster at one stream,
-    1.02-1.25x at 32 streams, 1.03-1.1x in prefill). A tied output layer stays plain (a packed copy would cost
-    +57 MB); bf16 weights are packed only where oneDNN has native bf16 kernels. Off = plain
-    F.linear."""
+    """On CPU, pack linear weights once for the kernel that multiplies them (the same numbers).
+    bf16 on a CPU with AMX: our AMX tile kernel (`shoal.model.quant.AMXLinear`; a tied
+    embedding reads the packed head; measured 2.2x oneDNN's products a decode step). Otherwise
+    oneDNN's blocked layout (SmolLM2-135M bf16, 2 threads, alternated runs: 1.09-1.18x faster
+    at one stream, 1.02-1.25x at 32 streams, 1.03-1.1x in prefill); a tied output layer stays
+    plain there (a packed copy would cost +57 MB), and bf16 weights are packed only where
+    oneDNN has native bf16 kernels. Off = plain F.linear."""
     cuda_graphs: bool = True
     """On CUDA, run decode-only steps as captured graphs, one per (batch, context) bucket and
     with or without LoRA work, captured the first time each is needed; steps with a prefill
@@ -71,9 +73,10 @@ class EngineConfig:
     quantization: str | None = None
     """Weight-only quantization of every linear layer (lm_head and a tied embedding included):
     None or int8 (per-output-channel scales). 4x less weight memory than fp32. On a CPU with
-    AMX-BF16 the products run on our AMX kernel (2x bf16's speed at 1-32 rows, measured; every
-    row count gives a row the same bits); on other CPUs torch's int8 kernel, about 1.5x faster
-    than fp32 at 1-4 rows and 1.5-2x slower at 32+ rows (batches, prefill)."""
+    AMX-BF16 the products run on our AMX kernel (about the speed of bf16 on the tiles: the
+    widening costs what the halved reads save; every row count gives a row the same bits); on
+    other CPUs torch's int8 kernel, about 1.5x faster than fp32 at 1-4 rows and 1.5-2x slower
+    at 32+ rows (batches, prefill)."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory",
