@@ -1,4 +1,5 @@
-"""Weight-only int8 quantization for inference: int8 weights, per-output-channel scales.
+"""Weight-only int8 quantization for inference (int8 weights, per-output-channel scales), and
+`AMXLinear`/`pack_amx`: the engine's bf16 layers packed for our AMX tile kernel (same numbers).
 
 `quantize_model` swaps every Linear (lm_head included) for a `QuantLinear` in place and, when the
 embedding is tied to lm_head, the embedding for a `QuantEmbedding` reading the same int8 rows, so
