@@ -45,18 +45,39 @@ def qpack(w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _group_order() -> torch.Tensor:
+    """int8 packing stores value e of each 64-value group at byte GROUP_ORDER[e] (the byte
+    interleave the kernel's widening undoes; `group_order` in csrc/qlinear.cpp)."""
+    e = torch.arange(64)
+    lo, hi = (e // 8) * 16 + e % 8, ((e - 32) // 8) * 16 + 8 + (e - 32) % 8
+    return torch.where(e < 32, lo, hi)
+
+
+GROUP_ORDER = _group_order()
+
+
+def _b_order(p: torch.Tensor) -> torch.Tensor:
+    """Whole packed blocks (any shape, contiguous, a multiple of 512 values) -> the same values
+    in the B order (int8: GROUP_ORDER undone; bf16 is stored in it)."""
+    if p.dtype != torch.int8:
+        return p
+    return p.reshape(-1, 64)[:, GROUP_ORDER].reshape(p.shape)
+
+
 def qunpack(p: torch.Tensor) -> torch.Tensor:
     """The inverse of `qpack`: packed (N, K) -> row-major (N, K), the same dtype (a copy)."""
     n, k = p.shape
-    blocks = p.reshape(n // ROW_ALIGN, k // K_ALIGN, 16, ROW_ALIGN, 2)  # [nb][kb][kk][j][p]
+    blocks = _b_order(p).reshape(n // ROW_ALIGN, k // K_ALIGN, 16, ROW_ALIGN, 2)  # [nb][kb][kk][j][p]
     return blocks.permute(0, 3, 1, 2, 4).reshape(n, k)
 
 
 def qrows(p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` (...,) of the row-major matrix that packed `p` holds -> (..., K)."""
     n, k = p.shape
-    blocks = p.view(n // ROW_ALIGN, k // K_ALIGN, 16, ROW_ALIGN, 2)
-    rows = blocks[ids // ROW_ALIGN, :, :, ids % ROW_ALIGN, :]  # (..., K/32, 16, 2)
+    flat = ids.reshape(-1)
+    blk = _b_order(p.view(n // ROW_ALIGN, k * ROW_ALIGN)[flat // ROW_ALIGN])  # (T, K * 16): each id's block
+    blk = blk.view(-1, k // K_ALIGN, 16, ROW_ALIGN, 2)
+    rows = blk[torch.arange(flat.numel()), :, :, flat % ROW_ALIGN, :]  # (T, K/32, 16, 2)
     return rows.reshape(*ids.shape, k)
 
 

@@ -4,7 +4,8 @@
 // (N % 16 == 0, K % 32 == 0) becomes blocks of 16 output rows x 32 inputs,
 //   packed[nb][kb][kk][j][p] = w[16 nb + j][32 kb + 2 kk + p]     (nb < N/16, kb < K/32)
 // so rows [16a, 16b) of W are one contiguous run of the packed bytes (row slices and row
-// concatenations of packed matrices are packed matrices: fused projections stay views).
+// concatenations of packed matrices are packed matrices: fused projections stay views). For
+// int8 each 64-byte group of a block is stored in `group_order` (the widening's interleave).
 //
 // y = x @ (w * scale[:, None]).T per row of x (bf16), each output an fp32 AMX sum over K in
 // 32-wide steps (TDPBF16PS on the int8 values widened exactly to bf16), times its scale, rounded
@@ -49,12 +50,34 @@ void configure(int r0, int r1) {
   _tile_loadconfig(&c);
 }
 
-// 512 packed int8 -> 512 bf16 in the same order (exact: |q| <= 127 fits bf16's mantissa)
+// bf16 bits of 0..127, high and low bytes: the widening is two table lookups (vpermi2b)
+struct Bf16Bytes {
+  alignas(64) uint8_t hi[128];
+  alignas(64) uint8_t lo[128];
+  Bf16Bytes() {
+    for (int a = 0; a < 128; ++a) hi[a] = f2bf(static_cast<float>(a)) >> 8, lo[a] = f2bf(static_cast<float>(a)) & 0xff;
+  }
+};
+const Bf16Bytes kBf16Bytes;
+
+// 512 packed int8 -> 512 bf16 in the B tile's order (exact: |q| <= 127 fits bf16's mantissa).
+// Per 64 bytes: |q| looks up the high and low bytes of bf16(|q|), q's sign bit is or-ed into the
+// high byte, and the byte interleave (unpacklo/hi, per 128-bit lane) gives the 16-bit values;
+// `shoal_qpack` stored each 64-byte group in the order that interleave undoes (`kGroupOrder`).
+// 1.45x faster than widening through fp32 (measured, 121 products a step: 10.2-11.7 -> 6.9-8.1
+// ms at one row).
 inline void widen_block(const int8_t* src, bf16_t* dst) {
-  for (int i = 0; i < 512; i += 32) {
-    __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-    __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16))));
-    _mm512_store_si512(reinterpret_cast<__m512i*>(dst + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
+  const __m512i h0 = _mm512_load_si512(kBf16Bytes.hi), h1 = _mm512_load_si512(kBf16Bytes.hi + 64);
+  const __m512i l0 = _mm512_load_si512(kBf16Bytes.lo), l1 = _mm512_load_si512(kBf16Bytes.lo + 64);
+  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int i = 0; i < 512; i += 64) {
+    const __m512i q = _mm512_loadu_si512(src + i);
+    const __m512i a = _mm512_abs_epi8(q);
+    __m512i hi = _mm512_permutex2var_epi8(h0, a, h1);
+    const __m512i lo = _mm512_permutex2var_epi8(l0, a, l1);
+    hi = _mm512_ternarylogic_epi32(hi, q, sign, 0xF8);  // hi | (q & 0x80)
+    _mm512_store_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_unpacklo_epi8(lo, hi));
+    _mm512_store_si512(reinterpret_cast<__m512i*>(dst + i + 32), _mm512_unpackhi_epi8(lo, hi));
   }
 }
 
@@ -155,6 +178,11 @@ int amx_linear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const W* wp, c
 }
 #endif
 
+// Where value e (0..63) of a 64-value group of the B order is stored, for int8 weights: the
+// byte interleave of `widen_block` takes bytes 0-7 of each 16-byte lane to values 0-31 and
+// bytes 8-15 to values 32-63.
+inline int group_order(int e) { return e < 32 ? (e / 8) * 16 + e % 8 : ((e - 32) / 8) * 16 + 8 + (e - 32) % 8; }
+
 // w (n, k) row-major -> out (n * k) in the packed layout above; n % 16 == 0, k % 32 == 0.
 template <typename W>
 int pack(const W* w, int64_t n, int64_t k, W* out) {
@@ -166,7 +194,11 @@ int pack(const W* w, int64_t n, int64_t k, W* out) {
       W* o = out + (b * kb + c) * 512;
       for (int kk = 0; kk < 16; ++kk)
         for (int j = 0; j < 16; ++j)
-          for (int p = 0; p < 2; ++p) o[kk * 32 + j * 2 + p] = w[(b * 16 + j) * k + c * 32 + kk * 2 + p];
+          for (int p = 0; p < 2; ++p) {
+            const int v = kk * 32 + j * 2 + p;  // the value's place in the B order
+            const int at = sizeof(W) == 1 ? (v / 64) * 64 + group_order(v % 64) : v;
+            o[at] = w[(b * 16 + j) * k + c * 32 + kk * 2 + p];
+          }
     }
   return 0;
 }
