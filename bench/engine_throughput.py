@@ -17,6 +17,7 @@ Shoal's runs, before any baseline loads. Usage:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -200,6 +201,7 @@ def main() -> None:
         if pack and cpu_kernels and quant == q:
             shoal_rss = rss_peak_mb()
         del engine
+        gc.collect()  # the next variant must not run beside this one's model and KV cache
     kernels.set_enabled(True)
     if not args.skip_hf:
         import transformers
