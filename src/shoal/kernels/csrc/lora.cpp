@@ -3,6 +3,8 @@
 
 #include "common.h"
 
+#include <immintrin.h>
+
 namespace {
 using namespace shoal;
 
@@ -14,7 +16,7 @@ using namespace shoal;
 // arithmetic of `shrink, scale, expand, round, add`. Only the slot's rank_i[s] rows are read
 // (the zero padding adds nothing). Tokens with slot -1 are left alone (base model).
 template <typename T, typename TW>
-void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int64_t* slot,
+void lora_bgmv_generic(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int64_t* slot,
                     int64_t sa, int64_t n_layers, const int64_t* a_ptr, const int64_t* b_ptr,
                     const int64_t* b_stride, const int64_t* scale_ptr, const int64_t* rank_ptr,
                     const int64_t* out_ptr, const int64_t* out_stride, const int64_t* width,
@@ -62,6 +64,162 @@ void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int6
     }
   }
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// ---- AVX-512: tokens of one slot in blocks of up to 4 sharing each weight load ----------------
+// Per token the arithmetic is fixed whatever its block: each dot product x . a[r] is 16 lane
+// sums over k (FMA, lane l takes e = l mod 16, a tail masked) reduced by _mm512_reduce_add_ps;
+// each delta element is an FMA chain over r in order, held in a register (the generic loop
+// above kept it in memory, a load and store per rank per element). So a token's bits do not
+// depend on which tokens share its block, and decode rows (blocks of one) and prefill runs
+// compute the same way.
+constexpr int kBlock = 4;
+
+template <typename TW>
+inline __m512 load16(const TW* p, __mmask16 m);
+template <>
+inline __m512 load16<float>(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+template <>
+inline __m512 load16<bf16_t>(const bf16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// 16 floats -> bf16 bits in 32-bit lanes, rounded as `f2bf` (nearest even; NaN stays NaN)
+inline __m512i bf16_bits(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+}
+
+// o[0..16) (masked) = delta (accumulate 0) or T(o + T(delta)) (accumulate 1)
+template <typename T>
+inline void store_delta(T* o, __m512 d, __mmask16 m, int accumulate);
+template <>
+inline void store_delta<float>(float* o, __m512 d, __mmask16 m, int accumulate) {
+  _mm512_mask_storeu_ps(o, m, accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, o), d) : d);
+}
+template <>
+inline void store_delta<bf16_t>(bf16_t* o, __m512 d, __mmask16 m, int accumulate) {
+  __m512i r = bf16_bits(d);
+  if (accumulate) {
+    const __m512 dr = _mm512_castsi512_ps(_mm512_slli_epi32(r, 16));  // T(delta)
+    r = bf16_bits(_mm512_add_ps(load16<bf16_t>(o, m), dr));
+  }
+  _mm256_mask_storeu_epi16(o, m, _mm512_cvtepi32_epi16(r));
+}
+
+template <int NB, typename T, typename TW>
+void bgmv_block(const T* x, int64_t xs, const int64_t* rows, int64_t k, int64_t s, int64_t sa,
+                int64_t n_layers, const int64_t* a_ptr, const int64_t* b_ptr, const int64_t* b_stride,
+                const int64_t* scale_ptr, const int64_t* rank_ptr, const int64_t* out_ptr,
+                const int64_t* out_stride, const int64_t* width, int accumulate, float* xf, float* c) {
+  const int64_t kp = (k + 15) / 16 * 16;
+  for (int t = 0; t < NB; ++t) {  // the tokens' inputs in fp32, zero-padded to whole vectors
+    const T* xr = x + rows[t] * xs;
+    for (int64_t e = 0; e < kp; ++e) xf[t * kp + e] = e < k ? ld(xr, e) : 0.0f;
+  }
+  for (int64_t i = 0; i < n_layers; ++i) {
+    const int64_t rank = reinterpret_cast<const int64_t*>(rank_ptr[i])[s];
+    const int64_t w = width[i];
+    if (rank == 0) {  // this slot has no weights for layer i: a zero delta
+      if (!accumulate)
+        for (int t = 0; t < NB; ++t) {
+          T* o = reinterpret_cast<T*>(out_ptr[i]) + rows[t] * out_stride[i];
+          for (int64_t e = 0; e < w; ++e) st(o, e, 0.0f);
+        }
+      continue;
+    }
+    const float scale = reinterpret_cast<const float*>(scale_ptr[i])[s];
+    // 1) shrink: c[t][r] = T32(x_t . a[r]) * scale
+    for (int64_t r = 0; r < rank; ++r) {
+      const TW* ar = reinterpret_cast<const TW*>(a_ptr[i]) + s * sa + r * k;
+      __m512 acc[NB];
+      for (int t = 0; t < NB; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t e0 = 0; e0 < k; e0 += 16) {
+        const __mmask16 m = k - e0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (k - e0)) - 1);
+        const __m512 wv = load16(ar + e0, m);
+        for (int t = 0; t < NB; ++t) acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xf + t * kp + e0), wv, acc[t]);
+      }
+      for (int t = 0; t < NB; ++t) c[t * rank + r] = _mm512_reduce_add_ps(acc[t]) * scale;
+    }
+    // 2) expand and add: out_t[e] (+)= T(sum_r c[t][r] * b[r][e]), the sum over r in order
+    const TW* bs = reinterpret_cast<const TW*>(b_ptr[i]) + s * b_stride[i];
+    for (int64_t e0 = 0; e0 < w; e0 += 16) {
+      const __mmask16 m = w - e0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (w - e0)) - 1);
+      __m512 acc[NB];
+      for (int t = 0; t < NB; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t r = 0; r < rank; ++r) {
+        const __m512 bv = load16(bs + r * w + e0, m);
+        for (int t = 0; t < NB; ++t) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(c[t * rank + r]), bv, acc[t]);
+      }
+      for (int t = 0; t < NB; ++t)
+        store_delta(reinterpret_cast<T*>(out_ptr[i]) + rows[t] * out_stride[i] + e0, acc[t], m, accumulate);
+    }
+  }
+}
+
+template <typename T, typename TW>
+void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int64_t* slot,
+                    int64_t sa, int64_t n_layers, const int64_t* a_ptr, const int64_t* b_ptr,
+                    const int64_t* b_stride, const int64_t* scale_ptr, const int64_t* rank_ptr,
+                    const int64_t* out_ptr, const int64_t* out_stride, const int64_t* width,
+                    int accumulate) {
+  // blocks: up to kBlock consecutive tokens with the same slot (a prefill run), else one token
+  int64_t* rows = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * (2 * n_tok + 2)));
+  int64_t* starts = rows + n_tok + 1;
+  int64_t nblocks = 0, nr = 0, rmax = 1;
+  for (int64_t t = 0; t < n_tok;) {
+    if (slot[t] < 0) {
+      ++t;
+      continue;
+    }
+    starts[nblocks++] = nr;
+    const int64_t s = slot[t];
+    for (int j = 0; j < kBlock && t < n_tok && slot[t] == s; ++j) rows[nr++] = t++;
+    for (int64_t i = 0; i < n_layers; ++i) {
+      const int64_t r = reinterpret_cast<const int64_t*>(rank_ptr[i])[s];
+      rmax = r > rmax ? r : rmax;
+    }
+  }
+  starts[nblocks] = nr;
+  const int64_t kp = (k + 15) / 16 * 16;
+#pragma omp parallel if (nblocks >= 4)
+  {
+    float* xf = static_cast<float*>(std::malloc(sizeof(float) * kBlock * kp));
+    float* c = static_cast<float*>(std::malloc(sizeof(float) * kBlock * rmax));
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const int64_t* rb = rows + starts[b];
+      const int64_t s = slot[rb[0]];
+#define SHOAL_BLOCK(NB)                                                                          \
+  bgmv_block<NB, T, TW>(x, xs, rb, k, s, sa, n_layers, a_ptr, b_ptr, b_stride, scale_ptr, rank_ptr, \
+                        out_ptr, out_stride, width, accumulate, xf, c)
+      switch (starts[b + 1] - starts[b]) {
+        case 1: SHOAL_BLOCK(1); break;
+        case 2: SHOAL_BLOCK(2); break;
+        case 3: SHOAL_BLOCK(3); break;
+        default: SHOAL_BLOCK(4); break;
+      }
+#undef SHOAL_BLOCK
+    }
+    std::free(xf);
+    std::free(c);
+  }
+  std::free(rows);
+}
+#else
+template <typename T, typename TW>
+void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int64_t* slot,
+                    int64_t sa, int64_t n_layers, const int64_t* a_ptr, const int64_t* b_ptr,
+                    const int64_t* b_stride, const int64_t* scale_ptr, const int64_t* rank_ptr,
+                    const int64_t* out_ptr, const int64_t* out_stride, const int64_t* width,
+                    int accumulate) {
+  lora_bgmv_generic<T, TW>(x, xs, n_tok, k, slot, sa, n_layers, a_ptr, b_ptr, b_stride, scale_ptr,
+                           rank_ptr, out_ptr, out_stride, width, accumulate);
+}
+#endif
 
 }  // namespace
 
