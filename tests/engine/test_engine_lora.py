@@ -109,7 +109,7 @@ def test_bf16_adapters_on_amx_layers_keep_their_bits_in_a_mixed_batch(setup):
     request's tokens and logprobs are the same alone and in a batch mixing base and 5 adapters,
     and the adapters change the output."""
     from shoal.kernels import qlinear as amx
-    from shoal.model.quant import AMXLinear
+    from shoal.model.amx_linear import AMXLinear
 
     root, paths, _ = setup
     cfg = dict(model="tiny", block_size=8, num_kv_blocks=512, max_num_batched_tokens=128,

@@ -273,7 +273,7 @@ def test_bf16_model_math_is_bitwise_batch_invariant(tmp_path, tiny_tokenizer_dir
 def _check_bf16_batch_invariance(tmp_path, tiny_tokenizer_dir, pack):
     from shoal.kernels import qlinear as amx
     from shoal.model.loader import load_dir
-    from shoal.model.quant import AMXLinear
+    from shoal.model.amx_linear import AMXLinear
     from tests.helpers import hf_tiny_config, save_tiny_hf_dir
 
     torch.manual_seed(0)

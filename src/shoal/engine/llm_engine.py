@@ -67,7 +67,7 @@ class LLMEngine:
 
             quantize_model(self.model, config.quantization)
         elif config.pack_weights:  # bf16 on a CPU with AMX: our tile kernel (`AMXLinear`)
-            from ..model.quant import pack_amx
+            from ..model.amx_linear import pack_amx
 
             pack_amx(self.model)
         fuse_projections(self.model)  # q/k/v and gate/up as one product each (in place, once)

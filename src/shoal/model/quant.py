@@ -1,5 +1,5 @@
-"""Weight-only int8 quantization for inference (int8 weights, per-output-channel scales), and
-`AMXLinear`/`pack_amx`: the engine's bf16 layers packed for our AMX tile kernel (same numbers).
+"""Weight-only int8 quantization for inference: int8 weights, per-output-channel scales. (The
+engine's bf16 layers on AMX tiles, `AMXLinear`, reuse `QuantLinear`: `shoal.model.amx_linear`.)
 
 `quantize_model` swaps every Linear (lm_head included) for a `QuantLinear` in place and, when the
 embedding is tied to lm_head, the embedding for a `QuantEmbedding` reading the same int8 rows, so
@@ -252,56 +252,3 @@ def quantize_model(model: nn.Module, mode: str = "int8") -> int:
             t.data = t.data.clone()
     gc.collect()
     return n
-
-
-class AMXLinear(QuantLinear):
-    """A bf16 Linear whose weight is packed for AMX tiles (`kernels.qlinear.blinear`): `qweight`
-    (out, in) bf16 in the tiles' order, `qscale` None, `weight` None; the same numbers, so the
-    products are F.linear's up to the fp32 sum's order (the bias is added after rounding). Any
-    row count gives a row the same bits, so the engine's row classes and split-K (for oneDNN's
-    kernels) do not apply. Measured (`bench/cpu_products.py`, Xeon with AMX, 2 threads, the 121
-    products of a SmolLM2-135M decode step): 9.8 ms at 1 row and 12.5 at 32, vs F.linear 22.6
-    and 28.0."""
-
-    @classmethod
-    def from_linear(cls, layer: nn.Linear) -> "AMXLinear":
-        return cls(layer.in_features, layer.out_features, amx.qpack(layer.weight.detach()), None,
-                   layer.bias, True)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, bf16 AMX order")
-
-
-def amx_packable(layer: nn.Module) -> bool:
-    w = getattr(layer, "weight", None)
-    return (isinstance(layer, nn.Linear) and isinstance(w, torch.Tensor) and not w.is_meta
-            and w.device.type == "cpu" and w.dtype == torch.bfloat16 and amx.packable(*w.shape))
-
-
-@torch.no_grad()
-def pack_amx(model: nn.Module) -> int:
-    """Replace every bf16 CPU nn.Linear whose shape fits the tiles by an `AMXLinear` in place
-    (an embedding tied to one reads its packed rows: `QuantEmbedding`, no second copy); returns
-    how many. None where the CPU has no AMX-BF16 or the kernels are off. Call before
-    `fuse_projections` (packed parts concatenate into a packed fused weight)."""
-    from .layers import LlamaAttention, SwiGLU  # (layers imports this module's parent's kernels)
-
-    skip = set()  # parts of a projection fused later: all packed or none
-    for m in model.modules():
-        group = ((m.q_proj, m.k_proj, m.v_proj) if isinstance(m, LlamaAttention)
-                 else (m.gate_proj, m.up_proj) if isinstance(m, SwiGLU) else ())
-        if group and not all(amx_packable(p) for p in group):
-            skip |= {id(p) for p in group}
-    linears = [(n, m) for n, m in model.named_modules() if amx_packable(m) and id(m) not in skip]
-    tied: dict[int, list[str]] = {}
-    for n, e in model.named_modules():
-        if isinstance(e, nn.Embedding):
-            tied.setdefault(id(e.weight), []).append(n)
-    for path, layer in linears:
-        a = AMXLinear.from_linear(layer)
-        for epath in tied.pop(id(layer.weight), []):
-            _set_module(model, epath, QuantEmbedding(a.qweight, None, torch.bfloat16, True))
-        _set_module(model, path, a)
-        layer.weight = None
-    return len(linears)

@@ -15,62 +15,12 @@ using namespace shoal;
 // and out_i[t] = delta_i (accumulate = 0) or T(out_i[t] + delta_i) (accumulate = 1): the
 // arithmetic of `shrink, scale, expand, round, add`. Only the slot's rank_i[s] rows are read
 // (the zero padding adds nothing). Tokens with slot -1 are left alone (base model).
-template <typename T, typename TW>
-void lora_bgmv_generic(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int64_t* slot,
-                    int64_t sa, int64_t n_layers, const int64_t* a_ptr, const int64_t* b_ptr,
-                    const int64_t* b_stride, const int64_t* scale_ptr, const int64_t* rank_ptr,
-                    const int64_t* out_ptr, const int64_t* out_stride, const int64_t* width,
-                    int accumulate) {
-  int64_t wmax = 1;
-  for (int64_t i = 0; i < n_layers; ++i) wmax = width[i] > wmax ? width[i] : wmax;
-#pragma omp parallel for schedule(static) if (n_tok >= 4)
-  for (int64_t t = 0; t < n_tok; ++t) {
-    const int64_t s = slot[t];
-    if (s < 0) continue;
-    float xf[k];
-    float acc[wmax];
-    const T* xr = x + t * xs;
-#pragma omp simd
-    for (int64_t e = 0; e < k; ++e) xf[e] = ld(xr, e);
-    for (int64_t i = 0; i < n_layers; ++i) {
-      const int64_t rank = reinterpret_cast<const int64_t*>(rank_ptr[i])[s];
-      const int64_t w = width[i];
-      T* o = reinterpret_cast<T*>(out_ptr[i]) + t * out_stride[i];
-      if (rank == 0) {  // this slot has no weights for layer i: a zero delta
-        if (!accumulate)
-          for (int64_t e = 0; e < w; ++e) st(o, e, 0.0f);
-        continue;
-      }
-      const float scale = reinterpret_cast<const float*>(scale_ptr[i])[s];
-      const TW* bs = reinterpret_cast<const TW*>(b_ptr[i]) + s * b_stride[i];
-      for (int64_t e = 0; e < w; ++e) acc[e] = 0.0f;
-      for (int64_t r = 0; r < rank; ++r) {
-        const TW* ar = reinterpret_cast<const TW*>(a_ptr[i]) + s * sa + r * k;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t e = 0; e < k; ++e) dot += xf[e] * ld(ar, e);
-        const float c = dot * scale;
-        const TW* br = bs + r * w;
-#pragma omp simd
-        for (int64_t e = 0; e < w; ++e) acc[e] += c * ld(br, e);
-      }
-      if (accumulate) {
-#pragma omp simd
-        for (int64_t e = 0; e < w; ++e) st(o, e, ld(o, e) + rnd<T>(acc[e]));
-      } else {
-#pragma omp simd
-        for (int64_t e = 0; e < w; ++e) st(o, e, acc[e]);
-      }
-    }
-  }
-}
-
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 // ---- AVX-512: tokens of one slot in blocks of up to 4 sharing each weight load ----------------
 // Per token the arithmetic is fixed whatever its block: each dot product x . a[r] is 16 lane
 // sums over k (FMA, lane l takes e = l mod 16, a tail masked) reduced by _mm512_reduce_add_ps;
 // each delta element is an FMA chain over r in order, held in a register (the generic loop
-// above kept it in memory, a load and store per rank per element). So a token's bits do not
+// below kept it in memory, a load and store per rank per element). So a token's bits do not
 // depend on which tokens share its block, and decode rows (blocks of one) and prefill runs
 // compute the same way.
 constexpr int kBlock = 4;
@@ -209,16 +159,57 @@ void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int6
   }
   std::free(rows);
 }
-#else
+#else  // without AVX-512: one token at a time, the compiler's vectorization
 template <typename T, typename TW>
 void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int64_t* slot,
                     int64_t sa, int64_t n_layers, const int64_t* a_ptr, const int64_t* b_ptr,
                     const int64_t* b_stride, const int64_t* scale_ptr, const int64_t* rank_ptr,
                     const int64_t* out_ptr, const int64_t* out_stride, const int64_t* width,
                     int accumulate) {
-  lora_bgmv_generic<T, TW>(x, xs, n_tok, k, slot, sa, n_layers, a_ptr, b_ptr, b_stride, scale_ptr,
-                           rank_ptr, out_ptr, out_stride, width, accumulate);
+  int64_t wmax = 1;
+  for (int64_t i = 0; i < n_layers; ++i) wmax = width[i] > wmax ? width[i] : wmax;
+#pragma omp parallel for schedule(static) if (n_tok >= 4)
+  for (int64_t t = 0; t < n_tok; ++t) {
+    const int64_t s = slot[t];
+    if (s < 0) continue;
+    float xf[k];
+    float acc[wmax];
+    const T* xr = x + t * xs;
+#pragma omp simd
+    for (int64_t e = 0; e < k; ++e) xf[e] = ld(xr, e);
+    for (int64_t i = 0; i < n_layers; ++i) {
+      const int64_t rank = reinterpret_cast<const int64_t*>(rank_ptr[i])[s];
+      const int64_t w = width[i];
+      T* o = reinterpret_cast<T*>(out_ptr[i]) + t * out_stride[i];
+      if (rank == 0) {  // this slot has no weights for layer i: a zero delta
+        if (!accumulate)
+          for (int64_t e = 0; e < w; ++e) st(o, e, 0.0f);
+        continue;
+      }
+      const float scale = reinterpret_cast<const float*>(scale_ptr[i])[s];
+      const TW* bs = reinterpret_cast<const TW*>(b_ptr[i]) + s * b_stride[i];
+      for (int64_t e = 0; e < w; ++e) acc[e] = 0.0f;
+      for (int64_t r = 0; r < rank; ++r) {
+        const TW* ar = reinterpret_cast<const TW*>(a_ptr[i]) + s * sa + r * k;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t e = 0; e < k; ++e) dot += xf[e] * ld(ar, e);
+        const float c = dot * scale;
+        const TW* br = bs + r * w;
+#pragma omp simd
+        for (int64_t e = 0; e < w; ++e) acc[e] += c * ld(br, e);
+      }
+      if (accumulate) {
+#pragma omp simd
+        for (int64_t e = 0; e < w; ++e) st(o, e, ld(o, e) + rnd<T>(acc[e]));
+      } else {
+#pragma omp simd
+        for (int64_t e = 0; e < w; ++e) st(o, e, acc[e]);
+      }
+    }
+  }
 }
+
 #endif
 
 }  // namespace
