@@ -73,9 +73,8 @@ class EngineConfig:
     quantization: str | None = None
     """Weight-only quantization of every linear layer (lm_head and a tied embedding included):
     None or int8 (per-output-channel scales). 4x less weight memory than fp32. On a CPU with
-    AMX-BF16 the products run on our AMX kernel (about the speed of bf16 on the tiles: the
-    widening costs what the halved reads save; every row count gives a row the same bits); on
-    other CPUs torch's int8 kernel, about 1.5x faster than fp32 at 1-4 rows and 1.5-2x slower
+    AMX-BF16 the products run on our AMX kernel (1.2-1.5x bf16's on the tiles at 1-32 rows,
+    measured; every row count gives a row the same bits); on other CPUs torch's int8 kernel, about 1.5x faster than fp32 at 1-4 rows and 1.5-2x slower
     at 32+ rows (batches, prefill)."""
 
     def __post_init__(self) -> None:

@@ -10,9 +10,9 @@ Why: CPU decode reads every weight once per token, so it is memory-bound. Two CP
 - with AMX-BF16 (and the C++ kernels built), weights are packed for AMX tiles at quantization
   (`shoal.kernels.qlinear`): each int8 block is widened to bf16 once per call and multiplied
   in tiles. Measured (`bench/cpu_products.py`: Xeon with AMX, 2 threads, SmolLM2-135M's 121
-  products a decode step, 135 MB of int8 weights): 10.3 ms a step at 1 row and 13.4 at 32, vs
-  bf16 `F.linear` 20.8 and 27.6, vs `_weight_int8pack_mm` 10.6 and 89.0. Any row count gives
-  a row the same bits.
+  products a decode step, 135 MB of int8 weights): 7.5 ms a step at 1 row and 9.5 at 32, vs
+  bf16 on the same tiles 9.6 and 11.9, bf16 `F.linear` 19.5 and 23.8, `_weight_int8pack_mm`
+  13.9 and 83.4. Any row count gives a row the same bits.
 - otherwise `_weight_int8pack_mm` (row-major weights). Measured (torch 2.13, 2 shared AVX2
   cores, 1 thread, 60 distinct 1536x576 layers so weights come from DRAM): 1.5x faster than
   fp32 F.linear at 1-4 rows and 1.5x slower at 32 rows (2x at 128: the AVX2 kernel is
