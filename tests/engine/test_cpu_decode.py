@@ -96,10 +96,11 @@ def test_one_call_path_gives_the_python_paths_bits(tmp_path, tiny_tokenizer_dir,
 
 @pytest.mark.skipif(not __import__("shoal.kernels.qlinear", fromlist=["x"]).amx_ready(),
                     reason="the one-call path needs products on AMX")
-def test_one_call_path_adds_the_lora_layers_deltas_bit_for_bit(setup, monkeypatch):
-    """bf16 on AMX, base and 5 adapters mixed: decode steps with adapter rows through the one
-    call (LoRA deltas added in C++ after each product) give the module path's tokens and
-    logprobs bit for bit."""
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_one_call_path_adds_the_lora_layers_deltas_bit_for_bit(setup, monkeypatch, quantization):
+    """bf16 on AMX (bf16 or int8 weights), base and 5 adapters mixed: decode steps with adapter
+    rows through the one call (LoRA deltas added in C++ after each product) give the module
+    path's tokens and logprobs bit for bit."""
     from shoal.config import EngineConfig
     from shoal.engine import cpu_decode
     from shoal.engine.llm import LLM
@@ -119,7 +120,8 @@ def test_one_call_path_adds_the_lora_layers_deltas_bit_for_bit(setup, monkeypatc
             return ok
         monkeypatch.setattr(cpu_decode.CPUDecodeForward, "_native_fits", fits)
         cfg = EngineConfig(model="tiny", block_size=8, num_kv_blocks=512, max_num_batched_tokens=128,
-                           enable_lora=True, max_loras=8, max_lora_rank=16, max_cpu_loras=8)
+                           enable_lora=True, max_loras=8, max_lora_rank=16, max_cpu_loras=8,
+                           quantization=quantization)
         llm = LLM(cfg, loaded=load_dir(str(root / "base"), dtype="bfloat16"))
         for name, path in paths.items():
             llm.add_adapter(name, path)
