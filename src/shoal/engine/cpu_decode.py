@@ -7,12 +7,14 @@ same operations as `LlamaBlock.forward` through the fused CPU kernels, in the sa
 the same roundings, but from per-layer tuples made once: no `nn.Module.__call__`, attribute
 lookups, LoRA checks or per-call layout tests, and each block's last residual add is fused into
 the next block's norm (the kernel rounds the sum as `h + m` does). It serves steps whose rows
-are all decodes with no adapter rows, for the Llama family with fused q/k/v and gate/up; any
-other step takes the model's own forward. The bits are the module path's (tested).
+are all decodes, for the Llama family with fused q/k/v and gate/up; any other step takes the
+model's own forward. The bits are the module path's (tested).
 
 When every product runs on AMX tiles (a bf16 model on a CPU with AMX: `AMXLinear`, or
-`quantization="int8"`), all blocks run in one C++ call (`csrc/llama_decode.cpp`: the same kernels in the same order, so
-the same bits), and no Python runs between the layers.
+`quantization="int8"`), all blocks run in one C++ call (`csrc/llama_decode.cpp`: the same
+kernels in the same order, so the same bits) and no Python runs between the layers; only that
+path serves steps with adapter rows (each product's LoRA deltas added in C++ by the LoRA
+layers' own kernel, `kernels.BGMVLayers` tables made once).
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ class CPUDecodeForward:
             m = down(kernels.silu_mul(gate_up(x)))
         return kernels.rms_norm(m, bb.norm.weight, bb.norm.eps, h)[0]  # norm(h + m)
 
-    # ---- all blocks in one C++ call (int8 products on AMX) ------------------------------------
+    # ---- all blocks in one C++ call (products on AMX) -----------------------------------------
 
     def _native_fits(self, h: torch.Tensor, ctx) -> bool:
         r = ctx.decode_rows
@@ -128,6 +130,8 @@ class CPUDecodeForward:
 
     def _native_call(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx,
                      adapters: bool = False) -> torch.Tensor:
+        """h (N, hidden) embeddings, cos/sin (N, D) -> (N, hidden) after the final norm, through
+        `shoal_llama_decode` (with the step's adapter slots when `adapters`)."""
         n, hid = h.shape
         c = self.model.config
         nh, hkv, d, inter = self.h, self.hkv, self.d, c.intermediate_size
@@ -161,7 +165,7 @@ class CPUDecodeForward:
 
 def _amx_kind(m: nn.Module) -> int | None:
     """0 for an AMX-packed int8 product, 1 for a bf16 one (`AMXLinear`), without a bias; else
-    None. A LoRA wrapper's base counts: the one-call path only serves steps without adapter rows."""
+    None. A LoRA wrapper counts by its base (its deltas come from `_lora_table`)."""
     packed = m.packed if isinstance(m, QuantLinear) else (isinstance(m, LoRALinear) and getattr(m, "qpacked", False))
     if not packed or m.bias is not None or not m.qweight.is_contiguous():
         return None
@@ -207,10 +211,10 @@ def _lora_table(model: Transformer) -> tuple | None:
     from ..kernels.ops import _DT
 
     rows, keep, dts = [], [], set()
+    c = model.config
+    nh, hkv, d = c.num_heads, c.num_kv_heads, c.head_dim
     for blk in model.backbone.layers:
         at, mlp = blk.self_attn, blk.mlp
-        c = model.config
-        nh, hkv, d = c.num_heads, c.num_kv_heads, c.head_dim
         groups = (((at.q_proj, 0), (at.k_proj, nh * d), (at.v_proj, (nh + hkv) * d)), ((at.o_proj, 0),),
                   ((mlp.gate_proj, 0), (mlp.up_proj, mlp.gate_proj.out_features)), ((mlp.down_proj, 0),))
         row = []

@@ -96,7 +96,8 @@ def qlinear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch
     m, k = x.shape
     n = packed.shape[0]
     xb = x if x.dtype == torch.bfloat16 and x.stride(1) == 1 else x.to(torch.bfloat16).contiguous()
-    ops._check(packed.shape[1] == k and packed.is_contiguous() and scale.dtype == torch.bfloat16
+    ops._check(packed.dtype == torch.int8 and packed.shape[1] == k and packed.is_contiguous()
+               and scale.dtype == torch.bfloat16
                and scale.is_contiguous() and scale.numel() == n, "qlinear: weight, scale or input")
     y = torch.empty(m, n, dtype=torch.bfloat16)
     rc = library().shoal_qlinear(xb.data_ptr(), xb.stride(0), m, k, packed.data_ptr(), scale.data_ptr(),
