@@ -45,6 +45,13 @@ template <> inline void row64<bf16_t>(const bf16_t* p, __m512 r[4]) {
   }
 }
 
+constexpr int kPrefetch = 8;  // keys ahead
+template <typename TC>
+inline void prefetch_row(const TC* p) {  // one key or value row: 64 elements
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int b = 0; b < 64 * static_cast<int>(sizeof(TC)); b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+}
+
 template <typename TC, int G>
 void attend64(const float* qf, const TC* kbase, const TC* vbase, const int64_t* slots, int64_t len,
               float scale, float* scores, float* outf) {
@@ -52,7 +59,10 @@ void attend64(const float* qf, const TC* kbase, const TC* vbase, const int64_t* 
   for (int j = 0; j < G; ++j) row64<float>(qf + 64 * j, q[j]);
   // 1) scores (G, len) = q . k * scale: per key, products of 4 chunks summed pairwise, then
   //    the 16 lanes
+  // keys and values are read through the slot table (paged: a jump at each block's end), so
+  // each row is fetched kPrefetch keys ahead
   for (int64_t s = 0; s < len; ++s) {
+    if (s + kPrefetch < len) prefetch_row(kbase + slots[s + kPrefetch] * 64);
     __m512 k[4];
     row64<TC>(kbase + slots[s] * 64, k);
     for (int j = 0; j < G; ++j) {
@@ -68,7 +78,9 @@ void attend64(const float* qf, const TC* kbase, const TC* vbase, const int64_t* 
   __m512 acc[G][4];
   for (int j = 0; j < G; ++j)
     for (int c = 0; c < 4; ++c) acc[j][c] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < kPrefetch && s < len; ++s) prefetch_row(vbase + slots[s] * 64);
   for (int64_t s = 0; s < len; ++s) {
+    if (s + kPrefetch < len) prefetch_row(vbase + slots[s + kPrefetch] * 64);
     __m512 v[4];
     row64<TC>(vbase + slots[s] * 64, v);
     for (int j = 0; j < G; ++j) {

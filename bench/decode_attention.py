@@ -1,0 +1,75 @@
+"""Decode attention over a paged KV cache on CPU, SmolLM2-135M's heads (9 query, 3 kv, size
+64), bf16 cache: Shoal's kernel (`kernels.decode_attention`, reading the cache in place through
+the slot table) against PyTorch (gather each row's keys and values, then SDPA with the kv heads
+repeated for their query groups), in the same process. 30 layers of distinct caches, so the
+keys come from memory as in a decode step; each row's blocks scattered over the cache.
+
+    python bench/decode_attention.py [--rows 32] [--ctx 200] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+H, HKV, D, BLOCK = 9, 3, 64, 16
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--ctx", type=int, default=200)
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=10)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from shoal import kernels
+
+    if kernels.library() is None:
+        raise SystemExit(f"the C++ kernels did not build: {kernels.reason()}")
+    b, ctx = args.rows, args.ctx // BLOCK * BLOCK
+    nblocks = b * ctx // BLOCK + 8
+    g = torch.Generator().manual_seed(0)
+    caches = [(torch.randn(HKV, nblocks * BLOCK, D, generator=g).bfloat16(),
+               torch.randn(HKV, nblocks * BLOCK, D, generator=g).bfloat16()) for _ in range(args.layers)]
+    perm = torch.randperm(nblocks, generator=g)
+    per_row = [(perm[i * (ctx // BLOCK):(i + 1) * (ctx // BLOCK), None] * BLOCK + torch.arange(BLOCK)).flatten()
+               for i in range(b)]
+    slots = torch.cat(per_row)
+    offsets = torch.tensor([0] + [ctx] * b).cumsum(0)
+    rows = torch.arange(b)
+    q = torch.randn(b, H, D, generator=g).bfloat16()
+    out = torch.empty_like(q)
+
+    def kernel_step():
+        for kc, vc in caches:
+            kernels.decode_attention(q, kc, vc, rows, slots, offsets, None, out, prechecked=True)
+
+    def torch_step():
+        for kc, vc in caches:
+            for i in range(b):
+                k = kc[:, per_row[i]].repeat_interleave(H // HKV, 0)  # (H, ctx, D)
+                v = vc[:, per_row[i]].repeat_interleave(H // HKV, 0)
+                out[i] = F.scaled_dot_product_attention(q[i][:, None], k, v)[:, 0]
+
+    times = {}
+    for name, fn in [("kernel", kernel_step), ("PyTorch", torch_step)] * 2:  # alternated; second kept
+        fn()
+        t = time.perf_counter()
+        for _ in range(args.repeat):
+            fn()
+        times[name] = (time.perf_counter() - t) / args.repeat * 1e3
+    nbytes = args.layers * b * ctx * HKV * D * 2 * 2
+    print(f"{args.layers} layers x {b} rows x {ctx} keys ({nbytes / 2**20:.0f} MB of KV): kernel "
+          f"{times['kernel']:.2f} ms ({nbytes / times['kernel'] / 1e6:.1f} GB/s), PyTorch {times['PyTorch']:.2f} ms, "
+          f"{times['PyTorch'] / times['kernel']:.2f}x")
+    print(json.dumps({"threads": args.threads, "rows": b, "ctx": ctx, "ms": times}))
+
+
+if __name__ == "__main__":
+    main()
