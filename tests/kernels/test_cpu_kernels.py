@@ -178,6 +178,23 @@ def test_no_compiler_means_pytorch_ops(monkeypatch):
     assert build.library() is not None and build.reason() == "loaded"
 
 
+def test_a_failing_compiler_means_pytorch_ops_and_no_half_written_library(monkeypatch, tmp_path):
+    """A compiler that fails: no library (the reason names the failure), and nothing left in the
+    cache that a later process could load."""
+    from shoal.kernels import build
+
+    monkeypatch.setattr(build, "_compiler", lambda: "/bin/false")
+    monkeypatch.setenv("SHOAL_KERNEL_CACHE", str(tmp_path))
+    build.library.cache_clear()
+    try:
+        assert build.library() is None and "failed" in build.reason()
+        assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.o"))
+    finally:
+        monkeypatch.undo()
+        build.library.cache_clear()
+    assert build.library() is not None
+
+
 def test_bad_layouts_and_slots_raise_instead_of_touching_memory():
     q = rand(2, 9, 64)
     kc = torch.zeros(3, 64, 64)
