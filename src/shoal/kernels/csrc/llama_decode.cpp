@@ -31,17 +31,18 @@ int shoal_blinear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, cons
 
 enum { LN1, QKV_W, QKV_S, O_W, O_S, LN2, GU_W, GU_S, DN_W, DN_S, K_CACHE, V_CACHE, PER_LAYER };
 
-// n decode rows through n_layers blocks. table: PER_LAYER pointers a layer (above); dims:
+// n decode rows through n_layers blocks. table: PER_LAYER pointers a layer (above). dims:
 // hidden, heads, kv heads, head size, intermediate size, cache slots, window (0 = none), cache
-// dtype (0 fp32, 1 bf16), weight kind (0 int8 with bf16 scales, 1 bf16 without). h (n, hidden) bf16: the embeddings in, the residual stream out (in
-// place); out (n, hidden) = the final norm of it. cos, sin (n, head size) bf16. slot_mapping (n,)
-// where each row's key and value go; rows (n_rows,)/slots/offsets: the decode attention's (see
-// `kernels.decode_attention`). scratch: n * (2 hidden + qkv + heads * head size + 3 inter +
-// hidden) bf16. LoRA (lora null: none): lora (n_layers, 4 products x 4) int64, per product
-// (q|k|v, o, gate|up, down) [its LoRA layers L (0 = none), A slot stride, a BGMVLayers pointer
-// table (6, L), column offsets (L,) of the layers in the product's output]; slot (n,) each
-// row's adapter slot (-1 = base); dims[9] the slots' dtype. Each product's deltas are added to
-// its output right after it, as the LoRA layers do. Returns 0, or the first failing kernel's code.
+// dtype (0 fp32, 1 bf16), weight kind (0 int8 with bf16 scales, 1 bf16 without), LoRA slots'
+// dtype. h (n, hidden) bf16: the embeddings in, the residual stream out (in place); out (n,
+// hidden) = the final norm of it. cos, sin (n, head size) bf16. slot_mapping (n,): where each
+// row's key and value go; rows (n_rows,), slots, offsets: the decode attention's (see
+// `kernels.decode_attention`). scratch: n * (3 hidden + qkv + heads * head size + 3 inter)
+// bf16. LoRA (lora null: none): lora (n_layers, 4 products x 4) int64, per product (q|k|v, o,
+// gate|up, down) [its LoRA layers L (0 = none), A slot stride, a BGMVLayers pointer table
+// (6, L), column offsets (L,) of the layers in the product's output]; slot (n,) each row's
+// adapter slot (-1 = base). Each product's deltas are added to its output right after it, as
+// the LoRA layers do. Returns 0, or the first failing kernel's code.
 int shoal_llama_decode(int64_t n, int64_t n_layers, const int64_t* table, const int64_t* dims,
                        float eps, float final_eps, float scale, shoal::bf16_t* h, const void* cos,
                        const void* sin, const int64_t* slot_mapping, const int64_t* rows,

@@ -1,4 +1,5 @@
-// Weight-only int8 linear on AMX tiles, for the engine's int8 mode on CPUs with AMX-BF16.
+// Linear products on AMX tiles, for the engine on CPUs with AMX-BF16: bf16 weights (the default
+// there, `AMXLinear`) and weight-only int8 (`--quantization int8`).
 //
 // Weights are packed once (shoal_qpack) in the layout of AMX's B operand: a (N, K) int8 matrix
 // (N % 16 == 0, K % 32 == 0) becomes blocks of 16 output rows x 32 inputs,
@@ -8,8 +9,8 @@
 // int8 each 64-byte group of a block is stored in `group_order` (the widening's interleave).
 //
 // y = x @ (w * scale[:, None]).T per row of x (bf16), each output an fp32 AMX sum over K in
-// 32-wide steps (TDPBF16PS on the int8 values widened exactly to bf16), times its scale, rounded
-// once to bf16. The tiles compute every row from that row alone (measured: a row's bits do not
+// 32-wide steps (TDPBF16PS; int8 values widened exactly to bf16 first), times its scale (int8
+// only), rounded once to bf16. The tiles compute every row from that row alone (measured: a row's bits do not
 // depend on the row count or its position), so the product is batch-invariant at any size.
 // Each weight block is widened once per call whatever the row count (decode: the widening is
 // the cost; prefill: the tiles are).
@@ -19,7 +20,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512VBMI__)
 #include <immintrin.h>
 #define SHOAL_AMX 1
 #else
@@ -63,7 +64,7 @@ const Bf16Bytes kBf16Bytes;
 // 512 packed int8 -> 512 bf16 in the B tile's order (exact: |q| <= 127 fits bf16's mantissa).
 // Per 64 bytes: |q| looks up the high and low bytes of bf16(|q|), q's sign bit is or-ed into the
 // high byte, and the byte interleave (unpacklo/hi, per 128-bit lane) gives the 16-bit values;
-// `shoal_qpack` stored each 64-byte group in the order that interleave undoes (`kGroupOrder`).
+// `shoal_qpack` stored each 64-byte group in the order that interleave undoes (`group_order`).
 // 1.45x faster than widening through fp32 (measured, 121 products a step: 10.2-11.7 -> 6.9-8.1
 // ms at one row).
 inline void widen_block(const int8_t* src, bf16_t* dst) {
