@@ -66,6 +66,7 @@ class CPUDecodeForward:
         self._scratch = torch.empty(0, dtype=torch.bfloat16)
         self.mapping = next((m.mapping for m in model.modules() if isinstance(m, LoRALinear)), None)
         self._lora: tuple | None = None  # (per-layer LoRA table, plans kept alive), made on first use
+        self._lora_key: tuple = ()  # the slot buffers' addresses it was made for
 
     @staticmethod
     def supports(model: Transformer) -> bool:
@@ -118,14 +119,18 @@ class CPUDecodeForward:
     def _pointer_table(self, cache) -> torch.Tensor:
         key = (cache.k.data_ptr(), cache.v.data_ptr())
         if self._table is None or self._table[0] != key:
-            rows = [[*ptrs, cache.k[li].data_ptr(), cache.v[li].data_ptr()] for ptrs, li in self.native]
+            rows = [[*ptrs, cache.k[li].data_ptr(), cache.v[li].data_ptr()] for ptrs, li, _ in self.native]
             self._table = (key, torch.tensor(rows, dtype=torch.int64))  # (layers, 12)
         return self._table[1]
 
     def _lora_ready(self) -> bool:
-        """Build the LoRA table (once); False when some group's slots are not in a kernel dtype."""
-        if self._lora is None:
-            self._lora = _lora_table(self.model) or ()
+        """The LoRA table, built on first use and again if the slot buffers moved (it holds
+        their addresses); False when some group's slots are not in a kernel dtype."""
+        layers = list(self.mapping.layers.values())
+        key = tuple(t.data_ptr() for p in (layers[0], layers[-1])
+                    for t in (p.lora_a_stacked, p.lora_b_stacked))
+        if self._lora is None or self._lora_key != key:
+            self._lora, self._lora_key = _lora_table(self.model) or (), key
         return bool(self._lora)
 
     def _native_call(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx,
@@ -166,7 +171,10 @@ class CPUDecodeForward:
 def _amx_kind(m: nn.Module) -> int | None:
     """0 for an AMX-packed int8 product, 1 for a bf16 one (`AMXLinear`), without a bias; else
     None. A LoRA wrapper counts by its base (its deltas come from `_lora_table`)."""
-    packed = m.packed if isinstance(m, QuantLinear) else (isinstance(m, LoRALinear) and getattr(m, "qpacked", False))
+    if isinstance(m, QuantLinear):
+        packed = m.packed
+    else:
+        packed = isinstance(m, LoRALinear) and getattr(m, "qpacked", False)
     if not packed or m.bias is not None or not m.qweight.is_contiguous():
         return None
     if m.qscale is None:
@@ -175,7 +183,7 @@ def _amx_kind(m: nn.Module) -> int | None:
 
 
 def _native_layers(model: Transformer) -> list | None:
-    """(weight kind, per layer (its 10 weight pointers, its index)) when every block's products
+    """(weight kind, per layer (its 10 weight pointers, its index, the tensors)) when every block's products
     are AMX-packed, all int8 (kind 0) or all bf16 (kind 1), without biases, the norms share one
     eps and their weights are bf16; else None."""
     if not qlinear.amx_ready():
@@ -197,7 +205,9 @@ def _native_layers(model: Transformer) -> list | None:
         sp = [p.qscale.data_ptr() if p.qscale is not None else 0 for p in prods]
         out.append(([ln1.weight.data_ptr(), qkv.qweight.data_ptr(), sp[0], o.qweight.data_ptr(), sp[1],
                      ln2.weight.data_ptr(), gu.qweight.data_ptr(), sp[2], dn.qweight.data_ptr(), sp[3]],
-                    at.layer_idx))
+                    at.layer_idx,
+                    # the tensors themselves: the addresses stay valid while this forward lives
+                    (ln1.weight, ln2.weight, *(t for p in prods for t in (p.qweight, p.qscale)))))
     if len(eps) != 1 or bb.norm.weight.dtype != torch.bfloat16:
         return None
     return kinds.pop(), out

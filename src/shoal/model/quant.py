@@ -195,13 +195,15 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("qscale", qscale, persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = amx.qrows(self.qweight, ids) if self.packed else F.embedding(ids, self.qweight)  # (..., dim) int8
+        # (..., dim) int8 (bf16 for an AMXLinear head's rows)
+        rows = amx.qrows(self.qweight, ids) if self.packed else F.embedding(ids, self.qweight)
         if self.qscale is None:  # bf16 rows (an AMXLinear head's)
             return rows.to(self.dtype)
         return (rows.float() * self.qscale[ids].float().unsqueeze(-1)).to(self.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, {'int8' if self.qscale is not None else 'bf16 AMX order'}"
+        kind = "int8" if self.qscale is not None else "bf16 AMX order"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {kind}"
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
