@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..kernels import qlinear as amx
+from .layers import LlamaAttention, SwiGLU
 from .quant import QuantEmbedding, QuantLinear, _set_module
 
 
@@ -44,10 +45,8 @@ def amx_packable(layer: nn.Module) -> bool:
 def pack_amx(model: nn.Module) -> int:
     """Replace every bf16 CPU nn.Linear whose shape fits the tiles by an `AMXLinear` in place
     (an embedding tied to one reads its packed rows: `QuantEmbedding`, no second copy); returns
-    how many. None where the CPU has no AMX-BF16 or the kernels are off. Call before
+    how many: 0 where the CPU has no AMX-BF16 or the kernels are off. Call before
     `fuse_projections` (packed parts concatenate into a packed fused weight)."""
-    from .layers import LlamaAttention, SwiGLU  # (layers imports this module's parent's kernels)
-
     skip = set()  # parts of a projection fused later: all packed or none
     for m in model.modules():
         group = ((m.q_proj, m.k_proj, m.v_proj) if isinstance(m, LlamaAttention)
