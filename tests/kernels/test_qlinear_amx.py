@@ -50,6 +50,25 @@ def test_amx_product_is_the_dequantized_product(n, k, m):
 
 
 @needs_amx
+def test_bias_joins_the_fp32_sum_before_the_one_rounding():
+    """bf16 weights with a bias: F.linear's result (the same sum, the bias added in fp32, one
+    rounding) up to the sum's order; int8 likewise against the dequantized weight."""
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(96, 576, generator=g) * 0.05).bfloat16()
+    b = torch.randn(96, generator=g).bfloat16()
+    x = torch.randn(9, 576, generator=g).bfloat16()
+    exact = x.double() @ w.double().T + b.double()
+    y = amx.blinear(x, amx.qpack(w), b)
+    assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-5).all()
+    assert (y == torch.nn.functional.linear(x, w, b)).float().mean() > 0.99
+    q, s = int8_layer(96, 576, seed=6)
+    exact = x.double() @ dequantize_int8(q, s).double().T + b.double()
+    yq = amx.qlinear(x, amx.qpack(q), s, b)
+    assert ((yq.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-5).all()
+    assert torch.equal(amx.qlinear(x[2:3], amx.qpack(q), s, b), yq[2:3])  # still row by row
+
+
+@needs_amx
 @pytest.mark.parametrize("threads", [1, 2])
 def test_amx_rows_are_batch_invariant(threads):
     """A row's bits do not depend on how many rows share the call (1..70: both tile heights,

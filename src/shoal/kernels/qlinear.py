@@ -86,10 +86,20 @@ def usable(x: torch.Tensor) -> bool:
     return ops.usable(x) and amx_ready()
 
 
-def qlinear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _bias(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    b = bias if bias.dtype == torch.bfloat16 and bias.is_contiguous() else bias.detach().to(torch.bfloat16).contiguous()
+    ops._check(b.numel() == n and b.is_cpu, "bias")
+    return b
+
+
+def qlinear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) float (rows contiguous) -> (M, N) bf16.
 
-    Semantics: y[i, j] = bf16(s_ij * scale[j]) where s_ij = sum_k bf16(x[i, k]) * w[j, k] is an
+    Semantics: y[i, j] = bf16(s_ij * scale[j] + bias[j]) (bias as bf16, added in fp32; none when
+    None) where s_ij = sum_k bf16(x[i, k]) * w[j, k] is an
     fp32 sum computed in AMX tiles (TDPBF16PS over K in steps of 32; its rounding is the
     hardware's, within ~1e-6 relative of the exact sum), w = qunpack(packed). Row i's result
     depends on row i only (the same bits at any row count or position)."""
@@ -99,22 +109,26 @@ def qlinear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch
     ops._check(packed.dtype == torch.int8 and packed.shape[1] == k and packed.is_contiguous()
                and scale.dtype == torch.bfloat16
                and scale.is_contiguous() and scale.numel() == n, "qlinear: weight, scale or input")
+    b = _bias(bias, n)
     y = torch.empty(m, n, dtype=torch.bfloat16)
     rc = library().shoal_qlinear(xb.data_ptr(), xb.stride(0), m, k, packed.data_ptr(), scale.data_ptr(),
-                                 n, y.data_ptr(), n)
+                                 b.data_ptr() if b is not None else None, n, y.data_ptr(), n)
     ops._check(rc == 0, "qlinear: kernel refused the shape")
     return y
 
 
-def blinear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float (rows contiguous) -> (M, N) bf16: y = bf16(bf16(x) @ w.T), w = qunpack(packed)
-    (bf16), the sum in fp32 AMX tiles as `qlinear`'s; row i's bits depend on row i only."""
+def blinear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) float (rows contiguous) -> (M, N) bf16: y = bf16(bf16(x) @ w.T + bias), w =
+    qunpack(packed) (bf16), the sum in fp32 AMX tiles as `qlinear`'s, the bias (as bf16) added in
+    fp32 before the one rounding (as F.linear adds it); row i's bits depend on row i only."""
     m, k = x.shape
     n = packed.shape[0]
     xb = x if x.dtype == torch.bfloat16 and x.stride(1) == 1 else x.to(torch.bfloat16).contiguous()
     ops._check(packed.dtype == torch.bfloat16 and packed.shape[1] == k and packed.is_contiguous(),
                "blinear: weight or input")
+    b = _bias(bias, n)
     y = torch.empty(m, n, dtype=torch.bfloat16)
-    rc = library().shoal_blinear(xb.data_ptr(), xb.stride(0), m, k, packed.data_ptr(), n, y.data_ptr(), n)
+    rc = library().shoal_blinear(xb.data_ptr(), xb.stride(0), m, k, packed.data_ptr(),
+                                 b.data_ptr() if b is not None else None, n, y.data_ptr(), n)
     ops._check(rc == 0, "blinear: kernel refused the shape")
     return y

@@ -19,7 +19,8 @@ from .quant import QuantEmbedding, QuantLinear, _set_module
 class AMXLinear(QuantLinear):
     """A bf16 Linear whose weight is packed for AMX tiles (`kernels.qlinear.blinear`): `qweight`
     (out, in) bf16 in the tiles' order, `qscale` None, `weight` None; the same numbers, so the
-    products are F.linear's up to the fp32 sum's order (the bias is added after rounding). Any
+    products are F.linear's up to the fp32 sum's order (a bf16 bias joins the fp32 sum before the
+    one rounding, as in F.linear). Any
     row count gives a row the same bits, so the engine's row classes and split-K (for oneDNN's
     kernels) do not apply. Measured (`bench/cpu_products.py`, Xeon with AMX, 2 threads, the 121
     products of a SmolLM2-135M decode step): 9.6 ms at 1 row and 11.9 at 32, vs F.linear 19.5

@@ -92,7 +92,8 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor,
             path on an unpacked copy). bf16 AMX-packed weights (`AMXLinear`) with qscale None.
         qscale: (out,) per-output-channel scales (any float dtype; bf16 on CPU avoids a cast);
             None for bf16 weights (no scaling).
-        bias: (out,) or None, added in x's dtype.
+        bias: (out,) or None: added in x's dtype after the product, except on the AMX kernel with
+            a bf16 bias, which adds it to the fp32 sum before the one rounding (as F.linear).
     Returns:
         (..., out) in x.dtype. On CPU the product runs on bf16 inputs with fp32 accumulation and
         a bf16 result, each output from its own accumulator (a row's result does not depend on
@@ -102,12 +103,15 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor,
     x2 = x.reshape(-1, k)  # (M, in)
     if packed:
         if amx.usable(x2):
+            # the bias joins the kernel's fp32 sum when it is bf16 (one rounding, as F.linear);
+            # an fp32 model's bias is added afterwards in fp32, as the row-major path does
+            kb = bias if bias is not None and bias.dtype == torch.bfloat16 else None
             if qscale is None:
-                y = amx.blinear(x2, qweight)
+                y = amx.blinear(x2, qweight, kb)
             else:
-                y = amx.qlinear(x2, qweight, qscale if qscale.dtype == torch.bfloat16 else qscale.bfloat16())
+                y = amx.qlinear(x2, qweight, qscale if qscale.dtype == torch.bfloat16 else qscale.bfloat16(), kb)
             y = y.to(x.dtype)
-            if bias is not None:
+            if bias is not None and kb is None:
                 y.add_(bias)
             return y.view(*lead, qweight.shape[0])
         qweight = amx.qunpack(qweight)  # kernels off (an A/B): slow, but the same product

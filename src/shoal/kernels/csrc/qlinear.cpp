@@ -82,15 +82,21 @@ inline void widen_block(const int8_t* src, bf16_t* dst) {
   }
 }
 
-// C tiles -> y[rows, cols]: y = bf16(c * scale), or bf16(c) without scales; `nb` = 1 or 2
+// C tiles -> y[rows, cols]: y = bf16(c * scale + bias): no scale for bf16 weights, no bias when
+// null (the bias added in fp32 before the one rounding, as F.linear adds it); `nb` = 1 or 2
 // column blocks of 16
-inline void epilogue(const float* c, int rows, int nb, const bf16_t* scale, bf16_t* y, int64_t ys) {
-  float s[32];
-  for (int j = 0; j < 16 * nb; ++j) s[j] = scale ? bf2f(scale[j]) : 1.0f;
+inline void epilogue(const float* c, int rows, int nb, const bf16_t* scale, const bf16_t* bias,
+                     bf16_t* y, int64_t ys) {
+  float s[32], b[32];
+  for (int j = 0; j < 16 * nb; ++j) s[j] = scale ? bf2f(scale[j]) : 1.0f, b[j] = bias ? bf2f(bias[j]) : 0.0f;
   for (int i = 0; i < rows; ++i) {
     bf16_t* yr = y + i * ys;
-    if (scale)
+    if (scale && bias)
+      for (int j = 0; j < 16 * nb; ++j) yr[j] = f2bf(c[i * 32 + j] * s[j] + b[j]);
+    else if (scale)
       for (int j = 0; j < 16 * nb; ++j) yr[j] = f2bf(c[i * 32 + j] * s[j]);
+    else if (bias)
+      for (int j = 0; j < 16 * nb; ++j) yr[j] = f2bf(c[i * 32 + j] + b[j]);
     else
       for (int j = 0; j < 16 * nb; ++j) yr[j] = f2bf(c[i * 32 + j]);
   }
@@ -100,7 +106,7 @@ inline void epilogue(const float* c, int rows, int nb, const bf16_t* scale, bf16
 // is widened into `buf` (the whole strip, kb x nb blocks, when m > 32, else one K step of it,
 // reused); W = bf16_t: the tiles read the packed weights in place.
 template <typename W>
-void strip(const bf16_t* x, int64_t xs, int64_t m, int64_t kb, const W* wp, const bf16_t* scale,
+void strip(const bf16_t* x, int64_t xs, int64_t m, int64_t kb, const W* wp, const bf16_t* scale, const bf16_t* bias,
            int64_t b0, int nb, bf16_t* y, int64_t ys, bf16_t* buf, int* cfg) {
   constexpr bool widen = sizeof(W) == 1;
   const W* w = wp + b0 * kb * 512;  // block b0 + t at w + t * kb * 512
@@ -146,19 +152,20 @@ void strip(const bf16_t* x, int64_t xs, int64_t m, int64_t kb, const W* wp, cons
       }
     }
     const bf16_t* sc = scale ? scale + b0 * 16 : nullptr;
+    const bf16_t* bi = bias ? bias + b0 * 16 : nullptr;
     _tile_stored(0, cbuf, 128);
     if (nb == 2) _tile_stored(1, cbuf + 16, 128);
-    epilogue(cbuf, r0, nb, sc, y + m0 * ys + b0 * 16, ys);
+    epilogue(cbuf, r0, nb, sc, bi, y + m0 * ys + b0 * 16, ys);
     if (r1 > 0) {
       _tile_stored(2, cbuf, 128);
       if (nb == 2) _tile_stored(3, cbuf + 16, 128);
-      epilogue(cbuf, r1, nb, sc, y + (m0 + 16) * ys + b0 * 16, ys);
+      epilogue(cbuf, r1, nb, sc, bi, y + (m0 + 16) * ys + b0 * 16, ys);
     }
   }
 }
 
 template <typename W>
-int amx_linear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const W* wp, const bf16_t* scale,
+int amx_linear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const W* wp, const bf16_t* scale, const bf16_t* bias,
                int64_t n, bf16_t* y, int64_t ys) {
   if (m <= 0) return 0;
   const int64_t kb = k / 32, nblocks = n / 16, strips = (nblocks + 1) / 2;
@@ -170,7 +177,7 @@ int amx_linear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const W* wp, c
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < strips; ++s) {
       const int nb = 2 * s + 1 < nblocks ? 2 : 1;
-      strip<W>(x, xs, m, kb, wp, scale, 2 * s, nb, y, ys, buf, cfg);
+      strip<W>(x, xs, m, kb, wp, scale, bias, 2 * s, nb, y, ys, buf, cfg);
     }
     if (cfg[0] >= 0) _tile_release();
     std::free(buf);
@@ -224,27 +231,28 @@ int shoal_qpack(const int8_t* w, int64_t n, int64_t k, int8_t* out) { return pac
 int shoal_bpack(const bf16_t* w, int64_t n, int64_t k, bf16_t* out) { return pack(w, n, k, out); }
 
 // y (m, n) bf16 (row stride ys) = x (m, k) bf16 (row stride xs, xs >= k) @ (unpack(wp) *
-// scale[:, None]).T, scale (n,) bf16; n % 16 == 0, k % 32 == 0. Returns 1 without AMX.
+// scale[:, None]).T + bias, scale and bias (n,) bf16 (bias may be null); n % 16 == 0,
+// k % 32 == 0. Returns 1 without AMX.
 int shoal_qlinear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const int8_t* wp,
-                  const bf16_t* scale, int64_t n, bf16_t* y, int64_t ys) {
+                  const bf16_t* scale, const bf16_t* bias, int64_t n, bf16_t* y, int64_t ys) {
 #if SHOAL_AMX
   if (n % 16 || k % 32 || !shoal_amx_ready()) return 1;
-  return amx_linear<int8_t>(x, xs, m, k, wp, scale, n, y, ys);
+  return amx_linear<int8_t>(x, xs, m, k, wp, scale, bias, n, y, ys);
 #else
-  (void)x, (void)xs, (void)m, (void)k, (void)wp, (void)scale, (void)n, (void)y, (void)ys;
+  (void)x, (void)xs, (void)m, (void)k, (void)wp, (void)scale, (void)bias, (void)n, (void)y, (void)ys;
   return 1;
 #endif
 }
 
-// The same product on bf16 weights packed in the same order (`shoal_bpack`): y = bf16(x @ w.T),
-// the tiles reading the weights in place.
-int shoal_blinear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const bf16_t* wp, int64_t n,
-                  bf16_t* y, int64_t ys) {
+// The same product on bf16 weights packed in the same order (`shoal_bpack`): y = bf16(x @ w.T +
+// bias), the tiles reading the weights in place.
+int shoal_blinear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const bf16_t* wp,
+                  const bf16_t* bias, int64_t n, bf16_t* y, int64_t ys) {
 #if SHOAL_AMX
   if (n % 16 || k % 32 || !shoal_amx_ready()) return 1;
-  return amx_linear<bf16_t>(x, xs, m, k, wp, nullptr, n, y, ys);
+  return amx_linear<bf16_t>(x, xs, m, k, wp, nullptr, bias, n, y, ys);
 #else
-  (void)x, (void)xs, (void)m, (void)k, (void)wp, (void)n, (void)y, (void)ys;
+  (void)x, (void)xs, (void)m, (void)k, (void)wp, (void)bias, (void)n, (void)y, (void)ys;
   return 1;
 #endif
 }
