@@ -123,12 +123,15 @@ void bgmv_block(const T* x, int64_t xs, const int64_t* rows, int64_t k, int64_t 
   }
 }
 
+#endif
+
 template <typename T, typename TW>
 void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int64_t* slot,
                     int64_t sa, int64_t n_layers, const int64_t* a_ptr, const int64_t* b_ptr,
                     const int64_t* b_stride, const int64_t* scale_ptr, const int64_t* rank_ptr,
                     const int64_t* out_ptr, const int64_t* out_stride, const int64_t* width,
                     int accumulate) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
   // blocks: up to kBlock consecutive tokens with the same slot (a prefill run), else one token
   int64_t* rows = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * (2 * n_tok + 2)));
   int64_t* starts = rows + n_tok + 1;
@@ -171,14 +174,7 @@ void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int6
     std::free(c);
   }
   std::free(rows);
-}
 #else  // without AVX-512: one token at a time, the compiler's vectorization
-template <typename T, typename TW>
-void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int64_t* slot,
-                    int64_t sa, int64_t n_layers, const int64_t* a_ptr, const int64_t* b_ptr,
-                    const int64_t* b_stride, const int64_t* scale_ptr, const int64_t* rank_ptr,
-                    const int64_t* out_ptr, const int64_t* out_stride, const int64_t* width,
-                    int accumulate) {
   int64_t wmax = 1;
   for (int64_t i = 0; i < n_layers; ++i) wmax = width[i] > wmax ? width[i] : wmax;
 #pragma omp parallel for schedule(static) if (n_tok >= 4)
@@ -221,9 +217,8 @@ void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int6
       }
     }
   }
-}
-
 #endif
+}
 
 }  // namespace
 
