@@ -1,5 +1,6 @@
-"""The products of one SmolLM2-135M decode step on CPU: Shoal's AMX kernels (`kernels.qlinear`:
-weight-only int8, and bf16) against torch's int8 kernel (`_weight_int8pack_mm`) and bf16
+"""The products of one SmolLM2-135M decode step on CPU: Shoal's packed kernels (`kernels.qlinear`:
+weight-only int8, and bf16; on AMX tiles, or AVX512-BF16 dot products where the CPU has no AMX)
+against torch's int8 kernel (`_weight_int8pack_mm`) and bf16
 `F.linear` (oneDNN), in the same process. 30 layers of distinct random weights of the real shapes (fused q/k/v 960x576,
 o 576x576, fused gate/up 3072x576, down 576x1536) plus the output layer (49152x576), so the
 weights come from memory as in the engine. Prints ms a step per row count and the ratios.
@@ -31,8 +32,10 @@ def main() -> None:
     from shoal.kernels import qlinear as amx
     from shoal.model.quant import quantize_int8
 
-    if not amx.amx_ready():
-        raise SystemExit("this CPU has no AMX-BF16 (or the kernels did not build): nothing to compare")
+    if not amx.packed_ready():
+        raise SystemExit("this CPU has neither AMX-BF16 nor AVX512-BF16 (or the kernels did not build)")
+    body = amx.body()
+    print(f"packed products on {body}")
     g = torch.Generator().manual_seed(0)
     layers = []  # (packed int8, bf16 scale, row-major int8, bf16 weight, packed bf16)
     for n, k in SHAPES * args.layers + [(VOCAB, 576)]:
@@ -40,9 +43,9 @@ def main() -> None:
         w = (q.float() * s[:, None]).bfloat16()
         layers.append((amx.qpack(q), s.bfloat16(), q, w, amx.qpack(w)))
     kinds = {
-        "int8 AMX (shoal)": lambda x, p, s, q, w, pb: amx.qlinear(x, p, s),
+        f"int8 {body} (shoal)": lambda x, p, s, q, w, pb: amx.qlinear(x, p, s),
         "int8 _weight_int8pack_mm": lambda x, p, s, q, w, pb: torch.ops.aten._weight_int8pack_mm(x, q, s),
-        "bf16 AMX (shoal)": lambda x, p, s, q, w, pb: amx.blinear(x, pb),
+        f"bf16 {body} (shoal)": lambda x, p, s, q, w, pb: amx.blinear(x, pb),
         "bf16 F.linear": lambda x, p, s, q, w, pb: F.linear(x, w),
     }
     results = {}

@@ -54,8 +54,9 @@ class EngineConfig:
     pad tiles to 4 rows (the CPU kernel computes each token alone)."""
     pack_weights: bool = True
     """On CPU, pack linear weights once for the kernel that multiplies them (the same numbers).
-    bf16 on a CPU with AMX: our AMX tile kernel (`shoal.model.quant.AMXLinear`; a tied
-    embedding reads the packed head; measured 2.2x oneDNN's products a decode step). Otherwise
+    bf16 on a CPU with AMX or AVX512-BF16: our packed kernel (`shoal.model.bf16_linear`; a tied
+    embedding reads the packed head; measured 2.0x oneDNN's products a decode step on a Xeon
+    with AMX, 3.0x at one row and 1.6x at 32 on an AMD EPYC with AVX512-BF16). Otherwise
     oneDNN's blocked layout (SmolLM2-135M bf16, 2 threads, alternated runs: 1.09-1.18x faster
     at one stream, 1.02-1.25x at 32 streams, 1.03-1.1x in prefill); a tied output layer stays
     plain there (a packed copy would cost +57 MB), and bf16 weights are packed only where
@@ -73,7 +74,8 @@ class EngineConfig:
     quantization: str | None = None
     """Weight-only quantization of every linear layer (lm_head and a tied embedding included):
     None or int8 (per-output-channel scales). 4x less weight memory than fp32. On a CPU with
-    AMX-BF16 the products run on our AMX kernel (1.2-1.5x bf16's on the tiles at 1-32 rows,
+    AMX-BF16 or AVX512-BF16 the products run on our packed kernel (Xeon with AMX: 1.2-1.5x bf16's
+    on the tiles at 1-32 rows; AMD EPYC: 1.1x bf16's at one row, slower than bf16 from 8 rows;
     measured; every row count gives a row the same bits); on other CPUs torch's int8 kernel, about 1.5x faster than fp32 at 1-4 rows and 1.5-2x slower
     at 32+ rows (batches, prefill)."""
 

@@ -64,11 +64,11 @@ def test_steps_with_adapter_rows_take_the_modules(setup, monkeypatch):
     assert len(seen) == 5  # every decode step of the base-only request
 
 
-@pytest.mark.skipif(not __import__("shoal.kernels.qlinear", fromlist=["x"]).amx_ready(),
-                    reason="the one-call path needs products on AMX")
+@pytest.mark.skipif(not __import__("shoal.kernels.qlinear", fromlist=["x"]).packed_ready(),
+                    reason="the one-call path needs packed products (AMX or AVX512-BF16)")
 @pytest.mark.parametrize("quantization", [None, "int8"])
 def test_one_call_path_gives_the_python_paths_bits(tmp_path, tiny_tokenizer_dir, monkeypatch, quantization):
-    """bf16 on AMX (bf16 or int8 weights): all blocks in one C++ call give the per-layer Python
+    """bf16 on packed products (bf16 or int8 weights): all blocks in one C++ call give the per-layer Python
     path's tokens and logprobs bit for bit (12 mixed requests, batched decode steps among them)."""
     from shoal.engine import cpu_decode
 
@@ -94,11 +94,11 @@ def test_one_call_path_gives_the_python_paths_bits(tmp_path, tiny_tokenizer_dir,
         assert [lp for _, lp, _ in fast.logprobs] == [lp for _, lp, _ in slow.logprobs]
 
 
-@pytest.mark.skipif(not __import__("shoal.kernels.qlinear", fromlist=["x"]).amx_ready(),
-                    reason="the one-call path needs products on AMX")
+@pytest.mark.skipif(not __import__("shoal.kernels.qlinear", fromlist=["x"]).packed_ready(),
+                    reason="the one-call path needs packed products (AMX or AVX512-BF16)")
 @pytest.mark.parametrize("quantization", [None, "int8"])
 def test_one_call_path_adds_the_lora_layers_deltas_bit_for_bit(setup, monkeypatch, quantization):
-    """bf16 on AMX (bf16 or int8 weights), base and 5 adapters mixed: decode steps with adapter
+    """bf16 on packed products (bf16 or int8 weights), base and 5 adapters mixed: decode steps with adapter
     rows through the one call (LoRA deltas added in C++ after each product) give the module
     path's tokens and logprobs bit for bit."""
     from shoal.config import EngineConfig

@@ -104,12 +104,12 @@ def test_bad_adapters_are_refused_and_others_keep_working(setup, tmp_path):
     assert out.outputs[0].token_ids == generate(merged["ad1"], p, 6, stop_token_ids=STOPS)
 
 
-def test_bf16_adapters_on_amx_layers_keep_their_bits_in_a_mixed_batch(setup):
-    """bf16 engine (on a CPU with AMX its linears are `AMXLinear`, LoRA wrapping them): each
-    request's tokens and logprobs are the same alone and in a batch mixing base and 5 adapters,
+def test_bf16_adapters_on_packed_layers_keep_their_bits_in_a_mixed_batch(setup):
+    """bf16 engine (on a CPU with AMX or AVX512-BF16 its linears are `PackedBF16Linear`, LoRA
+    wrapping them): each request's tokens and logprobs are the same alone and in a batch mixing base and 5 adapters,
     and the adapters change the output."""
     from shoal.kernels import qlinear as amx
-    from shoal.model.amx_linear import AMXLinear
+    from shoal.model.bf16_linear import PackedBF16Linear
 
     root, paths, _ = setup
     cfg = dict(model="tiny", block_size=8, num_kv_blocks=512, max_num_batched_tokens=128,
@@ -117,8 +117,8 @@ def test_bf16_adapters_on_amx_layers_keep_their_bits_in_a_mixed_batch(setup):
     llm = LLM(EngineConfig(**cfg), loaded=load_dir(str(root / "base"), dtype="bfloat16"))
     for name, path in paths.items():
         llm.add_adapter(name, path)
-    layers = [m for m in llm.engine.model.modules() if isinstance(m, AMXLinear)]
-    assert bool(layers) == amx.amx_ready()
+    layers = [m for m in llm.engine.model.modules() if isinstance(m, PackedBF16Linear)]
+    assert bool(layers) == amx.packed_ready()
     names = [None, "ad0", "ad1", "ad2", "ad3", "ad4"] * 2
     ps = prompts(len(names), seed=31)
     params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=0)

@@ -273,7 +273,7 @@ def test_bf16_model_math_is_bitwise_batch_invariant(tmp_path, tiny_tokenizer_dir
 def _check_bf16_batch_invariance(tmp_path, tiny_tokenizer_dir, pack):
     from shoal.kernels import qlinear as amx
     from shoal.model.loader import load_dir
-    from shoal.model.amx_linear import AMXLinear
+    from shoal.model.bf16_linear import PackedBF16Linear
     from tests.helpers import hf_tiny_config, save_tiny_hf_dir
 
     torch.manual_seed(0)
@@ -285,8 +285,8 @@ def _check_bf16_batch_invariance(tmp_path, tiny_tokenizer_dir, pack):
     alone = make_llm(loaded, pack_weights=pack).generate([target], params)[0].outputs[0]
     down_proj = loaded.model.model.layers[0].mlp.down_proj
     if pack and amx.packable(*down_proj.weight.shape if down_proj.weight is not None else (16, 32)):
-        # bf16 on AMX tiles (`AMXLinear`): row-invariant at any width and row count as it is
-        assert isinstance(down_proj, AMXLinear) and isinstance(loaded.model.lm_head, AMXLinear)
+        # bf16 on our packed kernel (`PackedBF16Linear`): row-invariant at any width and row count as it is
+        assert isinstance(down_proj, PackedBF16Linear) and isinstance(loaded.model.lm_head, PackedBF16Linear)
     else:
         assert len(getattr(down_proj.weight, "chunks", ())) == (2 if pack else 0)  # packed in split-K chunks
         from shoal.model.layers import INVARIANT_ROWS  # products capped at 32 rows (AMX CPUs)

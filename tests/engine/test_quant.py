@@ -116,7 +116,7 @@ def test_quant_linear_module_is_a_linear_without_float_weight():
     ql.k_chunk = 16  # set by the batch-invariant mode for wide layers: ignored
     x = torch.randn(4, 64)
     assert torch.equal(ql(x), quant_linear(x, ql.qweight, ql.qscale, ql.bias, ql.packed))
-    assert ql.packed == amx.amx_ready()  # AMX order where this CPU has AMX (64 x 32 fits)
+    assert ql.packed == amx.packed_ready()  # packed where this CPU runs the kernel (64 x 32 fits)
     assert torch.equal(ql.plain_weight(), quantize_int8(layer.weight)[0])
 
 
@@ -144,10 +144,10 @@ def test_engine_int8_is_close_to_fp32_with_a_quarter_of_the_weights(tiny_llama):
 
 def test_engine_int8_rows_keep_their_bits_in_any_batch(tiny_llama):
     """Greedy tokens and their logprobs, bit for bit, for 12 prompts alone and together (with
-    chunked prefill mixing them): the int8 products are row-invariant (AMX or not)."""
+    chunked prefill mixing them): the int8 products are row-invariant (packed or not)."""
     llm = make_llm(fresh(tiny_llama), quantization="int8", max_num_batched_tokens=64)
     packed = [m.packed for m in llm.engine.model.modules() if isinstance(m, QuantLinear)]
-    assert any(packed) == amx.amx_ready()
+    assert any(packed) == amx.packed_ready()
     ps = prompts(12, seed=54)
     params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=0)
 

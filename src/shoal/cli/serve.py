@@ -53,8 +53,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ..kernels import qlinear
 
         mode += "; CPU kernels " + ("on" if kernels.enabled() else f"off ({kernels.reason()})")
-        if kernels.enabled() and qlinear.amx_ready():
-            mode += ", products on AMX tiles"
+        if kernels.enabled() and qlinear.packed_ready():
+            mode += ", products on " + ("AMX tiles" if qlinear.body() == "amx" else "AVX512-BF16")
     print(f"shoal: {args.model} ready in {time.perf_counter() - t0:.1f}s; {mode}; "
           f"{len(workers)} fine-tuning worker(s); OpenAI API at "
           f"http://{settings.host}:{settings.port}/v1", file=sys.stderr)

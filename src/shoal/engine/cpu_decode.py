@@ -10,8 +10,8 @@ the next block's norm (the kernel rounds the sum as `h + m` does). It serves ste
 are all decodes, for the Llama family with fused q/k/v and gate/up; any other step takes the
 model's own forward. The bits are the module path's (tested).
 
-When every product runs on AMX tiles (a bf16 model on a CPU with AMX: `AMXLinear`, or
-`quantization="int8"`), all blocks run in one C++ call (`csrc/llama_decode.cpp`: the same
+When every product runs on our packed kernel (AMX tiles or AVX512-BF16: a bf16 model,
+`PackedBF16Linear`, or `quantization="int8"`, on a CPU with either), all blocks run in one C++ call (`csrc/llama_decode.cpp`: the same
 kernels in the same order, so the same bits) and no Python runs between the layers; only that
 path serves steps with adapter rows (each product's LoRA deltas added in C++ by the LoRA
 layers' own kernel, `kernels.BGMVLayers` tables made once).
@@ -109,7 +109,7 @@ class CPUDecodeForward:
             m = down(kernels.silu_mul(gate_up(x)))
         return kernels.rms_norm(m, bb.norm.weight, bb.norm.eps, h)[0]  # norm(h + m)
 
-    # ---- all blocks in one C++ call (products on AMX) -----------------------------------------
+    # ---- all blocks in one C++ call (packed products)-----------------------------------------
 
     def _native_fits(self, h: torch.Tensor, ctx) -> bool:
         r = ctx.decode_rows
@@ -169,7 +169,7 @@ class CPUDecodeForward:
 
 
 def _amx_kind(m: nn.Module) -> int | None:
-    """0 for an AMX-packed int8 product, 1 for a bf16 one (`AMXLinear`), without a bias; else
+    """0 for a packed int8 product, 1 for a bf16 one (`PackedBF16Linear`), without a bias; else
     None. A LoRA wrapper counts by its base (its deltas come from `_lora_table`)."""
     if isinstance(m, QuantLinear):
         packed = m.packed
@@ -184,9 +184,9 @@ def _amx_kind(m: nn.Module) -> int | None:
 
 def _native_layers(model: Transformer) -> list | None:
     """(weight kind, per layer (its 10 weight pointers, its index, the tensors)) when every block's products
-    are AMX-packed, all int8 (kind 0) or all bf16 (kind 1), without biases, the norms share one
+    are packed (`kernels.qlinear`), all int8 (kind 0) or all bf16 (kind 1), without biases, the norms share one
     eps and their weights are bf16; else None."""
-    if not qlinear.amx_ready():
+    if not qlinear.packed_ready():
         return None
     bb = model.backbone
     out, eps, kinds = [], set(), set()

@@ -66,10 +66,10 @@ class LLMEngine:
             from ..model.quant import quantize_model
 
             quantize_model(self.model, config.quantization)
-        elif config.pack_weights:  # bf16 on a CPU with AMX: our tile kernel (`AMXLinear`)
-            from ..model.amx_linear import pack_amx
+        elif config.pack_weights:  # bf16 on a CPU with AMX or AVX512-BF16: our kernel (`PackedBF16Linear`)
+            from ..model.bf16_linear import pack_bf16
 
-            pack_amx(self.model)
+            pack_bf16(self.model)
         fuse_projections(self.model)  # q/k/v and gate/up as one product each (in place, once)
         p = next(self.model.parameters())  # dtype and device, read before packing (PackedWeight is meta)
         if config.pack_weights:  # CPU float linears in oneDNN's layout (`shoal.model.packed`)

@@ -4,8 +4,8 @@ On a few cores, a decode step's non-matmul time is mostly the fixed cost of doze
 PyTorch ops a layer (norm casts, rotary halves, cache index copies, gathers, masks). These
 kernels do each chain in one call: RMSNorm (with the residual add), rotary embedding in place,
 the KV cache write, decode attention that reads the paged cache in place, SiLU-and-multiply,
-the multi-LoRA deltas one slot per token, the sampler's per-row argmax and logsumexp; with AMX,
-bf16 and int8 products on the tiles (`qlinear`) and a Llama decode step's blocks in one call
+the multi-LoRA deltas one slot per token, the sampler's per-row argmax and logsumexp; with AMX or
+AVX512-BF16, bf16 and int8 products on packed weights (`qlinear`) and a Llama decode step's blocks in one call
 (`csrc/llama_decode.cpp`, driven by `shoal.engine.cpu_decode`). The model, the paged attention and the LoRA
 layers call them where `usable`; without a compiler everything runs on PyTorch ops.
 """

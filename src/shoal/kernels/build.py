@@ -30,7 +30,7 @@ SOURCES = sorted(CSRC.glob("*.cpp"))  # elementwise, attention, lora, qlinear, s
 # plus a product rounds as PyTorch's separate ops do
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
          "-shared", "-fPIC", "-std=c++17"]
-ABI = 3  # shoal_kernels_abi() of the source this module's signatures describe
+ABI = 4  # shoal_kernels_abi() of the source this module's signatures describe
 
 _reason = "not loaded yet"
 
@@ -44,10 +44,11 @@ SIGNATURES = {  # argument types of each entry point (all return int: 0 = done, 
     "shoal_silu_mul": [ci, vp, i64, i64, i64, vp],
     "shoal_lora_bgmv": [ci, ci, vp, i64, i64, i64, vp, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp, ci],
     "shoal_amx_ready": [],
+    "shoal_packed_isa": [ci],
     "shoal_qpack": [vp, i64, i64, vp],
     "shoal_bpack": [vp, i64, i64, vp],
-    "shoal_qlinear": [vp, i64, i64, i64, vp, vp, vp, i64, vp, i64],
-    "shoal_blinear": [vp, i64, i64, i64, vp, vp, i64, vp, i64],
+    "shoal_qlinear": [vp, i64, i64, i64, vp, vp, vp, i64, vp, i64, ci],
+    "shoal_blinear": [vp, i64, i64, i64, vp, vp, i64, vp, i64, ci],
     "shoal_row_stats": [ci, vp, i64, i64, i64, vp, vp, vp],
     "shoal_llama_decode": [i64, i64, vp, vp, cf, cf, cf, vp, vp, vp, vp, vp, i64, vp, vp, vp, vp, vp,
                            vp, vp],

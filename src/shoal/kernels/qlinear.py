@@ -1,5 +1,7 @@
-"""Products on AMX tiles (`csrc/qlinear.cpp`) for `shoal.model.quant`: int8 weights
-(`qlinear`, weight-only int8) and bf16 weights (`blinear`, the engine's bf16 layers on AMX).
+"""Products on packed weights (`csrc/qlinear.cpp`) for `shoal.model.quant`: int8 weights
+(`qlinear`, weight-only int8) and bf16 weights (`blinear`, the engine's bf16 layers), on AMX tiles
+where the CPU has AMX-BF16, else on AVX512-BF16 dot products (`csrc/qlinear_dot.cpp`: AMD Zen 4/5,
+Cooper Lake). `body()` says which; `packed_ready()` whether either runs here.
 
 A (N, K) weight is packed once (`qpack`, int8 or bf16) into the tiles' B-operand order; rows
 [16a, 16b) stay one contiguous run, so a packed matrix's 16-aligned row slices and row
@@ -10,7 +12,9 @@ products then take bf16 activations at any row count with the same bits per row
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -28,9 +32,44 @@ def amx_ready() -> bool:
     return lib is not None and bool(lib.shoal_amx_ready())
 
 
+BODIES = {0: None, 1: "avx512-bf16", 2: "amx"}
+
+
+@functools.lru_cache(maxsize=None)
+def _body() -> int:
+    lib = library()
+    return int(lib.shoal_packed_isa(-1)) if lib is not None else 0
+
+
+def body() -> str | None:
+    """The body the packed products run on this CPU: "amx", "avx512-bf16", or None (neither)."""
+    return BODIES[_body()]
+
+
+def packed_ready() -> bool:
+    """The packed products run here (AMX tiles or AVX512-BF16 dot products)."""
+    return _body() > 0
+
+
+@contextlib.contextmanager
+def force_body(name: str) -> Iterator[None]:
+    """Run the packed products on `name` ("avx512-bf16" or "amx", where the CPU has it) inside the
+    block (tests and benchmarks compare the two bodies on an AMX CPU); the default after."""
+    want = {v: k for k, v in BODIES.items()}[name]
+    ops._check(library() is not None and want > 0, "force_body: no kernels or no such body")
+    try:
+        library().shoal_packed_isa(want)
+        _body.cache_clear()
+        ops._check(_body() == want, f"force_body: this CPU cannot run {name}")
+        yield
+    finally:
+        library().shoal_packed_isa(2)
+        _body.cache_clear()
+
+
 def packable(n: int, k: int) -> bool:
-    """Would an (n, k) weight be packed now (AMX ready, the kernels on, the shape fits)?"""
-    return ops.enabled() and amx_ready() and n % ROW_ALIGN == 0 and k % K_ALIGN == 0
+    """Would an (n, k) weight be packed now (a body ready, the kernels on, the shape fits)?"""
+    return ops.enabled() and packed_ready() and n % ROW_ALIGN == 0 and k % K_ALIGN == 0
 
 
 def qpack(w: torch.Tensor) -> torch.Tensor:
@@ -82,8 +121,8 @@ def qrows(p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def usable(x: torch.Tensor) -> bool:
-    """May `qlinear` take x now (kernels on, AMX ready, a CPU float tensor, no autograd)?"""
-    return ops.usable(x) and amx_ready()
+    """May `qlinear` take x now (kernels on, a body ready, a CPU float tensor, no autograd)?"""
+    return ops.usable(x) and packed_ready()
 
 
 def _bias(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -94,15 +133,22 @@ def _bias(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return b
 
 
-def qlinear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) float (rows contiguous) -> (M, N) bf16.
+def _out(out_dtype: torch.dtype) -> int:
+    ops._check(out_dtype in (torch.bfloat16, torch.float32), "out_dtype: bfloat16 or float32")
+    return 1 if out_dtype == torch.bfloat16 else 0
 
-    Semantics: y[i, j] = bf16(s_ij * scale[j] + bias[j]) (bias as bf16, added in fp32; none when
-    None) where s_ij = sum_k bf16(x[i, k]) * w[j, k] is an
-    fp32 sum computed in AMX tiles (TDPBF16PS over K in steps of 32; its rounding is the
-    hardware's, within ~1e-6 relative of the exact sum), w = qunpack(packed). Row i's result
-    depends on row i only (the same bits at any row count or position)."""
+
+def qlinear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+            bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x (M, K) float (rows contiguous) -> (M, N) in out_dtype (bf16, or fp32 for fp32 models).
+
+    Semantics: y[i, j] = out(s_ij * scale[j] + bias[j]) (bias as bf16, added in fp32; none when
+    None; out() rounds to bf16 once, or keeps the fp32 value) where s_ij = sum_k bf16(x[i, k]) * w[j, k] is an
+    fp32 sum computed in AMX tiles (TDPBF16PS over K in steps of 32) or by AVX512-BF16 dot
+    products (VDPBF16PS: one chain over K, a pair of inputs a step); its rounding is the
+    hardware's, within ~1e-6 relative of the exact sum (the two bodies' bits differ), w =
+    qunpack(packed). Row i's result depends on row i only (the same bits at any row count or
+    position, on either body)."""
     m, k = x.shape
     n = packed.shape[0]
     xb = x if x.dtype == torch.bfloat16 and x.stride(1) == 1 else x.to(torch.bfloat16).contiguous()
@@ -110,16 +156,17 @@ def qlinear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                and scale.dtype == torch.bfloat16
                and scale.is_contiguous() and scale.numel() == n, "qlinear: weight, scale or input")
     b = _bias(bias, n)
-    y = torch.empty(m, n, dtype=torch.bfloat16)
+    y = torch.empty(m, n, dtype=out_dtype)
     rc = library().shoal_qlinear(xb.data_ptr(), xb.stride(0), m, k, packed.data_ptr(), scale.data_ptr(),
-                                 b.data_ptr() if b is not None else None, n, y.data_ptr(), n)
+                                 b.data_ptr() if b is not None else None, n, y.data_ptr(), n, _out(out_dtype))
     ops._check(rc == 0, "qlinear: kernel refused the shape")
     return y
 
 
-def blinear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) float (rows contiguous) -> (M, N) bf16: y = bf16(bf16(x) @ w.T + bias), w =
-    qunpack(packed) (bf16), the sum in fp32 AMX tiles as `qlinear`'s, the bias (as bf16) added in
+def blinear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
+            out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x (M, K) float (rows contiguous) -> (M, N) in out_dtype: y = out(bf16(x) @ w.T + bias), w =
+    qunpack(packed) (bf16), the fp32 sum as `qlinear`'s (AMX tiles or AVX512-BF16), the bias (as bf16) added in
     fp32 before the one rounding (as F.linear adds it); row i's bits depend on row i only."""
     m, k = x.shape
     n = packed.shape[0]
@@ -127,8 +174,8 @@ def blinear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = N
     ops._check(packed.dtype == torch.bfloat16 and packed.shape[1] == k and packed.is_contiguous(),
                "blinear: weight or input")
     b = _bias(bias, n)
-    y = torch.empty(m, n, dtype=torch.bfloat16)
+    y = torch.empty(m, n, dtype=out_dtype)
     rc = library().shoal_blinear(xb.data_ptr(), xb.stride(0), m, k, packed.data_ptr(),
-                                 b.data_ptr() if b is not None else None, n, y.data_ptr(), n)
+                                 b.data_ptr() if b is not None else None, n, y.data_ptr(), n, _out(out_dtype))
     ops._check(rc == 0, "blinear: kernel refused the shape")
     return y

@@ -140,7 +140,7 @@ class LoRALinear(nn.Linear):
         if self.weight is None:
             self.register_buffer("qweight", base.qweight, persistent=False)  # (out, in) int8
             self.register_buffer("qscale", base.qscale, persistent=False)  # (out,)
-            self.qpacked = base.packed  # qweight in AMX order (shoal.kernels.qlinear)
+            self.qpacked = base.packed  # qweight in the packed order (shoal.kernels.qlinear)
         self.k_chunk = getattr(base, "k_chunk", 0)  # split-K mode of the base layer
         self.mapping = mapping
         ref = self.weight if self.weight is not None else (base.qscale if base.qscale is not None else base.qweight)

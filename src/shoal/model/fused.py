@@ -25,8 +25,8 @@ def _fuse(parts: list[nn.Linear]) -> nn.Linear:
     bias = None
     if parts[0].bias is not None:
         bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
-    if parts[0].weight is None:  # int8 QuantLinear or bf16 AMXLinear: stack qweight (and qscale)
-        # AMX-packed parts stack as packed rows (16-row blocks); a mix is unpacked first
+    if parts[0].weight is None:  # int8 QuantLinear or bf16 PackedBF16Linear: stack qweight (and qscale)
+        # packed parts stack as packed rows (16-row blocks); a mix is unpacked first
         packed = all(p.packed for p in parts)
         qs = [p.qweight if packed or not p.packed else p.plain_weight() for p in parts]
         fused: nn.Linear = type(parts[0])(parts[0].in_features, sum(p.out_features for p in parts),

@@ -1,5 +1,5 @@
 """Weight-only int8 quantization for inference: int8 weights, per-output-channel scales. (The
-engine's bf16 layers on AMX tiles, `AMXLinear`, reuse `QuantLinear`: `shoal.model.amx_linear`.)
+engine's packed bf16 layers, `PackedBF16Linear`, reuse `QuantLinear`: `shoal.model.bf16_linear`.)
 
 `quantize_model` swaps every Linear (lm_head included) for a `QuantLinear` in place and, when the
 embedding is tied to lm_head, the embedding for a `QuantEmbedding` reading the same int8 rows, so
@@ -7,12 +7,13 @@ the float matrices are freed (4x less weight memory from fp32). Activations stay
 dtype; only the matmul sees bf16 inputs (CPU kernel).
 
 Why: CPU decode reads every weight once per token, so it is memory-bound. Two CPU kernels:
-- with AMX-BF16 (and the C++ kernels built), weights are packed for AMX tiles at quantization
-  (`shoal.kernels.qlinear`): each int8 block is widened to bf16 once per call and multiplied
-  in tiles. Measured (`bench/cpu_products.py`: Xeon with AMX, 2 threads, SmolLM2-135M's 121
+- with AMX-BF16 or AVX512-BF16 (and the C++ kernels built), weights are packed at quantization
+  (`shoal.kernels.qlinear`): each int8 block is widened exactly to bf16 in the kernel and
+  multiplied in AMX tiles or by AVX512-BF16 dot products. Measured (`bench/cpu_products.py`: Xeon with AMX, 2 threads, SmolLM2-135M's 121
   products a decode step, 135 MB of int8 weights): 7.5 ms a step at 1 row and 9.5 at 32, vs
   bf16 on the same tiles 9.6 and 11.9, bf16 `F.linear` 19.5 and 23.8, `_weight_int8pack_mm`
-  13.9 and 83.4. Any row count gives a row the same bits.
+  13.9 and 83.4; AMD EPYC with AVX512-BF16 (no AMX): 4.7 ms at 1 row and 16.8 at 32 vs
+  `_weight_int8pack_mm` 5.4 and 32.2. Any row count gives a row the same bits.
 - otherwise `_weight_int8pack_mm` (row-major weights). Measured (torch 2.13, 2 shared AVX2
   cores, 1 thread, 60 distinct 1536x576 layers so weights come from DRAM): 1.5x faster than
   fp32 F.linear at 1-4 rows and 1.5x slower at 32 rows (2x at 128: the AVX2 kernel is
@@ -87,16 +88,16 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor,
 
     Args:
         x: (..., in) activations, any float dtype.
-        qweight: (out, in) int8, row-major, or in AMX order when `packed` (`kernels.qlinear`:
-            then the AMX kernel computes it, or, with the kernels switched off, the row-major
-            path on an unpacked copy). bf16 AMX-packed weights (`AMXLinear`) with qscale None.
+        qweight: (out, in) int8, row-major, or in the packed order when `packed` (`kernels.qlinear`:
+            then our packed kernel computes it, or, with the kernels switched off, the row-major
+            path on an unpacked copy). packed bf16 weights (`PackedBF16Linear`) with qscale None.
         qscale: (out,) per-output-channel scales (any float dtype; bf16 on CPU avoids a cast);
             None for bf16 weights (no scaling).
-        bias: (out,) or None: added in x's dtype after the product, except on the AMX kernel with
+        bias: (out,) or None: added in x's dtype after the product, except on the packed kernel with
             a bf16 bias, which adds it to the fp32 sum before the one rounding (as F.linear).
     Returns:
         (..., out) in x.dtype. On CPU the product runs on bf16 inputs with fp32 accumulation and
-        a bf16 result, each output from its own accumulator (a row's result does not depend on
+        a bf16 result (fp32 for fp32 inputs on the packed kernel), each output from its own accumulator (a row's result does not depend on
         the other rows in the call).
     """
     lead, k = x.shape[:-1], x.shape[-1]
@@ -106,10 +107,13 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor,
             # the bias joins the kernel's fp32 sum when it is bf16 (one rounding, as F.linear);
             # an fp32 model's bias is added afterwards in fp32, as the row-major path does
             kb = bias if bias is not None and bias.dtype == torch.bfloat16 else None
+            # an fp32 model's outputs stay fp32 (the kernel's sum unrounded: no bf16 ties in logits)
+            odt = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
             if qscale is None:
-                y = amx.blinear(x2, qweight, kb)
+                y = amx.blinear(x2, qweight, kb, odt)
             else:
-                y = amx.qlinear(x2, qweight, qscale if qscale.dtype == torch.bfloat16 else qscale.bfloat16(), kb)
+                s = qscale if qscale.dtype == torch.bfloat16 else qscale.bfloat16()
+                y = amx.qlinear(x2, qweight, s, kb, odt)
             y = y.to(x.dtype)
             if bias is not None and kb is None:
                 y.add_(bias)
@@ -142,7 +146,7 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor,
 class QuantLinear(Linear):
     """A Linear whose weight is int8 with per-output-channel scales (`weight` is None).
 
-    Buffers (non-persistent): `qweight` (out, in) int8 (in AMX order when `packed`; see
+    Buffers (non-persistent): `qweight` (out, in) int8 (in the packed order when `packed`; see
     `plain_weight`), `qscale` (out,) in the kernel dtype (bf16 on CPU). `bias` stays a float
     Parameter. forward(x (..., in)) -> (..., out) in x's
     dtype via `quant_linear`; `k_chunk` (split-K for batch invariance) is ignored: the int8
@@ -161,8 +165,8 @@ class QuantLinear(Linear):
 
     @classmethod
     def from_linear(cls, layer: nn.Linear) -> "QuantLinear":
-        """Quantize `layer`'s weight (its bias Parameter is reused as is); packed for the AMX
-        kernel when this CPU has one and the shape fits."""
+        """Quantize `layer`'s weight (its bias Parameter is reused as is); packed for our
+        kernel when this CPU runs it (AMX or AVX512-BF16) and the shape fits."""
         q, s = quantize_int8(layer.weight)
         s = s.to(kernel_dtype(layer.weight.device, layer.weight.dtype))
         packed = q.is_cpu and amx.packable(*q.shape)
@@ -171,7 +175,7 @@ class QuantLinear(Linear):
         return cls(layer.in_features, layer.out_features, q, s, layer.bias, packed)
 
     def plain_weight(self) -> torch.Tensor:
-        """(out, in) row-major int8 (bf16 for an `AMXLinear`; a copy when packed)."""
+        """(out, in) row-major int8 (bf16 for an `PackedBF16Linear`; a copy when packed)."""
         return amx.qunpack(self.qweight) if self.packed else self.qweight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,7 +190,7 @@ class QuantEmbedding(nn.Module):
     """Token embedding read from int8 rows: forward(ids (...,)) -> (..., dim) in `dtype`,
     out = qweight[ids] * qscale[ids] (computed in fp32, rounded once to dtype).
 
-    Made for tied embeddings: `qweight`/`qscale` are the lm_head QuantLinear's own buffers (in AMX
+    Made for tied embeddings: `qweight`/`qscale` are the lm_head QuantLinear's own buffers (packed
     order when `packed`).
     """
 
@@ -199,14 +203,14 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("qscale", qscale, persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # (..., dim) int8 (bf16 for an AMXLinear head's rows)
+        # (..., dim) int8 (bf16 for an PackedBF16Linear head's rows)
         rows = amx.qrows(self.qweight, ids) if self.packed else F.embedding(ids, self.qweight)
-        if self.qscale is None:  # bf16 rows (an AMXLinear head's)
+        if self.qscale is None:  # bf16 rows (an PackedBF16Linear head's)
             return rows.to(self.dtype)
         return (rows.float() * self.qscale[ids].float().unsqueeze(-1)).to(self.dtype)
 
     def extra_repr(self) -> str:
-        kind = "int8" if self.qscale is not None else "bf16 AMX order"
+        kind = "int8" if self.qscale is not None else "bf16 packed order"
         return f"{self.num_embeddings}, {self.embedding_dim}, {kind}"
 
 

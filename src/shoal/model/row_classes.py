@@ -1,7 +1,7 @@
 """Row classes: how the engine cuts a step's bf16 CPU products so each row keeps its bits.
 
 (For oneDNN's products. On a CPU with AMX the engine's bf16 layers run on our tile kernel
-instead, `shoal.model.quant.AMXLinear`, whose rows keep their bits at any count: no classes.)
+instead, `shoal.model.quant.PackedBF16Linear`, whose rows keep their bits at any count: no classes.)
 
 oneDNN picks its bf16 kernel by the row count. On a CPU with AMX (measured: Xeon with AMX-BF16,
 torch 2.13, 2 threads) products of 33+ rows take AMX tiles, whose sums round differently from

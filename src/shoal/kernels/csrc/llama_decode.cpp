@@ -1,5 +1,5 @@
-// All Llama blocks of a decode step in one call, for bf16 models whose products run on AMX
-// tiles (`qlinear.cpp`: int8 or bf16 weights): the same kernel calls, in the same order and on
+// All Llama blocks of a decode step in one call, for bf16 models whose products run on packed
+// weights (`qlinear.cpp`: int8 or bf16 weights; AMX tiles or AVX512-BF16): the same kernel calls, in the same order and on
 // the same buffers' values, as `shoal.engine.cpu_decode.CPUDecodeForward` makes from Python, so
 // the bits are the same (tested); what goes is the Python between them (~300 calls a step; at
 // one row that was about a third of the step's time outside the weight reads).
@@ -25,10 +25,10 @@ int shoal_lora_bgmv(int dtx, int dtw, const void* x, int64_t xs, int64_t n_tok, 
                     const int64_t* rank_ptr, const int64_t* out_ptr, const int64_t* out_stride,
                     const int64_t* width, int accumulate);
 int shoal_qlinear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, const int8_t* wp,
-                  const shoal::bf16_t* scale, const shoal::bf16_t* bias, int64_t n, shoal::bf16_t* y,
-                  int64_t ys);
+                  const shoal::bf16_t* scale, const shoal::bf16_t* bias, int64_t n, void* y, int64_t ys,
+                  int ydt);
 int shoal_blinear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, const shoal::bf16_t* wp,
-                  const shoal::bf16_t* bias, int64_t n, shoal::bf16_t* y, int64_t ys);
+                  const shoal::bf16_t* bias, int64_t n, void* y, int64_t ys, int ydt);
 
 enum { LN1, QKV_W, QKV_S, O_W, O_S, LN2, GU_W, GU_S, DN_W, DN_S, K_CACHE, V_CACHE, PER_LAYER };
 
@@ -77,8 +77,8 @@ int shoal_llama_decode(int64_t n, int64_t n_layers, const int64_t* table, const 
     // product g's LoRA deltas added in place
     auto product = [&](const bf16_t* xin, int64_t k, int w, int64_t nout, bf16_t* yout, int g) {
       int r = int8 ? shoal_qlinear(xin, k, n, k, reinterpret_cast<const int8_t*>(p[w]), b16(w + 1), nullptr,
-                                   nout, yout, nout)
-                   : shoal_blinear(xin, k, n, k, b16(w), nullptr, nout, yout, nout);
+                                   nout, yout, nout, 1)
+                   : shoal_blinear(xin, k, n, k, b16(w), nullptr, nout, yout, nout, 1);
       const int64_t* lg = lora ? lora + (li * 4 + g) * 4 : nullptr;
       if (r != 0 || lg == nullptr || lg[0] == 0) return r;
       const int64_t nl = lg[0];

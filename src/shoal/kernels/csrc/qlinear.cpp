@@ -1,5 +1,7 @@
-// Linear products on AMX tiles, for the engine on CPUs with AMX-BF16: bf16 weights (the default
-// there, `AMXLinear`) and weight-only int8 (`--quantization int8`).
+// Linear products on packed weights for the engine on CPUs with native bf16 dot products: bf16
+// weights (the default there, `AMXLinear`) and weight-only int8 (`--quantization int8`). Two
+// bodies read the same packed layout: AMX tiles (TDPBF16PS) where the CPU has AMX-BF16 and the OS
+// grants the tile state, else AVX512-BF16 dot products (VDPBF16PS: AMD Zen 4/5, Cooper Lake).
 //
 // Weights are packed once (shoal_qpack) in the layout of AMX's B operand: a (N, K) int8 matrix
 // (N % 16 == 0, K % 32 == 0) becomes blocks of 16 output rows x 32 inputs,
@@ -15,13 +17,12 @@
 // Each weight block is widened once per call whatever the row count (decode: the widening is
 // the cost; prefill: the tiles are).
 
-#include "common.h"
-
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512VBMI__)
-#include <immintrin.h>
+#include "widen.h"
+
+#if SHOAL_DPBF16 && defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define SHOAL_AMX 1
 #else
 #define SHOAL_AMX 0
@@ -31,6 +32,10 @@ namespace {
 using namespace shoal;
 
 #if SHOAL_AMX
+inline void* out_at(void* y, int64_t off, bool f32) {  // y + off elements of y's dtype
+  return static_cast<char*>(y) + off * (f32 ? 4 : 2);
+}
+
 struct TileConfig {
   uint8_t palette, start_row, reserved[14];
   uint16_t colsb[16];
@@ -51,54 +56,29 @@ void configure(int r0, int r1) {
   _tile_loadconfig(&c);
 }
 
-// bf16 bits of 0..127, high and low bytes: the widening is two table lookups (vpermi2b)
-struct Bf16Bytes {
-  alignas(64) uint8_t hi[128];
-  alignas(64) uint8_t lo[128];
-  Bf16Bytes() {
-    for (int a = 0; a < 128; ++a) hi[a] = f2bf(static_cast<float>(a)) >> 8, lo[a] = f2bf(static_cast<float>(a)) & 0xff;
-  }
-};
-const Bf16Bytes kBf16Bytes;
-
-// 512 packed int8 -> 512 bf16 in the B tile's order (exact: |q| <= 127 fits bf16's mantissa).
-// Per 64 bytes: |q| looks up the high and low bytes of bf16(|q|), q's sign bit is or-ed into the
-// high byte, and the byte interleave (unpacklo/hi, per 128-bit lane) gives the 16-bit values;
-// `shoal_qpack` stored each 64-byte group in the order that interleave undoes (`group_order`).
-// 1.45x faster than widening through fp32 (measured, 121 products a step: 10.2-11.7 -> 6.9-8.1
-// ms at one row).
-inline void widen_block(const int8_t* src, bf16_t* dst) {
-  const __m512i h0 = _mm512_load_si512(kBf16Bytes.hi), h1 = _mm512_load_si512(kBf16Bytes.hi + 64);
-  const __m512i l0 = _mm512_load_si512(kBf16Bytes.lo), l1 = _mm512_load_si512(kBf16Bytes.lo + 64);
-  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int i = 0; i < 512; i += 64) {
-    const __m512i q = _mm512_loadu_si512(src + i);
-    const __m512i a = _mm512_abs_epi8(q);
-    __m512i hi = _mm512_permutex2var_epi8(h0, a, h1);
-    const __m512i lo = _mm512_permutex2var_epi8(l0, a, l1);
-    hi = _mm512_ternarylogic_epi32(hi, q, sign, 0xF8);  // hi | (q & 0x80)
-    _mm512_store_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_unpacklo_epi8(lo, hi));
-    _mm512_store_si512(reinterpret_cast<__m512i*>(dst + i + 32), _mm512_unpackhi_epi8(lo, hi));
-  }
-}
-
-// C tiles -> y[rows, cols]: y = bf16(c * scale + bias): no scale for bf16 weights, no bias when
-// null (the bias added in fp32 before the one rounding, as F.linear adds it); `nb` = 1 or 2
-// column blocks of 16
+// C tiles -> y[rows, cols]: y = c * scale + bias, rounded to bf16 unless y is fp32 (f32): no
+// scale for bf16 weights, no bias when null (the bias added in fp32 before the one rounding, as
+// F.linear adds it); `nb` = 1 or 2 column blocks of 16
 inline void epilogue(const float* c, int rows, int nb, const bf16_t* scale, const bf16_t* bias,
-                     bf16_t* y, int64_t ys) {
-  float s[32], b[32];
+                     void* y, int64_t ys, bool f32) {
+  float s[32], b[32], v[32];
   for (int j = 0; j < 16 * nb; ++j) s[j] = scale ? bf2f(scale[j]) : 1.0f, b[j] = bias ? bf2f(bias[j]) : 0.0f;
   for (int i = 0; i < rows; ++i) {
-    bf16_t* yr = y + i * ys;
+    const float* ci = c + i * 32;
     if (scale && bias)
-      for (int j = 0; j < 16 * nb; ++j) yr[j] = f2bf(c[i * 32 + j] * s[j] + b[j]);
+      for (int j = 0; j < 16 * nb; ++j) v[j] = ci[j] * s[j] + b[j];
     else if (scale)
-      for (int j = 0; j < 16 * nb; ++j) yr[j] = f2bf(c[i * 32 + j] * s[j]);
+      for (int j = 0; j < 16 * nb; ++j) v[j] = ci[j] * s[j];
     else if (bias)
-      for (int j = 0; j < 16 * nb; ++j) yr[j] = f2bf(c[i * 32 + j] + b[j]);
+      for (int j = 0; j < 16 * nb; ++j) v[j] = ci[j] + b[j];
     else
-      for (int j = 0; j < 16 * nb; ++j) yr[j] = f2bf(c[i * 32 + j]);
+      for (int j = 0; j < 16 * nb; ++j) v[j] = ci[j];
+    if (f32) {
+      std::memcpy(static_cast<float*>(y) + i * ys, v, 16 * nb * sizeof(float));
+    } else {
+      bf16_t* yr = static_cast<bf16_t*>(y) + i * ys;
+      for (int j = 0; j < 16 * nb; ++j) yr[j] = f2bf(v[j]);
+    }
   }
 }
 
@@ -107,14 +87,15 @@ inline void epilogue(const float* c, int rows, int nb, const bf16_t* scale, cons
 // reused); W = bf16_t: the tiles read the packed weights in place.
 template <typename W>
 void strip(const bf16_t* x, int64_t xs, int64_t m, int64_t kb, const W* wp, const bf16_t* scale, const bf16_t* bias,
-           int64_t b0, int nb, bf16_t* y, int64_t ys, bf16_t* buf, int* cfg) {
+           int64_t b0, int nb, void* y, int64_t ys, bool f32, bf16_t* buf, int* cfg) {
   constexpr bool widen = sizeof(W) == 1;
   const W* w = wp + b0 * kb * 512;  // block b0 + t at w + t * kb * 512
   const bool whole = widen && m > 32;
+  const Widener wd;
   if (whole)
     for (int64_t c = 0; c < kb; ++c)
       for (int t = 0; t < nb; ++t)
-        widen_block(reinterpret_cast<const int8_t*>(w) + (t * kb + c) * 512, buf + (c * 2 + t) * 512);
+        widen_block(wd, reinterpret_cast<const int8_t*>(w) + (t * kb + c) * 512, buf + (c * 2 + t) * 512);
   alignas(64) float cbuf[32 * 32];
   for (int64_t m0 = 0; m0 < m; m0 += 32) {
     const int r0 = static_cast<int>(m - m0 < 16 ? m - m0 : 16);
@@ -133,7 +114,7 @@ void strip(const bf16_t* x, int64_t xs, int64_t m, int64_t kb, const W* wp, cons
         bf16_t* bc = buf + (whole ? c * 2 : 0) * 512;
         if (!whole)
           for (int t = 0; t < nb; ++t)
-            widen_block(reinterpret_cast<const int8_t*>(w) + (t * kb + c) * 512, bc + t * 512);
+            widen_block(wd, reinterpret_cast<const int8_t*>(w) + (t * kb + c) * 512, bc + t * 512);
         b0p = bc, bstep = 512;
       } else {
         b0p = reinterpret_cast<const bf16_t*>(w) + c * 512, bstep = kb * 512;
@@ -155,18 +136,18 @@ void strip(const bf16_t* x, int64_t xs, int64_t m, int64_t kb, const W* wp, cons
     const bf16_t* bi = bias ? bias + b0 * 16 : nullptr;
     _tile_stored(0, cbuf, 128);
     if (nb == 2) _tile_stored(1, cbuf + 16, 128);
-    epilogue(cbuf, r0, nb, sc, bi, y + m0 * ys + b0 * 16, ys);
+    epilogue(cbuf, r0, nb, sc, bi, out_at(y, m0 * ys + b0 * 16, f32), ys, f32);
     if (r1 > 0) {
       _tile_stored(2, cbuf, 128);
       if (nb == 2) _tile_stored(3, cbuf + 16, 128);
-      epilogue(cbuf, r1, nb, sc, bi, y + (m0 + 16) * ys + b0 * 16, ys);
+      epilogue(cbuf, r1, nb, sc, bi, out_at(y, (m0 + 16) * ys + b0 * 16, f32), ys, f32);
     }
   }
 }
 
 template <typename W>
 int amx_linear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const W* wp, const bf16_t* scale, const bf16_t* bias,
-               int64_t n, bf16_t* y, int64_t ys) {
+               int64_t n, void* y, int64_t ys, bool f32) {
   if (m <= 0) return 0;
   const int64_t kb = k / 32, nblocks = n / 16, strips = (nblocks + 1) / 2;
   const int64_t buf_elems = sizeof(W) == 1 ? (m > 32 ? kb : 1) * 2 * 512 : 32;
@@ -177,7 +158,7 @@ int amx_linear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const W* wp, c
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < strips; ++s) {
       const int nb = 2 * s + 1 < nblocks ? 2 : 1;
-      strip<W>(x, xs, m, kb, wp, scale, bias, 2 * s, nb, y, ys, buf, cfg);
+      strip<W>(x, xs, m, kb, wp, scale, bias, 2 * s, nb, y, ys, f32, buf, cfg);
     }
     if (cfg[0] >= 0) _tile_release();
     std::free(buf);
@@ -215,6 +196,11 @@ int pack(const W* w, int64_t n, int64_t k, W* out) {
 
 extern "C" {
 
+#if SHOAL_DPBF16
+int shoal_dot_linear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const void* wp, int q,
+                     const bf16_t* scale, const bf16_t* bias, int64_t n, void* y, int64_t ys, int ydt);
+#endif
+
 // 1 when the AMX kernel is compiled in and the OS grants this process the tile state
 // (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA; asked once, idempotent), else 0.
 int shoal_amx_ready() {
@@ -226,35 +212,54 @@ int shoal_amx_ready() {
 #endif
 }
 
+namespace {
+int body_cap = 2;  // the best body the products may use (shoal_packed_isa)
+}
+
+// The body the packed products run: 2 = AMX tiles, 1 = AVX512-BF16 dot products, 0 = none (the
+// products refuse; callers keep their PyTorch paths). want >= 0 caps it (tests and benchmarks
+// compare the bodies on one CPU; 2 restores the default); returns the body in effect.
+int shoal_packed_isa(int want) {
+  if (want >= 0) body_cap = want;
+  const int have = shoal_amx_ready() ? 2 : SHOAL_DPBF16;
+  return have < body_cap ? have : body_cap;
+}
+
 // w (n, k) row-major -> out (n * k) in the packed order; 1 when n % 16 or k % 32
 int shoal_qpack(const int8_t* w, int64_t n, int64_t k, int8_t* out) { return pack(w, n, k, out); }
 int shoal_bpack(const bf16_t* w, int64_t n, int64_t k, bf16_t* out) { return pack(w, n, k, out); }
 
-// y (m, n) bf16 (row stride ys) = x (m, k) bf16 (row stride xs, xs >= k) @ (unpack(wp) *
-// scale[:, None]).T + bias, scale and bias (n,) bf16 (bias may be null); n % 16 == 0,
-// k % 32 == 0. Returns 1 without AMX.
+// y (m, n) (row stride ys; ydt 1 = bf16, 0 = fp32: the sum unrounded) = x (m, k) bf16 (row
+// stride xs, xs >= k) @ (unpack(wp) * scale[:, None]).T + bias, scale and bias (n,) bf16 (bias
+// may be null); n % 16 == 0, k % 32 == 0. Returns 1 without a body (shoal_packed_isa() == 0).
 int shoal_qlinear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const int8_t* wp,
-                  const bf16_t* scale, const bf16_t* bias, int64_t n, bf16_t* y, int64_t ys) {
+                  const bf16_t* scale, const bf16_t* bias, int64_t n, void* y, int64_t ys, int ydt) {
+  if (n % 16 || k % 32) return 1;
+  switch (shoal_packed_isa(-1)) {
 #if SHOAL_AMX
-  if (n % 16 || k % 32 || !shoal_amx_ready()) return 1;
-  return amx_linear<int8_t>(x, xs, m, k, wp, scale, bias, n, y, ys);
-#else
-  (void)x, (void)xs, (void)m, (void)k, (void)wp, (void)scale, (void)bias, (void)n, (void)y, (void)ys;
-  return 1;
+    case 2: return amx_linear<int8_t>(x, xs, m, k, wp, scale, bias, n, y, ys, ydt == 0);
 #endif
+#if SHOAL_DPBF16
+    case 1: return shoal_dot_linear(x, xs, m, k, wp, 1, scale, bias, n, y, ys, ydt);
+#endif
+    default: return 1;
+  }
 }
 
 // The same product on bf16 weights packed in the same order (`shoal_bpack`): y = bf16(x @ w.T +
-// bias), the tiles reading the weights in place.
+// bias), the weights read in place.
 int shoal_blinear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const bf16_t* wp,
-                  const bf16_t* bias, int64_t n, bf16_t* y, int64_t ys) {
+                  const bf16_t* bias, int64_t n, void* y, int64_t ys, int ydt) {
+  if (n % 16 || k % 32) return 1;
+  switch (shoal_packed_isa(-1)) {
 #if SHOAL_AMX
-  if (n % 16 || k % 32 || !shoal_amx_ready()) return 1;
-  return amx_linear<bf16_t>(x, xs, m, k, wp, nullptr, bias, n, y, ys);
-#else
-  (void)x, (void)xs, (void)m, (void)k, (void)wp, (void)bias, (void)n, (void)y, (void)ys;
-  return 1;
+    case 2: return amx_linear<bf16_t>(x, xs, m, k, wp, nullptr, bias, n, y, ys, ydt == 0);
 #endif
+#if SHOAL_DPBF16
+    case 1: return shoal_dot_linear(x, xs, m, k, wp, 0, nullptr, bias, n, y, ys, ydt);
+#endif
+    default: return 1;
+  }
 }
 
 }  // extern "C"

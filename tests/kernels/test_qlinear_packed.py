@@ -1,6 +1,7 @@
-"""The AMX int8 product (`shoal.kernels.qlinear`): the packed order and its inverse, the product
-against the dequantized weight, row invariance at any row count and position, odd shapes, and
-int8 layers that fall back when the kernels are off."""
+"""The packed products (`shoal.kernels.qlinear`) on each body this CPU runs (AMX tiles; AVX512-BF16
+dot products, forced on an AMX CPU too): the packed order and its inverse, the product against
+the dequantized weight, row invariance at any row count and position, odd shapes, and int8
+layers that fall back when the kernels are off."""
 
 from __future__ import annotations
 
@@ -12,7 +13,31 @@ from shoal.kernels import qlinear as amx
 from shoal.model.layers import Linear
 from shoal.model.quant import QuantLinear, dequantize_int8, quant_linear, quantize_int8
 
-needs_amx = pytest.mark.skipif(not amx.amx_ready(), reason="this CPU has no AMX-BF16 (the kernel's only target)")
+needs_packed = pytest.mark.skipif(not amx.packed_ready(), reason="this CPU has neither AMX-BF16 nor AVX512-BF16")
+
+
+def _runs(name: str) -> bool:
+    if not amx.packed_ready():
+        return False
+    if name == "amx":
+        return amx.amx_ready()
+    try:
+        with amx.force_body(name):
+            return True
+    except ValueError:
+        return False
+
+
+HERE = [b for b in ("amx", "avx512-bf16") if _runs(b)]  # an AMX CPU runs both
+
+
+@pytest.fixture(params=HERE or [None])
+def body(request):
+    """Each body this CPU runs, in turn."""
+    if request.param is None:
+        pytest.skip("this CPU has neither AMX-BF16 nor AVX512-BF16")
+    with amx.force_body(request.param):
+        yield request.param
 
 
 def int8_layer(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,21 +61,23 @@ def test_pack_unpack_and_row_gather_round_trip(n, k):
         amx.qpack(q[:, :k - 1].contiguous())
 
 
-@needs_amx
-@pytest.mark.parametrize("n,k,m", [(48, 64, 1), (960, 576, 7), (576, 1536, 40), (3072, 576, 300)])
-def test_amx_product_is_the_dequantized_product(n, k, m):
+@pytest.mark.parametrize("n,k,m", [(48, 64, 1), (960, 576, 7), (576, 1536, 40), (3072, 576, 300), (2064, 64, 5)])
+def test_packed_product_is_the_dequantized_product(body, n, k, m):
     q, s = int8_layer(n, k, seed=1)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(2)).bfloat16()
     y = amx.qlinear(x, amx.qpack(q), s)
     assert y.shape == (m, n) and y.dtype == torch.bfloat16
     exact = x.double() @ dequantize_int8(q, s).double().T  # (m, n)
     # one bf16 rounding of the output, plus the fp32 sum's error (tiny next to it)
-    bound = exact.abs() * 2 ** -8 + (x.double().abs() @ dequantize_int8(q, s).double().abs().T) * 2 ** -20
-    assert ((y.double() - exact).abs() <= bound).all()
+    sum_err = (x.double().abs() @ dequantize_int8(q, s).double().abs().T) * 2 ** -20
+    assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -8 + sum_err).all()
+    # fp32 out (fp32 models): the same sum unrounded, so rounding it gives the bf16 result
+    y32 = amx.qlinear(x, amx.qpack(q), s, out_dtype=torch.float32)
+    assert y32.dtype == torch.float32 and torch.equal(y32.bfloat16(), y)
+    assert ((y32.double() - exact).abs() <= exact.abs() * 2 ** -22 + sum_err).all()
 
 
-@needs_amx
-def test_bias_joins_the_fp32_sum_before_the_one_rounding():
+def test_bias_joins_the_fp32_sum_before_the_one_rounding(body):
     """bf16 weights with a bias: F.linear's result (the same sum, the bias added in fp32, one
     rounding) up to the sum's order; int8 likewise against the dequantized weight."""
     g = torch.Generator().manual_seed(5)
@@ -61,6 +88,7 @@ def test_bias_joins_the_fp32_sum_before_the_one_rounding():
     y = amx.blinear(x, amx.qpack(w), b)
     assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-5).all()
     assert (y == torch.nn.functional.linear(x, w, b)).float().mean() > 0.99
+    assert torch.equal(amx.blinear(x, amx.qpack(w), b, torch.float32).bfloat16(), y)  # one rounding
     q, s = int8_layer(96, 576, seed=6)
     exact = x.double() @ dequantize_int8(q, s).double().T + b.double()
     yq = amx.qlinear(x, amx.qpack(q), s, b)
@@ -68,12 +96,14 @@ def test_bias_joins_the_fp32_sum_before_the_one_rounding():
     assert torch.equal(amx.qlinear(x[2:3], amx.qpack(q), s, b), yq[2:3])  # still row by row
 
 
-@needs_amx
 @pytest.mark.parametrize("threads", [1, 2])
-def test_amx_rows_are_batch_invariant(threads):
-    """A row's bits do not depend on how many rows share the call (1..70: both tile heights,
-    the 32-row groups and the whole-strip path) nor on where it sits."""
-    q, s = int8_layer(80, 576, seed=3)
+@pytest.mark.parametrize("n", [80, 2096])
+def test_packed_rows_are_batch_invariant(body, threads, n):
+    """A row's bits do not depend on how many rows share the call (1..70: AMX's tile heights,
+    32-row groups and whole-strip widening; the dot body's 1-4 row tiles, its strips of 2 or 4
+    blocks with their tails (80 = 5 blocks, 2096 = 131), int8 widened on the fly or once a strip)
+    nor on where it sits; bf16 weights likewise."""
+    q, s = int8_layer(n, 576, seed=3)
     p = amx.qpack(q)
     x = torch.randn(70, 576, generator=torch.Generator().manual_seed(4)).bfloat16()
     before = torch.get_num_threads()
@@ -86,11 +116,15 @@ def test_amx_rows_are_batch_invariant(threads):
         strided = torch.zeros(70, 640, dtype=torch.bfloat16)
         strided[:, :576] = x  # rows with a stride wider than K
         assert torch.equal(amx.qlinear(strided[:, :576], p, s), one)
+        pb = amx.qpack(dequantize_int8(q, s.float()).bfloat16())
+        oneb = torch.cat([amx.blinear(x[i:i + 1], pb) for i in range(70)])
+        for m in (2, 3, 4, 5, 8, 33, 70):
+            assert torch.equal(amx.blinear(x[70 - m:], pb), oneb[70 - m:]), m
     finally:
         torch.set_num_threads(before)
 
 
-@needs_amx
+@needs_packed
 def test_packed_layer_falls_back_when_kernels_are_off():
     layer = Linear(576, 96, bias=True)
     ql = QuantLinear.from_linear(layer)

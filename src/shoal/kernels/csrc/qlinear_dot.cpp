@@ -1,0 +1,148 @@
+// The packed products' AVX512-BF16 body (`qlinear.cpp` calls it where the CPU has no AMX: AMD
+// Zen 4/5, Intel Cooper Lake): the same packed weights, bf16 or int8 (see qlinear.cpp for the
+// layout), read by VDPBF16PS dot products instead of tiles.
+//
+// A packed block's line kk (64 bytes) holds w[16 nb + j][32 kb + 2 kk + p] for j < 16, p < 2:
+// the 16 outputs' pairs of inputs 2 kk, 2 kk + 1, exactly VDPBF16PS's operand (16 fp32 lanes,
+// each adding a pair of bf16 products). So a row's output j is one fp32 chain over K:
+//   acc_j += x[2i] w[j][2i] + x[2i+1] w[j][2i+1],  i = 0 .. K/2 - 1 in order
+// (bf16 products are exact in fp32; the instruction rounds each add to nearest even), times the
+// scale (int8), plus the bias, rounded once to bf16. That chain does not depend on how many rows
+// are computed together or where the row sits: the product is batch-invariant at any size.
+//
+// Work: strips of 2 or 4 blocks (32 or 64 outputs) split over the threads; within a strip, tiles
+// of up to 4 rows, each weight line loaded once for the tile's rows (4 x 4 accumulators). int8
+// blocks are widened on the fly at up to 4 rows, else once per strip into a buffer (the same
+// values: the bits are the same either way).
+
+#include "widen.h"
+
+#if SHOAL_DPBF16
+namespace {
+using namespace shoal;
+
+constexpr int kRows = 4;  // rows a tile
+
+inline __m512 load16(const bf16_t* p) {  // 16 bf16 -> fp32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+inline __m256i to_bf16(__m512 v) {  // round to nearest even, NaN kept quiet (common.h's f2bf)
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+inline __m512i pair(const bf16_t* x) {  // x[0], x[1] broadcast to every 32-bit lane
+  int32_t v;
+  __builtin_memcpy(&v, x, 4);
+  return _mm512_set1_epi32(v);
+}
+
+inline __m512 dot(__m512 acc, __m512i x, __m512i w) {
+  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(x), reinterpret_cast<__m512bh>(w));
+}
+
+// y[NR rows, 16 NB outputs] = x[NR rows, K] . blocks [0, NB) (block b at w + b * bstride values),
+// then * scale, + bias (either may be null), rounded to bf16 unless y is fp32 (f32). Q: w holds
+// packed int8 widened here.
+template <int NR, int NB, bool Q>
+void tile(const bf16_t* x, int64_t xs, int64_t kb, const void* w, int64_t bstride, const bf16_t* scale,
+          const bf16_t* bias, void* y, int64_t ys, bool f32) {
+  __m512 acc[NR][NB];
+  for (int r = 0; r < NR; ++r)
+    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
+  [[maybe_unused]] const Widener wd;
+  for (int64_t c = 0; c < kb; ++c) {
+    const bf16_t* xc = x + c * 32;
+    if constexpr (Q) {
+      const int8_t* wc = static_cast<const int8_t*>(w) + c * 512;
+      for (int g = 0; g < 8; ++g) {  // group g = lines 2g and 2g + 1
+        __m512i lo[NB], hi[NB];
+        for (int b = 0; b < NB; ++b) wd(wc + b * bstride + g * 64, lo[b], hi[b]);
+        for (int r = 0; r < NR; ++r) {
+          const __m512i x0 = pair(xc + r * xs + 4 * g), x1 = pair(xc + r * xs + 4 * g + 2);
+          for (int b = 0; b < NB; ++b) acc[r][b] = dot(dot(acc[r][b], x0, lo[b]), x1, hi[b]);
+        }
+      }
+    } else {
+      const bf16_t* wc = static_cast<const bf16_t*>(w) + c * 512;
+      for (int kk = 0; kk < 16; ++kk) {
+        __m512i wv[NB];
+        for (int b = 0; b < NB; ++b)
+          wv[b] = _mm512_loadu_si512(wc + b * bstride + kk * 32);
+        for (int r = 0; r < NR; ++r) {
+          const __m512i xv = pair(xc + r * xs + 2 * kk);
+          for (int b = 0; b < NB; ++b) acc[r][b] = dot(acc[r][b], xv, wv[b]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int b = 0; b < NB; ++b) {
+      __m512 v = acc[r][b];
+      if (scale) v = _mm512_mul_ps(v, load16(scale + 16 * b));
+      if (bias) v = _mm512_add_ps(v, load16(bias + 16 * b));
+      if (f32)
+        _mm512_storeu_ps(static_cast<float*>(y) + r * ys + 16 * b, v);
+      else
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<bf16_t*>(y) + r * ys + 16 * b), to_bf16(v));
+    }
+}
+
+using TileFn = void (*)(const bf16_t*, int64_t, int64_t, const void*, int64_t, const bf16_t*, const bf16_t*,
+                        void*, int64_t, bool);
+#define SHOAL_TILES(r, q) {tile<r, 1, q>, tile<r, 2, q>, tile<r, 3, q>, tile<r, 4, q>}
+const TileFn kTiles[2][kRows][4] = {
+    {SHOAL_TILES(1, false), SHOAL_TILES(2, false), SHOAL_TILES(3, false), SHOAL_TILES(4, false)},
+    {SHOAL_TILES(1, true), SHOAL_TILES(2, true), SHOAL_TILES(3, true), SHOAL_TILES(4, true)}};
+#undef SHOAL_TILES
+
+}  // namespace
+
+extern "C" {
+// y (m, n) bf16 = x (m, k) @ the packed weight (int8 when q, with scale; else bf16, scale null)
+// + bias, as `shoal_qlinear` / `shoal_blinear` describe (ydt 1 = bf16, 0 = fp32); n % 16 == 0,
+// k % 32 == 0.
+int shoal_dot_linear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const void* wp, int q,
+                     const bf16_t* scale, const bf16_t* bias, int64_t n, void* y, int64_t ys, int ydt) {
+  if (m <= 0) return 0;
+  const int64_t kb = k / 32, nblocks = n / 16, bstride = kb * 512;
+  const int width = nblocks >= 128 ? 4 : 2;  // blocks a strip: small layers in narrow strips (balance)
+  const int64_t strips = (nblocks + width - 1) / width;
+  const bool widen_once = q && m > kRows;  // several row tiles read the strip: widen it once
+  const size_t esize = q ? 1 : 2, ysize = ydt == 0 ? 4 : 2;
+#pragma omp parallel if (strips > 1)
+  {
+    bf16_t* buf = widen_once ? static_cast<bf16_t*>(std::aligned_alloc(64, width * bstride * sizeof(bf16_t)))
+                             : nullptr;
+    const Widener wd;
+#pragma omp for schedule(static)
+    for (int64_t s = 0; s < strips; ++s) {
+      const int64_t b0 = s * width;
+      const int nb = static_cast<int>(nblocks - b0 < width ? nblocks - b0 : width);
+      const void* w = static_cast<const char*>(wp) + b0 * bstride * esize;
+      bool qt = q;
+      if (widen_once) {
+        for (int64_t i = 0; i < nb * kb; ++i)
+          widen_block(wd, static_cast<const int8_t*>(w) + i * 512, buf + i * 512);
+        w = buf, qt = false;
+      }
+      const bf16_t* sc = scale ? scale + b0 * 16 : nullptr;
+      const bf16_t* bi = bias ? bias + b0 * 16 : nullptr;
+      for (int64_t m0 = 0; m0 < m; m0 += kRows) {
+        const int nr = static_cast<int>(m - m0 < kRows ? m - m0 : kRows);
+        void* yt = static_cast<char*>(y) + (m0 * ys + b0 * 16) * ysize;
+        kTiles[qt][nr - 1][nb - 1](x + m0 * xs, xs, kb, w, bstride, sc, bi, yt, ys, ydt == 0);
+      }
+    }
+    std::free(buf);
+  }
+  return 0;
+}
+}  // extern "C"
+#endif  // SHOAL_DPBF16
