@@ -10,12 +10,13 @@
 // concatenations of packed matrices are packed matrices: fused projections stay views). For
 // int8 each 64-byte group of a block is stored in `group_order` (the widening's interleave).
 //
-// y = x @ (w * scale[:, None]).T per row of x (bf16), each output an fp32 AMX sum over K in
-// 32-wide steps (TDPBF16PS; int8 values widened exactly to bf16 first), times its scale (int8
-// only), rounded once to bf16. The tiles compute every row from that row alone (measured: a row's bits do not
-// depend on the row count or its position), so the product is batch-invariant at any size.
-// Each weight block is widened once per call whatever the row count (decode: the widening is
-// the cost; prefill: the tiles are).
+// y = x @ (w * scale[:, None]).T per row of x (bf16), each output an fp32 sum over K (AMX:
+// TDPBF16PS in 32-wide steps; int8 values widened exactly to bf16 first), times its scale (int8
+// only), plus the bias, rounded once to bf16 (or kept fp32 for fp32 models). The tiles compute
+// every row from that row alone (measured: a row's bits do not depend on the row count or its
+// position), so the product is batch-invariant at any size. Each weight block is widened once
+// per call whatever the row count (decode: the widening is the cost; prefill: the tiles are).
+// The AVX512-BF16 body (qlinear_dot.cpp) keeps the same contract with its own sum order.
 
 #include <sys/syscall.h>
 #include <unistd.h>
