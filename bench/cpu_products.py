@@ -1,9 +1,9 @@
 """The products of one SmolLM2-135M decode step on CPU: Shoal's packed kernels (`kernels.qlinear`:
 weight-only int8, and bf16; on AMX tiles, or AVX512-BF16 dot products where the CPU has no AMX)
-against torch's int8 kernel (`_weight_int8pack_mm`) and bf16
-`F.linear` (oneDNN), in the same process. 30 layers of distinct random weights of the real shapes (fused q/k/v 960x576,
-o 576x576, fused gate/up 3072x576, down 576x1536) plus the output layer (49152x576), so the
-weights come from memory as in the engine. Prints ms a step per row count and the ratios.
+against torch's int8 kernel (`_weight_int8pack_mm`) and bf16 `F.linear` (oneDNN), in the same
+process. 30 layers of distinct random weights of the real shapes (fused q/k/v 960x576, o 576x576,
+fused gate/up 3072x576, down 576x1536) plus the output layer (49152x576), so the weights come from
+memory as in the engine. Prints ms a step per row count and the ratios.
 
     python bench/cpu_products.py [--rows 1,8,32,128] [--threads 2] [--layers 30]
 """

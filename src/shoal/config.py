@@ -74,10 +74,10 @@ class EngineConfig:
     quantization: str | None = None
     """Weight-only quantization of every linear layer (lm_head and a tied embedding included):
     None or int8 (per-output-channel scales). 4x less weight memory than fp32. On a CPU with
-    AMX-BF16 or AVX512-BF16 the products run on our packed kernel (Xeon with AMX: 1.2-1.5x bf16's
-    on the tiles at 1-32 rows; AMD EPYC with AVX512-BF16: 1.1-1.2x bf16's at 1-8 rows, on par at 32;
-    measured; every row count gives a row the same bits); on other CPUs torch's int8 kernel, about 1.5x faster than fp32 at 1-4 rows and 1.5-2x slower
-    at 32+ rows (batches, prefill)."""
+    AMX-BF16 or AVX512-BF16 the products run on our packed kernel (Xeon with AMX: 1.2-1.5x bf16's on
+    the tiles at 1-32 rows; AMD EPYC with AVX512-BF16: 1.1-1.2x bf16's at 1-8 rows, on par at 32;
+    measured; every row count gives a row the same bits); on other CPUs torch's int8 kernel, about
+    1.5x faster than fp32 at 1-4 rows and 1.5-2x slower at 32+ rows (batches, prefill)."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory",

@@ -106,8 +106,8 @@ def test_bad_adapters_are_refused_and_others_keep_working(setup, tmp_path):
 
 def test_bf16_adapters_on_packed_layers_keep_their_bits_in_a_mixed_batch(setup):
     """bf16 engine (on a CPU with AMX or AVX512-BF16 its linears are `PackedBF16Linear`, LoRA
-    wrapping them): each request's tokens and logprobs are the same alone and in a batch mixing base and 5 adapters,
-    and the adapters change the output."""
+    wrapping them): each request's tokens and logprobs are the same alone and in a batch mixing base
+    and 5 adapters, and the adapters change the output."""
     from shoal.kernels import qlinear as amx
     from shoal.model.bf16_linear import PackedBF16Linear
 

@@ -1,6 +1,6 @@
 """bf16 engines on a CPU with AMX or AVX512-BF16 run their linears on our packed kernel
-(`PackedBF16Linear`) for every model family: greedy tokens match plain F.linear weights, and each request's tokens and
-logprobs are the same alone as in a batch."""
+(`PackedBF16Linear`) for every model family: greedy tokens match plain F.linear weights, and each
+request's tokens and logprobs are the same alone as in a batch."""
 
 from __future__ import annotations
 

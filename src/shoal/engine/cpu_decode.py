@@ -11,10 +11,10 @@ are all decodes, for the Llama family with fused q/k/v and gate/up; any other st
 model's own forward. The bits are the module path's (tested).
 
 When every product runs on our packed kernel (AMX tiles or AVX512-BF16: a bf16 model,
-`PackedBF16Linear`, or `quantization="int8"`, on a CPU with either), all blocks run in one C++ call (`csrc/llama_decode.cpp`: the same
-kernels in the same order, so the same bits) and no Python runs between the layers; only that
-path serves steps with adapter rows (each product's LoRA deltas added in C++ by the LoRA
-layers' own kernel, `kernels.BGMVLayers` tables made once).
+`PackedBF16Linear`, or `quantization="int8"`, on a CPU with either), all blocks run in one C++ call
+(`csrc/llama_decode.cpp`: the same kernels in the same order, so the same bits) and no Python runs
+between the layers; only that path serves steps with adapter rows (each product's LoRA deltas added
+in C++ by the LoRA layers' own kernel, `kernels.BGMVLayers` tables made once).
 """
 
 from __future__ import annotations

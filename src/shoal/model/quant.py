@@ -8,12 +8,12 @@ dtype; only the matmul sees bf16 inputs (CPU kernel).
 
 Why: CPU decode reads every weight once per token, so it is memory-bound. Two CPU kernels:
 - with AMX-BF16 or AVX512-BF16 (and the C++ kernels built), weights are packed at quantization
-  (`shoal.kernels.qlinear`): each int8 block is widened exactly to bf16 in the kernel and
-  multiplied in AMX tiles or by AVX512-BF16 dot products. Measured (`bench/cpu_products.py`: Xeon with AMX, 2 threads, SmolLM2-135M's 121
-  products a decode step, 135 MB of int8 weights): 7.5 ms a step at 1 row and 9.5 at 32, vs
-  bf16 on the same tiles 9.6 and 11.9, bf16 `F.linear` 19.5 and 23.8, `_weight_int8pack_mm`
-  13.9 and 83.4; AMD EPYC with AVX512-BF16 (no AMX): 4.4-4.7 ms at 1 row and 16.0 at 32 vs
-  `_weight_int8pack_mm` 5.3-5.5 and 33.1. Any row count gives a row the same bits.
+  (`shoal.kernels.qlinear`): each int8 block is widened exactly to bf16 in the kernel and multiplied
+  in AMX tiles or by AVX512-BF16 dot products. Measured (`bench/cpu_products.py`: Xeon with AMX, 2
+  threads, SmolLM2-135M's 121 products a decode step, 135 MB of int8 weights): 7.5 ms a step at 1
+  row and 9.5 at 32, vs bf16 on the same tiles 9.6 and 11.9, bf16 `F.linear` 19.5 and 23.8,
+  `_weight_int8pack_mm` 13.9 and 83.4; AMD EPYC with AVX512-BF16 (no AMX): 4.4-4.7 ms at 1 row and
+  16.0 at 32 vs `_weight_int8pack_mm` 5.3-5.5 and 33.1. Any row count gives a row the same bits.
 - otherwise `_weight_int8pack_mm` (row-major weights). Measured (torch 2.13, 2 shared AVX2
   cores, 1 thread, 60 distinct 1536x576 layers so weights come from DRAM): 1.5x faster than
   fp32 F.linear at 1-4 rows and 1.5x slower at 32 rows (2x at 128: the AVX2 kernel is
@@ -96,9 +96,9 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor,
         bias: (out,) or None: added in x's dtype after the product, except on the packed kernel with
             a bf16 bias, which adds it to the fp32 sum before the one rounding (as F.linear).
     Returns:
-        (..., out) in x.dtype. On CPU the product runs on bf16 inputs with fp32 accumulation and
-        a bf16 result (fp32 for fp32 inputs on the packed kernel), each output from its own accumulator (a row's result does not depend on
-        the other rows in the call).
+        (..., out) in x.dtype. On CPU the product runs on bf16 inputs with fp32 accumulation and a
+        bf16 result (fp32 for fp32 inputs on the packed kernel), each output from its own
+        accumulator (a row's result does not depend on the other rows in the call).
     """
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # (M, in)

@@ -230,37 +230,41 @@ int shoal_packed_isa(int want) {
 int shoal_qpack(const int8_t* w, int64_t n, int64_t k, int8_t* out) { return pack(w, n, k, out); }
 int shoal_bpack(const bf16_t* w, int64_t n, int64_t k, bf16_t* out) { return pack(w, n, k, out); }
 
+}  // extern "C"
+
+namespace {
+// both entry points: the shape check, then the body in effect (W = int8_t: scaled int8 weights)
+template <typename W>
+int packed_linear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const W* wp, const bf16_t* scale,
+                  const bf16_t* bias, int64_t n, void* y, int64_t ys, int ydt) {
+  if (n % 16 || k % 32) return 1;
+  switch (shoal_packed_isa(-1)) {
+#if SHOAL_AMX
+    case 2: return amx_linear<W>(x, xs, m, k, wp, scale, bias, n, y, ys, ydt == 0);
+#endif
+#if SHOAL_DPBF16
+    case 1: return shoal_dot_linear(x, xs, m, k, wp, sizeof(W) == 1, scale, bias, n, y, ys, ydt);
+#endif
+    default: return 1;
+  }
+}
+}  // namespace
+
+extern "C" {
+
 // y (m, n) (row stride ys; ydt 1 = bf16, 0 = fp32: the sum unrounded) = x (m, k) bf16 (row
 // stride xs, xs >= k) @ (unpack(wp) * scale[:, None]).T + bias, scale and bias (n,) bf16 (bias
 // may be null); n % 16 == 0, k % 32 == 0. Returns 1 without a body (shoal_packed_isa() == 0).
 int shoal_qlinear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const int8_t* wp,
                   const bf16_t* scale, const bf16_t* bias, int64_t n, void* y, int64_t ys, int ydt) {
-  if (n % 16 || k % 32) return 1;
-  switch (shoal_packed_isa(-1)) {
-#if SHOAL_AMX
-    case 2: return amx_linear<int8_t>(x, xs, m, k, wp, scale, bias, n, y, ys, ydt == 0);
-#endif
-#if SHOAL_DPBF16
-    case 1: return shoal_dot_linear(x, xs, m, k, wp, 1, scale, bias, n, y, ys, ydt);
-#endif
-    default: return 1;
-  }
+  return packed_linear(x, xs, m, k, wp, scale, bias, n, y, ys, ydt);
 }
 
 // The same product on bf16 weights packed in the same order (`shoal_bpack`): y = bf16(x @ w.T +
 // bias), the weights read in place.
 int shoal_blinear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const bf16_t* wp,
                   const bf16_t* bias, int64_t n, void* y, int64_t ys, int ydt) {
-  if (n % 16 || k % 32) return 1;
-  switch (shoal_packed_isa(-1)) {
-#if SHOAL_AMX
-    case 2: return amx_linear<bf16_t>(x, xs, m, k, wp, nullptr, bias, n, y, ys, ydt == 0);
-#endif
-#if SHOAL_DPBF16
-    case 1: return shoal_dot_linear(x, xs, m, k, wp, 0, nullptr, bias, n, y, ys, ydt);
-#endif
-    default: return 1;
-  }
+  return packed_linear<bf16_t>(x, xs, m, k, wp, nullptr, bias, n, y, ys, ydt);
 }
 
 }  // extern "C"
