@@ -65,7 +65,7 @@ def test_steps_with_adapter_rows_take_the_modules(setup, monkeypatch):
 
 
 @pytest.mark.skipif(not __import__("shoal.kernels.qlinear", fromlist=["x"]).packed_ready(),
-                    reason="the one-call path needs packed products (AMX or AVX512-BF16)")
+                    reason="the one-call path needs packed products (AVX-512)")
 @pytest.mark.parametrize("quantization", [None, "int8"])
 def test_one_call_path_gives_the_python_paths_bits(tmp_path, tiny_tokenizer_dir, monkeypatch, quantization):
     """bf16 on packed products (bf16 or int8 weights): all blocks in one C++ call give the per-layer Python
@@ -95,7 +95,7 @@ def test_one_call_path_gives_the_python_paths_bits(tmp_path, tiny_tokenizer_dir,
 
 
 @pytest.mark.skipif(not __import__("shoal.kernels.qlinear", fromlist=["x"]).packed_ready(),
-                    reason="the one-call path needs packed products (AMX or AVX512-BF16)")
+                    reason="the one-call path needs packed products (AVX-512)")
 @pytest.mark.parametrize("quantization", [None, "int8"])
 def test_one_call_path_adds_the_lora_layers_deltas_bit_for_bit(setup, monkeypatch, quantization):
     """bf16 on packed products (bf16 or int8 weights), base and 5 adapters mixed: decode steps with adapter

@@ -266,6 +266,13 @@ def test_bf16_model_math_is_bitwise_batch_invariant(tmp_path, tiny_tokenizer_dir
     """A row's logprobs are bit-identical alone and among 32 other requests (bf16, CPU), with
     an MLP wider than 1024 so the split-K path is exercised, on packed weights (the default)
     and on plain ones, with the fused CPU kernels (the default) and without."""
+    from shoal.model.packed import native_bf16_cpu
+
+    if not cpu_kernels and not native_bf16_cpu():
+        # neither Shoal's packed products nor oneDNN's native bf16: PyTorch's emulated bf16
+        # matmuls are not row-invariant (measured on a Cascade Lake); the engine's default
+        # there is fp32, or bf16 on the packed products (the other two cases)
+        pytest.skip("bf16 without the kernels needs native bf16 (AVX512-BF16 or AMX) for bitwise invariance")
     with contextlib.nullcontext() if cpu_kernels else kernels.disabled():
         _check_bf16_batch_invariance(tmp_path, tiny_tokenizer_dir, pack)
 
@@ -288,7 +295,10 @@ def _check_bf16_batch_invariance(tmp_path, tiny_tokenizer_dir, pack):
         # bf16 on our packed kernel (`PackedBF16Linear`): row-invariant at any width and row count as it is
         assert isinstance(down_proj, PackedBF16Linear) and isinstance(loaded.model.lm_head, PackedBF16Linear)
     else:
-        assert len(getattr(down_proj.weight, "chunks", ())) == (2 if pack else 0)  # packed in split-K chunks
+        from shoal.model.packed import bf16_packing_ok  # oneDNN's packed bf16 needs native bf16
+
+        # packed in split-K chunks where oneDNN packs bf16, else plain
+        assert len(getattr(down_proj.weight, "chunks", ())) == (2 if pack and bf16_packing_ok() else 0)
         from shoal.model.layers import INVARIANT_ROWS  # products capped at 32 rows (AMX CPUs)
 
         assert down_proj.max_rows == INVARIANT_ROWS

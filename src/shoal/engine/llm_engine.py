@@ -20,8 +20,8 @@ from ..config import EngineConfig
 from ..model.fused import fuse_projections, fused_part_ids
 from ..model.loader import LoadedModel, resolve_dtype
 from ..model.layers import linear
+from ..model.packed import native_bf16_cpu, pack_linears
 from ..model.row_classes import INVARIANT_ROWS, PREFILL_ROWS, amx_class_consistent
-from ..model.packed import pack_linears
 from .block_manager import BlockManager
 from ..lora.grouping import MIN_ROWS
 from .model_runner import ModelRunner, StepResult
@@ -35,15 +35,14 @@ from .sequence import Sequence
 
 
 def default_dtype(device: str) -> torch.dtype:
-    """bf16 on CUDA and on CPUs with native bf16 matmuls (AVX512-BF16/AMX), else fp32."""
-    if device.startswith("cuda"):
+    """bf16 on CUDA, on CPUs with native bf16 matmuls (AVX512-BF16/AMX) and where Shoal's packed
+    products run (`kernels.qlinear`: any AVX-512 CPU; bf16 weights are half the bytes a decode step
+    reads), else fp32 (PyTorch's bf16 matmuls without native bf16 are slower than fp32)."""
+    if device.startswith("cuda") or native_bf16_cpu():
         return torch.bfloat16
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:  # not Linux: stay with fp32
-        return torch.float32
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+    from ..kernels import ops, qlinear
+
+    return torch.bfloat16 if ops.enabled() and qlinear.packed_ready() else torch.float32
 
 
 def load_for_engine(config: EngineConfig) -> LoadedModel:

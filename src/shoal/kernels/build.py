@@ -30,7 +30,7 @@ SOURCES = sorted(CSRC.glob("*.cpp"))  # elementwise, attention, lora, qlinear, s
 # plus a product rounds as PyTorch's separate ops do
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
          "-shared", "-fPIC", "-std=c++17"]
-ABI = 4  # shoal_kernels_abi() of the source this module's signatures describe
+ABI = 5  # shoal_kernels_abi() of the source this module's signatures describe
 
 _reason = "not loaded yet"
 

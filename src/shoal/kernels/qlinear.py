@@ -32,7 +32,7 @@ def amx_ready() -> bool:
     return lib is not None and bool(lib.shoal_amx_ready())
 
 
-BODIES = {0: None, 1: "avx512-bf16", 2: "amx"}
+BODIES = {0: None, 1: "avx512", 2: "avx512-bf16", 3: "amx"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,7 +63,7 @@ def force_body(name: str) -> Iterator[None]:
         ops._check(_body() == want, f"force_body: this CPU cannot run {name}")
         yield
     finally:
-        library().shoal_packed_isa(2)
+        library().shoal_packed_isa(max(BODIES))
         _body.cache_clear()
 
 

@@ -134,14 +134,29 @@ class PackedWeight(nn.Parameter):
 
 
 def bf16_packing_ok() -> bool:
-    """Does oneDNN have native bf16 kernels on this CPU (torch's own check: AVX-512 BW/VL/DQ on
-    x86)? Without them a packed bf16 product would run oneDNN's slow reference code, while
-    F.linear falls back to PyTorch's own kernels, so bf16 weights stay plain there."""
+    """Does oneDNN have bf16 kernels on this CPU (torch's own check: AVX-512 BW/VL/DQ on x86) with
+    native bf16 dot products (AVX512-BF16 or AMX)? Without the first a packed bf16 product would
+    run oneDNN's slow reference code, while F.linear falls back to PyTorch's own kernels. Without
+    the second (Skylake-SP, Cascade Lake) oneDNN emulates bf16 and its products are not
+    row-invariant (measured on a Cascade Lake: 64 rows in pieces of 32 gave other bits than one
+    row at a time, at K = 576). bf16 weights stay plain there (the engine runs them on Shoal's
+    packed products, `kernels.qlinear`, where the kernels are on)."""
     op = _find_op("_is_mkldnn_bf16_supported")
     try:
-        return bool(op()) if op is not None else False
+        supported = bool(op()) if op is not None else False
     except RuntimeError:
         return False
+    return supported and native_bf16_cpu()
+
+
+def native_bf16_cpu() -> bool:
+    """The CPU has native bf16 dot products (AVX512-BF16 or AMX-BF16; read from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _packable(m: nn.Module) -> bool:

@@ -25,20 +25,6 @@ using namespace shoal;
 
 constexpr int kRows = 4;  // rows a tile
 
-inline __m512 load16(const bf16_t* p) {  // 16 bf16 -> fp32
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-      reinterpret_cast<const __m256i*>(p))), 16));
-}
-
-inline __m256i to_bf16(__m512 v) {  // round to nearest even, NaN kept quiet (common.h's f2bf)
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  return _mm512_cvtepi32_epi16(r);
-}
-
 inline __m512i pair(const bf16_t* x) {  // x[0], x[1] broadcast to every 32-bit lane
   int32_t v;
   __builtin_memcpy(&v, x, 4);
@@ -85,15 +71,9 @@ void tile(const bf16_t* x, int64_t xs, int64_t kb, const void* w, int64_t bstrid
     }
   }
   for (int r = 0; r < NR; ++r)
-    for (int b = 0; b < NB; ++b) {
-      __m512 v = acc[r][b];
-      if (scale) v = _mm512_mul_ps(v, load16(scale + 16 * b));
-      if (bias) v = _mm512_add_ps(v, load16(bias + 16 * b));
-      if (f32)
-        _mm512_storeu_ps(static_cast<float*>(y) + r * ys + 16 * b, v);
-      else
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<bf16_t*>(y) + r * ys + 16 * b), to_bf16(v));
-    }
+    for (int b = 0; b < NB; ++b)
+      store16(acc[r][b], scale ? scale + 16 * b : nullptr, bias ? bias + 16 * b : nullptr,
+              static_cast<char*>(y) + (r * ys + 16 * b) * (f32 ? 4 : 2), f32);
 }
 
 using TileFn = void (*)(const bf16_t*, int64_t, int64_t, const void*, int64_t, const bf16_t*, const bf16_t*,

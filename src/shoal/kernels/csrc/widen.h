@@ -1,16 +1,53 @@
-// int8 -> bf16 widening of packed weights, shared by the packed products' two bodies
-// (`qlinear.cpp`: AMX tiles; `qlinear_dot.cpp`: AVX512-BF16 dot products), and the ISA test
-// both build on.
+// What the packed products' bodies share (`qlinear.cpp`: AMX tiles; `qlinear_dot.cpp`:
+// AVX512-BF16 dot products; `qlinear_fma.cpp`: AVX-512F FMA): the ISA tests they build on, the
+// 16-lane bf16 load and store of the epilogue, and the int8 -> bf16 widening of packed weights.
 #pragma once
 
 #include "common.h"
 
-#if defined(__AVX512BF16__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
+#define SHOAL_AVX512 1
+#else
+#define SHOAL_AVX512 0
+#endif
+
+#if SHOAL_AVX512 && defined(__AVX512BF16__) && defined(__AVX512VBMI__)
 #define SHOAL_DPBF16 1
 #else
 #define SHOAL_DPBF16 0
 #endif
+
+#if SHOAL_AVX512
+namespace shoal {
+
+inline __m512 load16(const bf16_t* p) {  // 16 bf16 -> fp32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+inline __m256i to_bf16(__m512 v) {  // round to nearest even, NaN kept quiet (common.h's f2bf)
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// the epilogue of 16 outputs: y[0, 16) = v * scale + bias (either may be null), rounded to bf16
+// unless y is fp32 (f32)
+inline void store16(__m512 v, const bf16_t* scale, const bf16_t* bias, void* y, bool f32) {
+  if (scale) v = _mm512_mul_ps(v, load16(scale));
+  if (bias) v = _mm512_add_ps(v, load16(bias));
+  if (f32)
+    _mm512_storeu_ps(static_cast<float*>(y), v);
+  else
+    _mm256_storeu_si256(static_cast<__m256i*>(y), to_bf16(v));
+}
+
+}  // namespace shoal
+#endif  // SHOAL_AVX512
 
 #if SHOAL_DPBF16
 namespace shoal {
