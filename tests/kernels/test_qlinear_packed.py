@@ -1,5 +1,5 @@
 """The packed products (`shoal.kernels.qlinear`) on each body this CPU runs (AMX tiles; AVX512-BF16
-dot products; AVX-512F FMA; the lesser bodies forced on a CPU that has a better one): the packed order and its inverse, the product against
+dot products; AVX-512F FMA; AVX2 FMA; the lesser bodies forced on a CPU that has a better one): the packed order and its inverse, the product against
 the dequantized weight, row invariance at any row count and position, odd shapes, and int8
 layers that fall back when the kernels are off."""
 
@@ -13,7 +13,7 @@ from shoal.kernels import qlinear as amx
 from shoal.model.layers import Linear
 from shoal.model.quant import QuantLinear, dequantize_int8, quant_linear, quantize_int8
 
-needs_packed = pytest.mark.skipif(not amx.packed_ready(), reason="this CPU has no AVX-512 (or the kernels did not build)")
+needs_packed = pytest.mark.skipif(not amx.packed_ready(), reason="this CPU has no AVX2 (or the kernels did not build)")
 
 
 def _runs(name: str) -> bool:
@@ -28,14 +28,14 @@ def _runs(name: str) -> bool:
         return False
 
 
-HERE = [b for b in ("amx", "avx512-bf16", "avx512") if _runs(b)]  # an AMX CPU runs all three
+HERE = [b for b in ("amx", "avx512-bf16", "avx512", "avx2") if _runs(b)]  # an AMX CPU runs all four
 
 
 @pytest.fixture(params=HERE or [None])
 def body(request):
     """Each body this CPU runs, in turn."""
     if request.param is None:
-        pytest.skip("this CPU has no AVX-512 (or the kernels did not build)")
+        pytest.skip("this CPU has no AVX2 (or the kernels did not build)")
     with amx.force_body(request.param):
         yield request.param
 
@@ -100,9 +100,9 @@ def test_bias_joins_the_fp32_sum_before_the_one_rounding(body):
 @pytest.mark.parametrize("n", [80, 2096])
 def test_packed_rows_are_batch_invariant(body, threads, n):
     """A row's bits do not depend on how many rows share the call (1..70: AMX's tile heights,
-    32-row groups and whole-strip widening; the dot body's 1-4 row tiles, its strips of 2 or 4
-    blocks with their tails (80 = 5 blocks, 2096 = 131), int8 widened on the fly or once a strip)
-    nor on where it sits; bf16 weights likewise."""
+    32-row groups and whole-strip widening; the other bodies' 1-4 row tiles (AVX2 int8: 1-2), their
+    strips of 2 or 4 blocks with their tails (80 = 5 blocks, 2096 = 131), int8 widened on the fly
+    or once a strip) nor on where it sits; bf16 weights likewise."""
     q, s = int8_layer(n, 576, seed=3)
     p = amx.qpack(q)
     x = torch.randn(70, 576, generator=torch.Generator().manual_seed(4)).bfloat16()

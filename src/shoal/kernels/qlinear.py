@@ -1,7 +1,10 @@
 """Products on packed weights (`csrc/qlinear.cpp`) for `shoal.model.quant`: int8 weights
-(`qlinear`, weight-only int8) and bf16 weights (`blinear`, the engine's bf16 layers), on AMX tiles
-where the CPU has AMX-BF16, else on AVX512-BF16 dot products (`csrc/qlinear_dot.cpp`: AMD Zen 4/5,
-Cooper Lake). `body()` says which; `packed_ready()` whether either runs here.
+(`qlinear`, weight-only int8) and bf16 weights (`blinear`, the engine's bf16 layers), on the best
+body this CPU runs: AMX tiles ("amx"), AVX512-BF16 dot products ("avx512-bf16",
+`csrc/qlinear_dot.cpp`: AMD Zen 4/5, Cooper Lake), or FMA on weights widened in registers
+(`csrc/qlinear_fma.cpp`: "avx512" on Skylake-SP/Cascade Lake/Ice Lake, "avx2" on AMD Zen 2/3 and
+older Intel). `body()` says which; `packed_ready()` whether any runs here; `SHOAL_PACKED_BODY=avx2`
+(say) caps the process at a lesser body, `force_body` a block.
 
 A (N, K) weight is packed once (`qpack`, int8 or bf16) into the tiles' B-operand order; rows
 [16a, 16b) stay one contiguous run, so a packed matrix's 16-aligned row slices and row
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Iterator
 
 import torch
@@ -32,38 +36,50 @@ def amx_ready() -> bool:
     return lib is not None and bool(lib.shoal_amx_ready())
 
 
-BODIES = {0: None, 1: "avx512", 2: "avx512-bf16", 3: "amx"}
+BODIES = {0: None, 1: "avx2", 2: "avx512", 3: "avx512-bf16", 4: "amx"}
+BODY_IDS = {"none": 0, **{v: k for k, v in BODIES.items() if v}}
 
 
 @functools.lru_cache(maxsize=None)
 def _body() -> int:
     lib = library()
-    return int(lib.shoal_packed_isa(-1)) if lib is not None else 0
+    if lib is None:
+        return 0
+    want = os.environ.get("SHOAL_PACKED_BODY")  # a lesser body for the whole process (tests, benchmarks)
+    if want and not _capped:
+        ops._check(want in BODY_IDS, f"SHOAL_PACKED_BODY: one of {sorted(BODY_IDS)} (got {want!r})")
+        lib.shoal_packed_isa(BODY_IDS[want])
+        _capped.append(want)
+    return int(lib.shoal_packed_isa(-1))
+
+
+_capped: list[str] = []  # SHOAL_PACKED_BODY applied
 
 
 def body() -> str | None:
-    """The body the packed products run on this CPU: "amx", "avx512-bf16", or None (neither)."""
+    """The body the packed products run: "amx", "avx512-bf16", "avx512", "avx2", or None (none here)."""
     return BODIES[_body()]
 
 
 def packed_ready() -> bool:
-    """The packed products run here (AMX tiles or AVX512-BF16 dot products)."""
+    """The packed products run here (any body: x86 with AVX2 or better, the kernels built)."""
     return _body() > 0
 
 
 @contextlib.contextmanager
 def force_body(name: str) -> Iterator[None]:
-    """Run the packed products on `name` ("avx512-bf16" or "amx", where the CPU has it) inside the
-    block (tests and benchmarks compare the two bodies on an AMX CPU); the default after."""
-    want = {v: k for k, v in BODIES.items()}[name]
+    """Run the packed products on `name` (a `BODIES` name this CPU runs) inside the block (tests and
+    benchmarks compare the bodies on one CPU); the body before it after."""
+    want = BODY_IDS.get(name, 0)
     ops._check(library() is not None and want > 0, "force_body: no kernels or no such body")
+    before = _body()
     try:
         library().shoal_packed_isa(want)
         _body.cache_clear()
         ops._check(_body() == want, f"force_body: this CPU cannot run {name}")
         yield
     finally:
-        library().shoal_packed_isa(max(BODIES))
+        library().shoal_packed_isa(before if _capped else max(BODIES))
         _body.cache_clear()
 
 
@@ -143,12 +159,12 @@ def qlinear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     """x (M, K) float (rows contiguous) -> (M, N) in out_dtype (bf16, or fp32 for fp32 models).
 
     Semantics: y[i, j] = out(s_ij * scale[j] + bias[j]) (bias as bf16, added in fp32; none when
-    None; out() rounds to bf16 once, or keeps the fp32 value) where s_ij = sum_k bf16(x[i, k]) * w[j, k] is an
-    fp32 sum computed in AMX tiles (TDPBF16PS over K in steps of 32) or by AVX512-BF16 dot
-    products (VDPBF16PS: one chain over K, a pair of inputs a step); its rounding is the
-    hardware's, within ~1e-6 relative of the exact sum (the two bodies' bits differ), w =
-    qunpack(packed). Row i's result depends on row i only (the same bits at any row count or
-    position, on either body)."""
+    None; out() rounds to bf16 once, or keeps the fp32 value) where s_ij = sum_k bf16(x[i, k]) *
+    w[j, k] is an fp32 sum computed in AMX tiles (TDPBF16PS over K in steps of 32), by AVX512-BF16
+    dot products (VDPBF16PS: one chain over K, a pair of inputs a step) or by FMA (AVX-512F, AVX2:
+    one chain for bf16, a few interleaved chains for int8); its rounding is the hardware's, within
+    ~1e-6 relative of the exact sum (the bodies' bits differ), w = qunpack(packed). Row i's result
+    depends on row i only (the same bits at any row count or position, on each body)."""
     m, k = x.shape
     n = packed.shape[0]
     xb = x if x.dtype == torch.bfloat16 and x.stride(1) == 1 else x.to(torch.bfloat16).contiguous()
@@ -166,8 +182,8 @@ def qlinear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
 def blinear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
             out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """x (M, K) float (rows contiguous) -> (M, N) in out_dtype: y = out(bf16(x) @ w.T + bias), w =
-    qunpack(packed) (bf16), the fp32 sum as `qlinear`'s (AMX tiles or AVX512-BF16), the bias (as bf16) added in
-    fp32 before the one rounding (as F.linear adds it); row i's bits depend on row i only."""
+    qunpack(packed) (bf16), the fp32 sum as `qlinear`'s (on the same body), the bias (as bf16) added
+    in fp32 before the one rounding (as F.linear adds it); row i's bits depend on row i only."""
     m, k = x.shape
     n = packed.shape[0]
     xb = x if x.dtype == torch.bfloat16 and x.stride(1) == 1 else x.to(torch.bfloat16).contiguous()

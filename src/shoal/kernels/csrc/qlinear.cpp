@@ -1,9 +1,9 @@
-// Linear products on packed weights for the engine on CPUs with AVX-512: bf16 weights (the
-// default there, `PackedBF16Linear`) and weight-only int8 (`--quantization int8`). Three bodies
-// read the same packed layout: AMX tiles (TDPBF16PS) where the CPU has AMX-BF16 and the OS grants
-// the tile state, else AVX512-BF16 dot products (VDPBF16PS, qlinear_dot.cpp: AMD Zen 4/5, Cooper
-// Lake), else AVX-512F FMA on the weights widened to fp32 (qlinear_fma.cpp: Skylake-SP, Cascade
-// Lake, Ice Lake).
+// Linear products on packed weights for the engine on x86 CPUs with AVX2 or better: bf16 weights
+// (the default there, `PackedBF16Linear`) and weight-only int8 (`--quantization int8`). Four
+// bodies read the same packed layout: AMX tiles (TDPBF16PS) where the CPU has AMX-BF16 and the OS
+// grants the tile state, else AVX512-BF16 dot products (VDPBF16PS, qlinear_dot.cpp: AMD Zen 4/5,
+// Cooper Lake), else FMA on the weights widened to fp32 in registers (qlinear_fma.cpp: AVX-512F on
+// Skylake-SP, Cascade Lake, Ice Lake; AVX2 on AMD Zen 2/3 and older Intel).
 //
 // Weights are packed once (shoal_qpack) in the layout of AMX's B operand: a (N, K) int8 matrix
 // (N % 16 == 0, K % 32 == 0) becomes blocks of 16 output rows x 32 inputs,
@@ -18,7 +18,7 @@
 // every row from that row alone (measured: a row's bits do not depend on the row count or its
 // position), so the product is batch-invariant at any size. Each weight block is widened once
 // per call whatever the row count (decode: the widening is the cost; prefill: the tiles are).
-// The other two bodies keep the same contract, each with its own sum order.
+// The other bodies keep the same contract, each with its own sum order.
 
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -207,6 +207,10 @@ int shoal_dot_linear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const vo
 int shoal_fma_linear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const void* wp, int q,
                      const bf16_t* scale, const bf16_t* bias, int64_t n, void* y, int64_t ys, int ydt);
 #endif
+#if SHOAL_AVX2
+int shoal_avx2_linear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const void* wp, int q,
+                      const bf16_t* scale, const bf16_t* bias, int64_t n, void* y, int64_t ys, int ydt);
+#endif
 
 // 1 when the AMX kernel is compiled in and the OS grants this process the tile state
 // (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA; asked once, idempotent), else 0.
@@ -220,16 +224,16 @@ int shoal_amx_ready() {
 }
 
 namespace {
-int body_cap = 3;  // the best body the products may use (shoal_packed_isa)
+int body_cap = 4;  // the best body the products may use (shoal_packed_isa)
 }
 
-// The body the packed products run: 3 = AMX tiles, 2 = AVX512-BF16 dot products, 1 = AVX-512F
-// FMA, 0 = none (the products refuse; callers keep their PyTorch paths). want >= 0 caps it (tests
-// and benchmarks compare the bodies on one CPU; 3 restores the default); returns the body in
-// effect.
+// The body the packed products run: 4 = AMX tiles, 3 = AVX512-BF16 dot products, 2 = AVX-512F
+// FMA, 1 = AVX2 FMA, 0 = none (the products refuse; callers keep their PyTorch paths). want >= 0
+// caps it (tests and benchmarks compare the bodies on one CPU; 4 restores the default); returns
+// the body in effect.
 int shoal_packed_isa(int want) {
   if (want >= 0) body_cap = want;
-  const int have = shoal_amx_ready() ? 3 : SHOAL_DPBF16 ? 2 : SHOAL_AVX512;
+  const int have = shoal_amx_ready() ? 4 : SHOAL_DPBF16 ? 3 : SHOAL_AVX512 ? 2 : SHOAL_AVX2;
   return have < body_cap ? have : body_cap;
 }
 
@@ -247,13 +251,16 @@ int packed_linear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const W* wp
   if (n % 16 || k % 32) return 1;
   switch (shoal_packed_isa(-1)) {
 #if SHOAL_AMX
-    case 3: return amx_linear<W>(x, xs, m, k, wp, scale, bias, n, y, ys, ydt == 0);
+    case 4: return amx_linear<W>(x, xs, m, k, wp, scale, bias, n, y, ys, ydt == 0);
 #endif
 #if SHOAL_DPBF16
-    case 2: return shoal_dot_linear(x, xs, m, k, wp, sizeof(W) == 1, scale, bias, n, y, ys, ydt);
+    case 3: return shoal_dot_linear(x, xs, m, k, wp, sizeof(W) == 1, scale, bias, n, y, ys, ydt);
 #endif
 #if SHOAL_AVX512
-    case 1: return shoal_fma_linear(x, xs, m, k, wp, sizeof(W) == 1, scale, bias, n, y, ys, ydt);
+    case 2: return shoal_fma_linear(x, xs, m, k, wp, sizeof(W) == 1, scale, bias, n, y, ys, ydt);
+#endif
+#if SHOAL_AVX2
+    case 1: return shoal_avx2_linear(x, xs, m, k, wp, sizeof(W) == 1, scale, bias, n, y, ys, ydt);
 #endif
     default: return 1;
   }

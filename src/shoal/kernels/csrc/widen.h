@@ -1,12 +1,18 @@
 // What the packed products' bodies share (`qlinear.cpp`: AMX tiles; `qlinear_dot.cpp`:
-// AVX512-BF16 dot products; `qlinear_fma.cpp`: AVX-512F FMA): the ISA tests they build on, the
+// AVX512-BF16 dot products; `qlinear_fma.cpp`: AVX-512F or AVX2 FMA): the ISA tests they build on, the
 // 16-lane bf16 load and store of the epilogue, and the int8 -> bf16 widening of packed weights.
 #pragma once
 
 #include "common.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+#define SHOAL_AVX2 1
+#else
+#define SHOAL_AVX2 0
+#endif
+
+#if SHOAL_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__)
 #define SHOAL_AVX512 1
 #else
 #define SHOAL_AVX512 0
