@@ -71,6 +71,8 @@ def test_tied_head_stays_shared_unless_asked(pack_tied):
 @pytest.mark.parametrize("k_chunk", [0, 40])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_packed_linear_matches_f_linear(dtype, k_chunk):
+    if dtype == torch.bfloat16 and not bf16_packing_ok():
+        pytest.skip("no native bf16 in oneDNN here: bf16 layers stay plain")
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(96, 64, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
     x = torch.randn(5, 3, 64, generator=g).to(dtype)

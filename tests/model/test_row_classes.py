@@ -3,10 +3,11 @@ blocks of at most 32 rows, prefill rows in padded AMX-sized blocks, each row wit
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from shoal.model.layers import linear
-from shoal.model.packed import PackedWeight
+from shoal.model.packed import PackedWeight, bf16_packing_ok
 from shoal.model.row_classes import (AMX_MIN_ROWS, INVARIANT_ROWS, PREFILL_ROWS, amx_class_consistent, blocked,
                                      step_rows)
 
@@ -40,6 +41,7 @@ def test_blocks_follow_the_step_rows():
     assert sizes == [10, AMX_MIN_ROWS]
 
 
+@pytest.mark.skipif(not bf16_packing_ok(), reason="no native bf16 in oneDNN here: bf16 layers stay plain")
 def test_each_class_gives_a_row_fixed_bits():
     """A SmolLM2-135M gate/up shape, packed bf16: a decode row has its one-row bits in any step;
     a prefill row has the same bits however many prefill rows share its block and wherever it
