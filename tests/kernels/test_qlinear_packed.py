@@ -146,3 +146,22 @@ def test_shapes_the_tiles_cannot_take_stay_row_major():
     with torch.no_grad():
         torch.testing.assert_close(odd(x), torch.nn.functional.linear(x, dequantize_int8(odd.qweight, odd.qscale.float()))
                                    + odd.bias, rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.skipif("avx2" not in HERE, reason="this CPU has no AVX2 (or the kernels did not build)")
+def test_env_caps_the_process_at_a_lesser_body():
+    """SHOAL_PACKED_BODY=avx2 runs every packed product of the process on the AVX2 body (what an
+    AVX2-only CPU runs), force_body still reaches the best one, and a bad name is refused."""
+    import subprocess
+    import sys
+
+    code = ("from shoal.kernels import qlinear as q\n"
+            "print(q.body())\n"
+            f"with q.force_body({HERE[0]!r}): print(q.body())\n"
+            "print(q.body())\n")
+    env = {**__import__("os").environ, "SHOAL_PACKED_BODY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["avx2", HERE[0], "avx2"]
+    env["SHOAL_PACKED_BODY"] = "avx3"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "SHOAL_PACKED_BODY: one of" in bad.stderr

@@ -52,8 +52,6 @@ inline void put16(const float* s, const bf16_t* scale, const bf16_t* bias, void*
 }
 
 #if SHOAL_AVX512
-
-
 // y[NR rows, 16 NB outputs] = xf[NR rows (stride k), K] . bf16 blocks [0, NB) (block b at w + b *
 // bstride), then store16 (scale and bias may be null)
 template <int NR, int NB>
