@@ -100,9 +100,9 @@ def test_bias_joins_the_fp32_sum_before_the_one_rounding(body):
 @pytest.mark.parametrize("n", [80, 2096])
 def test_packed_rows_are_batch_invariant(body, threads, n):
     """A row's bits do not depend on how many rows share the call (1..70: AMX's tile heights,
-    32-row groups and whole-strip widening; the other bodies' 1-4 row tiles (AVX2 int8: 1-2), their
-    strips of 2 or 4 blocks with their tails (80 = 5 blocks, 2096 = 131), int8 widened on the fly
-    or once a strip) nor on where it sits; bf16 weights likewise."""
+    32-row groups and whole-strip widening; the other bodies' tiles of 1-8 rows (by body and
+    dtype), their strips of 2 or 4 blocks with their tails (80 = 5 blocks, 2096 = 131), int8
+    widened on the fly or once a strip) nor on where it sits; bf16 weights likewise."""
     q, s = int8_layer(n, 576, seed=3)
     p = amx.qpack(q)
     x = torch.randn(70, 576, generator=torch.Generator().manual_seed(4)).bfloat16()
