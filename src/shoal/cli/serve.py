@@ -54,8 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         mode += "; CPU kernels " + ("on" if kernels.enabled() else f"off ({kernels.reason()})")
         if kernels.enabled() and qlinear.packed_ready():
-            mode += ", products on " + {"amx": "AMX tiles", "avx512-bf16": "AVX512-BF16",
-                                        "avx512": "AVX-512 FMA"}.get(qlinear.body(), str(qlinear.body()))
+            mode += ", products on " + {"amx": "AMX tiles", "avx512-bf16": "AVX512-BF16", "avx512": "AVX-512 FMA",
+                                        "avx2": "AVX2 FMA"}.get(qlinear.body(), str(qlinear.body()))
     print(f"shoal: {args.model} ready in {time.perf_counter() - t0:.1f}s; {mode}; "
           f"{len(workers)} fine-tuning worker(s); OpenAI API at "
           f"http://{settings.host}:{settings.port}/v1", file=sys.stderr)
