@@ -150,12 +150,10 @@ def bf16_packing_ok() -> bool:
 
 
 def native_bf16_cpu() -> bool:
-    """The CPU has native bf16 dot products (AVX512-BF16 or AMX-BF16; read from /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
+    """The CPU has native bf16 dot products (AVX512-BF16 or AMX-BF16, in /proc/cpuinfo's flags)."""
+    from ..kernels.build import cpu_flags
+
+    flags = cpu_flags().split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
