@@ -72,12 +72,20 @@ class EngineConfig:
     under an fp32 model halves KV memory (2x the tokens in the same budget); keys and values are
     rounded once when stored, and attention math stays in fp32 on CPU."""
     quantization: str | None = None
-    """Weight-only quantization of every linear layer (lm_head and a tied embedding included):
-    None or int8 (per-output-channel scales). 4x less weight memory than fp32. On a CPU with
+    """Quantized weights: None, int8 or q4.
+
+    int8: weight-only int8 for every linear layer (lm_head and a tied embedding included),
+    per-output-channel scales. 4x less weight memory than fp32. On a CPU with
     AMX-BF16 or AVX512-BF16 the products run on our packed kernel (Xeon with AMX: 1.2-1.5x bf16's on
     the tiles at 1-32 rows; AMD EPYC with AVX512-BF16: 1.1-1.2x bf16's at 1-8 rows, on par at 32;
     measured; every row count gives a row the same bits); on other CPUs torch's int8 kernel, about
-    1.5x faster than fp32 at 1-4 rows and 1.5-2x slower at 32+ rows (batches, prefill)."""
+    1.5x faster than fp32 at 1-4 rows and 1.5-2x slower at 32+ rows (batches, prefill).
+
+    q4 (CPU): the decoder's linear layers in 4 bits, GGUF's Q4_1 scheme (groups of 32 inputs with an
+    fp16 scale and minimum: the default model's GGUF stores them so), their products on int8
+    activations as llama.cpp computes them (`shoal.kernels.q4linear`); lm_head and a tied embedding
+    int8. A decode step reads 5 bits a weight instead of 16: one stream ~2x bf16's speed where memory
+    bounds it; batches and prefill about bf16's (measured, AMD EPYC). Rows stay batch-invariant."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory",
@@ -94,8 +102,10 @@ class EngineConfig:
         kv_names = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
         if self.kv_cache_dtype not in kv_names:
             raise ValueError(f"kv_cache_dtype: must be one of {', '.join(kv_names)}, got {self.kv_cache_dtype!r}")
-        if self.quantization not in (None, "int8"):
-            raise ValueError(f"quantization: must be None or int8, got {self.quantization!r}")
+        if self.quantization not in (None, "int8", "q4"):
+            raise ValueError(f"quantization: must be None, int8 or q4, got {self.quantization!r}")
+        if self.quantization == "q4" and self.device.startswith("cuda"):
+            raise ValueError("quantization: q4 runs on CPU only (device cuda: use int8 or none)")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device: must be cpu or cuda, got {self.device!r}")
 

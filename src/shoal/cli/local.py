@@ -93,7 +93,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--quantization", default=os.environ.get("SHOAL_QUANTIZATION") or None,
-                   help="int8: weight-only int8 linear layers (default "
+                   help="int8: weight-only int8 linear layers; q4: 4-bit (Q4_1) layers, CPU (default "
                    "$SHOAL_QUANTIZATION, else none)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")

@@ -169,7 +169,7 @@ class CPUDecodeForward:
 
 
 def _amx_kind(m: nn.Module) -> int | None:
-    """0 for a packed int8 product, 1 for a bf16 one (`PackedBF16Linear`), without a bias; else
+    """0 for a packed int8 product, 1 for a bf16 one (`PackedBF16Linear`), 2 for q4, without a bias; else
     None. A LoRA wrapper counts by its base (its deltas come from `_lora_table`)."""
     if isinstance(m, QuantLinear):
         packed = m.packed
@@ -178,13 +178,13 @@ def _amx_kind(m: nn.Module) -> int | None:
     if not packed or m.bias is not None or not m.qweight.is_contiguous():
         return None
     if m.qscale is None:
-        return 1 if m.qweight.dtype == torch.bfloat16 else None
+        return {torch.bfloat16: 1, torch.uint8: 2}.get(m.qweight.dtype)
     return 0 if m.qscale.dtype == torch.bfloat16 and m.qscale.is_contiguous() else None
 
 
 def _native_layers(model: Transformer) -> list | None:
     """(weight kind, per layer (its 10 weight pointers, its index, the tensors)) when every block's products
-    are packed (`kernels.qlinear`), all int8 (kind 0) or all bf16 (kind 1), without biases, the norms share one
+    are packed (`kernels.qlinear`, `kernels.q4linear`), all int8 (kind 0), bf16 (kind 1) or q4 (kind 2), without biases, the norms share one
     eps and their weights are bf16; else None."""
     if not qlinear.packed_ready():
         return None

@@ -25,12 +25,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = sorted(CSRC.glob("*.cpp"))  # elementwise, attention, lora, qlinear, sampling, llama_decode; common.h beside them
+SOURCES = sorted(CSRC.glob("*.cpp"))  # elementwise, attention, lora, qlinear(+_dot, _fma), q4linear, sampling, llama_decode; common.h beside them
 # no -ffast-math: the kernels round where PyTorch rounds; no FMA contraction, so a product
 # plus a product rounds as PyTorch's separate ops do
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
          "-shared", "-fPIC", "-std=c++17"]
-ABI = 5  # shoal_kernels_abi() of the source this module's signatures describe
+ABI = 6  # shoal_kernels_abi() of the source this module's signatures describe
 
 _reason = "not loaded yet"
 
@@ -49,6 +49,7 @@ SIGNATURES = {  # argument types of each entry point (all return int: 0 = done, 
     "shoal_bpack": [vp, i64, i64, vp],
     "shoal_qlinear": [vp, i64, i64, i64, vp, vp, vp, i64, vp, i64, ci],
     "shoal_blinear": [vp, i64, i64, i64, vp, vp, i64, vp, i64, ci],
+    "shoal_q4linear": [vp, i64, i64, i64, vp, vp, i64, vp, i64, ci],
     "shoal_row_stats": [ci, vp, i64, i64, i64, vp, vp, vp],
     "shoal_llama_decode": [i64, i64, vp, vp, cf, cf, cf, vp, vp, vp, vp, vp, i64, vp, vp, vp, vp, vp,
                            vp, vp],

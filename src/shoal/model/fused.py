@@ -65,10 +65,18 @@ def fuse_projections(model: nn.Module) -> int:
     applied and after quantization."""
     n = 0
     for m in model.modules():
-        if isinstance(m, LlamaAttention) and m.fused_qkv is None:
+        if isinstance(m, LlamaAttention) and m.fused_qkv is None and _fusable([m.q_proj, m.k_proj, m.v_proj]):
             m.fused_qkv = _fuse([m.q_proj, m.k_proj, m.v_proj])
             n += 1
-        elif isinstance(m, SwiGLU) and m.fused_gate_up is None:
+        elif isinstance(m, SwiGLU) and m.fused_gate_up is None and _fusable([m.gate_proj, m.up_proj]):
             m.fused_gate_up = _fuse([m.gate_proj, m.up_proj])
             n += 1
     return n
+
+
+def _fusable(parts: list[nn.Linear]) -> bool:
+    """Parts of one kind: all float, or all quantized with one qweight dtype (q4 beside int8, where a
+    part's shape did not fit 4-bit packing, stays unfused)."""
+    if any(p.weight is None for p in parts):
+        return all(p.weight is None for p in parts) and len({p.qweight.dtype for p in parts}) == 1
+    return True

@@ -1,5 +1,6 @@
-"""Weight-only int8 quantization for inference: int8 weights, per-output-channel scales. (The
-engine's packed bf16 layers, `PackedBF16Linear`, reuse `QuantLinear`: `shoal.model.bf16_linear`.)
+"""Quantized weights for inference: weight-only int8 (per-output-channel scales) and q4 (4-bit,
+GGUF's Q4_1 groups; `shoal.kernels.q4linear`). (The engine's packed bf16 layers,
+`PackedBF16Linear`, reuse `QuantLinear`: `shoal.model.bf16_linear`.)
 
 `quantize_model` swaps every Linear (lm_head included) for a `QuantLinear` in place and, when the
 embedding is tied to lm_head, the embedding for a `QuantEmbedding` reading the same int8 rows, so
@@ -28,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import q4linear as q4
 from ..kernels import qlinear as amx
 from .layers import Linear
 
-MODES = ("int8",)
+MODES = ("int8", "q4")
 """Quantization modes `quantize_model` (and EngineConfig.quantization) accept."""
 
 _HAS_OP = hasattr(torch.ops.aten, "_weight_int8pack_mm")
@@ -91,6 +93,8 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor,
         qweight: (out, in) int8, row-major, or in the packed order when `packed` (`kernels.qlinear`:
             then our packed kernel computes it, or, with the kernels switched off, the row-major
             path on an unpacked copy). packed bf16 weights (`PackedBF16Linear`) with qscale None.
+            uint8 (out, in * 5 / 8): q4 weights packed by `kernels.q4linear.q4pack`, qscale None
+            (their product quantizes x's rows to int8 per 32 inputs: see that module).
         qscale: (out,) per-output-channel scales (any float dtype; bf16 on CPU avoids a cast);
             None for bf16 weights (no scaling).
         bias: (out,) or None: added in x's dtype after the product, except on the packed kernel with
@@ -102,6 +106,8 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor,
     """
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # (M, in)
+    if qweight.dtype == torch.uint8:  # q4: packed 4-bit groups (`kernels.q4linear`), no qscale
+        return q4.q4_linear(x2, qweight, bias).view(*lead, qweight.shape[0])
     if packed:
         if amx.usable(x2):
             # the bias joins the kernel's fp32 sum when it is bf16 (one rounding, as F.linear);
@@ -144,7 +150,8 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor,
 
 
 class QuantLinear(Linear):
-    """A Linear whose weight is int8 with per-output-channel scales (`weight` is None).
+    """A Linear whose weight is int8 with per-output-channel scales (`weight` is None), or q4
+    (`qweight` uint8 packed 4-bit groups, `qscale` None, `packed` True).
 
     Buffers (non-persistent): `qweight` (out, in) int8 (in the packed order when `packed`; see
     `plain_weight`), `qscale` (out,) in the kernel dtype (bf16 on CPU). `bias` stays a float
@@ -164,9 +171,14 @@ class QuantLinear(Linear):
         self.register_buffer("qscale", qscale, persistent=False)
 
     @classmethod
-    def from_linear(cls, layer: nn.Linear) -> "QuantLinear":
-        """Quantize `layer`'s weight (its bias Parameter is reused as is); packed for our
-        kernel when this CPU runs it (AMX or AVX512-BF16) and the shape fits."""
+    def from_linear(cls, layer: nn.Linear, mode: str = "int8") -> "QuantLinear":
+        """Quantize `layer`'s weight (its bias Parameter is reused as is): int8, packed for our
+        kernel when this CPU runs it and the shape fits; q4 (packed) on CPU where the shape fits
+        (out % 16, in % 32), else int8."""
+        w = layer.weight
+        if mode == "q4" and w.is_cpu and q4.fits(*w.shape):
+            return cls(layer.in_features, layer.out_features, q4.q4pack(*q4.quantize_q4(w)), None,
+                       layer.bias, True)
         q, s = quantize_int8(layer.weight)
         s = s.to(kernel_dtype(layer.weight.device, layer.weight.dtype))
         packed = q.is_cpu and amx.packable(*q.shape)
@@ -175,15 +187,19 @@ class QuantLinear(Linear):
         return cls(layer.in_features, layer.out_features, q, s, layer.bias, packed)
 
     def plain_weight(self) -> torch.Tensor:
-        """(out, in) row-major int8 (bf16 for an `PackedBF16Linear`; a copy when packed)."""
+        """(out, in) row-major int8 (bf16 for an `PackedBF16Linear`, the dequantized fp32 weight for
+        q4; a copy when packed)."""
+        if self.qweight.dtype == torch.uint8:
+            return q4.dequantize_packed(self.qweight)
         return amx.qunpack(self.qweight) if self.packed else self.qweight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_linear(x, self.qweight, self.qscale, self.bias, self.packed)
 
     def extra_repr(self) -> str:
+        kind = "q4" if self.qweight.dtype == torch.uint8 else "int8"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, int8")
+                f"bias={self.bias is not None}, {kind}")
 
 
 class QuantEmbedding(nn.Module):
@@ -222,7 +238,9 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str = "int8") -> int:
     """Replace every nn.Linear of `model` (lm_head included) in place by a QuantLinear; returns
-    how many were replaced.
+    how many were replaced. mode "int8": every one int8; "q4": 4-bit where the shape fits, except
+    the output layer (`lm_head`, tied to the embedding or not), which stays int8 (GGUF files keep
+    it wider than the 4-bit layers too).
 
     An nn.Embedding sharing its weight with a replaced Linear (tied embeddings) becomes a
     QuantEmbedding on that layer's int8 buffers, so the float matrix is freed; an untied
@@ -244,7 +262,8 @@ def quantize_model(model: nn.Module, mode: str = "int8") -> int:
     torch.set_num_threads(1)
     try:
         for path, layer in linears:
-            q = QuantLinear.from_linear(layer)
+            head = id(layer.weight) in tied or path.rpartition(".")[2] == "lm_head"
+            q = QuantLinear.from_linear(layer, "int8" if head else mode)
             for epath, emb in tied.pop(id(layer.weight), []):
                 _set_module(model, epath, QuantEmbedding(q.qweight, q.qscale, emb.weight.dtype,
                                                                    q.packed))

@@ -1,5 +1,5 @@
 // All Llama blocks of a decode step in one call, for bf16 models whose products run on packed
-// weights (`qlinear.cpp`: int8 or bf16 weights; AMX tiles or AVX512-BF16): the same kernel calls,
+// weights (`qlinear.cpp`: int8 or bf16 weights on any body; `q4linear.cpp`: 4-bit): the same kernel calls,
 // in the same order and on the same buffers' values, as `shoal.engine.cpu_decode.CPUDecodeForward`
 // makes from Python, so the bits are the same (tested); what goes is the Python between them (~300
 // calls a step; at one row that was about a third of the step's time outside the weight reads).
@@ -29,12 +29,14 @@ int shoal_qlinear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, cons
                   int ydt);
 int shoal_blinear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, const shoal::bf16_t* wp,
                   const shoal::bf16_t* bias, int64_t n, void* y, int64_t ys, int ydt);
+int shoal_q4linear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, const uint8_t* wp,
+                   const shoal::bf16_t* bias, int64_t n, void* y, int64_t ys, int ydt);
 
 enum { LN1, QKV_W, QKV_S, O_W, O_S, LN2, GU_W, GU_S, DN_W, DN_S, K_CACHE, V_CACHE, PER_LAYER };
 
 // n decode rows through n_layers blocks. table: PER_LAYER pointers a layer (above). dims:
 // hidden, heads, kv heads, head size, intermediate size, cache slots, window (0 = none), cache
-// dtype (0 fp32, 1 bf16), weight kind (0 int8 with bf16 scales, 1 bf16 without), LoRA slots'
+// dtype (0 fp32, 1 bf16), weight kind (0 int8 with bf16 scales, 1 bf16 without, 2 q4), LoRA slots'
 // dtype. h (n, hidden) bf16: the embeddings in, the residual stream out (in place); out (n,
 // hidden) = the final norm of it. cos, sin (n, head size) bf16. slot_mapping (n,): where each
 // row's key and value go; rows (n_rows,), slots, offsets: the decode attention's (see
@@ -54,7 +56,7 @@ int shoal_llama_decode(int64_t n, int64_t n_layers, const int64_t* table, const 
   const int64_t hid = dims[0], nh = dims[1], hkv = dims[2], d = dims[3], inter = dims[4];
   const int64_t num_slots = dims[5], window = dims[6];
   const int dtc = static_cast<int>(dims[7]);
-  const bool int8 = dims[8] == 0;
+  const int64_t kind = dims[8];
   const int dtw = static_cast<int>(dims[9]);
   const int64_t nqkv = (nh + 2 * hkv) * d, na = nh * d;
   bf16_t* x = scratch;               // (n, hid) the normed input of a product
@@ -76,9 +78,11 @@ int shoal_llama_decode(int64_t n, int64_t n_layers, const int64_t* table, const 
     // y (n, out) = x (n, k) @ the product at table entries w, w + 1 (weights, scales), then
     // product g's LoRA deltas added in place
     auto product = [&](const bf16_t* xin, int64_t k, int w, int64_t nout, bf16_t* yout, int g) {
-      int r = int8 ? shoal_qlinear(xin, k, n, k, reinterpret_cast<const int8_t*>(p[w]), b16(w + 1), nullptr,
-                                   nout, yout, nout, 1)
-                   : shoal_blinear(xin, k, n, k, b16(w), nullptr, nout, yout, nout, 1);
+      int r = kind == 0   ? shoal_qlinear(xin, k, n, k, reinterpret_cast<const int8_t*>(p[w]), b16(w + 1), nullptr,
+                                          nout, yout, nout, 1)
+              : kind == 1 ? shoal_blinear(xin, k, n, k, b16(w), nullptr, nout, yout, nout, 1)
+                          : shoal_q4linear(xin, k, n, k, reinterpret_cast<const uint8_t*>(p[w]), nullptr, nout, yout,
+                                           nout, 1);
       const int64_t* lg = lora ? lora + (li * 4 + g) * 4 : nullptr;
       if (r != 0 || lg == nullptr || lg[0] == 0) return r;
       const int64_t nl = lg[0];

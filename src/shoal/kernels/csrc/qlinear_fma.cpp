@@ -37,20 +37,6 @@ using namespace shoal;
 // without, 13.9-14.4 at 1 KB, 14.9-15.2 at 2 KB.
 constexpr int kAheadQ = 2048, kAheadB = 1024;
 
-// 16 outputs of a row from its fp32 sums: y = s * scale + bias (either may be null), rounded to
-// bf16 unless y is fp32 (f32)
-inline void put16(const float* s, const bf16_t* scale, const bf16_t* bias, void* y, bool f32) {
-  for (int j = 0; j < 16; ++j) {
-    float v = s[j];
-    if (scale) v *= bf2f(scale[j]);
-    if (bias) v += bf2f(bias[j]);
-    if (f32)
-      static_cast<float*>(y)[j] = v;
-    else
-      static_cast<bf16_t*>(y)[j] = f2bf(v);
-  }
-}
-
 #if SHOAL_AVX512
 // y[NR rows, 16 NB outputs] = xf[NR rows (stride k), K] . bf16 blocks [0, NB) (block b at w + b *
 // bstride), then store16 (scale and bias may be null)

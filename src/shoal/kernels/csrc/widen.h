@@ -24,6 +24,22 @@
 #define SHOAL_DPBF16 0
 #endif
 
+namespace shoal {
+// 16 outputs of a row from its fp32 sums: y = s * scale + bias (either may be null), rounded to
+// bf16 unless y is fp32 (f32)
+inline void put16(const float* s, const bf16_t* scale, const bf16_t* bias, void* y, bool f32) {
+  for (int j = 0; j < 16; ++j) {
+    float v = s[j];
+    if (scale) v *= bf2f(scale[j]);
+    if (bias) v += bf2f(bias[j]);
+    if (f32)
+      static_cast<float*>(y)[j] = v;
+    else
+      static_cast<bf16_t*>(y)[j] = f2bf(v);
+  }
+}
+}  // namespace shoal
+
 #if SHOAL_AVX512
 namespace shoal {
 
