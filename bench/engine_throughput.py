@@ -133,7 +133,8 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--hf-batch", type=int, default=8)
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--quantization", default=None, help="int8: Shoal's weight-only int8 layers")
+    ap.add_argument("--quantization", default=None,
+                    help="int8: Shoal's weight-only int8 layers; q4: 4-bit (Q4_1) layers")
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--unpacked-too", action="store_true",
@@ -142,6 +143,8 @@ def main() -> None:
                     help="also run Shoal with the fused CPU kernels off (PyTorch ops), for an A/B")
     ap.add_argument("--int8-too", action="store_true",
                     help="also run with --quantization int8, in the same process (an A/B)")
+    ap.add_argument("--also", default="",
+                    help="more --quantization modes to run in the same process, e.g. int8,q4")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -172,15 +175,16 @@ def main() -> None:
     from shoal import kernels
 
     q = args.quantization
+    also = [m for m in args.also.split(",") if m] + ["int8"] * args.int8_too
     variants = ([(True, True, q)] + [(False, True, q)] * args.unpacked_too + [(True, False, q)] * args.kernels_too
-                + [(True, True, "int8")] * (args.int8_too and q != "int8"))
+                + [(True, True, m) for m in dict.fromkeys(also) if m != q])
     for pack, cpu_kernels, quant in variants:
         cfg.pack_weights, cfg.quantization = pack, quant
         kernels.set_enabled(cpu_kernels)  # before the engine: LoRA slots follow it
         engine = LLMEngine(cfg, loaded or load_for_engine(cfg))  # a fresh model for the second
         loaded = None
         dtype = str(next(engine.model.parameters()).dtype).replace("torch.", "")
-        dtype += ", int8 weights" if quant else ""
+        dtype += f", {quant} weights" if quant else ""
         dtype += "" if pack else ", unpacked"
         dtype += "" if cpu_kernels else ", PyTorch ops"
         run_shoal(engine, make_prompts(2, 16, 16, 9, vocab), 4)  # warm-up

@@ -66,9 +66,9 @@ def test_steps_with_adapter_rows_take_the_modules(setup, monkeypatch):
 
 @pytest.mark.skipif(not __import__("shoal.kernels.qlinear", fromlist=["x"]).packed_ready(),
                     reason="the one-call path needs packed products (AVX-512)")
-@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize("quantization", [None, "int8", "q4"])
 def test_one_call_path_gives_the_python_paths_bits(tmp_path, tiny_tokenizer_dir, monkeypatch, quantization):
-    """bf16 on packed products (bf16 or int8 weights): all blocks in one C++ call give the per-layer Python
+    """bf16 on packed products (bf16, int8 or q4 weights): all blocks in one C++ call give the per-layer Python
     path's tokens and logprobs bit for bit (12 mixed requests, batched decode steps among them)."""
     from shoal.engine import cpu_decode
 
@@ -87,7 +87,7 @@ def test_one_call_path_gives_the_python_paths_bits(tmp_path, tiny_tokenizer_dir,
         before = len(calls)
         runs.append([o.outputs[0] for o in llm.generate(ps, params)])
         assert (len(calls) > before) == on
-        assert llm.engine.runner._cpu_decode.kind == (quantization is None)  # 1 = bf16 weights
+        assert llm.engine.runner._cpu_decode.kind == {"int8": 0, None: 1, "q4": 2}[quantization]
     assert max(calls) > 1
     for fast, slow in zip(*runs):
         assert fast.token_ids == slow.token_ids
@@ -96,9 +96,9 @@ def test_one_call_path_gives_the_python_paths_bits(tmp_path, tiny_tokenizer_dir,
 
 @pytest.mark.skipif(not __import__("shoal.kernels.qlinear", fromlist=["x"]).packed_ready(),
                     reason="the one-call path needs packed products (AVX-512)")
-@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize("quantization", [None, "int8", "q4"])
 def test_one_call_path_adds_the_lora_layers_deltas_bit_for_bit(setup, monkeypatch, quantization):
-    """bf16 on packed products (bf16 or int8 weights), base and 5 adapters mixed: decode steps with adapter
+    """bf16 on packed products (bf16, int8 or q4 weights), base and 5 adapters mixed: decode steps with adapter
     rows through the one call (LoRA deltas added in C++ after each product) give the module
     path's tokens and logprobs bit for bit."""
     from shoal.config import EngineConfig

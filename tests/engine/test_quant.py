@@ -37,8 +37,9 @@ def linear_weight_bytes(model: torch.nn.Module) -> int:
     for m in model.modules():
         if id(m) in parts:
             continue
-        if isinstance(m, QuantLinear):
-            n += m.qweight.numel() * m.qweight.element_size() + m.qscale.numel() * m.qscale.element_size()
+        if isinstance(m, QuantLinear):  # (q4: scales and minimums inside qweight, qscale None)
+            n += m.qweight.numel() * m.qweight.element_size()
+            n += m.qscale.numel() * m.qscale.element_size() if m.qscale is not None else 0
         elif isinstance(m, torch.nn.Linear):
             n += m.weight.numel() * m.weight.element_size()
     return n
