@@ -24,6 +24,7 @@ Why: CPU decode reads every weight once per token, so it is memory-bound. Two CP
 from __future__ import annotations
 
 import gc
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,8 @@ from torch import nn
 from ..kernels import q4linear as q4
 from ..kernels import qlinear as amx
 from .layers import Linear
+
+log = logging.getLogger(__name__)
 
 MODES = ("int8", "q4")
 """Quantization modes `quantize_model` (and EngineConfig.quantization) accept."""
@@ -250,6 +253,9 @@ def quantize_model(model: nn.Module, mode: str = "int8") -> int:
     """
     if mode not in MODES:
         raise ValueError(f"quantization: must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "q4" and not amx.packed_ready():
+        log.warning("shoal: q4 without Shoal's CPU kernels (x86 with AVX2 and a C++ compiler) dequantizes "
+                    "each layer's weight at every call: slow; int8 or bf16 run faster here")
     linears = [(n, m) for n, m in model.named_modules()
                if isinstance(m, nn.Linear) and getattr(m, "weight", None) is not None]
     embeddings = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
