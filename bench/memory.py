@@ -5,7 +5,7 @@ of `--prompt` random prompt tokens and `--out` generated tokens arrive at once, 
 (the KV budget is sized to hold them: no preemption). Prints RSS after start-up and the peak
 (VmHWM) per configuration, then HF transformers `generate` on the same 32 sequences (one static
 batch, fp32) as the baseline, also in its own process. Usage:
-  python bench/memory.py --threads 2 [--configs fp32,bf16,fp32+bf16kv,int8+bf16kv] [--skip-hf]
+  python bench/memory.py --threads 2 [--configs fp32,bf16,fp32+bf16kv,int8+bf16kv,q4] [--skip-hf]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ CONFIGS = {  # name -> EngineConfig overrides (int8: activations in the CPU's de
     "bf16-unpacked": {"dtype": "bfloat16", "pack_weights": False},  # plain F.linear weights
     "fp32+bf16kv": {"dtype": "float32", "kv_cache_dtype": "bfloat16"},
     "int8+bf16kv": {"kv_cache_dtype": "bfloat16", "quantization": "int8"},
+    "q4": {"quantization": "q4"},  # 4-bit decoder layers, int8 head; activations and KV bf16 (CPU)
 }
 
 
