@@ -11,7 +11,8 @@
 // are computed together or where the row sits: the product is batch-invariant at any size.
 //
 // Work: strips of 2 or 4 blocks (32 or 64 outputs) split over the threads; within a strip, tiles
-// of up to 4 rows, each weight line loaded once for the tile's rows (4 x 4 accumulators). int8
+// of up to 4 rows (bf16 above 8 rows: 6), each weight line loaded once for the tile's rows (4 x 4
+// or 6 x 4 accumulators). int8
 // blocks are widened on the fly at up to 32 rows, else once per strip into a buffer (the same
 // values: the bits are the same either way). Measured (bench/cpu_products.py, AMD EPYC, 2
 // threads): widening once from 5 rows made int8 slower than bf16 at 8-32 rows (32 rows: 16.8 vs
@@ -23,7 +24,12 @@
 namespace {
 using namespace shoal;
 
-constexpr int kRows = 4;  // rows a tile
+constexpr int kRows = 4;  // rows an int8 tile, and a bf16 tile at up to 8 rows
+// rows a bf16 tile above 8 rows: 6 x 4 blocks (24 accumulators). Measured (the 120 decoder
+// products of a decode step, bf16, AMD EPYC, 2 threads, builds alternated twice), ms at 8 / 32 /
+// 128 rows: 4 x 4 6.73-6.89 / 13.05-13.21 / 38.45-38.47; 6 x 4 6.81-8.15 / 12.08-12.20 /
+// 33.15-33.80; 8 x 2 7.48-7.50 / 12.65-12.75 / 33.20-33.35
+constexpr int kRowsWide = 6;
 
 inline __m512i pair(const bf16_t* x) {  // x[0], x[1] broadcast to every 32-bit lane
   int32_t v;
@@ -79,9 +85,12 @@ void tile(const bf16_t* x, int64_t xs, int64_t kb, const void* w, int64_t bstrid
 using TileFn = void (*)(const bf16_t*, int64_t, int64_t, const void*, int64_t, const bf16_t*, const bf16_t*,
                         void*, int64_t, bool);
 #define SHOAL_TILES(r, q) {tile<r, 1, q>, tile<r, 2, q>, tile<r, 3, q>, tile<r, 4, q>}
-const TileFn kTiles[2][kRows][4] = {
-    {SHOAL_TILES(1, false), SHOAL_TILES(2, false), SHOAL_TILES(3, false), SHOAL_TILES(4, false)},
-    {SHOAL_TILES(1, true), SHOAL_TILES(2, true), SHOAL_TILES(3, true), SHOAL_TILES(4, true)}};
+const TileFn kTilesQ[kRows][4] = {SHOAL_TILES(1, true), SHOAL_TILES(2, true), SHOAL_TILES(3, true),
+                                  SHOAL_TILES(4, true)};
+#undef SHOAL_TILES
+#define SHOAL_TILES(r) {tile<r, 1, false>, tile<r, 2, false>, tile<r, 3, false>, tile<r, 4, false>}
+const TileFn kTilesB[kRowsWide][4] = {SHOAL_TILES(1), SHOAL_TILES(2), SHOAL_TILES(3),
+                                      SHOAL_TILES(4), SHOAL_TILES(5), SHOAL_TILES(6)};
 #undef SHOAL_TILES
 
 }  // namespace
@@ -116,10 +125,11 @@ int shoal_dot_linear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const vo
       }
       const bf16_t* sc = scale ? scale + b0 * 16 : nullptr;
       const bf16_t* bi = bias ? bias + b0 * 16 : nullptr;
-      for (int64_t m0 = 0; m0 < m; m0 += kRows) {
-        const int nr = static_cast<int>(m - m0 < kRows ? m - m0 : kRows);
+      const int rows = qt || m <= 8 ? kRows : kRowsWide;
+      for (int64_t m0 = 0; m0 < m; m0 += rows) {
+        const int nr = static_cast<int>(m - m0 < rows ? m - m0 : rows);
         void* yt = static_cast<char*>(y) + (m0 * ys + b0 * 16) * ysize;
-        kTiles[qt][nr - 1][nb - 1](x + m0 * xs, xs, kb, w, bstride, sc, bi, yt, ys, ydt == 0);
+        (qt ? kTilesQ : kTilesB)[nr - 1][nb - 1](x + m0 * xs, xs, kb, w, bstride, sc, bi, yt, ys, ydt == 0);
       }
     }
     std::free(buf);
