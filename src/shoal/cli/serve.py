@@ -56,6 +56,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if kernels.enabled() and qlinear.packed_ready():
             mode += ", products on " + {"amx": "AMX tiles", "avx512-bf16": "AVX512-BF16", "avx512": "AVX-512 FMA",
                                         "avx2": "AVX2 FMA"}.get(qlinear.body(), str(qlinear.body()))
+    if cfg.quantization:
+        mode += f"; {cfg.quantization} weights"
     print(f"shoal: {args.model} ready in {time.perf_counter() - t0:.1f}s; {mode}; "
           f"{len(workers)} fine-tuning worker(s); OpenAI API at "
           f"http://{settings.host}:{settings.port}/v1", file=sys.stderr)
