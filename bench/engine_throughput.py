@@ -143,6 +143,8 @@ def main() -> None:
                     help="also run Shoal with the fused CPU kernels off (PyTorch ops), for an A/B")
     ap.add_argument("--int8-too", action="store_true",
                     help="also run with --quantization int8, in the same process (an A/B)")
+    ap.add_argument("--one-call-too", action="store_true",
+                    help="also run with the one-call decode step off (the per-layer Python path), for an A/B")
     ap.add_argument("--also", default="",
                     help="more --quantization modes to run in the same process, e.g. int8,q4")
     ap.add_argument("--json", default=None)
@@ -178,7 +180,12 @@ def main() -> None:
     also = [m for m in args.also.split(",") if m] + ["int8"] * args.int8_too
     variants = ([(True, True, q)] + [(False, True, q)] * args.unpacked_too + [(True, False, q)] * args.kernels_too
                 + [(True, True, m) for m in dict.fromkeys(also) if m != q])
-    for pack, cpu_kernels, quant in variants:
+    variants = [(*v, True) for v in variants] + [(True, True, q, False)] * args.one_call_too
+    from shoal.engine.cpu_decode import CPUDecodeForward
+
+    real_fits = CPUDecodeForward._native_fits
+    for pack, cpu_kernels, quant, one_call in variants:
+        CPUDecodeForward._native_fits = real_fits if one_call else (lambda self, h, ctx: False)
         cfg.pack_weights, cfg.quantization = pack, quant
         kernels.set_enabled(cpu_kernels)  # before the engine: LoRA slots follow it
         engine = LLMEngine(cfg, loaded or load_for_engine(cfg))  # a fresh model for the second
@@ -187,6 +194,7 @@ def main() -> None:
         dtype += f", {quant} weights" if quant else ""
         dtype += "" if pack else ", unpacked"
         dtype += "" if cpu_kernels else ", PyTorch ops"
+        dtype += "" if one_call else ", per-layer decode"
         run_shoal(engine, make_prompts(2, 16, 16, 9, vocab), 4)  # warm-up
         for w in ("single", "streams", "many"):
             if w in work:

@@ -37,6 +37,10 @@ SHAPES = {  # transformers LlamaConfig fields (published configs of the two mode
                          max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
                          rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # Qwen2 (q|k|v biases); the vocabulary cut to the default tokenizer's (real: 151936)
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=49152,
+                         max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048,
                  rope_theta=10000.0, tie_word_embeddings=True),
@@ -51,8 +55,10 @@ def build(shape: str, root: str, tokenizer_dir: str) -> str:
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(rms_norm_eps=1e-5, torch_dtype="bfloat16", **SHAPES[shape])
-    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    qwen = shape.startswith("qwen")
+    cfg = (transformers.Qwen2Config if qwen else transformers.LlamaConfig)(
+        rms_norm_eps=1e-6 if qwen else 1e-5, torch_dtype="bfloat16", **SHAPES[shape])
+    model = (transformers.Qwen2ForCausalLM if qwen else transformers.LlamaForCausalLM)(cfg).to(torch.bfloat16)
     tmp = path + ".tmp"
     model.save_pretrained(tmp, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):

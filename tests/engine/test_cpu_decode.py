@@ -11,12 +11,12 @@ from tests.engine.test_engine_lora import engine, setup  # noqa: F401  (fixture)
 from tests.engine.test_llm_engine import make_llm, prompts
 
 
-def _wide_llama(tmp_path, tiny_tokenizer_dir, dtype):
+def _wide_llama(tmp_path, tiny_tokenizer_dir, dtype, family="llama"):
     from shoal.model.loader import load_dir
     from tests.helpers import hf_tiny_config, save_tiny_hf_dir
 
     torch.manual_seed(0)
-    save_tiny_hf_dir(hf_tiny_config("llama", intermediate_size=1536, max_position_embeddings=512),
+    save_tiny_hf_dir(hf_tiny_config(family, intermediate_size=1536, max_position_embeddings=512),
                      tmp_path / "wide", tiny_tokenizer_dir)
     return load_dir(str(tmp_path / "wide"), dtype=dtype)
 
@@ -66,13 +66,17 @@ def test_steps_with_adapter_rows_take_the_modules(setup, monkeypatch):
 
 @pytest.mark.skipif(not __import__("shoal.kernels.qlinear", fromlist=["x"]).packed_ready(),
                     reason="the one-call path needs packed products (AVX-512)")
-@pytest.mark.parametrize("quantization", [None, "int8", "q4"])
-def test_one_call_path_gives_the_python_paths_bits(tmp_path, tiny_tokenizer_dir, monkeypatch, quantization):
-    """bf16 on packed products (bf16, int8 or q4 weights): all blocks in one C++ call give the per-layer Python
-    path's tokens and logprobs bit for bit (12 mixed requests, batched decode steps among them)."""
+@pytest.mark.parametrize("quantization,family", [(None, "llama"), ("int8", "llama"), ("q4", "llama"),
+                                                 (None, "qwen2"), ("q4", "qwen2")])
+def test_one_call_path_gives_the_python_paths_bits(tmp_path, tiny_tokenizer_dir, monkeypatch, quantization,
+                                                   family):
+    """bf16 on packed products (bf16, int8 or q4 weights; Llama, and Qwen2 with its q|k|v bias): all
+    blocks in one C++ call give the per-layer Python path's tokens and logprobs bit for bit (12 mixed
+    requests, batched decode steps among them)."""
     from shoal.engine import cpu_decode
 
-    loaded = _wide_llama(tmp_path, tiny_tokenizer_dir, "bfloat16")
+    loaded = _wide_llama(tmp_path, tiny_tokenizer_dir, "bfloat16", family)
+    assert (loaded.model.config.attention_bias) == (family == "qwen2")
     ps = prompts(12, seed=8, lo=4, hi=90)
     params = SamplingParams(temperature=1.0, max_tokens=10, seed=12, ignore_eos=True, logprobs=2)
     calls = []

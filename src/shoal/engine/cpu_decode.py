@@ -119,8 +119,9 @@ class CPUDecodeForward:
     def _pointer_table(self, cache) -> torch.Tensor:
         key = (cache.k.data_ptr(), cache.v.data_ptr())
         if self._table is None or self._table[0] != key:
-            rows = [[*ptrs, cache.k[li].data_ptr(), cache.v[li].data_ptr()] for ptrs, li, _ in self.native]
-            self._table = (key, torch.tensor(rows, dtype=torch.int64))  # (layers, 12)
+            rows = [[*ptrs[:10], cache.k[li].data_ptr(), cache.v[li].data_ptr(), ptrs[10]]
+                    for ptrs, li, _ in self.native]
+            self._table = (key, torch.tensor(rows, dtype=torch.int64))  # (layers, 13)
         return self._table[1]
 
     def _lora_ready(self) -> bool:
@@ -168,14 +169,17 @@ class CPUDecodeForward:
         return out
 
 
-def _amx_kind(m: nn.Module) -> int | None:
-    """0 for a packed int8 product, 1 for a bf16 one (`PackedBF16Linear`), 2 for q4, without a bias; else
-    None. A LoRA wrapper counts by its base (its deltas come from `_lora_table`)."""
+def _amx_kind(m: nn.Module, bias_ok: bool = False) -> int | None:
+    """0 for a packed int8 product, 1 for a bf16 one (`PackedBF16Linear`), 2 for q4, without a bias
+    (or, when `bias_ok`, a contiguous bf16 one); else None. A LoRA wrapper counts by its base (its
+    deltas come from `_lora_table`)."""
     if isinstance(m, QuantLinear):
         packed = m.packed
     else:
         packed = isinstance(m, LoRALinear) and getattr(m, "qpacked", False)
-    if not packed or m.bias is not None or not m.qweight.is_contiguous():
+    if not packed or not m.qweight.is_contiguous():
+        return None
+    if m.bias is not None and not (bias_ok and m.bias.dtype == torch.bfloat16 and m.bias.is_contiguous()):
         return None
     if m.qscale is None:
         return {torch.bfloat16: 1, torch.uint8: 2}.get(m.qweight.dtype)
@@ -183,9 +187,10 @@ def _amx_kind(m: nn.Module) -> int | None:
 
 
 def _native_layers(model: Transformer) -> list | None:
-    """(weight kind, per layer (its 10 weight pointers, its index, the tensors)) when every block's products
-    are packed (`kernels.qlinear`, `kernels.q4linear`), all int8 (kind 0), bf16 (kind 1) or q4 (kind 2), without biases, the norms share one
-    eps and their weights are bf16; else None."""
+    """(weight kind, per layer (its 11 weight pointers, its index, the tensors)) when every block's
+    products are packed (`kernels.qlinear`, `kernels.q4linear`), all int8 (kind 0), bf16 (kind 1) or
+    q4 (kind 2), without biases but a bf16 one on q|k|v (Qwen2's), the norms share one eps and their
+    weights are bf16; else None."""
     if not qlinear.packed_ready():
         return None
     bb = model.backbone
@@ -194,7 +199,7 @@ def _native_layers(model: Transformer) -> list | None:
         at, mlp = blk.self_attn, blk.mlp
         prods = (at.fused_qkv, at.o_proj, mlp.fused_gate_up, mlp.down_proj)
         norms = (blk.input_layernorm, blk.post_attention_layernorm)
-        kinds |= {_amx_kind(p) for p in prods}
+        kinds |= {_amx_kind(p, bias_ok=i == 0) for i, p in enumerate(prods)}  # Qwen2: a q|k|v bias
         if None in kinds or len(kinds) > 1:
             return None
         if not all(nm.weight.dtype == torch.bfloat16 and nm.weight.is_contiguous() for nm in norms):
@@ -203,11 +208,12 @@ def _native_layers(model: Transformer) -> list | None:
         qkv, o, gu, dn = prods
         ln1, ln2 = norms
         sp = [p.qscale.data_ptr() if p.qscale is not None else 0 for p in prods]
+        qkv_b = qkv.bias.data_ptr() if qkv.bias is not None else 0
         out.append(([ln1.weight.data_ptr(), qkv.qweight.data_ptr(), sp[0], o.qweight.data_ptr(), sp[1],
-                     ln2.weight.data_ptr(), gu.qweight.data_ptr(), sp[2], dn.qweight.data_ptr(), sp[3]],
+                     ln2.weight.data_ptr(), gu.qweight.data_ptr(), sp[2], dn.qweight.data_ptr(), sp[3], qkv_b],
                     at.layer_idx,
                     # the tensors themselves: the addresses stay valid while this forward lives
-                    (ln1.weight, ln2.weight, *(t for p in prods for t in (p.qweight, p.qscale)))))
+                    (ln1.weight, ln2.weight, qkv.bias, *(t for p in prods for t in (p.qweight, p.qscale)))))
     if len(eps) != 1 or bb.norm.weight.dtype != torch.bfloat16:
         return None
     return kinds.pop(), out

@@ -32,9 +32,10 @@ int shoal_blinear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, cons
 int shoal_q4linear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, const uint8_t* wp,
                    const shoal::bf16_t* bias, int64_t n, void* y, int64_t ys, int ydt);
 
-enum { LN1, QKV_W, QKV_S, O_W, O_S, LN2, GU_W, GU_S, DN_W, DN_S, K_CACHE, V_CACHE, PER_LAYER };
+enum { LN1, QKV_W, QKV_S, O_W, O_S, LN2, GU_W, GU_S, DN_W, DN_S, K_CACHE, V_CACHE, QKV_B, PER_LAYER };
 
-// n decode rows through n_layers blocks. table: PER_LAYER pointers a layer (above). dims:
+// n decode rows through n_layers blocks. table: PER_LAYER pointers a layer (above; QKV_B 0 or the
+// q|k|v bias, bf16). dims:
 // hidden, heads, kv heads, head size, intermediate size, cache slots, window (0 = none), cache
 // dtype (0 fp32, 1 bf16), weight kind (0 int8 with bf16 scales, 1 bf16 without, 2 q4), LoRA slots'
 // dtype. h (n, hidden) bf16: the embeddings in, the residual stream out (in place); out (n,
@@ -75,13 +76,14 @@ int shoal_llama_decode(int64_t n, int64_t n_layers, const int64_t* table, const 
     const int64_t* p = table + li * PER_LAYER;
     auto ptr = [&](int i) { return reinterpret_cast<void*>(p[i]); };
     auto b16 = [&](int i) { return reinterpret_cast<const bf16_t*>(p[i]); };
-    // y (n, out) = x (n, k) @ the product at table entries w, w + 1 (weights, scales), then
-    // product g's LoRA deltas added in place
+    // y (n, out) = x (n, k) @ the product at table entries w, w + 1 (weights, scales) + its bias
+    // (q|k|v only: QKV_B, Qwen2's; 0 = none), then product g's LoRA deltas added in place
     auto product = [&](const bf16_t* xin, int64_t k, int w, int64_t nout, bf16_t* yout, int g) {
-      int r = kind == 0   ? shoal_qlinear(xin, k, n, k, reinterpret_cast<const int8_t*>(p[w]), b16(w + 1), nullptr,
+      const bf16_t* bias = g == 0 ? b16(QKV_B) : nullptr;
+      int r = kind == 0   ? shoal_qlinear(xin, k, n, k, reinterpret_cast<const int8_t*>(p[w]), b16(w + 1), bias,
                                           nout, yout, nout, 1)
-              : kind == 1 ? shoal_blinear(xin, k, n, k, b16(w), nullptr, nout, yout, nout, 1)
-                          : shoal_q4linear(xin, k, n, k, reinterpret_cast<const uint8_t*>(p[w]), nullptr, nout, yout,
+              : kind == 1 ? shoal_blinear(xin, k, n, k, b16(w), bias, nout, yout, nout, 1)
+                          : shoal_q4linear(xin, k, n, k, reinterpret_cast<const uint8_t*>(p[w]), bias, nout, yout,
                                            nout, 1);
       const int64_t* lg = lora ? lora + (li * 4 + g) * 4 : nullptr;
       if (r != 0 || lg == nullptr || lg[0] == 0) return r;
