@@ -10,8 +10,8 @@ the next block's norm (the kernel rounds the sum as `h + m` does). It serves ste
 are all decodes, for the Llama family with fused q/k/v and gate/up; any other step takes the
 model's own forward. The bits are the module path's (tested).
 
-When every product runs on our packed kernel (AMX tiles or AVX512-BF16: a bf16 model,
-`PackedBF16Linear`, or `quantization="int8"`, on a CPU with either), all blocks run in one C++ call
+When every product runs on our packed kernels (any body: a bf16 model, `PackedBF16Linear`, or
+`quantization="int8"` or `"q4"`; a q|k|v bias, Qwen2's, included), all blocks run in one C++ call
 (`csrc/llama_decode.cpp`: the same kernels in the same order, so the same bits) and no Python runs
 between the layers; only that path serves steps with adapter rows (each product's LoRA deltas added
 in C++ by the LoRA layers' own kernel, `kernels.BGMVLayers` tables made once).
