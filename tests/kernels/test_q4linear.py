@@ -115,6 +115,16 @@ def test_rows_keep_their_bits_at_any_count_and_position(body, threads):
         torch.set_num_threads(before)
 
 
+def test_a_non_finite_input_makes_its_row_nan(body):
+    p = q4.q4pack(*q4.quantize_q4(weight(32, 96, seed=8)))
+    x = torch.randn(4, 96, generator=torch.Generator().manual_seed(9)).bfloat16()
+    clean = q4.q4_linear(x, p)
+    x[1, 40], x[2, 7] = float("nan"), float("inf")
+    y = q4.q4_linear(x, p)
+    assert y[1].isnan().all() and y[2].isnan().all()
+    assert torch.equal(y[0], clean[0]) and torch.equal(y[3], clean[3])
+
+
 def test_the_bodies_give_the_same_bits():
     """Integer group sums and the same fp32 steps: AVX-512 and AVX2 agree to the bit."""
     if len(Q4_BODIES) < 2:
