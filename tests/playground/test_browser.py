@@ -103,6 +103,24 @@ def test_completion_streams_with_usage_and_probabilities(pg, page, artifacts):
     assert "Description:" in page.get_by_test_id("prompt").input_value()
 
 
+def test_a_token_without_text_can_be_hovered(pg, page):
+    """A sampled special token (end-of-text) spells no text: its span shows a mark outside the
+    text, so its probabilities are still there to hover (it was a zero-width span)."""
+    open_page(page, pg)
+    page.evaluate("""async () => {
+        const { tokenSpan } = await import('/playground/static/probs.js');
+        const box = document.querySelector('[data-testid="output-0"]') || document.body;
+        const s = tokenSpan('', -0.5, {'': -0.5, 'a': -1.5});
+        s.id = 'empty-tok';
+        box.appendChild(s);
+    }""")
+    tok = page.locator("#empty-tok")
+    assert tok.text_content() == ""  # the mark is not part of the completion's text
+    assert tok.bounding_box()["width"] > 0
+    tok.hover()
+    assert page.get_by_test_id("tooltip").is_visible()
+
+
 def test_open_mode_needs_no_key(open_pg, page):
     page.goto(open_pg["url"] + "/")
     assert page.get_by_test_id("key-state").text_content() == "none (open mode)"
