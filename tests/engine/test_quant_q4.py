@@ -115,3 +115,25 @@ def test_real_model_q4_holds_the_gguf_codes_and_answers(default_home, monkeypatc
     assert torch.equal(m, torch.from_numpy(blk[:, 2:4].copy().view(np.float16).reshape(576, 48)))
     out = llm.generate(["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=4))
     assert "Paris" in out[0].outputs[0].text
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "mistral"])
+def test_q4_for_every_family(tmp_path, tiny_tokenizer_dir, family):
+    """q4 on Qwen2 (q|k|v biases), GPT-2 (fused c_attn, biases, GELU) and Mistral (sliding window):
+    4-bit layers wherever the shape fits, greedy tokens and logprobs the same alone as in a batch."""
+    from shoal.model.loader import load_dir
+    from tests.helpers import hf_tiny_config, save_tiny_hf_dir
+
+    torch.manual_seed(0)
+    save_tiny_hf_dir(hf_tiny_config(family), tmp_path / family, tiny_tokenizer_dir)
+    llm = make_llm(load_dir(str(tmp_path / family), dtype="bfloat16"), quantization="q4")
+    assert "q4" in kinds(llm.engine.model).values()
+    ps = prompts(6, seed=63)
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=0, ignore_eos=True)
+
+    def key(o):
+        return o.outputs[0].token_ids, [lp for _, lp, _ in o.outputs[0].logprobs]
+
+    together = [key(o) for o in llm.generate(ps, params)]
+    assert all(len(t) == 6 for t, _ in together)
+    assert together == [key(llm.generate([p], params)[0]) for p in ps]
