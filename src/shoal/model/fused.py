@@ -65,12 +65,16 @@ def fuse_projections(model: nn.Module) -> int:
     applied and after quantization."""
     n = 0
     for m in model.modules():
-        if isinstance(m, LlamaAttention) and m.fused_qkv is None and _fusable([m.q_proj, m.k_proj, m.v_proj]):
-            m.fused_qkv = _fuse([m.q_proj, m.k_proj, m.v_proj])
-            n += 1
-        elif isinstance(m, SwiGLU) and m.fused_gate_up is None and _fusable([m.gate_proj, m.up_proj]):
-            m.fused_gate_up = _fuse([m.gate_proj, m.up_proj])
-            n += 1
+        if isinstance(m, LlamaAttention) and m.fused_qkv is None:
+            parts = [m.q_proj, m.k_proj, m.v_proj]
+            if _fusable(parts):
+                m.fused_qkv = _fuse(parts)
+                n += 1
+        elif isinstance(m, SwiGLU) and m.fused_gate_up is None:
+            parts = [m.gate_proj, m.up_proj]
+            if _fusable(parts):
+                m.fused_gate_up = _fuse(parts)
+                n += 1
     return n
 
 

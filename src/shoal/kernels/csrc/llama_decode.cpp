@@ -1,8 +1,9 @@
 // All Llama blocks of a decode step in one call, for bf16 models whose products run on packed
-// weights (`qlinear.cpp`: int8 or bf16 weights on any body; `q4linear.cpp`: 4-bit): the same kernel calls,
-// in the same order and on the same buffers' values, as `shoal.engine.cpu_decode.CPUDecodeForward`
-// makes from Python, so the bits are the same (tested); what goes is the Python between them (~300
-// calls a step; at one row that was about a third of the step's time outside the weight reads).
+// weights (`qlinear.cpp`: int8 or bf16 weights on any body; `q4linear.cpp`: 4-bit): the same
+// kernel calls, in the same order and on the same buffers' values, as
+// `shoal.engine.cpu_decode.CPUDecodeForward` makes from Python, so the bits are the same (tested);
+// what goes is the Python between them (~300 calls a step; at one row that was about a third of
+// the step's time outside the weight reads).
 
 #include "common.h"
 

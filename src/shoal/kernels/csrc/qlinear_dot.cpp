@@ -11,10 +11,10 @@
 // are computed together or where the row sits: the product is batch-invariant at any size.
 //
 // Work: strips of 2 or 4 blocks (32 or 64 outputs) split over the threads; within a strip, tiles
-// of up to 4 rows (bf16 above 8 rows: 6), each weight line loaded once for the tile's rows (4 x 4
-// or 6 x 4 accumulators). int8
-// blocks are widened on the fly at up to 32 rows, else once per strip into a buffer (the same
-// values: the bits are the same either way). Measured (bench/cpu_products.py, AMD EPYC, 2
+// of up to 4 rows (6 for bf16 weights above 8 rows, and int8 ones widened once), each weight line
+// loaded once for the tile's rows (4 x 4 or 6 x 4 accumulators). int8 blocks are widened on the
+// fly at up to 32 rows, else once per strip into a buffer (the same values: the bits are the same
+// either way). Measured (bench/cpu_products.py, AMD EPYC, 2
 // threads): widening once from 5 rows made int8 slower than bf16 at 8-32 rows (32 rows: 16.8 vs
 // 14.8 ms a step); on the fly up to 32 rows it is on par (16.0 vs 15.7), at 8 rows 6.7 vs 9.1.
 
