@@ -126,13 +126,24 @@ def qunpack(p: torch.Tensor) -> torch.Tensor:
     return blocks.permute(0, 3, 1, 2, 4).reshape(n, k)
 
 
+@functools.lru_cache(maxsize=None)
+def _row_index(k: int, int8: bool) -> torch.Tensor:
+    """(16, K) int64: where row j % 16's K values lie in its packed block of 16 rows (K * 16
+    values: [kb][kk][j][p], int8 groups of 64 stored in GROUP_ORDER)."""
+    j, e = torch.arange(ROW_ALIGN)[:, None], torch.arange(k)[None, :]
+    at = (e // K_ALIGN) * K_ALIGN * ROW_ALIGN + (e % K_ALIGN) // 2 * 2 * ROW_ALIGN + j * 2 + e % 2  # B order
+    if int8:  # value v of a 64-value group is stored at byte GROUP_ORDER[v]
+        at = at // 64 * 64 + GROUP_ORDER[at % 64]
+    return at
+
+
 def qrows(p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Rows `ids` (...,) of the row-major matrix that packed `p` holds -> (..., K)."""
+    """Rows `ids` (...,) of the row-major matrix that packed `p` holds -> (..., K): one gather from
+    each id's block of 16 rows (the embedding lookup of a tied, packed head)."""
     n, k = p.shape
     flat = ids.reshape(-1)
-    blk = _b_order(p.view(n // ROW_ALIGN, k * ROW_ALIGN)[flat // ROW_ALIGN])  # (T, K * 16): each id's block
-    blk = blk.view(-1, k // K_ALIGN, 16, ROW_ALIGN, 2)
-    rows = blk[torch.arange(flat.numel()), :, :, flat % ROW_ALIGN, :]  # (T, K/32, 16, 2)
+    blk = p.view(n // ROW_ALIGN, k * ROW_ALIGN)[flat // ROW_ALIGN]  # (T, K * 16): each id's block
+    rows = blk.gather(1, _row_index(k, p.dtype == torch.int8)[flat % ROW_ALIGN])  # (T, K)
     return rows.reshape(*ids.shape, k)
 
 
