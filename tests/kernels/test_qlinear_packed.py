@@ -54,6 +54,10 @@ def test_pack_unpack_and_row_gather_round_trip(n, k):
     assert torch.equal(amx.qunpack(p), q)
     ids = torch.tensor([[0, n - 1, 17 % n], [5, 5, n // 2]])
     assert torch.equal(amx.qrows(p, ids), q[ids])
+    every = torch.arange(n).flip(0)  # each row once, every position in its block of 16
+    assert torch.equal(amx.qrows(p, every), q[every])
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3)).bfloat16()  # bf16: no GROUP_ORDER
+    assert torch.equal(amx.qrows(amx.qpack(w), every), w[every])
     # 16-aligned row slices and concatenations of packed matrices are packed matrices
     assert torch.equal(p[16:32], amx.qpack(q[16:32].contiguous()))
     assert torch.equal(torch.cat([p, p[:16]]), amx.qpack(torch.cat([q, q[:16]])))
