@@ -82,7 +82,9 @@ class EngineConfig:
     1.5x faster than fp32 at 1-4 rows and 1.5-2x slower at 32+ rows (batches, prefill).
 
     q4 (CPU): the decoder's linear layers in 4 bits, GGUF's Q4_1 scheme (groups of 32 inputs with an
-    fp16 scale and minimum: the default model's GGUF stores them so), their products on int8
+    fp16 scale and minimum: the default model's GGUF stores them so, and quantizing gives its codes
+    back exactly; other models, GGUF's Q4_0 and K-quants included, are re-quantized from their
+    converted weights, which adds its own rounding), their products on int8
     activations as llama.cpp computes them (`shoal.kernels.q4linear`); lm_head and a tied embedding
     int8. A decode step reads 5 bits a weight instead of 16: one stream ~2x bf16's speed where memory
     bounds it; batches and prefill about bf16's (measured, AMD EPYC). Rows stay batch-invariant."""
