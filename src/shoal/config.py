@@ -75,11 +75,11 @@ class EngineConfig:
     """Quantized weights: None, int8 or q4.
 
     int8: weight-only int8 for every linear layer (lm_head and a tied embedding included),
-    per-output-channel scales. 4x less weight memory than fp32. On a CPU with
-    AMX-BF16 or AVX512-BF16 the products run on our packed kernel (Xeon with AMX: 1.2-1.5x bf16's on
-    the tiles at 1-32 rows; AMD EPYC with AVX512-BF16: 1.1-1.2x bf16's at 1-8 rows, on par at 32;
-    measured; every row count gives a row the same bits); on other CPUs torch's int8 kernel, about
-    1.5x faster than fp32 at 1-4 rows and 1.5-2x slower at 32+ rows (batches, prefill).
+    per-output-channel scales. 4x less weight memory than fp32. On x86 CPUs with AVX2 or better the
+    products run on our packed kernels (Xeon with AMX: 1.2-1.5x bf16's on the tiles at 1-32 rows;
+    AMD EPYC with AVX512-BF16: 1.1-1.2x bf16's at 1-8 rows, on par at 32; measured; every row count
+    gives a row the same bits); elsewhere torch's int8 kernel, about 1.5x faster than fp32 at 1-4
+    rows and 1.5-2x slower at 32+ rows (batches, prefill).
 
     q4 (CPU): the decoder's linear layers in 4 bits, GGUF's Q4_1 scheme (groups of 32 inputs with an
     fp16 scale and minimum: the default model's GGUF stores them so, and quantizing gives its codes
