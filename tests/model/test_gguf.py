@@ -111,7 +111,8 @@ def gguf_tensors(model: transformers.PreTrainedModel, family: str) -> dict[str, 
 
 def write_gguf(path, model: transformers.PreTrainedModel, family: str, *, quant: str = "F32",
                drop: tuple[str, ...] = (), arch: str | None = None) -> str:
-    """Write `model` as a GGUF file (F32, or Q8_0 for 2-D tensors) and return its path."""
+    """Write `model` as a GGUF file (F32, or Q8_0 / Q4_0 / Q4_1 for 2-D tensors; 4-bit only where
+    a row is whole groups of 32) and return its path."""
     cfg = model.config
     arch = arch or family
     w = gguf.GGUFWriter(str(path), arch)
@@ -144,8 +145,8 @@ def write_gguf(path, model: transformers.PreTrainedModel, family: str, *, quant:
         if name in drop:
             continue
         data = t.numpy().astype(np.float32)
-        if quant == "Q8_0" and data.ndim == 2:
-            q = gguf.GGMLQuantizationType.Q8_0
+        if quant != "F32" and data.ndim == 2 and (quant == "Q8_0" or data.shape[1] % 32 == 0):
+            q = gguf.GGMLQuantizationType[quant]
             w.add_tensor(name, gguf.quants.quantize(data, q), raw_dtype=q)  # byte rows
         else:
             w.add_tensor(name, data)

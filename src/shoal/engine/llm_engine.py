@@ -64,7 +64,12 @@ class LLMEngine:
         if config.quantization:  # in place (a passed-in model too), before LoRA wraps the linears
             from ..model.quant import quantize_model
 
-            quantize_model(self.model, config.quantization)
+            codes = None
+            if config.quantization == "q4":  # a GGUF's 4-bit blocks as they are (`model.gguf_q4`)
+                from ..model.gguf_q4 import codes_for
+
+                codes = codes_for(loaded.source)
+            quantize_model(self.model, config.quantization, codes)
         elif config.pack_weights:  # bf16 on a CPU with AMX or AVX512-BF16: our kernel (`PackedBF16Linear`)
             from ..model.bf16_linear import pack_bf16
 

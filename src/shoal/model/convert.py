@@ -1,7 +1,7 @@
 """Convert a GGUF file once into a Hugging Face model directory in the model cache.
 
-The result (config.json, model.safetensors in fp32, tokenizer files with the chat template) loads
-in well under 2 s, against ~15 s for parsing and dequantizing the GGUF. It is written to a
+The result (config.json, model.safetensors in fp32, tokenizer files with the chat template, and the
+file's 4-bit layers as stored, `gguf_q4`) loads in well under 2 s, against ~15 s for parsing and dequantizing the GGUF. It is written to a
 temporary directory and renamed into place, under a file lock, so a crash or a second process
 never leaves a half-written model. Not here: deciding where the cache is (registry.py).
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from .gguf_q4 import CODES_FILE, gguf_q4_codes, save_codes
 from .loader import load_gguf_file
 from .weights import hf_state_dict
 
@@ -67,6 +68,9 @@ def convert_gguf(gguf_path: str, out_dir: str | Path) -> Path:
         try:
             stat = os.stat(gguf_path)
             save_hf_dir(loaded, tmp, {"source": os.path.abspath(gguf_path), "source_bytes": stat.st_size})
+            codes = gguf_q4_codes(gguf_path)  # 4-bit layers as stored, for `quantization="q4"`
+            if codes:
+                save_codes(codes, str(tmp / CODES_FILE))
             if out_dir.exists():  # a stale, unmarked directory from an interrupted older layout
                 shutil.rmtree(out_dir)
             os.rename(tmp, out_dir)

@@ -174,14 +174,16 @@ class QuantLinear(Linear):
         self.register_buffer("qscale", qscale, persistent=False)
 
     @classmethod
-    def from_linear(cls, layer: nn.Linear, mode: str = "int8") -> "QuantLinear":
+    def from_linear(cls, layer: nn.Linear, mode: str = "int8", codes: tuple | None = None) -> "QuantLinear":
         """Quantize `layer`'s weight (its bias Parameter is reused as is): int8, packed for our
         kernel when this CPU runs it and the shape fits; q4 (packed) on CPU where the shape fits
-        (out % 16, in % 32), else int8."""
+        (out % 16, in % 32), else int8. `codes`: the q4 groups (q, d, m) to keep for this weight
+        (a GGUF file's own, `model.gguf_q4`), used when they stand for it (within 1% in norm)."""
         w = layer.weight
         if mode == "q4" and w.is_cpu and q4.fits(*w.shape):
-            return cls(layer.in_features, layer.out_features, q4.q4pack(*q4.quantize_q4(w)), None,
-                       layer.bias, True)
+            if codes is None or not _codes_match(codes, w):
+                codes = q4.quantize_q4(w)
+            return cls(layer.in_features, layer.out_features, q4.q4pack(*codes), None, layer.bias, True)
         q, s = quantize_int8(layer.weight)
         s = s.to(kernel_dtype(layer.weight.device, layer.weight.dtype))
         packed = q.is_cpu and amx.packable(*q.shape)
@@ -233,17 +235,28 @@ class QuantEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {kind}"
 
 
+def _codes_match(codes: tuple, w: torch.Tensor) -> bool:
+    """Do the q4 groups (q, d, m) stand for w (the same shape, within 1% in norm: the roundings
+    of a conversion, not another file's weights)?"""
+    q, d, m = codes
+    if q.shape != w.shape or d.shape != (w.shape[0], w.shape[1] // q4.GROUP) or d.shape != m.shape:
+        return False
+    wf = w.detach().float()
+    return bool((q4.dequantize_q4(q, d, m) - wf).norm() <= 0.01 * wf.norm())
+
+
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mode: str = "int8") -> int:
+def quantize_model(model: nn.Module, mode: str = "int8", codes: dict | None = None) -> int:
     """Replace every nn.Linear of `model` (lm_head included) in place by a QuantLinear; returns
     how many were replaced. mode "int8": every one int8; "q4": 4-bit where the shape fits, except
     the output layer (`lm_head`, tied to the embedding or not), which stays int8 (GGUF files keep
-    it wider than the 4-bit layers too).
+    it wider than the 4-bit layers too). `codes` ({module path: (q, d, m)}, q4 only): groups to keep
+    as they are, a GGUF file's 4-bit blocks (`model.gguf_q4.codes_for`), instead of re-quantizing.
 
     An nn.Embedding sharing its weight with a replaced Linear (tied embeddings) becomes a
     QuantEmbedding on that layer's int8 buffers, so the float matrix is freed; an untied
@@ -269,7 +282,7 @@ def quantize_model(model: nn.Module, mode: str = "int8") -> int:
     try:
         for path, layer in linears:
             head = id(layer.weight) in tied or path.rpartition(".")[2] == "lm_head"
-            q = QuantLinear.from_linear(layer, "int8" if head else mode)
+            q = QuantLinear.from_linear(layer, "int8" if head else mode, (codes or {}).get(path))
             for epath, emb in tied.pop(id(layer.weight), []):
                 _set_module(model, epath, QuantEmbedding(q.qweight, q.qscale, emb.weight.dtype,
                                                                    q.packed))
