@@ -82,9 +82,9 @@ class EngineConfig:
     rows and 1.5-2x slower at 32+ rows (batches, prefill).
 
     q4 (CPU): the decoder's linear layers in 4 bits, GGUF's Q4_1 scheme (groups of 32 inputs with an
-    fp16 scale and minimum: the default model's GGUF stores them so, and quantizing gives its codes
-    back exactly; other models, GGUF's Q4_0 and K-quants included, are re-quantized from their
-    converted weights, which adds its own rounding), their products on int8
+    fp16 scale and minimum). A model converted from a GGUF keeps that file's Q4_0, Q4_1 and Q4_K
+    layers as stored (Q4_K's per-group scales rounded once to fp16; the default model's GGUF is
+    Q4_1); other layers are quantized to Q4_1 groups from their weights. Their products run on int8
     activations as llama.cpp computes them (`shoal.kernels.q4linear`); lm_head and a tied embedding
     int8. A decode step reads 5 bits a weight instead of 16: one stream ~2x bf16's speed where memory
     bounds it; batches and prefill about bf16's (measured, AMD EPYC). Rows stay batch-invariant."""
