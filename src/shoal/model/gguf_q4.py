@@ -122,22 +122,39 @@ def save_codes(codes: dict, path: str) -> None:
     save_file(out, path, metadata={"format": "shoal-q4"})
 
 
-def codes_for(source: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The 4-bit codes saved beside the converted model directory `source` when it was converted
-    from a GGUF file (`CODES_FILE`); {} when there are none (a HF directory, a file without 4-bit
-    layers, or a cache converted before codes were kept)."""
-    from safetensors import safe_open
+class SavedCodes:
+    """The codes of a `CODES_FILE`, read a layer at a time when asked (`get`), so loading them
+    costs no more memory than the layer being packed."""
 
+    def __init__(self, path: str) -> None:
+        from safetensors import safe_open
+
+        self._file = safe_open(path, framework="pt")
+        self._names = sorted(k[:-2] for k in self._file.keys() if k.endswith(".q"))
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if name not in self._names:
+            raise KeyError(name)
+        packed = self._file.get_tensor(f"{name}.q")  # (N, K / 2): even input low, odd high
+        q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+        return q, self._file.get_tensor(f"{name}.d"), self._file.get_tensor(f"{name}.m")
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self._names else default
+
+
+def codes_for(source: str) -> SavedCodes | dict:
+    """The 4-bit codes saved beside the converted model directory `source` when it was converted
+    from a GGUF file (`CODES_FILE`), read a layer at a time; {} when there are none (a HF
+    directory, a file without 4-bit layers, or a cache converted before codes were kept)."""
     path = os.path.join(source, CODES_FILE)
-    if not os.path.isfile(path):
-        return {}
-    out = {}
-    with safe_open(path, framework="pt") as f:
-        for key in f.keys():
-            if not key.endswith(".q"):
-                continue
-            name = key[:-2]
-            packed = f.get_tensor(key)
-            q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
-            out[name] = (q, f.get_tensor(f"{name}.d"), f.get_tensor(f"{name}.m"))
-    return out
+    return SavedCodes(path) if os.path.isfile(path) else {}
