@@ -72,3 +72,15 @@ def test_engine_serves_a_q4_0_files_own_codes(tmp_path, tiny_tokenizer_dir):
 
 def test_no_codes_for_a_directory_without_them(tmp_path):
     assert gguf_q4.codes_for(str(tmp_path)) == {}  # a HF directory, or a cache converted before
+
+
+def test_a_failure_reading_codes_does_not_fail_the_conversion(tmp_path, monkeypatch):
+    from shoal.model import convert
+
+    def broken(path):
+        raise ValueError("bad block")
+
+    monkeypatch.setattr(convert, "gguf_q4_codes", broken)
+    gguf_path = write_gguf(tmp_path / "tiny.Q4_1.gguf", tiny_hf("llama"), "llama", quant="Q4_1")
+    out = convert.convert_gguf(gguf_path, tmp_path / "converted")
+    assert convert.is_converted(out) and gguf_q4.codes_for(str(out)) == {}

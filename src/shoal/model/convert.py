@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
@@ -23,6 +24,7 @@ from .loader import load_gguf_file
 from .weights import hf_state_dict
 
 MARKER = "shoal_conversion.json"
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -68,7 +70,11 @@ def convert_gguf(gguf_path: str, out_dir: str | Path) -> Path:
         try:
             stat = os.stat(gguf_path)
             save_hf_dir(loaded, tmp, {"source": os.path.abspath(gguf_path), "source_bytes": stat.st_size})
-            codes = gguf_q4_codes(gguf_path)  # 4-bit layers as stored, for `quantization="q4"`
+            try:  # 4-bit layers as stored, for `quantization="q4"`: an extra, never a reason to fail
+                codes = gguf_q4_codes(gguf_path)
+            except (ValueError, OSError) as e:
+                log.warning("shoal: %s: 4-bit layers not kept for q4 (%s)", gguf_path, e)
+                codes = {}
             if codes:
                 save_codes(codes, str(tmp / CODES_FILE))
             if out_dir.exists():  # a stale, unmarked directory from an interrupted older layout
