@@ -183,7 +183,7 @@ def main() -> None:
     variants = [(*v, True) for v in variants] + [(True, True, q, False)] * args.one_call_too
     from shoal.engine.cpu_decode import CPUDecodeForward
 
-    real_fits = CPUDecodeForward._native_fits
+    real_fits = CPUDecodeForward._native_fits  # put back after the Shoal runs
     for pack, cpu_kernels, quant, one_call in variants:
         CPUDecodeForward._native_fits = real_fits if one_call else (lambda self, h, ctx: False)
         cfg.pack_weights, cfg.quantization = pack, quant
@@ -222,6 +222,7 @@ def main() -> None:
         del engine
         gc.collect()  # the next variant must not run beside this one's model and KV cache
     kernels.set_enabled(True)
+    CPUDecodeForward._native_fits = real_fits
     if not args.skip_hf:
         import transformers
 

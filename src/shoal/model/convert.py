@@ -1,9 +1,9 @@
 """Convert a GGUF file once into a Hugging Face model directory in the model cache.
 
 The result (config.json, model.safetensors in fp32, tokenizer files with the chat template, and the
-file's 4-bit layers as stored, `gguf_q4`) loads in well under 2 s, against ~15 s for parsing and dequantizing the GGUF. It is written to a
-temporary directory and renamed into place, under a file lock, so a crash or a second process
-never leaves a half-written model. Not here: deciding where the cache is (registry.py).
+file's 4-bit layers as stored, `gguf_q4`) loads in well under 2 s, against ~15 s for parsing and
+dequantizing the GGUF. It is written to a temporary directory and renamed into place, under a file
+lock, so a crash or a second process never leaves a half-written model. Not here: deciding where the cache is (registry.py).
 """
 
 from __future__ import annotations
