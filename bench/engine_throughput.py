@@ -46,17 +46,18 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(int(q * len(xs)), len(xs) - 1)] if xs else float("nan")
 
 
-def run_shoal(engine, prompts, out_tokens: int, adapters=None, sync=None) -> dict:
+def run_shoal(engine, prompts, out_tokens: int, adapters=None, sync=None, temperature: float = 0.0) -> dict:
     """Drive the engine's step loop; time every token as it is produced (after `sync()`, e.g.
-    torch.cuda.synchronize, when given)."""
+    torch.cuda.synchronize, when given). temperature > 0: request i samples with seed i."""
     from shoal.engine.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=out_tokens, ignore_eos=True)
     t0 = time.perf_counter()
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     gaps: list[float] = []
     for i, p in enumerate(prompts):
+        params = SamplingParams(temperature=temperature, max_tokens=out_tokens, ignore_eos=True,
+                                seed=i if temperature else None)
         engine.add_request(f"b{i}-{t0}", p, params, adapters[i] if adapters else None)
     total = 0
     while engine.has_unfinished():
@@ -82,8 +83,9 @@ def run_shoal(engine, prompts, out_tokens: int, adapters=None, sync=None) -> dic
 
 
 def run_hf(model, prompts, out_tokens: int, batch: int, adapter_names=None, device: str = "cpu",
-           sync=None) -> dict:
-    """Static batches of `batch` left-padded prompts through HF `generate` (greedy)."""
+           sync=None, temperature: float = 0.0) -> dict:
+    """Static batches of `batch` left-padded prompts through HF `generate` (greedy, or sampling
+    at `temperature` with top_k and top_p off, as OpenAI's sampling)."""
     total, t0 = 0, time.perf_counter()
     for s in range(0, len(prompts), batch):
         chunk = prompts[s:s + batch]
@@ -91,9 +93,11 @@ def run_hf(model, prompts, out_tokens: int, batch: int, adapter_names=None, devi
         ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         kw = {"adapter_names": adapter_names[s:s + batch]} if adapter_names else {}
+        if temperature:
+            kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=out_tokens,
-                                 min_new_tokens=out_tokens, do_sample=False, pad_token_id=0, **kw)
+                                 min_new_tokens=out_tokens, pad_token_id=0, **({"do_sample": False} | kw))
         if sync is not None:
             sync()
         total += (out.shape[1] - width) * len(chunk)
@@ -147,8 +151,11 @@ def main() -> None:
                     help="also run with the one-call decode step off (the per-layer Python path), for an A/B")
     ap.add_argument("--also", default="",
                     help="more --quantization modes to run in the same process, e.g. int8,q4")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sample at this temperature (both sides; 0 = greedy). OpenAI's default is 1")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    T = args.temperature
     torch.set_num_threads(args.threads)
     from shoal.config import EngineConfig
     from shoal.engine.llm_engine import LLMEngine, load_for_engine
@@ -198,7 +205,7 @@ def main() -> None:
         run_shoal(engine, make_prompts(2, 16, 16, 9, vocab), 4)  # warm-up
         for w in ("single", "streams", "many"):
             if w in work:
-                results[f"shoal {w} ({dtype})"] = run_shoal(engine, sets[w], args.out)
+                results[f"shoal {w} ({dtype})"] = run_shoal(engine, sets[w], args.out, temperature=T)
         if "prefill" in work:
             r = run_shoal(engine, sets["prefill"], 1)
             results[f"shoal prefill, prompt tok/s ({dtype})"] = {**r, "tok_s": prompt_tokens / r["seconds"]}
@@ -216,7 +223,7 @@ def main() -> None:
                 prompts = sets["streams" if w == "adapters" else "many"]
                 names = [f"a{i % args.adapters}" for i in range(len(prompts))]
                 results[f"shoal {w.replace('adapters', '').strip('_') or 'streams'}, {args.adapters} "
-                        f"adapters mixed ({dtype})"] = run_shoal(engine, prompts, args.out, names)
+                        f"adapters mixed ({dtype})"] = run_shoal(engine, prompts, args.out, names, temperature=T)
         if pack and cpu_kernels and quant == q:
             shoal_rss = rss_peak_mb()
         del engine
@@ -232,13 +239,14 @@ def main() -> None:
             name = str(dt).replace("torch.", "")
             run_hf(hf, make_prompts(1, 16, 16, 9, vocab), 4, 1)
             if "single" in work:
-                results[f"HF generate single, batch 1 ({name})"] = run_hf(hf, sets["single"], args.out, 1)
+                results[f"HF generate single, batch 1 ({name})"] = run_hf(hf, sets["single"], args.out, 1,
+                                                                          temperature=T)
             if "streams" in work or "adapters" in work:
                 results[f"HF generate streams, batch {args.hf_batch} ({name})"] = run_hf(
-                    hf, sets["streams"], args.out, args.hf_batch)
+                    hf, sets["streams"], args.out, args.hf_batch, temperature=T)
             if "many" in work:
                 results[f"HF generate many, batch {args.hf_batch} ({name})"] = run_hf(
-                    hf, sets["many"], args.out, args.hf_batch)
+                    hf, sets["many"], args.out, args.hf_batch, temperature=T)
             if "prefill" in work:
                 r = run_hf(hf, sets["prefill"], 1, 1)
                 results[f"HF generate prefill, prompt tok/s, batch 1 ({name})"] = {
@@ -253,8 +261,8 @@ def main() -> None:
             pm.eval()
             names = [f"a{i % args.adapters}" for i in range(len(sets["streams"]))]
             results[f"PEFT mixed adapters, batch {args.hf_batch} (bfloat16)"] = run_hf(
-                pm, sets["streams"], args.out, args.hf_batch, names)
-    report(results, {"threads": args.threads, "out_tokens": args.out,
+                pm, sets["streams"], args.out, args.hf_batch, names, temperature=T)
+    report(results, {"threads": args.threads, "out_tokens": args.out, "temperature": T,
                      "shoal_peak_rss_mb": round(shoal_rss)}, args.json)
 
 
