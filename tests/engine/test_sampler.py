@@ -3,11 +3,13 @@ own, logprob outputs, and per-request determinism under batching."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
 
+from shoal import kernels
 from shoal.engine.sampler import Sampler, SampleResult, make_generator, prompt_logprobs
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.sequence import Sequence
@@ -56,9 +58,9 @@ def _reference(row: torch.Tensor, seq: Sequence, eos: list[int]) -> SampleResult
                 if rank > 0 and mass >= p.top_p:
                     l[j] = -math.inf
                 mass += probs[j]
-        q = torch.empty(V).exponential_(generator=seq.generator)
-        q.clamp_(min=torch.finfo(q.dtype).tiny)
-        tok = int((torch.softmax(l, dim=-1) / q).argmax())
+        u = float(torch.empty(1, dtype=torch.float64).uniform_(generator=seq.generator))
+        cdf = torch.softmax(l.double(), dim=-1).cumsum(0).tolist()
+        tok = next(j for j, c in enumerate(cdf) if c > u * cdf[-1])
     top = None
     if p.logprobs is not None:
         order = sorted(range(V), key=lambda j: -float(raw[j]))[: p.logprobs]
@@ -79,7 +81,14 @@ MIXED = [
 ]
 
 
-def test_batched_equals_reference_loop():
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_batched_equals_reference_loop(cpu_kernels):
+    """With the CPU kernels and on the PyTorch path (GPUs, CPUs without a compiler)."""
+    with contextlib.nullcontext() if cpu_kernels else kernels.disabled():
+        _batched_equals_reference_loop()
+
+
+def _batched_equals_reference_loop():
     sampler = Sampler(EOS)
     mk = lambda: [_seq(p, generated=[i, i + 1, i], gen_seed=100 + i)  # noqa: E731
                   for i, p in enumerate(MIXED)]
@@ -311,3 +320,33 @@ def test_a_rows_draw_and_logprobs_are_bit_identical_alone_and_in_a_batch(threads
         assert mixed.top_logprobs == alone.top_logprobs
     finally:
         torch.set_num_threads(before)
+
+
+def test_bf16_logits_give_what_their_fp32_values_give():
+    """The engine hands a bf16 head's logits over as they are: the same draws and logprobs as
+    their (exact) fp32 upcast, on every kind of row."""
+    logits = _logits(len(MIXED), seed=9).bfloat16()
+    mk = lambda: [_seq(p, generated=[i, i + 1], gen_seed=200 + i) for i, p in enumerate(MIXED)]  # noqa: E731
+    a, b = mk(), mk()
+    for _ in range(4):
+        got = Sampler(EOS)(logits, a)
+        want = Sampler(EOS)(logits.float(), b)
+        assert got == want
+        for s, r in zip(a + b, got + want):
+            s.append_token(r.token_id)
+
+
+def test_masked_sampled_rows_never_draw_a_masked_token():
+    """ignore_eos / min_tokens on sampled rows: the kernel skips the ids without a copy; the
+    eos token is the likeliest and still never drawn, and the rest follow the masked softmax."""
+    logits = torch.tensor([[3.0, 1.0, 0.5, 0.0, -1.0]])
+    n = 3000
+    g = make_generator(3, 0)
+    seqs = [_seq(SamplingParams(temperature=1.0, ignore_eos=True)) for _ in range(n)]
+    for s in seqs:
+        s.generator = g
+    toks = torch.tensor([r.token_id for r in Sampler(EOS)(logits.expand(n, 5), seqs)])
+    assert not (toks == 0).any()
+    freq = torch.bincount(toks, minlength=5).float() / n
+    want = torch.softmax(torch.tensor([-math.inf, 1.0, 0.5, 0.0, -1.0]), -1)
+    torch.testing.assert_close(freq, want, atol=0.03, rtol=0)

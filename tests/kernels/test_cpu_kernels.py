@@ -237,3 +237,43 @@ def test_row_stats_argmax_max_logsumexp(dtype):
         assert torch.equal(l1.view(torch.int32), lse[i:i + 1].view(torch.int32))  # the same bits
     only = kernels.row_stats(x, with_lse=False)
     assert only[2] is None and torch.equal(only[0], arg)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sample_rows_is_the_inverse_cdf_of_the_tempered_softmax(dtype):
+    """The token whose cumulative probability first exceeds u (a float64 reference: it agrees
+    away from rounding at a boundary), masked tokens never, the odd rows as documented, and
+    each row's answer the same alone as among the others."""
+    v = 1003  # three blocks of 256 and a tail
+    x = rand(64, v, scale=3.0, seed=6)
+    x[:, ::7] = float("-inf")  # masked: never drawn
+    x = x.to(dtype)
+    g = torch.Generator().manual_seed(1)
+    u = torch.rand(64, dtype=torch.float64, generator=g)
+    temps = (0.3 + torch.rand(64, generator=g) * 2).float()
+    rows = torch.arange(64)
+    tok = kernels.sample_rows(x, rows, temps, u)
+    p = torch.softmax(x.double() / temps.double()[:, None], -1)
+    cdf = p.cumsum(-1)
+    want = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1)
+    assert torch.equal(tok, want)
+    assert not (tok % 7 == 0).any()
+    for i in (0, 17, 63):  # alone, and listed out of order
+        assert kernels.sample_rows(x, torch.tensor([i]), temps[i:i + 1], u[i:i + 1]).item() == tok[i]
+    back = kernels.sample_rows(x, rows.flip(0).contiguous(), temps.flip(0).contiguous(), u.flip(0).contiguous())
+    assert torch.equal(back.flip(0), tok)
+    # u at the ends: the first and the last token of weight > 0
+    ends = kernels.sample_rows(x, torch.tensor([3, 3]), torch.ones(2), torch.tensor([0.0, 1.0 - 2**-53],
+                                                                                   dtype=torch.float64))
+    live = (x[3].float() > float("-inf")).nonzero().squeeze(1)
+    assert ends.tolist() == [live[0].item(), live[-1].item()]
+    odd = torch.zeros(4, v, dtype=dtype)
+    odd[0] = float("-inf")
+    odd[1, 9] = float("inf")
+    odd[2, 40] = odd[2, 50] = float("nan")
+    odd[3, 500] = 10.0  # a near one-hot row at a low temperature: always the maximum
+    got = kernels.sample_rows(odd, torch.arange(4), torch.tensor([1.0, 1.0, 1.0, 0.01]),
+                              torch.full((4,), 0.999, dtype=torch.float64))
+    assert got.tolist() == [0, 9, 40, 500]
+    with pytest.raises(ValueError, match="row index"):
+        kernels.sample_rows(x, torch.tensor([64]), temps[:1], u[:1])

@@ -163,7 +163,7 @@ class LLMEngine:
                 raise ValueError(f"model: unknown adapter {adapter!r}")
 
     def _attach(self, req: Request, seq: Sequence) -> None:
-        seq.generator = make_generator(req.params.seed, seq.sample_index, self.runner.device)
+        seq.generator = make_generator(req.params.seed, seq.sample_index)
         req.seqs.append(seq)
         req.states[seq.seq_id] = self.outputs.new_state(seq)
         self._seq_req[seq.seq_id] = req

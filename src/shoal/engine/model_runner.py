@@ -31,7 +31,7 @@ class StepResult:
     """Logits of one step: `sample_logits[i]` belongs to `sample_seqs[i]`."""
 
     sample_seqs: list[Sequence]
-    sample_logits: torch.Tensor | None  # (B, V) fp32
+    sample_logits: torch.Tensor | None  # (B, V) fp32, or bf16 from a bf16 head
     prompt_logits: dict[int, tuple[int, torch.Tensor]]  # seq_id -> (first position, (T, V) logits)
 
 
@@ -189,7 +189,8 @@ class ModelRunner:
             hidden = forward(input_ids, pos, ctx)  # (N, hidden)
         logits = None
         if sample_rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+            # (B, V) in the head's dtype: the sampler reads bf16 as it is
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)], fp32=False)
         prompt_logits = {
             s.seq_id: (p0, self.model.compute_logits(hidden[r0:r0 + cnt]))
             for s, r0, cnt, p0 in prompt_rows

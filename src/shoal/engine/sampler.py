@@ -20,21 +20,21 @@ from .sequence import Sequence
 _NEG_INF = float("-inf")
 
 
-def make_generator(seed: int | None, sample_index: int, device="cpu") -> torch.Generator:
-    """A generator for sample `sample_index` of a request.
+def make_generator(seed: int | None, sample_index: int) -> torch.Generator:
+    """A CPU generator for sample `sample_index` of a request (a draw takes one number a row, on
+    the host, whatever the logits' device: the same seed gives the same tokens on any device).
 
     Args:
         seed: the request's seed; None seeds from fresh OS randomness.
         sample_index: which of the request's `best_of` samples this is; with a seed, each index
             gets its own reproducible stream.
-        device: where the generator draws (must match the logits' device to avoid copies).
     """
     if seed is None:
         state = secrets.randbits(63)
     else:  # stable across processes (unlike hash()), and mixes both numbers
         digest = hashlib.blake2b(f"shoal:{seed}:{sample_index}".encode(), digest_size=8).digest()
         state = int.from_bytes(digest, "little") & (2**63 - 1)
-    gen = torch.Generator(device=device)
+    gen = torch.Generator()
     gen.manual_seed(state)
     return gen
 
@@ -52,13 +52,13 @@ class SampleResult:
 
 
 class Sampler:
-    """Picks one token per row of a (B, V) logits batch.
+    """Picks one token per row of a (B, V) logits batch (float32 or bfloat16).
 
     Semantics (the batched code must match this loop; V = vocab size, eos = `eos_token_ids`):
 
         for i, seq in enumerate(seqs):
-            p, l = seq.params, logits[i].clone()
-            raw = log_softmax(logits[i])
+            p, l = seq.params, logits[i].float()
+            raw = log_softmax(l)
             c = bincount(seq.generated_ids, minlength=V)           # generated tokens only
             l -= p.frequency_penalty * c + p.presence_penalty * (c > 0)
             for j, b in (p.logit_bias or {}).items(): l[j] += b    # ids >= V are ignored
@@ -71,38 +71,59 @@ class Sampler:
                 if p.top_k: l[all but the top_k largest of l] = -inf
                 if p.top_p < 1: in softmax(l) sorted descending, l[every token whose
                                 preceding mass is >= top_p] = -inf # the top token stays
-                q = empty(V).exponential_(generator=seq.generator)
-                tok = argmax(softmax(l) / q)                       # a draw from softmax(l)
+                u = uniform [0, 1) from seq.generator              # one fp64 number
+                w = exp(l - max(l))                                # 0 where l = -inf
+                tok = first j with sum(w[:j + 1]) > u * sum(w)     # inverse CDF of softmax(l)
             out.append(SampleResult(tok, raw[tok], top `p.logprobs` of raw, or None))
 
     A sampled row whose `seq.generator` is None gets `make_generator(seed, sample_index)` first.
+    The sums' order is fixed per row (`kernels.sample_rows` on the CPU: blocks of 256; else a
+    row's cumulative sum), so a row's draw does not depend on the other rows. One uniform number
+    a row replaced V exponential draws a row (Exp(1) noise, argmax(softmax(l) / q)): ~1 ms a row
+    at V = 49152, which made a 32-row decode step at temperature 1 ~1.5x a greedy one.
     """
 
     def __init__(self, eos_token_ids: list[int]):
         self.eos_token_ids = list(eos_token_ids)
+        self._u = torch.empty(1, dtype=torch.float64)  # one uniform draw at a time
 
     # ---- steps 2-5: penalties, bias, masks ------------------------------------------------------
 
     def process_logits(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """The logits after penalties, logit_bias and the eos/stop masks; before temperature.
+        """The logits after penalties, logit_bias and the eos/stop masks, before temperature: a
+        new (B, V) fp32 tensor (logits is not modified).
 
         Args:
-            logits: (B, V) raw logits; not modified.
+            logits: (B, V) raw logits.
             seqs: the B sequences, row i belongs to seqs[i].
         """
         B, V = logits.shape
         if len(seqs) != B:
             raise ValueError(f"logits has {B} rows but {len(seqs)} sequences were given")
-        dev = logits.device
-        l = logits.float()  # (B, V); copied before the first edit (`own`), so logits is untouched
-        copied = l is not logits
+        l = logits.float()
+        l = l.clone() if l is logits else l
+        self._edit_(l, seqs)
+        return l
 
-        def own() -> torch.Tensor:
-            nonlocal l, copied
-            if not copied:
-                l, copied = l.clone(), True
-            return l
+    def _banned(self, s: Sequence, V: int) -> list[int]:
+        """Token ids the eos/stop masks set to -inf for this row now."""
+        banned = set()
+        if s.num_generated < s.params.min_tokens:
+            banned.update(self.eos_token_ids, s.params.stop_token_ids)
+        if s.params.ignore_eos:
+            banned.update(self.eos_token_ids)
+        return [t for t in banned if t < V]
 
+    @staticmethod
+    def _shifts(s: Sequence, V: int) -> bool:
+        """Whether penalties or logit_bias change this row's logits now."""
+        p = s.params
+        return bool(p.needs_penalties and s.num_generated) or any(t < V for t in p.logit_bias or ())
+
+    def _edit_(self, l: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Steps 2-5 on l (B, V) fp32, in place."""
+        B, V = l.shape
+        dev = l.device
         # 2) penalties: counts only for the rows that ask for them
         pen = [i for i, s in enumerate(seqs) if s.params.needs_penalties and s.num_generated]
         if pen:
@@ -115,7 +136,7 @@ class Sampler:
             fp = torch.tensor([seqs[i].params.frequency_penalty for i in pen], device=dev)
             pp = torch.tensor([seqs[i].params.presence_penalty for i in pen], device=dev)
             rows = torch.tensor(pen, device=dev)
-            own()[rows] -= fp[:, None] * counts + pp[:, None] * (counts > 0).float()
+            l[rows] -= fp[:, None] * counts + pp[:, None] * (counts > 0).float()
 
         # 3) logit_bias
         b_rows, b_cols, b_vals = [], [], []
@@ -126,91 +147,146 @@ class Sampler:
                     b_cols.append(tok)
                     b_vals.append(float(val))
         if b_rows:
-            own().index_put_((torch.tensor(b_rows, device=dev), torch.tensor(b_cols, device=dev)),
+            l.index_put_((torch.tensor(b_rows, device=dev), torch.tensor(b_cols, device=dev)),
                          torch.tensor(b_vals, device=dev), accumulate=True)
 
         # 4-5) min_tokens masks eos + stop ids; ignore_eos masks eos
         m_rows, m_cols = [], []
         for i, s in enumerate(seqs):
-            banned = set()
-            if s.num_generated < s.params.min_tokens:
-                banned.update(self.eos_token_ids, s.params.stop_token_ids)
-            if s.params.ignore_eos:
-                banned.update(self.eos_token_ids)
-            cols = [t for t in banned if t < V]
+            cols = self._banned(s, V)
             m_rows += [i] * len(cols)
             m_cols += cols
         if m_rows:
-            own()[torch.tensor(m_rows, device=dev), torch.tensor(m_cols, device=dev)] = _NEG_INF
-        return l
+            l[torch.tensor(m_rows, device=dev), torch.tensor(m_cols, device=dev)] = _NEG_INF
 
     # ---- steps 6-7: pick ------------------------------------------------------------------------
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
         """One SampleResult per row of `logits` (B, V); row i belongs to seqs[i]."""
         B, V = logits.shape
+        if len(seqs) != B:
+            raise ValueError(f"logits has {B} rows but {len(seqs)} sequences were given")
         dev = logits.device
-        l = self.process_logits(logits, seqs)  # (B, V)
-        raw = logits.float()  # (B, V) for the logprobs
-        lse = None
-        if dev.type == "cpu" and kernels.usable(raw, l) and raw.stride(1) == 1 and l.stride(1) == 1:
-            # one pass a row for argmax and logsumexp, each row alone (row-invariant)
+        fast = dev.type == "cpu" and kernels.usable(logits) and logits.stride(1) == 1
+        raw = logits if fast else logits.float()  # (B, V); the CPU kernels read bf16 as it is
+        # 1) the raw distribution: argmax (an unedited greedy row's answer) and logsumexp, each
+        # row alone on the CPU (a (B, V) logsumexp splits its reductions differently as B
+        # changes, so a row's logprob would depend on the batch: measured); on a GPU (whose model
+        # math is not row-invariant anyway) in one call: per row it cost 2 launches, 512 for
+        # 256 rows, ~40% of a decode step's host time (H200, measured)
+        if fast:
             tokens, _, lse = kernels.row_stats(raw)
-            if l is not logits:  # penalties, biases or masks changed the greedy answer's logits
-                tokens = kernels.row_stats(l, with_lse=False)[0]
-        else:
-            tokens = l.argmax(dim=-1)  # (B,) greedy answer; sampled rows are overwritten below
-
-        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if sampled:
-            ps = [seqs[i].params for i in sampled]
-            rows = torch.tensor(sampled, device=dev)
-            temps = torch.tensor([p.temperature for p in ps], device=dev)
-            ls = l[rows] / temps[:, None]  # (S, V)
-            if any(p.top_k for p in ps) or any(p.top_p < 1.0 for p in ps):
-                ls = _top_k_top_p(ls, [min(p.top_k, V) or V for p in ps],
-                                  [p.top_p for p in ps])
-            # argmax(softmax(l) / q) without the normalizing sum: exp(l - max) has the same
-            # argmax, and max and exp are exact per row, so the draw cannot depend on how many
-            # rows share the call (a row-sum's reduction order can; batch invariance)
-            probs = (ls - ls.amax(dim=-1, keepdim=True)).exp_()  # (S, V), unnormalized
-            q = torch.empty_like(probs)  # (S, V) Exp(1) noise, each row from its own generator
-            for r, i in enumerate(sampled):
-                seq = seqs[i]
-                if seq.generator is None:
-                    seq.generator = make_generator(seq.params.seed, seq.sample_index, dev)
-                g = seq.generator
-                q[r] = torch.empty(V, device=g.device).exponential_(generator=g).to(dev)
-            q.clamp_(min=torch.finfo(q.dtype).tiny)
-            tokens[rows] = (probs / q).argmax(dim=-1)
-
-        # raw logprobs: logits[tok] - logsumexp, without materialising log_softmax for all rows
-        # on CPU one row at a time: a (B, V) logsumexp splits its reductions differently as B
-        # changes, so a row's logprob would depend on the batch (measured); a 1-D row's does
-        # not. On a GPU (whose model math is not row-invariant anyway) in one call: per row it
-        # cost 2 launches, 512 for 256 rows, ~40% of a decode step's host time (H200, measured)
-        # (the CPU kernel above computed each row alone, like the per-row loop)
-        if lse is None and dev.type == "cpu":
+        elif dev.type == "cpu":
+            tokens = raw.argmax(dim=-1)
             lse = torch.stack([torch.logsumexp(raw[i], dim=-1) for i in range(B)])  # (B,)
-        elif lse is None:
-            lse = torch.logsumexp(raw, dim=-1)  # (B,)
-        chosen = raw.gather(1, tokens[:, None]).squeeze(1) - lse  # (B,)
+        else:
+            tokens, lse = raw.argmax(dim=-1), torch.logsumexp(raw, dim=-1)
+        toks = tokens.tolist()
+
+        # 2) rows whose logits the penalties or bias change get a fp32 copy `le` (E, V) with the
+        # edits. Masks alone (min_tokens, ignore_eos: a few ids) copy nothing: a greedy row keeps
+        # its raw argmax unless that is masked (then it is copied); a sampled row's draw skips
+        # the ids (`kernels.sample_rows`; copied where the kernels do not run)
+        edit: list[int] = []
+        masks: dict[int, list[int]] = {}  # row -> ids its draw skips
+        for i, s in enumerate(seqs):
+            if self._shifts(s, V):
+                edit.append(i)
+            elif ban := self._banned(s, V):
+                if (toks[i] in ban) if s.params.greedy else not fast:
+                    edit.append(i)
+                elif not s.params.greedy:
+                    masks[i] = ban
+        le = None
+        if edit:
+            le = raw[torch.tensor(edit, device=dev)].float()  # (E, V), a copy
+            self._edit_(le, [seqs[i] for i in edit])
+            greedy = [r for r, i in enumerate(edit) if seqs[i].params.greedy]
+            if greedy:
+                sub = le[torch.tensor(greedy, device=dev)] if len(greedy) < len(edit) else le
+                e_arg = (kernels.row_stats(sub, with_lse=False)[0] if fast else sub.argmax(dim=-1)).tolist()
+                for r, t in zip(greedy, e_arg):
+                    toks[edit[r]] = t
+        at = {i: r for r, i in enumerate(edit)}  # row i's edited logits are le[at[i]]
+
+        # 3) sampled rows: one uniform number each, from the row's own generator; then one draw
+        # from the raw or edited logits, or (top_k / top_p) from a filtered copy
+        plain: dict[bool, list[tuple[int, float, float]]] = {False: [], True: []}  # edited? -> rows
+        filtered: list[tuple[int, float, float]] = []
+        for i, s in enumerate(seqs):
+            p = s.params
+            if p.greedy:
+                continue
+            if s.generator is None:
+                s.generator = make_generator(p.seed, s.sample_index)
+            u = float(self._u.uniform_(generator=s.generator))
+            (filtered if p.top_k or p.top_p < 1.0 else plain[i in at]).append((i, p.temperature, u))
+        for edited, rows in plain.items():
+            if rows:
+                src = le if edited else raw
+                idx = [at[i] for i, _, _ in rows] if edited else [i for i, _, _ in rows]
+                drawn = self._draw(src, idx, [t for _, t, _ in rows], [u for _, _, u in rows],
+                                   [masks.get(i, []) for i, _, _ in rows])
+                for (i, _, _), t in zip(rows, drawn):
+                    toks[i] = t
+        if filtered:
+            src = torch.stack([le[at[i]] if i in at else raw[i].float() for i, _, _ in filtered])  # (F, V)
+            for r, (i, _, _) in enumerate(filtered):
+                if i in masks:
+                    src[r, torch.tensor(masks[i], device=dev)] = _NEG_INF
+            temps = torch.tensor([t for _, t, _ in filtered], device=dev)
+            ps = [seqs[i].params for i, _, _ in filtered]
+            ls = _top_k_top_p(src / temps[:, None], [min(p.top_k, V) or V for p in ps],
+                              [p.top_p for p in ps])  # (F, V)
+            drawn = self._draw(ls, list(range(len(filtered))), [1.0] * len(filtered),
+                               [u for _, _, u in filtered])
+            for (i, _, _), t in zip(filtered, drawn):
+                toks[i] = t
+
+        # 4) raw logprobs: logits[tok] - logsumexp
+        tokens = torch.tensor(toks, device=dev)
+        chosen = raw.gather(1, tokens[:, None]).squeeze(1).float() - lse  # (B,)
         ks = [s.params.logprobs for s in seqs]
         k_max = min(max((k for k in ks if k is not None), default=0), V)
         top_vals = top_ids = None
         if k_max:
             want = [i for i, k in enumerate(ks) if k]
             rows = torch.tensor(want, device=dev)
-            v, ix = raw[rows].topk(k_max, dim=-1)  # (R, k_max), sorted highest first
+            v, ix = raw[rows].float().topk(k_max, dim=-1)  # (R, k_max), sorted highest first
             v = v - lse[rows, None]
             top_vals, top_ids = dict(zip(want, v.tolist())), dict(zip(want, ix.tolist()))
 
         out = []
-        for i, (tok, lp, k) in enumerate(zip(tokens.tolist(), chosen.tolist(), ks)):
+        for i, (tok, lp, k) in enumerate(zip(toks, chosen.tolist(), ks)):
             top = None if k is None else (
                 dict(zip(top_ids[i][:k], top_vals[i][:k])) if k else {})
             out.append(SampleResult(tok, lp, top))
         return out
+
+    @staticmethod
+    def _draw(src: torch.Tensor, rows: list[int], temps: list[float], us: list[float],
+              masks: list[list[int]] | None = None) -> list[int]:
+        """For each listed row of src (*, V): the first j whose running sum of
+        exp((x - max x) / t) exceeds u * the row's sum, its `masks` ids at -inf (the Semantics;
+        rows with masks reach here only where the kernel runs)."""
+        dev = src.device
+        if dev.type == "cpu" and kernels.usable(src) and src.stride(1) == 1:
+            return kernels.sample_rows(src, torch.tensor(rows), torch.tensor(temps, dtype=torch.float32),
+                                       torch.tensor(us, dtype=torch.float64), masks).tolist()
+        assert not any(masks or ()), "masked rows are copied and edited where the kernels do not run"
+        x = src[torch.tensor(rows, device=dev)].float() / torch.tensor(temps, device=dev)[:, None]
+        return _inverse_cdf(x, torch.tensor(us, dtype=torch.float64, device=dev)).tolist()
+
+
+def _inverse_cdf(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """x (S, V) tempered logits, u (S,) fp64 in [0, 1) -> (S,) the first j where
+    cumsum(exp(x - max x))[j] > u * sum; the last token of weight > 0 if rounding leaves none."""
+    w = (x - x.amax(dim=-1, keepdim=True)).exp()  # (S, V); 0 where x = -inf
+    cdf = w.double().cumsum(dim=-1)  # (S, V), each row's sum in index order
+    total = cdf[:, -1:].contiguous()  # (S, 1)
+    tok = torch.searchsorted(cdf, u[:, None] * total, right=True)  # (S, 1)
+    last = torch.searchsorted(cdf, total, right=False)  # the first index reaching the sum
+    return torch.minimum(tok, last).squeeze(1).clamp_(max=x.shape[1] - 1)
 
 
 def _top_k_top_p(l: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

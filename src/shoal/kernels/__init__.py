@@ -12,7 +12,8 @@ layers call them where `usable`; without a compiler everything runs on PyTorch o
 
 from .build import library, reason
 from .ops import (BGMVLayers, cache_write, decode_attention, disabled, enabled, lora_bgmv, rms_norm, rope_,
-                  row_stats, set_enabled, silu_mul, usable)
+                  row_stats, sample_rows, set_enabled, silu_mul, usable)
 
 __all__ = ["library", "reason", "usable", "enabled", "set_enabled", "disabled", "rms_norm", "rope_",
-           "cache_write", "decode_attention", "silu_mul", "lora_bgmv", "BGMVLayers", "row_stats"]
+           "cache_write", "decode_attention", "silu_mul", "lora_bgmv", "BGMVLayers", "row_stats",
+           "sample_rows"]

@@ -229,3 +229,31 @@ def row_stats(x: torch.Tensor, with_lse: bool = True) -> tuple[torch.Tensor, tor
     library().shoal_row_stats(_DT[x.dtype], x.data_ptr(), x.stride(0), b, v, arg.data_ptr(), mx.data_ptr(),
                               lse.data_ptr() if lse is not None else None)
     return arg, mx, lse
+
+
+def sample_rows(x: torch.Tensor, rows: torch.Tensor, temps: torch.Tensor, u: torch.Tensor,
+                masked: list[list[int]] | None = None) -> torch.Tensor:
+    """One token per listed row of x (B, V) float32/bfloat16 (rows contiguous), drawn from
+    softmax(x[rows[i]] / temps[i]) by its inverse CDF at u[i]: rows (n,) int64, temps (n,) fp32
+    > 0, u (n,) fp64 in [0, 1), masked[i] ids that row i sets to -inf (None: none) -> (n,) int64.
+
+    Semantics: l = x with the masked ids at -inf; w = exp((l - max l) / t), 0 below e^-87; the
+    token is the first j where the running sum of w exceeds u * sum(w) (w summed in blocks of
+    256 in a fixed order, blocks in fp64). A row with NaN gives its first NaN, with +inf its
+    first +inf, of -inf only 0. Each row is computed alone."""
+    b, v = x.shape
+    n = rows.numel()
+    _check(x.stride(1) == 1 and x.dtype in _DT, "sample_rows: layout")
+    _check(rows.dtype == torch.int64 and temps.dtype == torch.float32 and u.dtype == torch.float64
+           and temps.numel() == n and u.numel() == n and rows.is_contiguous() and temps.is_contiguous()
+           and u.is_contiguous(), "sample_rows: arguments")
+    _check(n == 0 or 0 <= int(rows.min()) and int(rows.max()) < b, "sample_rows: row index")
+    masked = masked or [[]] * n
+    _check(len(masked) == n and all(0 <= j < v for m in masked for j in m), "sample_rows: masked ids")
+    off = torch.tensor([0] + [len(m) for m in masked], dtype=torch.int64).cumsum_(0)  # (n + 1,)
+    ids = torch.tensor([j for m in masked for j in m] or [0], dtype=torch.int64)
+    tok = torch.empty(n, dtype=torch.int64)
+    library().shoal_sample_rows(_DT[x.dtype], x.data_ptr(), x.stride(0), v, n, rows.data_ptr(),
+                                temps.data_ptr(), u.data_ptr(), off.data_ptr(), ids.data_ptr(),
+                                tok.data_ptr())
+    return tok

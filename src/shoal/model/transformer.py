@@ -123,9 +123,10 @@ class Transformer(nn.Module):
         ctx.advance(input_ids.shape[-1])
         return h
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., hidden) -> (..., vocab) in fp32 (see `head_logits` for the product used)."""
-        return head_logits(self.lm_head, hidden)
+    def compute_logits(self, hidden: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+        """(..., hidden) -> (..., vocab) in fp32, or with fp32=False in the head's dtype (the
+        engine's sampler reads bf16 logits as they are; see `head_logits` for the product)."""
+        return head_logits(self.lm_head, hidden, fp32)
 
     def logits(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, ctx=None) -> torch.Tensor:
         """forward + compute_logits over every position."""

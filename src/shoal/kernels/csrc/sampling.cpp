@@ -1,7 +1,14 @@
-// Per-row statistics of a logits matrix for the sampler: argmax, max and logsumexp, each row
-// computed alone in a fixed order (its bits do not depend on the other rows), in one pass over
-// the row for the max and one for the sum. torch's CPU argmax and a per-row logsumexp loop
-// took ~3.6 ms for 32 x 49152 fp32 logits (2 threads, measured); this is a fraction of that.
+// The sampler's per-row work on a logits matrix, each row computed alone in a fixed order (its
+// bits do not depend on the other rows):
+// - row_stats: argmax, max and logsumexp, in one pass over the row for the max and one for the
+//   sum. torch's CPU argmax and a per-row logsumexp loop took ~3.6 ms for 32 x 49152 fp32
+//   logits (2 threads, measured); this is a fraction of that.
+// - sample_rows: one draw from softmax(x / T) by its inverse CDF, given one uniform number: a
+//   pass for the max, one for the exps summed in blocks, then a walk over the block sums and
+//   one block. The draw it replaced (Exp(1) noise over the whole vocabulary, torch's
+//   exponential_) took ~1 ms a row at 49152 tokens.
+
+#include <vector>
 
 #include "common.h"
 
@@ -65,6 +72,128 @@ void row_stats(const T* x, int64_t v, int64_t* arg, float* mx, float* lse) {
   lse[0] = m + std::log(s);
 }
 
+constexpr int64_t kBlock = W * 16;  // sample_rows' block: 16 lanes x 16 steps
+
+// exp((x - m) / t) for the row's max m: exactly 0 where exp_neg's range ends (-inf included), so
+// a masked token, or one ~e^-87 below the best, is never drawn
+inline float weight(float x, float m, float t) {
+  const float z = (x - m) / t;
+  return z < -87.0f ? 0.0f : exp_neg(z);
+}
+
+// The ids a row masks (min_tokens' and ignore_eos' eos/stop ids: a few): they weigh 0.
+struct Masked {
+  const int64_t* ids;
+  int64_t n;
+  bool has(int64_t e) const {
+    for (int64_t k = 0; k < n; ++k)
+      if (ids[k] == e) return true;
+    return false;
+  }
+};
+
+// Sum of the weights in [e0, e1): a full block in lanes, then the lanes in order; a tail in
+// index order. With masked ids the same order, their weights 0.
+template <typename T>
+float block_sum(const T* x, int64_t e0, int64_t e1, float m, float t, const Masked* mask) {
+  float s = 0.0f;
+  if (e1 - e0 == kBlock) {
+    float acc[W] = {0};
+    if (mask == nullptr) {
+      for (int64_t i = e0; i < e1; i += W)
+        for (int l = 0; l < W; ++l) acc[l] += weight(ld(x, i + l), m, t);
+    } else {
+      for (int64_t i = e0; i < e1; i += W)
+        for (int l = 0; l < W; ++l) acc[l] += mask->has(i + l) ? 0.0f : weight(ld(x, i + l), m, t);
+    }
+    for (int l = 0; l < W; ++l) s += acc[l];
+  } else {
+    for (int64_t i = e0; i < e1; ++i) s += mask && mask->has(i) ? 0.0f : weight(ld(x, i), m, t);
+  }
+  return s;
+}
+
+// The first index in [e0, e1) where `acc` plus the weights so far exceeds `target`; if none
+// (the block sums and this walk round differently), the block's last index of weight > 0.
+template <typename T>
+int64_t walk(const T* x, int64_t e0, int64_t e1, float m, float t, const Masked& mask, double acc,
+             double target) {
+  int64_t last = e0;
+  for (int64_t e = e0; e < e1; ++e) {
+    const float p = mask.has(e) ? 0.0f : weight(ld(x, e), m, t);
+    if (p > 0.0f) {
+      last = e;
+      acc += p;
+      if (acc > target) return e;
+    }
+  }
+  return last;
+}
+
+// Semantics: l = x with the masked ids at -inf; w_j = exp((l_j - max l) / t); the token is the
+// first j whose running sum of w exceeds u * sum(w), with w summed per block of kBlock (lanes,
+// then lanes in order, in fp32) and the blocks in fp64 in index order. A row with a NaN gives
+// its first NaN (as torch.argmax of noisy probabilities did); one with +inf its first +inf; a
+// row of -inf only 0.
+template <typename T>
+int64_t sample_row(const T* x, int64_t v, float t, double u, const Masked& mask,
+                   std::vector<double>& sums) {
+  float best[W];
+  int32_t nan[W];
+  for (int l = 0; l < W; ++l) best[l] = -INFINITY, nan[l] = 0;
+  int64_t e = 0;
+  for (; e + W <= v; e += W)
+    for (int l = 0; l < W; ++l) {
+      const float f = ld(x, e + l);
+      best[l] = f > best[l] ? f : best[l];
+      nan[l] |= f != f;
+    }
+  for (; e < v; ++e) {
+    const float f = ld(x, e);
+    if (f > best[e % W]) best[e % W] = f;
+    nan[e % W] |= f != f;
+  }
+  float m = -INFINITY;
+  int any_nan = 0;
+  for (int l = 0; l < W; ++l) m = best[l] > m ? best[l] : m, any_nan |= nan[l];
+  bool hit = false;  // does a masked id hold the max? then the max of the rest
+  for (int64_t k = 0; k < mask.n; ++k) hit |= mask.ids[k] < v && ld(x, mask.ids[k]) == m;
+  if (hit && !any_nan) {
+    m = -INFINITY;
+    for (int64_t i = 0; i < v; ++i)
+      if (ld(x, i) > m && !mask.has(i)) m = ld(x, i);
+  }
+  if (any_nan || m == INFINITY) {  // the first NaN, else the first unmasked +inf
+    int64_t i = 0;
+    while (any_nan ? ld(x, i) == ld(x, i) : (ld(x, i) != INFINITY || mask.has(i))) ++i;
+    return i;
+  }
+  if (m == -INFINITY) return 0;
+  const int64_t nb = (v + kBlock - 1) / kBlock;
+  sums.resize(nb);
+  double total = 0.0;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t e0 = b * kBlock, e1 = e0 + kBlock < v ? e0 + kBlock : v;
+    bool masked = false;
+    for (int64_t k = 0; k < mask.n; ++k) masked |= e0 <= mask.ids[k] && mask.ids[k] < e1;
+    sums[b] = block_sum(x, e0, e1, m, t, masked ? &mask : nullptr);
+    total += sums[b];
+  }
+  const double target = u * total;
+  double acc = 0.0;
+  for (int64_t b = 0; b < nb; ++b) {
+    if (acc + sums[b] > target) {
+      const int64_t e0 = b * kBlock;
+      return walk(x, e0, e0 + kBlock < v ? e0 + kBlock : v, m, t, mask, acc, target);
+    }
+    acc += sums[b];
+  }
+  int64_t b = nb - 1;  // u * total rounded up to total: the last block with weight
+  while (b > 0 && sums[b] == 0.0) --b;
+  return walk(x, b * kBlock, b * kBlock + kBlock < v ? b * kBlock + kBlock : v, m, t, mask, 0.0,
+              INFINITY);
+}
+
 }  // namespace
 
 extern "C" {
@@ -81,6 +210,28 @@ int shoal_row_stats(int dt, const void* x, int64_t xs, int64_t b, int64_t v, int
       row_stats(static_cast<const float*>(x) + r * xs, v, arg + r, mx + r, lr);
     else
       row_stats(static_cast<const bf16_t*>(x) + r * xs, v, arg + r, mx + r, lr);
+  }
+  return 0;
+}
+
+// x (*, v) in dtype dt (row stride xs): for each of the n rows listed in rows, one token drawn
+// from softmax(x[row] / t[i]) with the uniform number u[i] in [0, 1), the ids
+// masked[mask_off[i]:mask_off[i + 1]] at -inf -> tok (n,) int64.
+int shoal_sample_rows(int dt, const void* x, int64_t xs, int64_t v, int64_t n, const int64_t* rows,
+                      const float* t, const double* u, const int64_t* mask_off, const int64_t* masked,
+                      int64_t* tok) {
+  if (dt != 0 && dt != 1) return 1;
+#pragma omp parallel if (n >= 2)
+  {
+    std::vector<double> sums;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const Masked mask{masked + mask_off[i], mask_off[i + 1] - mask_off[i]};
+      if (dt == 0)
+        tok[i] = sample_row(static_cast<const float*>(x) + rows[i] * xs, v, t[i], u[i], mask, sums);
+      else
+        tok[i] = sample_row(static_cast<const bf16_t*>(x) + rows[i] * xs, v, t[i], u[i], mask, sums);
+    }
   }
   return 0;
 }
