@@ -277,3 +277,40 @@ def test_sample_rows_is_the_inverse_cdf_of_the_tempered_softmax(dtype):
     assert got.tolist() == [0, 9, 40, 500]
     with pytest.raises(ValueError, match="row index"):
         kernels.sample_rows(x, torch.tensor([64]), temps[:1], u[:1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sample_rows_with_top_k_and_top_p_keeps_what_the_sorted_filter_keeps(dtype):
+    """Without a full sort, the kept set is the sorted filter's (`engine.sampler._top_k_top_p`),
+    and the draw is the inverse CDF over it; masked ids drop out before the filter."""
+    from shoal.engine.sampler import _top_k_top_p
+
+    v, n = 1003, 48
+    x = rand(n, v, scale=2.5, seed=7).to(dtype)
+    g = torch.Generator().manual_seed(2)
+    u = torch.rand(n, dtype=torch.float64, generator=g)
+    temps = (0.5 + torch.rand(n, generator=g)).float()
+    ks = [[0, 1, 5, 40, 2000][i % 5] for i in range(n)]  # 0 and > v: off
+    ps = [[1.0, 0.9, 0.5, 0.05, 0.999][i // 5 % 5] for i in range(n)]
+    masked = [[int(x[i].float().argmax())] if i % 3 == 0 else [] for i in range(n)]
+    tok = kernels.sample_rows(x, torch.arange(n), temps, u, masked, ks, ps)
+    for i in range(n):
+        row = x[i].float().clone()
+        row[masked[i]] = float("-inf")
+        kept = _top_k_top_p((row / temps[i])[None], [min(ks[i], v) or v], [ps[i]])[0]
+        w = torch.softmax(kept.double(), -1)
+        cdf = w.cumsum(0)
+        want = int(torch.searchsorted(cdf, u[i] * cdf[-1], right=True))
+        assert tok[i].item() == want, i
+        assert torch.isfinite(kept[tok[i]])
+    # top_k = 1 and a tiny top_p are the argmax, whatever u
+    one = kernels.sample_rows(x, torch.arange(n), temps, torch.full((n,), 0.999, dtype=torch.float64),
+                              None, [1] * n, None)
+    assert torch.equal(one, x.float().argmax(-1))
+    for p in (1e-6, 5e-324):  # the second rounds to 0 in fp32
+        tiny = kernels.sample_rows(x, torch.arange(n), temps, u, None, None, [p] * n)
+        assert torch.equal(tiny, x.float().argmax(-1))
+    flat = torch.zeros(1, v, dtype=dtype)  # every token tied: top_k keeps the lowest ids
+    got = {kernels.sample_rows(flat, torch.tensor([0]), torch.ones(1), torch.tensor([q], dtype=torch.float64),
+                               None, [3], None).item() for q in (0.0, 0.4, 0.8, 0.99)}
+    assert got == {0, 1, 2}

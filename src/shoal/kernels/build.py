@@ -51,7 +51,7 @@ SIGNATURES = {  # argument types of each entry point (all return int: 0 = done, 
     "shoal_blinear": [vp, i64, i64, i64, vp, vp, i64, vp, i64, ci],
     "shoal_q4linear": [vp, i64, i64, i64, vp, vp, i64, vp, i64, ci],
     "shoal_row_stats": [ci, vp, i64, i64, i64, vp, vp, vp],
-    "shoal_sample_rows": [ci, vp, i64, i64, i64, vp, vp, vp, vp, vp, vp],
+    "shoal_sample_rows": [ci, vp, i64, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp],
     "shoal_llama_decode": [i64, i64, vp, vp, cf, cf, cf, vp, vp, vp, vp, vp, i64, vp, vp, vp, vp, vp,
                            vp, vp],
 }

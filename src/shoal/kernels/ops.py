@@ -232,15 +232,20 @@ def row_stats(x: torch.Tensor, with_lse: bool = True) -> tuple[torch.Tensor, tor
 
 
 def sample_rows(x: torch.Tensor, rows: torch.Tensor, temps: torch.Tensor, u: torch.Tensor,
-                masked: list[list[int]] | None = None) -> torch.Tensor:
+                masked: list[list[int]] | None = None, top_k: list[int] | None = None,
+                top_p: list[float] | None = None) -> torch.Tensor:
     """One token per listed row of x (B, V) float32/bfloat16 (rows contiguous), drawn from
     softmax(x[rows[i]] / temps[i]) by its inverse CDF at u[i]: rows (n,) int64, temps (n,) fp32
-    > 0, u (n,) fp64 in [0, 1), masked[i] ids that row i sets to -inf (None: none) -> (n,) int64.
+    > 0, u (n,) fp64 in [0, 1); per row (None: off) the ids `masked[i]` set to -inf,
+    `top_k[i]` (1..V; V = off) and `top_p[i]` (in (0, 1]; 1 = off) -> (n,) int64.
 
-    Semantics: l = x with the masked ids at -inf; w = exp((l - max l) / t), 0 below e^-87; the
-    token is the first j where the running sum of w exceeds u * sum(w) (w summed in blocks of
-    256 in a fixed order, blocks in fp64). A row with NaN gives its first NaN, with +inf its
-    first +inf, of -inf only 0. Each row is computed alone."""
+    Semantics: l = x with the masked ids at -inf; w = exp((l - max l) / t), 0 below e^-87.
+    Without top_k / top_p: the token is the first j where the running sum of w exceeds
+    u * sum(w) (w summed in blocks of 256 in a fixed order, blocks in fp64). With them: keep the
+    top_k largest w (ties: the lower index first), then in that order the tokens whose preceding
+    mass is below top_p of the kept mass (the first always), and draw the same way from the
+    kept ones in index order. A row with NaN gives its first NaN, with +inf its first +inf, of
+    -inf only 0. Each row is computed alone."""
     b, v = x.shape
     n = rows.numel()
     _check(x.stride(1) == 1 and x.dtype in _DT, "sample_rows: layout")
@@ -252,8 +257,12 @@ def sample_rows(x: torch.Tensor, rows: torch.Tensor, temps: torch.Tensor, u: tor
     _check(len(masked) == n and all(0 <= j < v for m in masked for j in m), "sample_rows: masked ids")
     off = torch.tensor([0] + [len(m) for m in masked], dtype=torch.int64).cumsum_(0)  # (n + 1,)
     ids = torch.tensor([j for m in masked for j in m] or [0], dtype=torch.int64)
+    ks = torch.tensor([min(k, v) if k else v for k in top_k] if top_k else [v] * n, dtype=torch.int64)
+    ps = torch.tensor(top_p or [1.0] * n, dtype=torch.float32)
+    # (a top_p below fp32's range rounds to 0: the top token only, as any top_p that small)
+    _check(ks.numel() == n and ps.numel() == n and bool((ps >= 0).all()), "sample_rows: top_k / top_p")
     tok = torch.empty(n, dtype=torch.int64)
     library().shoal_sample_rows(_DT[x.dtype], x.data_ptr(), x.stride(0), v, n, rows.data_ptr(),
                                 temps.data_ptr(), u.data_ptr(), off.data_ptr(), ids.data_ptr(),
-                                tok.data_ptr())
+                                ks.data_ptr(), ps.data_ptr(), tok.data_ptr())
     return tok

@@ -8,6 +8,7 @@
 //   one block. The draw it replaced (Exp(1) noise over the whole vocabulary, torch's
 //   exponential_) took ~1 ms a row at 49152 tokens.
 
+#include <algorithm>
 #include <vector>
 
 #include "common.h"
@@ -130,14 +131,11 @@ int64_t walk(const T* x, int64_t e0, int64_t e1, float m, float t, const Masked&
   return last;
 }
 
-// Semantics: l = x with the masked ids at -inf; w_j = exp((l_j - max l) / t); the token is the
-// first j whose running sum of w exceeds u * sum(w), with w summed per block of kBlock (lanes,
-// then lanes in order, in fp32) and the blocks in fp64 in index order. A row with a NaN gives
-// its first NaN (as torch.argmax of noisy probabilities did); one with +inf its first +inf; a
-// row of -inf only 0.
+// The max of the row's unmasked values into m. Returns the token to give outright for a row
+// with a NaN (its first NaN, as torch.argmax of noisy probabilities did), with +inf (its first
+// unmasked +inf) or of -inf only (0); else -1.
 template <typename T>
-int64_t sample_row(const T* x, int64_t v, float t, double u, const Masked& mask,
-                   std::vector<double>& sums) {
+int64_t row_max(const T* x, int64_t v, const Masked& mask, float& m) {
   float best[W];
   int32_t nan[W];
   for (int l = 0; l < W; ++l) best[l] = -INFINITY, nan[l] = 0;
@@ -153,7 +151,7 @@ int64_t sample_row(const T* x, int64_t v, float t, double u, const Masked& mask,
     if (f > best[e % W]) best[e % W] = f;
     nan[e % W] |= f != f;
   }
-  float m = -INFINITY;
+  m = -INFINITY;
   int any_nan = 0;
   for (int l = 0; l < W; ++l) m = best[l] > m ? best[l] : m, any_nan |= nan[l];
   bool hit = false;  // does a masked id hold the max? then the max of the rest
@@ -163,12 +161,23 @@ int64_t sample_row(const T* x, int64_t v, float t, double u, const Masked& mask,
     for (int64_t i = 0; i < v; ++i)
       if (ld(x, i) > m && !mask.has(i)) m = ld(x, i);
   }
-  if (any_nan || m == INFINITY) {  // the first NaN, else the first unmasked +inf
+  if (any_nan || m == INFINITY) {
     int64_t i = 0;
     while (any_nan ? ld(x, i) == ld(x, i) : (ld(x, i) != INFINITY || mask.has(i))) ++i;
     return i;
   }
-  if (m == -INFINITY) return 0;
+  return m == -INFINITY ? 0 : -1;
+}
+
+// Semantics: l = x with the masked ids at -inf; w_j = exp((l_j - max l) / t); the token is the
+// first j whose running sum of w exceeds u * sum(w), with w summed per block of kBlock (lanes,
+// then lanes in order, in fp32) and the blocks in fp64 in index order.
+template <typename T>
+int64_t sample_row(const T* x, int64_t v, float t, double u, const Masked& mask,
+                   std::vector<double>& sums) {
+  float m;
+  const int64_t odd = row_max(x, v, mask, m);
+  if (odd >= 0) return odd;
   const int64_t nb = (v + kBlock - 1) / kBlock;
   sums.resize(nb);
   double total = 0.0;
@@ -194,6 +203,127 @@ int64_t sample_row(const T* x, int64_t v, float t, double u, const Masked& mask,
               INFINITY);
 }
 
+// A weight's bucket: its float bits >> 19 (exponent and 4 mantissa bits), monotone in w > 0;
+// w <= 1 (the max's weight) gives keys up to 2032.
+constexpr int kShift = 19;
+constexpr int kKeys = (0x3f800000 >> kShift) + 1;
+inline int key_of(float w) { return static_cast<int>(__builtin_bit_cast(uint32_t, w) >> kShift); }
+
+struct Scratch {  // per thread
+  std::vector<double> sums, mass;
+  std::vector<float> w;
+  std::vector<int64_t> cnt, list;
+};
+
+// The ids of bucket `key`, sorted by w descending, ties by index.
+inline void bucket_sorted(const std::vector<float>& w, int key, std::vector<int64_t>& list) {
+  list.clear();
+  const int64_t v = static_cast<int64_t>(w.size());
+  for (int64_t j = 0; j < v; ++j)
+    if (w[j] > 0.0f && key_of(w[j]) == key) list.push_back(j);
+  std::sort(list.begin(), list.end(), [&](int64_t a, int64_t b) { return w[a] > w[b] || (w[a] == w[b] && a < b); });
+}
+
+// With top_k (1..v; v = off) and top_p (in (0, 1]; 1 = off). Semantics: w as above; keep the
+// k largest w (ties: the lower index first); then, in that order, the tokens whose preceding
+// mass (sum of the w before them / sum of the kept w) is below top_p (the first always); draw
+// from the kept ones as above (their w summed in index order, in fp64). Without a full sort:
+// a histogram of the weights' buckets (`key_of`: count and mass) finds the bucket where each
+// cut falls, and only that bucket is sorted.
+template <typename T>
+int64_t sample_filtered(const T* x, int64_t v, float t, double u, const Masked& mask, int64_t k,
+                        float top_p, Scratch& sc) {
+  float m;
+  const int64_t odd = row_max(x, v, mask, m);
+  if (odd >= 0) return odd;
+  std::vector<float>& w = sc.w;
+  w.resize(v);
+  int64_t e = 0;
+  for (; e + W <= v; e += W)
+    for (int l = 0; l < W; ++l) w[e + l] = weight(ld(x, e + l), m, t);
+  for (; e < v; ++e) w[e] = weight(ld(x, e), m, t);
+  for (int64_t i = 0; i < mask.n; ++i) w[mask.ids[i]] = 0.0f;
+  sc.cnt.assign(kKeys, 0);
+  sc.mass.assign(kKeys, 0.0);
+  for (int64_t j = 0; j < v; ++j)
+    if (w[j] > 0.0f) {
+      const int key = key_of(w[j]);
+      ++sc.cnt[key];
+      sc.mass[key] += w[j];
+    }
+  // 1) top_k: keys above `cut` are kept whole, `list` holds the kept ids of key `cut` (best
+  // first); cut -1: every token of weight > 0
+  int cut = -1;
+  std::vector<int64_t>& list = sc.list;
+  list.clear();
+  double kept = 0.0;  // the kept mass
+  for (int key = kKeys - 1; key >= 0; --key) kept += sc.mass[key];
+  if (k < v) {
+    int64_t above = 0;
+    double above_mass = 0.0;
+    for (int key = kKeys - 1; key >= 0; --key) {
+      if (above + sc.cnt[key] >= k) {
+        cut = key;
+        bucket_sorted(w, key, list);
+        list.resize(k - above);
+        kept = above_mass;
+        for (int64_t j : list) kept += w[j];
+        break;
+      }
+      above += sc.cnt[key];
+      above_mass += sc.mass[key];
+    }
+  }
+  // 2) top_p: walk the kept buckets from the top; where the preceding mass reaches top_p * kept,
+  // that bucket (sorted) is cut; everything after it is dropped
+  if (top_p < 1.0f) {
+    const double limit = top_p * kept;
+    double before = 0.0;
+    for (int key = kKeys - 1; key >= 0 && key >= cut; --key) {
+      double in = 0.0;
+      if (key == cut)
+        for (int64_t j : list) in += w[j];
+      else
+        in = sc.mass[key];
+      if (in == 0.0) continue;
+      if (before + in < limit) {
+        before += in;
+        continue;
+      }
+      if (key != cut) bucket_sorted(w, key, list);
+      size_t n = 0;
+      while (n < list.size() && (before < limit || before == 0.0)) before += w[list[n++]];  // the top always
+      list.resize(n);
+      cut = key;
+      break;
+    }
+  }
+  // 3) the draw, in index order over the kept ids
+  std::sort(list.begin(), list.end());
+  double sum = 0.0;
+  for (int pass = 0; pass < 2; ++pass) {
+    const double target = u * sum;
+    double acc = 0.0;
+    int64_t last = -1;
+    size_t at = 0;
+    for (int64_t j = 0; j < v; ++j) {
+      if (w[j] <= 0.0f) continue;
+      const int key = key_of(w[j]);
+      if (key < cut) continue;
+      if (key == cut) {
+        if (at == list.size() || list[at] != j) continue;
+        ++at;
+      }
+      acc += w[j];
+      last = j;
+      if (pass == 1 && acc > target) return j;
+    }
+    if (pass == 1) return last;
+    sum = acc;
+  }
+  return 0;  // (not reached)
+}
+
 }  // namespace
 
 extern "C" {
@@ -216,21 +346,28 @@ int shoal_row_stats(int dt, const void* x, int64_t xs, int64_t b, int64_t v, int
 
 // x (*, v) in dtype dt (row stride xs): for each of the n rows listed in rows, one token drawn
 // from softmax(x[row] / t[i]) with the uniform number u[i] in [0, 1), the ids
-// masked[mask_off[i]:mask_off[i + 1]] at -inf -> tok (n,) int64.
+// masked[mask_off[i]:mask_off[i + 1]] at -inf, top_k[i] (v = off) and top_p[i] (1 = off)
+// -> tok (n,) int64.
 int shoal_sample_rows(int dt, const void* x, int64_t xs, int64_t v, int64_t n, const int64_t* rows,
                       const float* t, const double* u, const int64_t* mask_off, const int64_t* masked,
-                      int64_t* tok) {
+                      const int64_t* top_k, const float* top_p, int64_t* tok) {
   if (dt != 0 && dt != 1) return 1;
 #pragma omp parallel if (n >= 2)
   {
-    std::vector<double> sums;
+    Scratch sc;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
       const Masked mask{masked + mask_off[i], mask_off[i + 1] - mask_off[i]};
-      if (dt == 0)
-        tok[i] = sample_row(static_cast<const float*>(x) + rows[i] * xs, v, t[i], u[i], mask, sums);
-      else
-        tok[i] = sample_row(static_cast<const bf16_t*>(x) + rows[i] * xs, v, t[i], u[i], mask, sums);
+      const bool plain = top_k[i] >= v && top_p[i] >= 1.0f;
+      if (dt == 0) {
+        const float* r = static_cast<const float*>(x) + rows[i] * xs;
+        tok[i] = plain ? sample_row(r, v, t[i], u[i], mask, sc.sums)
+                       : sample_filtered(r, v, t[i], u[i], mask, top_k[i], top_p[i], sc);
+      } else {
+        const bf16_t* r = static_cast<const bf16_t*>(x) + rows[i] * xs;
+        tok[i] = plain ? sample_row(r, v, t[i], u[i], mask, sc.sums)
+                       : sample_filtered(r, v, t[i], u[i], mask, top_k[i], top_p[i], sc);
+      }
     }
   }
   return 0;
