@@ -46,7 +46,8 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(int(q * len(xs)), len(xs) - 1)] if xs else float("nan")
 
 
-def run_shoal(engine, prompts, out_tokens: int, adapters=None, sync=None, temperature: float = 0.0) -> dict:
+def run_shoal(engine, prompts, out_tokens: int, adapters=None, sync=None, temperature: float = 0.0,
+              top_p: float = 1.0) -> dict:
     """Drive the engine's step loop; time every token as it is produced (after `sync()`, e.g.
     torch.cuda.synchronize, when given). temperature > 0: request i samples with seed i."""
     from shoal.engine.sampling_params import SamplingParams
@@ -56,8 +57,8 @@ def run_shoal(engine, prompts, out_tokens: int, adapters=None, sync=None, temper
     last: dict[str, float] = {}
     gaps: list[float] = []
     for i, p in enumerate(prompts):
-        params = SamplingParams(temperature=temperature, max_tokens=out_tokens, ignore_eos=True,
-                                seed=i if temperature else None)
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=out_tokens,
+                                ignore_eos=True, seed=i if temperature else None)
         engine.add_request(f"b{i}-{t0}", p, params, adapters[i] if adapters else None)
     total = 0
     while engine.has_unfinished():
@@ -83,9 +84,9 @@ def run_shoal(engine, prompts, out_tokens: int, adapters=None, sync=None, temper
 
 
 def run_hf(model, prompts, out_tokens: int, batch: int, adapter_names=None, device: str = "cpu",
-           sync=None, temperature: float = 0.0) -> dict:
+           sync=None, temperature: float = 0.0, top_p: float = 1.0) -> dict:
     """Static batches of `batch` left-padded prompts through HF `generate` (greedy, or sampling
-    at `temperature` with top_k and top_p off, as OpenAI's sampling)."""
+    at `temperature` and `top_p` with top_k off, as OpenAI's sampling)."""
     total, t0 = 0, time.perf_counter()
     for s in range(0, len(prompts), batch):
         chunk = prompts[s:s + batch]
@@ -94,7 +95,7 @@ def run_hf(model, prompts, out_tokens: int, batch: int, adapter_names=None, devi
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         kw = {"adapter_names": adapter_names[s:s + batch]} if adapter_names else {}
         if temperature:
-            kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+            kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=top_p)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=out_tokens,
                                  min_new_tokens=out_tokens, pad_token_id=0, **({"do_sample": False} | kw))
@@ -153,9 +154,10 @@ def main() -> None:
                     help="more --quantization modes to run in the same process, e.g. int8,q4")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="sample at this temperature (both sides; 0 = greedy). OpenAI's default is 1")
+    ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    T = args.temperature
+    sample = {"temperature": args.temperature, "top_p": args.top_p}
     torch.set_num_threads(args.threads)
     from shoal.config import EngineConfig
     from shoal.engine.llm_engine import LLMEngine, load_for_engine
@@ -205,7 +207,7 @@ def main() -> None:
         run_shoal(engine, make_prompts(2, 16, 16, 9, vocab), 4)  # warm-up
         for w in ("single", "streams", "many"):
             if w in work:
-                results[f"shoal {w} ({dtype})"] = run_shoal(engine, sets[w], args.out, temperature=T)
+                results[f"shoal {w} ({dtype})"] = run_shoal(engine, sets[w], args.out, **sample)
         if "prefill" in work:
             r = run_shoal(engine, sets["prefill"], 1)
             results[f"shoal prefill, prompt tok/s ({dtype})"] = {**r, "tok_s": prompt_tokens / r["seconds"]}
@@ -223,7 +225,7 @@ def main() -> None:
                 prompts = sets["streams" if w == "adapters" else "many"]
                 names = [f"a{i % args.adapters}" for i in range(len(prompts))]
                 results[f"shoal {w.replace('adapters', '').strip('_') or 'streams'}, {args.adapters} "
-                        f"adapters mixed ({dtype})"] = run_shoal(engine, prompts, args.out, names, temperature=T)
+                        f"adapters mixed ({dtype})"] = run_shoal(engine, prompts, args.out, names, **sample)
         if pack and cpu_kernels and quant == q:
             shoal_rss = rss_peak_mb()
         del engine
@@ -240,13 +242,13 @@ def main() -> None:
             run_hf(hf, make_prompts(1, 16, 16, 9, vocab), 4, 1)
             if "single" in work:
                 results[f"HF generate single, batch 1 ({name})"] = run_hf(hf, sets["single"], args.out, 1,
-                                                                          temperature=T)
+                                                                          **sample)
             if "streams" in work or "adapters" in work:
                 results[f"HF generate streams, batch {args.hf_batch} ({name})"] = run_hf(
-                    hf, sets["streams"], args.out, args.hf_batch, temperature=T)
+                    hf, sets["streams"], args.out, args.hf_batch, **sample)
             if "many" in work:
                 results[f"HF generate many, batch {args.hf_batch} ({name})"] = run_hf(
-                    hf, sets["many"], args.out, args.hf_batch, temperature=T)
+                    hf, sets["many"], args.out, args.hf_batch, **sample)
             if "prefill" in work:
                 r = run_hf(hf, sets["prefill"], 1, 1)
                 results[f"HF generate prefill, prompt tok/s, batch 1 ({name})"] = {
@@ -261,8 +263,8 @@ def main() -> None:
             pm.eval()
             names = [f"a{i % args.adapters}" for i in range(len(sets["streams"]))]
             results[f"PEFT mixed adapters, batch {args.hf_batch} (bfloat16)"] = run_hf(
-                pm, sets["streams"], args.out, args.hf_batch, names, temperature=T)
-    report(results, {"threads": args.threads, "out_tokens": args.out, "temperature": T,
+                pm, sets["streams"], args.out, args.hf_batch, names, **sample)
+    report(results, {"threads": args.threads, "out_tokens": args.out, **sample,
                      "shoal_peak_rss_mb": round(shoal_rss)}, args.json)
 
 
