@@ -127,19 +127,17 @@ class Sampler:
         """Steps 2-5 on l (B, V) fp32, in place."""
         B, V = l.shape
         dev = l.device
-        # 2) penalties: counts only for the rows that ask for them
+        # 2) penalties: counts only for the rows that ask for them, and only of the tokens they
+        # generated (one sort of (row, token) keys; the (B, V) tensors this used to build cost
+        # ~9 passes over the rows' logits)
         pen = [i for i, s in enumerate(seqs) if s.params.needs_penalties and s.num_generated]
         if pen:
-            hist = [seqs[i].generated_ids for i in pen]
-            width = max(len(h) for h in hist)
-            ids = torch.tensor([h + [0] * (width - len(h)) for h in hist], device=dev)  # (R, W)
-            ones = torch.tensor([[1.0] * len(h) + [0.0] * (width - len(h)) for h in hist],
-                                device=dev)
-            counts = torch.zeros(len(pen), V, device=dev).scatter_add_(1, ids, ones)  # (R, V)
-            fp = torch.tensor([seqs[i].params.frequency_penalty for i in pen], device=dev)
-            pp = torch.tensor([seqs[i].params.presence_penalty for i in pen], device=dev)
-            rows = torch.tensor(pen, device=dev)
-            l[rows] -= fp[:, None] * counts + pp[:, None] * (counts > 0).float()
+            keys = torch.tensor([i * V + t for i in pen for t in seqs[i].generated_ids], device=dev)
+            keys, counts = torch.unique(keys, return_counts=True)  # (K,) distinct (row, token)
+            rows, cols = keys // V, keys % V
+            fp = torch.tensor([s.params.frequency_penalty for s in seqs], device=dev)  # (B,)
+            pp = torch.tensor([s.params.presence_penalty for s in seqs], device=dev)
+            l.index_put_((rows, cols), -(fp[rows] * counts.float() + pp[rows]), accumulate=True)
 
         # 3) logit_bias
         b_rows, b_cols, b_vals = [], [], []
