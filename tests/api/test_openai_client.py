@@ -10,6 +10,8 @@ import httpx
 import openai
 import pytest
 
+from shoal.serving.common import FINGERPRINT
+
 
 def test_models_list_and_retrieve(client):
     ids = [m.id for m in client.models.list().data]
@@ -23,7 +25,7 @@ def test_models_list_and_retrieve(client):
 
 def test_completion_basic_shape_and_usage(client):
     r = client.completions.create(model="tiny", prompt="Hello world", max_tokens=5, temperature=0)
-    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.system_fingerprint
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.system_fingerprint == FINGERPRINT
     assert len(r.choices) == 1 and r.choices[0].index == 0
     assert r.choices[0].finish_reason in ("length", "stop")
     assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 5

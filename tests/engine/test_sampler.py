@@ -44,7 +44,7 @@ def _reference(row: torch.Tensor, seq: Sequence, eos: list[int]) -> SampleResult
         l[eos + p.stop_token_ids] = -math.inf
     if p.ignore_eos:
         l[eos] = -math.inf
-    if p.temperature == 0:
+    if p.temperature < 1e-5:
         tok = int(l.argmax())
     else:
         l = l / p.temperature
@@ -350,3 +350,11 @@ def test_masked_sampled_rows_never_draw_a_masked_token():
     freq = torch.bincount(toks, minlength=5).float() / n
     want = torch.softmax(torch.tensor([-math.inf, 1.0, 0.5, 0.0, -1.0]), -1)
     torch.testing.assert_close(freq, want, atol=0.03, rtol=0)
+
+
+def test_a_temperature_that_rounds_to_zero_is_greedy():
+    """5e-324 passes `temperature >= 0` but is 0 in fp32: dividing by it gave NaN logits."""
+    logits = _logits(3, seed=8)
+    for t in (5e-324, 1e-7):
+        seqs = [_seq(SamplingParams(temperature=t), gen_seed=i) for i in range(3)]
+        assert [r.token_id for r in Sampler(EOS)(logits, seqs)] == logits.argmax(-1).tolist()

@@ -19,6 +19,11 @@ from .sequence import Sequence
 
 _NEG_INF = float("-inf")
 
+# How a seeded row turns its generator into tokens; it changes whenever the same seed and
+# logits could give other tokens (the API's `system_fingerprint` carries it). "icdf1": one
+# uniform number a row, the inverse CDF (before: V exponential draws a row).
+SCHEME = "icdf1"
+
 
 def make_generator(seed: int | None, sample_index: int) -> torch.Generator:
     """A CPU generator for sample `sample_index` of a request (a draw takes one number a row, on
@@ -64,7 +69,7 @@ class Sampler:
             for j, b in (p.logit_bias or {}).items(): l[j] += b    # ids >= V are ignored
             if seq.num_generated < p.min_tokens: l[eos + p.stop_token_ids] = -inf
             if p.ignore_eos: l[eos] = -inf
-            if p.temperature == 0:
+            if p.greedy:                                   # temperature < GREEDY_BELOW (1e-5)
                 tok = argmax(l)                                    # no generator draw
             else:
                 l = l / p.temperature

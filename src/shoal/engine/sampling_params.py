@@ -23,7 +23,7 @@ class SamplingParams:
     """Completions generated (>= n); the n with the highest mean token logprob are returned.
     None means n."""
     temperature: float = 1.0
-    """Softmax temperature; 0 = greedy (argmax)."""
+    """Softmax temperature; 0 = greedy (argmax), as is anything below GREEDY_BELOW."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     top_k: int = 0
@@ -93,8 +93,14 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def needs_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+# Temperatures below this sample greedily (vLLM's convention): there softmax(l / T) gives the
+# argmax all but e^-100 of the mass unless another logit is within 1e-3 of it, and a T that
+# rounds to 0 in fp32 (5e-324, say) would divide by zero.
+GREEDY_BELOW = 1e-5

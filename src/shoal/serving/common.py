@@ -15,10 +15,13 @@ from collections.abc import AsyncIterator
 
 from ..engine.async_engine import AsyncEngine
 from ..engine.outputs import RequestOutput
+from ..engine.sampler import SCHEME
 from ..engine.sampling_params import SamplingParams
 from .errors import ServingError, from_value_error
 
-FINGERPRINT = "fp_shoal"
+# OpenAI's `system_fingerprint`: with `seed`, tells a client when the backend changed in a way
+# that can change the tokens; ours names the sampler's scheme (`engine.sampler.SCHEME`)
+FINGERPRINT = f"fp_shoal_{SCHEME}"
 
 
 def sampling_params(req, *, max_tokens: int | None, logprobs: int | None,
