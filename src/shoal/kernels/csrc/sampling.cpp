@@ -207,7 +207,10 @@ int64_t sample_row(const T* x, int64_t v, float t, double u, const Masked& mask,
 // w <= 1 (the max's weight) gives keys up to 2032.
 constexpr int kShift = 19;
 constexpr int kKeys = (0x3f800000 >> kShift) + 1;
-inline int key_of(float w) { return static_cast<int>(__builtin_bit_cast(uint32_t, w) >> kShift); }
+inline int key_of(float w) {
+  const int key = static_cast<int>(__builtin_bit_cast(uint32_t, w) >> kShift);
+  return key < kKeys ? key : kKeys - 1;  // (exp_neg(0) is exactly 1; kept in range regardless)
+}
 
 struct Scratch {  // per thread
   std::vector<double> sums, mass;
