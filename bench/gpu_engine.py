@@ -81,8 +81,11 @@ def main() -> None:
     ap.add_argument("--tokenizer-dir", default=None, help="default: the converted default model's")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--modes", default="graphs", help="Shoal runs: graphs, eager or both (comma separated)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sample at this temperature on both sides (0 = greedy; OpenAI's default is 1)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    T = args.temperature
     sys.path.insert(0, os.path.dirname(__file__))
     from engine_throughput import make_prompts, report, run_hf, run_shoal
 
@@ -110,11 +113,12 @@ def main() -> None:
             run_shoal(engine, make_prompts(4, 16, 16, 9, 49152), 4, sync=sync)  # warm-up
             # a first pass over prompts of the same lengths (other tokens: no prefix-cache hits
             # in the measured pass) captures the graphs its buckets need; reported apart
-            first = run_shoal(engine, warm, args.out, sync=sync)
-            results[f"{name}, {args.requests} requests"] = run_shoal(engine, prompts, args.out, sync=sync)
+            first = run_shoal(engine, warm, args.out, sync=sync, temperature=T)
+            results[f"{name}, {args.requests} requests"] = run_shoal(engine, prompts, args.out, sync=sync,
+                                                                     temperature=T)
             results[f"{name}, {args.requests} requests"]["first_pass_s"] = first["seconds"]
-            run_shoal(engine, warm[:1], args.out, sync=sync)
-            results[f"{name}, 1 request"] = run_shoal(engine, prompts[:1], args.out, sync=sync)
+            run_shoal(engine, warm[:1], args.out, sync=sync, temperature=T)
+            results[f"{name}, 1 request"] = run_shoal(engine, prompts[:1], args.out, sync=sync, temperature=T)
             graphs_held = engine.runner.graphs
             results[f"{name}, 1 request"]["graphs"] = len(graphs_held.graphs) if graphs_held else 0
             for k in (f"{name}, {args.requests} requests", f"{name}, 1 request"):
@@ -128,12 +132,13 @@ def main() -> None:
             hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
             run_hf(hf, make_prompts(2, 16, 16, 9, 49152), 4, 2, device=args.device, sync=sync)  # warm-up
             name = f"{shape} HF generate, batch {args.hf_batch}"
-            results[name] = run_hf(hf, prompts, args.out, args.hf_batch, device=args.device, sync=sync)
+            results[name] = run_hf(hf, prompts, args.out, args.hf_batch, device=args.device, sync=sync,
+                                   temperature=T)
             print(name, json.dumps(results[name]), flush=True)
             del hf
             if cuda:
                 torch.cuda.empty_cache()
-    report(results, {"device": args.device, "dtype": args.dtype, "torch": torch.__version__,
+    report(results, {"device": args.device, "dtype": args.dtype, "torch": torch.__version__, "temperature": T,
                      "gpu": torch.cuda.get_device_name() if cuda else None}, args.json)
 
 
