@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from shoal import kernels
 from shoal.engine.paged_attention import (PagedAttention, PagedKVCache, SeqAttention,
                                           build_decode_buckets)
 
@@ -40,15 +41,15 @@ def naive(cache: PagedKVCache, layer: int, q: torch.Tensor, slots: torch.Tensor,
     hkv = cache.k.shape[1]
     keys = cache.k[layer][:, slots].double()  # (Hkv, S, D)
     vals = cache.v[layer][:, slots].double()
-    t, h, s = q.shape[0], q.shape[1], slots.numel()
+    t, h, s, d = q.shape[0], q.shape[1], slots.numel(), q.shape[2]
     g = h // hkv
-    out = torch.empty(t, h, D, dtype=torch.float64)
+    out = torch.empty(t, h, d, dtype=torch.float64)
     for i in range(t):
         pos = s - t + i
         lo = 0 if window is None else max(0, pos + 1 - window)
         for head in range(h):
             kv = head // g
-            sc = keys[kv, lo:pos + 1] @ q[i, head].double() / D ** 0.5  # (visible,)
+            sc = keys[kv, lo:pos + 1] @ q[i, head].double() / d ** 0.5  # (visible,)
             out[i, head] = sc.softmax(0) @ vals[kv, lo:pos + 1]
     return out
 
@@ -174,3 +175,49 @@ def test_prompt_row_bits_do_not_depend_on_chunking(dtype):
     whole = run([0, length])
     for cuts in ([0, 100, length], [0, 1, 2, 64, 65, 200, 299, length], [0, 128, 256, length]):
         assert torch.equal(run(cuts), whole), cuts
+
+
+@pytest.mark.parametrize("window", [None, 50])
+def test_bf16_head_size_64_prefill_takes_the_kernel(window, monkeypatch):
+    """bf16 with head size 64 (the default model's): every prefill chunk of a step goes to
+    `kernels.prefill_attention` in one call a layer, beside decode rows; it matches the fp64
+    softmax and the SDPA path (kernels off) to bf16 rounding, and a prompt row's bits do not
+    depend on the chunking."""
+    q0 = torch.zeros(1, 1, 64, dtype=torch.bfloat16)
+    if not (kernels.usable(q0) and kernels.prefill_attention_ready(q0, q0)):
+        pytest.skip("no prefill attention kernel on this CPU")
+    hkv, group, d = 3, 3, 64
+    c = PagedKVCache(2, 160, BLOCK, hkv, d, torch.bfloat16)
+    g = torch.Generator().manual_seed(11)
+    c.k.copy_(torch.randn(c.k.shape, generator=g))
+    c.v.copy_(torch.randn(c.v.shape, generator=g))
+    a, b, dec = ctx_slots([150, 37, 20], seed=8)
+    n, h = 60 + 37 + 1, hkv * group
+    q, k, v = (torch.randn(n, nh, d, generator=g).to(torch.bfloat16) for nh in (h, hkv, hkv))
+    calls = []
+    real = kernels.prefill_attention
+    monkeypatch.setattr(kernels, "prefill_attention", lambda *args: calls.append(1) or real(*args))
+
+    def step():  # a later chunk of a 150-token prompt, a whole 37-token prompt, a decode row
+        seqs = [SeqAttention(0, 60, a), SeqAttention(60, 37, b)]
+        buckets = build_decode_buckets([(97, dec)], window, "cpu")
+        ctx = PagedAttention(c, torch.cat([a[-60:], b, dec[-1:]]), seqs, h, hkv, buckets, window)
+        return ctx.attend(1, q, k, v)
+
+    out = step()
+    assert len(calls) == 1
+    tol = dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out[:60].double(), naive(c, 1, q[:60], a, window), **tol)
+    torch.testing.assert_close(out[60:97].double(), naive(c, 1, q[60:97], b, window), **tol)
+    torch.testing.assert_close(out[97:].double(), naive(c, 1, q[97:], dec, window), **tol)
+    with kernels.disabled():
+        sdpa = step()
+    assert len(calls) == 1
+    torch.testing.assert_close(out.double(), sdpa.double(), **tol)
+    # the 37-token prompt in chunks of 5, 1 and 31 rows: the same bits
+    pieces, at = [], 0
+    for m in (5, 1, 31):
+        ctx = PagedAttention(c, b[at:at + m], [SeqAttention(0, m, b[:at + m])], h, hkv, window=window)
+        pieces.append(ctx.attend(1, q[60 + at:60 + at + m], k[60 + at:60 + at + m], v[60 + at:60 + at + m]))
+        at += m
+    assert torch.equal(torch.cat(pieces), out[60:97])

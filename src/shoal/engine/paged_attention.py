@@ -189,8 +189,25 @@ class PagedAttention:
             first = slots.view(-1, self._unit)[:, 0] // self._unit  # block (or slot) ids
             return head_rows(first, num_kv_heads, n_rows)
 
-        self._seq_rows = [rows_of(_pad_to_block(s.ctx_slots)) for s in self.seqs]
+        self._rows_of = rows_of
+        self._seq_rows_made: list[torch.Tensor] | None = None  # (`_seq_rows`: for SDPA only)
         self._decode_rows = [rows_of(b.slots) for b in self.decode]
+        self._prefill_args: tuple | None = None  # `kernels.prefill_attention`'s chunk tensors
+
+    @property
+    def _seq_rows(self) -> list[torch.Tensor]:
+        if self._seq_rows_made is None:
+            self._seq_rows_made = [self._rows_of(_pad_to_block(s.ctx_slots)) for s in self.seqs]
+        return self._seq_rows_made
+
+    def _prefill_kernel_args(self) -> tuple:
+        """(q_start, q_len, slots, offsets) of every prefill chunk, made once a step."""
+        if self._prefill_args is None:
+            lens = torch.tensor([0] + [s.ctx_slots.numel() for s in self.seqs])
+            self._prefill_args = (torch.tensor([s.q_start for s in self.seqs]),
+                                  torch.tensor([s.q_len for s in self.seqs]),
+                                  torch.cat([s.ctx_slots for s in self.seqs]), lens.cumsum(0))
+        return self._prefill_args
 
     def block_mask(self, start: int, end: int, dtype: torch.dtype, device) -> torch.Tensor:
         """((end - start) * group, end) additive mask in `dtype`: 0 where query position
@@ -228,7 +245,13 @@ class PagedAttention:
         # 2) each prefill chunk attends over its own slots
         # one product per chunk on a GPU (its kernels are not row-invariant anyway)
         whole = self.whole_chunks if self.whole_chunks is not None else q.device.type == "cuda"
-        for s, rows in zip(self.seqs, self._seq_rows):
+        if self.seqs and not whole and kernels.usable(q, kc) and kernels.prefill_attention_ready(q, kc):
+            # CPU, bf16, head size 64: every chunk in one kernel call reading the cache in place
+            kernels.prefill_attention(q, kc, vc, *self._prefill_kernel_args(), self.window, out)
+            seqs = ()
+        else:
+            seqs = self.seqs
+        for s, rows in zip(seqs, self._seq_rows if seqs else ()):
             keys = kf.index_select(0, rows).view(hkv, -1, d).to(q.dtype)  # (Hkv, S', D), S' padded
             vals = vf.index_select(0, rows).view(hkv, -1, d).to(q.dtype)
             (self._attend_chunk_whole if whole else self._attend_chunk)(s, q, keys, vals, out)

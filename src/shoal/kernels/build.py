@@ -25,12 +25,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = sorted(CSRC.glob("*.cpp"))  # elementwise, attention, lora, qlinear(+_dot, _fma), q4linear, sampling, llama_decode; common.h beside them
+SOURCES = sorted(CSRC.glob("*.cpp"))  # elementwise, attention, lora, qlinear(+_dot, _fma), q4linear, sampling, llama_decode, prefill_attention; common.h beside them
 # no -ffast-math: the kernels round where PyTorch rounds; no FMA contraction, so a product
 # plus a product rounds as PyTorch's separate ops do
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
          "-shared", "-fPIC", "-std=c++17"]
-ABI = 7  # shoal_kernels_abi() of the source this module's signatures describe
+ABI = 8  # shoal_kernels_abi() of the source this module's signatures describe
 
 _reason = "not loaded yet"
 
@@ -41,6 +41,9 @@ SIGNATURES = {  # argument types of each entry point (all return int: 0 = done, 
     "shoal_cache_write": [ci, vp, i64, vp, i64, i64, i64, i64, vp, ci, vp, vp, i64],
     "shoal_decode_attention": [ci, vp, i64, vp, i64, i64, i64, i64, ci, vp, vp, i64, vp, vp, i64,
                                cf, vp, i64],
+    "shoal_prefill_attention": [ci, vp, i64, i64, i64, i64, vp, vp, i64, i64, vp, vp, vp, vp, i64, cf,
+                                vp, i64],
+    "shoal_prefill_attention_isa": [],
     "shoal_silu_mul": [ci, vp, i64, i64, i64, vp],
     "shoal_lora_bgmv": [ci, ci, vp, i64, i64, i64, vp, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp, ci],
     "shoal_amx_ready": [],

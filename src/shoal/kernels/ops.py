@@ -143,6 +143,49 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rows: 
         offsets.data_ptr(), int(window or 0), d ** -0.5, out.data_ptr(), out.stride(0))
 
 
+def prefill_attention_ready(q: torch.Tensor, kc: torch.Tensor) -> bool:
+    """Does `prefill_attention` serve these: bf16 queries and cache, head size 64, on a CPU with a
+    body for it (AVX-512; `shoal_prefill_attention_isa`)."""
+    lib = library()
+    return (lib is not None and q.dtype == torch.bfloat16 and kc.dtype == torch.bfloat16
+            and q.shape[-1] == 64 and lib.shoal_prefill_attention_isa() > 0)
+
+
+def prefill_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, q_start: torch.Tensor,
+                      q_len: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor,
+                      window: int | None, out: torch.Tensor) -> None:
+    """Prompt chunks attending causally over a paged cache (their own keys already written), all
+    chunks of a step in one call.
+
+    q, out (N, H, 64) bf16 (row stride free); kc, vc (Hkv, S, 64) bf16, one layer's cache; chunk c
+    has q_len[c] query rows from row q_start[c] and its L_c keys at slots[offsets[c]:offsets[c+1]]
+    in position order, so its queries are positions L_c - q_len[c] .. L_c - 1 (all int64).
+    Semantics: out[r] = softmax(q[r] k^T / 8) v over the keys at positions <= the row's (and
+    within `window`), query head j on kv head j // (H / Hkv); the products bf16 x bf16 in fp32,
+    the probabilities rounded to bf16 for the product with v (as PyTorch's CPU flash kernel does),
+    summed in key order. A row's bits depend on that row alone: not on the chunking or the other
+    rows. Callers check `prefill_attention_ready` first."""
+    n, h, d = q.shape
+    hkv = kc.shape[0]
+    _check(q.stride(2) == 1 and q.stride(1) == d and out.stride(2) == 1 and out.stride(1) == d
+           and out.shape == q.shape and out.dtype == q.dtype and kc.is_contiguous()
+           and vc.is_contiguous() and kc.shape == vc.shape, "prefill_attention: layout")
+    nc = q_start.numel()
+    for t in (q_start, q_len, slots, offsets):
+        _check(t.dtype == torch.int64 and t.is_contiguous(), "prefill_attention: index tensors")
+    lens = offsets[1:] - offsets[:-1]
+    _check(offsets.numel() == nc + 1 and q_len.numel() == nc and int(offsets[0]) == 0
+           and int(offsets[-1]) == slots.numel() and bool((q_len >= 1).all()) and bool((q_len <= lens).all())
+           and bool((q_start >= 0).all()) and bool((q_start + q_len <= n).all())
+           and (slots.numel() == 0 or 0 <= int(slots.min()) <= int(slots.max()) < kc.shape[1]),
+           "prefill_attention: chunks or slots")
+    rc = library().shoal_prefill_attention(
+        _DT[q.dtype], q.data_ptr(), q.stride(0), h, hkv, d, kc.data_ptr(), vc.data_ptr(), kc.shape[1],
+        nc, q_start.data_ptr(), q_len.data_ptr(), slots.data_ptr(), offsets.data_ptr(),
+        int(window or 0), d ** -0.5, out.data_ptr(), out.stride(0))
+    _check(rc == 0, "prefill_attention: unsupported (see prefill_attention_ready)")
+
+
 def silu_mul(y: torch.Tensor) -> torch.Tensor:
     """y (..., 2M) = gate | up -> (..., M). Semantics: F.silu(gate) * up, each rounded to y's dtype."""
     yr = _rows(y)
