@@ -34,7 +34,7 @@
 #include <utility>
 #include <vector>
 
-#include "widen.h"
+#include "attention.h"
 
 #if SHOAL_AVX512
 namespace {
@@ -43,36 +43,6 @@ using namespace shoal;
 constexpr int kD = 64;
 constexpr int kScoreRows = 12;  // rows a score tile (12 accumulators of 16 keys)
 constexpr int kValueRows = 6;   // rows a p.v tile (6 x 4 accumulators of 16 outputs)
-
-inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {  // acc + a.lo b.lo + a.hi b.hi per lane
-#if SHOAL_DPBF16
-  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
-#else
-  const __m512i hi = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
-  acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, hi)),
-                        _mm512_castsi512_ps(_mm512_and_si512(b, hi)), acc);
-  return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)),
-                         _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), acc);
-#endif
-}
-
-// exp(x) for x <= 0 in 16 lanes: common.h's exp_neg, step for step
-inline __m512 exp_neg16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 big = _mm512_set1_ps(12582912.0f);
-  const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), big), big);
-  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
-  r = _mm512_add_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(2.12194440e-4f)));
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
 
 inline int64_t up32(int64_t x) { return (x + 31) & ~int64_t(31); }
 inline int64_t down32(int64_t x) { return x & ~int64_t(31); }
@@ -214,7 +184,7 @@ void attend_tile(const Tile& tl, const bf16_t* q, int64_t qs, int64_t qrow0, int
       const __mmask16 live = _mm512_cmp_ps_mask(v, ninf, _CMP_NEQ_OQ);
       const __m256i pb = to_bf16(_mm512_maskz_mov_ps(live, exp_neg16(_mm512_sub_ps(v, mx))));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + k), pb);
-      sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(pb), 16)));
+      sum = _mm512_add_ps(sum, widen16(pb));
     }
     inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
   }
