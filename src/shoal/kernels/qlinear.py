@@ -138,13 +138,14 @@ def _row_index(k: int, int8: bool) -> torch.Tensor:
 
 
 def qrows(p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Rows `ids` (...,) of the row-major matrix that packed `p` holds -> (..., K): one gather from
-    each id's block of 16 rows (the embedding lookup of a tied, packed head)."""
+    """Rows `ids` (...,) of the row-major matrix that packed `p` holds -> (..., K): one gather of
+    each id's K values where they lie in its block of 16 rows (the embedding lookup of a tied,
+    packed head). (Copying each id's whole block first, then gathering from it, moved 16x the
+    bytes: ~1-11 ms for a 512-token prefill step of the default model, measured.)"""
     n, k = p.shape
     flat = ids.reshape(-1)
-    blk = p.view(n // ROW_ALIGN, k * ROW_ALIGN)[flat // ROW_ALIGN]  # (T, K * 16): each id's block
-    rows = blk.gather(1, _row_index(k, p.dtype == torch.int8)[flat % ROW_ALIGN])  # (T, K)
-    return rows.reshape(*ids.shape, k)
+    at = (flat // ROW_ALIGN * (k * ROW_ALIGN))[:, None] + _row_index(k, p.dtype == torch.int8)[flat % ROW_ALIGN]
+    return p.view(-1)[at].reshape(*ids.shape, k)  # (T, K) positions in p's storage
 
 
 def usable(x: torch.Tensor) -> bool:
