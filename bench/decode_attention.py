@@ -1,7 +1,8 @@
 """Decode attention over a paged KV cache on CPU, SmolLM2-135M's heads (9 query, 3 kv, size
 64), bf16 cache: Shoal's kernel (`kernels.decode_attention`, reading the cache in place through
 the slot table) against PyTorch (gather each row's keys and values, then SDPA with the kv heads
-repeated for their query groups), in the same process. 30 layers of distinct caches, so the
+repeated for their query groups), in the same process; and the kernel over the same keys and
+values in an int8 cache (`kv_cache_dtype="int8"`: int8 rows with a scale each). 30 layers of distinct caches, so the
 keys come from memory as in a decode step; each row's blocks scattered over the cache.
 
     python bench/decode_attention.py [--rows 32] [--ctx 200] [--threads 2]
@@ -50,6 +51,17 @@ def main() -> None:
         for kc, vc in caches:
             kernels.decode_attention(q, kc, vc, rows, slots, offsets, None, out, prechecked=True)
 
+    caches8 = []  # the same keys and values, written into int8 caches
+    for kc, vc in caches:
+        s = kc.shape[1]
+        c8 = [torch.empty(kc.shape, dtype=torch.int8) for _ in range(2)] + [torch.empty(HKV, s) for _ in range(2)]
+        kernels.cache_write(kc.transpose(0, 1).contiguous(), vc.transpose(0, 1).contiguous(), torch.arange(s), *c8)
+        caches8.append(c8)
+
+    def int8_step():
+        for kc, vc, ks, vs in caches8:
+            kernels.decode_attention(q, kc, vc, rows, slots, offsets, None, out, prechecked=True, ks=ks, vs=vs)
+
     def torch_step():
         for kc, vc in caches:
             for i in range(b):
@@ -58,7 +70,8 @@ def main() -> None:
                 out[i] = F.scaled_dot_product_attention(q[i][:, None], k, v)[:, 0]
 
     times = {}
-    for name, fn in [("kernel", kernel_step), ("PyTorch", torch_step)] * 2:  # alternated; second kept
+    for name, fn in [("kernel", kernel_step), ("kernel int8", int8_step), ("PyTorch", torch_step)] * 2:
+        # (alternated; the second round kept)
         fn()
         t = time.perf_counter()
         for _ in range(args.repeat):
@@ -67,7 +80,8 @@ def main() -> None:
     nbytes = args.layers * b * ctx * HKV * D * 2 * 2
     print(f"{args.layers} layers x {b} rows x {ctx} keys ({nbytes / 2**20:.0f} MB of KV): kernel "
           f"{times['kernel']:.2f} ms ({nbytes / times['kernel'] / 1e6:.1f} GB/s), PyTorch {times['PyTorch']:.2f} ms, "
-          f"{times['PyTorch'] / times['kernel']:.2f}x")
+          f"{times['PyTorch'] / times['kernel']:.2f}x; int8 cache {times['kernel int8']:.2f} ms "
+          f"({nbytes * 17 / 32 / times['kernel int8'] / 1e6:.1f} GB/s, {times['kernel'] / times['kernel int8']:.2f}x bf16)")
     print(json.dumps({"threads": args.threads, "rows": b, "ctx": ctx, "ms": times}))
 
 

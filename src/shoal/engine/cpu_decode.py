@@ -114,14 +114,15 @@ class CPUDecodeForward:
     def _native_fits(self, h: torch.Tensor, ctx) -> bool:
         r = ctx.decode_rows
         return (h.dtype == torch.bfloat16 and r is not None and not ctx.seqs and not ctx.decode
-                and ctx.cache.k.dtype in (torch.bfloat16, torch.float32) and qlinear.usable(h))
+                and ctx.cache.k.dtype in (torch.bfloat16, torch.float32, torch.int8) and qlinear.usable(h))
 
     def _pointer_table(self, cache) -> torch.Tensor:
         key = (cache.k.data_ptr(), cache.v.data_ptr())
         if self._table is None or self._table[0] != key:
-            rows = [[*ptrs[:10], cache.k[li].data_ptr(), cache.v[li].data_ptr(), ptrs[10]]
+            scales = lambda li: [t[li].data_ptr() if t is not None else 0 for t in (cache.ks, cache.vs)]  # noqa: E731
+            rows = [[*ptrs[:10], cache.k[li].data_ptr(), cache.v[li].data_ptr(), ptrs[10], *scales(li)]
                     for ptrs, li, _ in self.native]
-            self._table = (key, torch.tensor(rows, dtype=torch.int64))  # (layers, 13)
+            self._table = (key, torch.tensor(rows, dtype=torch.int64))  # (layers, 15)
         return self._table[1]
 
     def _lora_ready(self) -> bool:
@@ -158,7 +159,7 @@ class CPUDecodeForward:
                                and int(slot_t.max()) < self.mapping.max_loras, "LoRA slots")
             lora_table, slots_t = table.data_ptr(), slot_t.data_ptr()
         dims = torch.tensor([hid, nh, hkv, d, inter, cache.k.shape[2], int(ctx.window or 0),
-                             0 if cache.k.dtype == torch.float32 else 1, self.kind, dtw], dtype=torch.int64)
+                             kernels.ops._DTC[cache.k.dtype], self.kind, dtw], dtype=torch.int64)
         rc = kernels.library().shoal_llama_decode(
             n, len(self.native), self._pointer_table(cache).data_ptr(), dims.data_ptr(), self._eps,
             self._final_eps, d ** -0.5, h.data_ptr(), cos.data_ptr(), sin.data_ptr(),

@@ -82,7 +82,11 @@ class LLMEngine:
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
-        kv_dtype = p.dtype if config.kv_cache_dtype == "auto" else resolve_dtype(config.kv_cache_dtype)
+        if config.kv_cache_dtype == "int8":
+            _check_int8_kv(config, mc, p.dtype)
+            kv_dtype = torch.int8
+        else:
+            kv_dtype = p.dtype if config.kv_cache_dtype == "auto" else resolve_dtype(config.kv_cache_dtype)
         per_block = PagedKVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads,
                                                  mc.head_dim, kv_dtype)
         num_blocks = config.num_kv_blocks or max(config.kv_cache_memory // per_block, 1)
@@ -255,6 +259,25 @@ class LLMEngine:
         if reason is not None:
             seq.finish_reason = reason
             self.scheduler.finish(seq)
+
+
+def _check_int8_kv(config: EngineConfig, mc, dtype: torch.dtype) -> None:
+    """An int8 KV cache is read only by the CPU kernels (`kernels.cache_write`,
+    `decode_attention`, `prefill_attention`): a bf16 model on a CPU with AVX-512, head size 64,
+    at most 8 query heads a kv head. Anything else is refused here, naming what is missing."""
+    why = None
+    if config.device != "cpu":
+        why = f"device {config.device} (CPU only)"
+    elif dtype != torch.bfloat16:
+        why = f"a {str(dtype).replace('torch.', '')} model (bf16 only)"
+    elif mc.head_dim != 64 or mc.num_heads // mc.num_kv_heads > 8:
+        why = f"head size {mc.head_dim} and {mc.num_heads // mc.num_kv_heads} query heads a kv head (64 and <= 8 only)"
+    elif not kernels.enabled():
+        why = f"no CPU kernels ({kernels.reason()})"
+    elif not kernels.library().shoal_prefill_attention_isa():
+        why = "a CPU without AVX-512"
+    if why:
+        raise ValueError(f"kv_cache_dtype: int8 is not available for {why}; use auto or bfloat16")
 
 
 @functools.lru_cache(maxsize=1)

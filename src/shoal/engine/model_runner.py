@@ -79,7 +79,8 @@ class ModelRunner:
 
     def _decode_kernel(self) -> bool:
         """Do decode rows take the CPU kernel (`kernels.decode_attention`) this step?"""
-        return kernels.usable(self.cache.k, self._param)
+        k = self.cache.k
+        return kernels.usable(self._param) and (k.dtype == torch.int8 and k.is_cpu or kernels.usable(k))
 
     def _ctx_slots(self, seq: Sequence, ctx_len: int) -> torch.Tensor:
         """(ctx_len,) cache slots of positions 0..ctx_len-1, on the CPU."""

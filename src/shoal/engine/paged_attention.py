@@ -41,20 +41,33 @@ def _pad_to_block(slots: torch.Tensor) -> torch.Tensor:
 
 class PagedKVCache:
     """K and V slot arrays for every layer: `num_blocks` blocks for sequences, then one scratch
-    block that no sequence is given (padding rows of a fixed-shape step write there)."""
+    block that no sequence is given (padding rows of a fixed-shape step write there). An int8
+    cache (CPU kernels only) also holds each (layer, kv head, slot) row's fp32 scale, `ks` and `vs`
+    (layers, Hkv, slots): a stored row is q * scale (`kernels.cache_write`)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: str | torch.device = "cpu") -> None:
         shape = (num_layers, num_kv_heads, (num_blocks + 1) * block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.ks = self.vs = None
+        if dtype == torch.int8:
+            self.ks = torch.zeros(shape[:3], dtype=torch.float32, device=device)
+            self.vs = torch.zeros(shape[:3], dtype=torch.float32, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.scratch_slot = num_blocks * block_size  # first slot of the scratch block
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
                         dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+        row = head_dim * torch.tensor([], dtype=dtype).element_size() + (4 if dtype == torch.int8 else 0)
+        return 2 * num_layers * block_size * num_kv_heads * row
+
+    def scales(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One layer's (ks, vs) (Hkv, slots), or (None, None) for a float cache."""
+        if self.ks is None:
+            return None, None
+        return self.ks[layer_idx], self.vs[layer_idx]
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks src -> dst in every layer and kv head."""
@@ -64,8 +77,9 @@ class PagedKVCache:
         ar = torch.arange(bs, device=self.k.device)
         src = torch.cat([s * bs + ar for s, _ in copies])  # (C * block_size,) slots
         dst = torch.cat([d * bs + ar for _, d in copies])
-        for t in (self.k, self.v):  # (layers, Hkv, slots, D): slots are dim 2
-            t.index_copy_(2, dst, t.index_select(2, src))
+        for t in (self.k, self.v, self.ks, self.vs):  # (layers, Hkv, slots[, D]): slots are dim 2
+            if t is not None:
+                t.index_copy_(2, dst, t.index_select(2, src))
 
 
 @dataclass
@@ -126,6 +140,12 @@ class DecodeRows:
         lengths = torch.tensor([0] + [s.numel() for _, s in items])
         return cls(torch.tensor([r for r, _ in items], dtype=torch.long),
                    torch.cat([s for _, s in items]), lengths.cumsum(0))
+
+
+def _check_float_cache(kc: torch.Tensor) -> None:
+    if kc.dtype == torch.int8:  # (the engine refuses an int8 cache where its kernels cannot serve)
+        raise ValueError("kv_cache_dtype: an int8 cache is read by the CPU kernels only "
+                         "(bf16 queries, head size 64)")
 
 
 def kernel_layout(t: torch.Tensor) -> bool:
@@ -231,28 +251,34 @@ class PagedAttention:
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q (N, H, D); k, v (N, Hkv, D)
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]  # (Hkv, slots, D)
+        ks, vs = self.cache.scales(layer_idx)  # an int8 cache's (Hkv, slots) scales, else None
+        int8 = kc.dtype == torch.int8  # (only the kernels read an int8 cache: the engine checks)
         # 1) store this step's keys/values in their slots (rounded once to the cache's dtype)
-        if kernel_layout(k) and kernel_layout(v) and kernels.usable(k, v, kc):
-            kernels.cache_write(k, v, self.slot_mapping, kc, vc)  # one call, the same bits
+        if kernel_layout(k) and kernel_layout(v) and kernels.usable(k, v) and (int8 or kernels.usable(kc)):
+            kernels.cache_write(k, v, self.slot_mapping, kc, vc, ks, vs)  # one call, the same bits
         else:
+            _check_float_cache(kc)
             kc.index_copy_(1, self.slot_mapping, k.transpose(0, 1).to(kc.dtype))
             vc.index_copy_(1, self.slot_mapping, v.transpose(0, 1).to(vc.dtype))
         out = q.new_empty(q.shape)  # (N, H, D) contiguous (q may be a strided view)
         if self.decode_rows is not None:  # 2') decode rows: the kernel reads the cache in place
             r = self.decode_rows
-            kernels.decode_attention(q, kc, vc, r.rows, r.slots, r.offsets, self.window, out, prechecked=True)
+            kernels.decode_attention(q, kc, vc, r.rows, r.slots, r.offsets, self.window, out, prechecked=True,
+                                     ks=ks, vs=vs)
         hkv, d = k.shape[1], k.shape[2]
         g = self.group
         kf, vf = kc.view(-1, self._unit * d), vc.view(-1, self._unit * d)  # (Hkv * slots / unit, unit * D)
         # 2) each prefill chunk attends over its own slots
         # one product per chunk on a GPU (its kernels are not row-invariant anyway)
         whole = self.whole_chunks if self.whole_chunks is not None else q.device.type == "cuda"
-        if self.seqs and not whole and kernels.usable(q, kc) and kernels.prefill_attention_ready(q, kc):
+        if self.seqs and not whole and kernels.usable(q) and kernels.prefill_attention_ready(q, kc):
             # CPU, bf16, head size 64: every chunk in one kernel call reading the cache in place
-            kernels.prefill_attention(q, kc, vc, *self._prefill_kernel_args(), self.window, out)
+            kernels.prefill_attention(q, kc, vc, *self._prefill_kernel_args(), self.window, out, ks, vs)
             seqs = ()
         else:
             seqs = self.seqs
+            if seqs or self.decode:
+                _check_float_cache(kc)
         for s, rows in zip(seqs, self._seq_rows if seqs else ()):
             keys = kf.index_select(0, rows).view(hkv, -1, d).to(q.dtype)  # (Hkv, S', D), S' padded
             vals = vf.index_select(0, rows).view(hkv, -1, d).to(q.dtype)

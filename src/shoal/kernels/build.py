@@ -30,7 +30,7 @@ SOURCES = sorted(CSRC.glob("*.cpp"))  # elementwise, attention, lora, qlinear(+_
 # plus a product rounds as PyTorch's separate ops do
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
          "-shared", "-fPIC", "-std=c++17"]
-ABI = 8  # shoal_kernels_abi() of the source this module's signatures describe
+ABI = 9  # shoal_kernels_abi() of the source this module's signatures describe
 
 _reason = "not loaded yet"
 
@@ -38,11 +38,11 @@ i64, vp, ci, cf = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 SIGNATURES = {  # argument types of each entry point (all return int: 0 = done, 1 = unsupported dtype)
     "shoal_rms_norm": [ci, vp, i64, vp, i64, vp, i64, vp, vp, i64, i64, i64, cf],
     "shoal_rope": [ci, vp, i64, i64, i64, i64, vp, vp],
-    "shoal_cache_write": [ci, vp, i64, vp, i64, i64, i64, i64, vp, ci, vp, vp, i64],
+    "shoal_cache_write": [ci, vp, i64, vp, i64, i64, i64, i64, vp, ci, vp, vp, i64, vp, vp],
     "shoal_decode_attention": [ci, vp, i64, vp, i64, i64, i64, i64, ci, vp, vp, i64, vp, vp, i64,
-                               cf, vp, i64],
+                               cf, vp, i64, vp, vp],
     "shoal_prefill_attention": [ci, vp, i64, i64, i64, i64, vp, vp, i64, i64, vp, vp, vp, vp, i64, cf,
-                                vp, i64],
+                                vp, i64, ci, vp, vp],
     "shoal_prefill_attention_isa": [],
     "shoal_silu_mul": [ci, vp, i64, i64, i64, vp],
     "shoal_lora_bgmv": [ci, ci, vp, i64, i64, i64, vp, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp, ci],

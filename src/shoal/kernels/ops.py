@@ -17,6 +17,18 @@ import torch
 from .build import library
 
 _DT = {torch.float32: 0, torch.bfloat16: 1}
+_DTC = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # KV cache dtypes (int8: with scales)
+
+
+def _scales(kc: torch.Tensor, ks: torch.Tensor | None, vs: torch.Tensor | None) -> tuple:
+    """The int8 cache's scale pointers (None, None for a float cache), checked: ks, vs (Hkv, S)
+    fp32 contiguous beside an int8 kc (Hkv, S, D)."""
+    if kc.dtype != torch.int8:
+        _check(ks is None and vs is None, "scales: only an int8 cache has them")
+        return None, None
+    _check(ks is not None and vs is not None and ks.dtype == vs.dtype == torch.float32 and ks.is_contiguous()
+           and vs.is_contiguous() and ks.shape == vs.shape == kc.shape[:2], "int8 cache: its scales")
+    return ks.data_ptr(), vs.data_ptr()
 _enabled = True
 
 
@@ -105,31 +117,41 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def cache_write(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kc: torch.Tensor,
-                vc: torch.Tensor) -> None:
+                vc: torch.Tensor, ks: torch.Tensor | None = None, vs: torch.Tensor | None = None) -> None:
     """k, v (N, Hkv, D) (row stride free); slots (N,) int64; kc, vc (Hkv, S, D) one layer's
-    cache. Semantics: kc[:, slots[i]] = k[i].to(kc.dtype), the same for v (`index_copy_`)."""
+    cache. Semantics: kc[:, slots[i]] = k[i].to(kc.dtype), the same for v (`index_copy_`).
+    An int8 cache (ks, vs (Hkv, S) fp32 its scales): each (token, kv head) row x of D values is
+    stored as round(x * (127 / amax)) (half to even; amax = max |x| in fp32) with the scale
+    amax / 127 (an all-zero row: 0 and 0), so x ~ q * scale."""
     n, hkv, d = k.shape
     _check(k.stride(1) == d and v.stride(1) == d and k.stride(2) == 1 and v.stride(2) == 1, "layout")
     _check(kc.is_contiguous() and vc.is_contiguous() and slots.dtype == torch.int64
-           and slots.numel() == n, "cache or slots")
+           and slots.numel() == n and kc.dtype == vc.dtype, "cache or slots")
+    kp, vp = _scales(kc, ks, vs)
     slots = slots.contiguous()
-    library().shoal_cache_write(_DT[k.dtype], k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-                                n, hkv, d, slots.data_ptr(), _DT[kc.dtype], kc.data_ptr(),
-                                vc.data_ptr(), kc.shape[1])
+    rc = library().shoal_cache_write(_DT[k.dtype], k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                                     n, hkv, d, slots.data_ptr(), _DTC[kc.dtype], kc.data_ptr(),
+                                     vc.data_ptr(), kc.shape[1], kp, vp)
+    _check(rc == 0, "cache_write: unsupported dtypes")
 
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rows: torch.Tensor,
                      slots: torch.Tensor, offsets: torch.Tensor, window: int | None,
-                     out: torch.Tensor, prechecked: bool = False) -> None:
+                     out: torch.Tensor, prechecked: bool = False, ks: torch.Tensor | None = None,
+                     vs: torch.Tensor | None = None) -> None:
     """Decode rows attending over a paged cache, read in place (no gather).
 
     q (N, H, D) (row stride free), out (N, H, D) likewise; kc, vc (Hkv, S, D) one layer's cache;
     rows (B,) int64: the query rows; slots (sum of lengths,) int64, row i's keys in position
     order at slots[offsets[i]:offsets[i + 1]]; window: attend over the last `window` keys only.
     Semantics: out[r] = softmax(q[r] k^T / sqrt(D)) v per query head, kv head h // (H / Hkv),
-    in fp32; the same bits for a row whatever the other rows are."""
+    in fp32; the same bits for a row whatever the other rows are. An int8 cache (ks, vs its scales,
+    see `cache_write`; head size 64, up to 8 query heads a kv head): the query in int16 with its own
+    scale, q.k in exact int32 sums times the key's scale, p.v as p * the value's scale times the
+    int8 values, in fp32."""
     n, h, d = q.shape
     hkv = kc.shape[0]
+    kp, vp = _scales(kc, ks, vs)
     _check(q.stride(2) == 1 and q.stride(1) == d and out.stride(2) == 1 and out.stride(1) == d, "layout")
     _check(kc.is_contiguous() and vc.is_contiguous() and out.dtype == q.dtype
            and offsets.numel() == rows.numel() + 1, "cache, rows or slots")
@@ -137,23 +159,25 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rows: 
         _check(int(offsets[-1]) == slots.numel() and (rows.numel() == 0 or 0 <= int(rows.min())
                <= int(rows.max()) < n) and (slots.numel() == 0 or 0 <= int(slots.min())
                <= int(slots.max()) < kc.shape[1]), "cache, rows or slots")
-    library().shoal_decode_attention(
+    rc = library().shoal_decode_attention(
         _DT[q.dtype], q.data_ptr(), q.stride(0), rows.data_ptr(), rows.numel(), h, hkv, d,
-        _DT[kc.dtype], kc.data_ptr(), vc.data_ptr(), kc.shape[1], slots.data_ptr(),
-        offsets.data_ptr(), int(window or 0), d ** -0.5, out.data_ptr(), out.stride(0))
+        _DTC[kc.dtype], kc.data_ptr(), vc.data_ptr(), kc.shape[1], slots.data_ptr(),
+        offsets.data_ptr(), int(window or 0), d ** -0.5, out.data_ptr(), out.stride(0), kp, vp)
+    _check(rc == 0, "decode_attention: unsupported (an int8 cache needs head size 64, <= 8 heads a group)")
 
 
 def prefill_attention_ready(q: torch.Tensor, kc: torch.Tensor) -> bool:
     """Does `prefill_attention` serve these: bf16 queries and cache, head size 64, on a CPU with a
     body for it (AVX-512; `shoal_prefill_attention_isa`)."""
     lib = library()
-    return (lib is not None and q.dtype == torch.bfloat16 and kc.dtype == torch.bfloat16
+    return (lib is not None and q.dtype == torch.bfloat16 and kc.dtype in (torch.bfloat16, torch.int8)
             and q.shape[-1] == 64 and lib.shoal_prefill_attention_isa() > 0)
 
 
 def prefill_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, q_start: torch.Tensor,
                       q_len: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor,
-                      window: int | None, out: torch.Tensor) -> None:
+                      window: int | None, out: torch.Tensor, ks: torch.Tensor | None = None,
+                      vs: torch.Tensor | None = None) -> None:
     """Prompt chunks attending causally over a paged cache (their own keys already written), all
     chunks of a step in one call.
 
@@ -164,11 +188,14 @@ def prefill_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, q_sta
     within `window`), query head j on kv head j // (H / Hkv); the products bf16 x bf16 in fp32,
     the probabilities rounded to bf16 for the product with v (as PyTorch's CPU flash kernel does),
     summed in key order. A row's bits depend on that row alone: not on the chunking or the other
-    rows. Callers check `prefill_attention_ready` first."""
+    rows. An int8 cache (ks, vs its scales, see `cache_write`): its values widened to bf16
+    (exact), each score times its key's scale, each rounded p times its value's scale (rounded to
+    bf16 again). Callers check `prefill_attention_ready` first."""
     n, h, d = q.shape
     hkv = kc.shape[0]
+    kp, vp = _scales(kc, ks, vs)
     _check(q.stride(2) == 1 and q.stride(1) == d and out.stride(2) == 1 and out.stride(1) == d
-           and out.shape == q.shape and out.dtype == q.dtype and kc.is_contiguous()
+           and out.shape == q.shape and out.dtype == q.dtype and kc.dtype == vc.dtype and kc.is_contiguous()
            and vc.is_contiguous() and kc.shape == vc.shape, "prefill_attention: layout")
     nc = q_start.numel()
     for t in (q_start, q_len, slots, offsets):
@@ -182,7 +209,7 @@ def prefill_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, q_sta
     rc = library().shoal_prefill_attention(
         _DT[q.dtype], q.data_ptr(), q.stride(0), h, hkv, d, kc.data_ptr(), vc.data_ptr(), kc.shape[1],
         nc, q_start.data_ptr(), q_len.data_ptr(), slots.data_ptr(), offsets.data_ptr(),
-        int(window or 0), d ** -0.5, out.data_ptr(), out.stride(0))
+        int(window or 0), d ** -0.5, out.data_ptr(), out.stride(0), _DTC[kc.dtype], kp, vp)
     _check(rc == 0, "prefill_attention: unsupported (see prefill_attention_ready)")
 
 

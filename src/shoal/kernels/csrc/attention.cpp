@@ -332,6 +332,155 @@ void decode_attention_impl(const TQ* q, int64_t qs, const int64_t* rows, int64_t
   }
 }
 
+#if SHOAL_AVX512
+// ---- decode attention over an int8 cache (dtc 2), head size 64 --------------------------------
+// Keys and values stored as int8 rows with one fp32 scale each (`shoal_cache_write`). Per (row,
+// kv head), for each of its g query heads:
+//  1) the query in int16 with its own scale (round(q * 32767 / amax)), q.k as exact int32 dot
+//     products (VPDPWSSD, or VPMADDWD + add without AVX512-VNNI) of 16 keys summed by the same
+//     fixed tree as the bf16 body (in int32: exact), then s = float(sum) * k scale * (q scale *
+//     softmax scale);
+//  2) p = exp(s - max) in fp32, sum = p's sum (16 lanes in key order), w = p * v scale;
+//  3) out = (fp32 FMA chain over the keys in order of w * widened v) / sum.
+// A row's bits depend on its own query, keys and values only (batch invariant).
+inline __m512i dot16(__m512i acc, __m512i a, __m512i b) {  // acc + pairs of int16 products
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(acc, a, b);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+
+inline __m512i lane_sums16i(__m512i v[16]) {  // lane i = the sum of v[i]'s lanes (int32)
+  __m512i c[8], e[4];
+  for (int m = 0; m < 8; ++m)
+    c[m] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * m], v[2 * m + 1]), _mm512_unpackhi_epi32(v[2 * m], v[2 * m + 1]));
+  for (int n = 0; n < 4; ++n)
+    e[n] = _mm512_add_epi32(_mm512_unpacklo_epi64(c[2 * n], c[2 * n + 1]), _mm512_unpackhi_epi64(c[2 * n], c[2 * n + 1]));
+  const __m512i f = _mm512_add_epi32(_mm512_shuffle_i32x4(e[0], e[1], 0x88), _mm512_shuffle_i32x4(e[0], e[1], 0xdd));
+  const __m512i g = _mm512_add_epi32(_mm512_shuffle_i32x4(e[2], e[3], 0x88), _mm512_shuffle_i32x4(e[2], e[3], 0xdd));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(f, g, 0x88), _mm512_shuffle_i32x4(f, g, 0xdd));
+}
+
+inline __m512 widen_i8(const int8_t* p) {  // 16 int8 -> fp32
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <int G>
+void attend64_i8(const float* qf, const int8_t* kbase, const int8_t* vbase, const float* ksb, const float* vsb,
+                 const int64_t* slots, int64_t len, float scale, float* w, float* outf) {
+  float sum[G];
+  for (int j = 0; j < G; ++j) {
+    // 1) scores of head j into w[j * len ...]
+    const float* qj = qf + 64 * j;
+    float amax = 0.0f;
+    for (int e = 0; e < 64; ++e) amax = std::fmax(amax, std::fabs(qj[e]));
+    const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+    alignas(64) int16_t q16[64];
+    for (int e = 0; e < 64; ++e) q16[e] = static_cast<int16_t>(std::nearbyint(qj[e] * inv));
+    const __m512i q0 = _mm512_load_si512(q16), q1 = _mm512_load_si512(q16 + 32);
+    const float qscale = amax / 32767.0f * scale;
+    float* sj = w + j * len;
+    for (int64_t s0 = 0; s0 < len; s0 += 16) {
+      const int n = len - s0 < 16 ? static_cast<int>(len - s0) : 16;
+      __m512i acc[16];
+      alignas(64) float ksc[16];
+      for (int i = 0; i < 16; ++i) {
+        if (i < n) {
+          if (j == 0 && s0 + i + kPrefetch < len) _mm_prefetch(reinterpret_cast<const char*>(kbase + slots[s0 + i + kPrefetch] * 64), _MM_HINT_T0);
+          const __m512i kr = _mm512_loadu_si512(kbase + slots[s0 + i] * 64);
+          const __m512i k0 = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(kr));
+          const __m512i k1 = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(kr, 1));
+          acc[i] = dot16(dot16(_mm512_setzero_si512(), q0, k0), q1, k1);
+          ksc[i] = ksb[slots[s0 + i]];
+        } else {
+          acc[i] = _mm512_setzero_si512();
+          ksc[i] = 0.0f;
+        }
+      }
+      const __m512 r = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lane_sums16i(acc)), _mm512_load_ps(ksc)),
+                                     _mm512_set1_ps(qscale));
+      _mm512_mask_storeu_ps(sj + s0, static_cast<__mmask16>((1u << n) - 1), r);
+    }
+    // 2) p = exp(s - max); sum; w = p * v scale (in place)
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int64_t s0 = 0; s0 < len; s0 += 16) {
+      const __mmask16 k = static_cast<__mmask16>(len - s0 < 16 ? (1u << (len - s0)) - 1 : 0xffffu);
+      m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, sj + s0));
+    }
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t s0 = 0; s0 < len; s0 += 16) {
+      const int n = len - s0 < 16 ? static_cast<int>(len - s0) : 16;
+      const __mmask16 k = static_cast<__mmask16>((1u << n) - 1);
+      const __m512 p = _mm512_maskz_mov_ps(k, exp_neg16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sj + s0), mx)));
+      acc = _mm512_add_ps(acc, p);
+      alignas(64) float vsc[16];
+      for (int i = 0; i < 16; ++i) vsc[i] = i < n ? vsb[slots[s0 + i]] : 0.0f;
+      _mm512_mask_storeu_ps(sj + s0, k, _mm512_mul_ps(p, _mm512_load_ps(vsc)));
+    }
+    sum[j] = _mm512_reduce_add_ps(acc);
+  }
+  // 3) out (G, 64) = sum over keys of w * v, in key order
+  __m512 o[G][4];
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < 4; ++c) o[j][c] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < kPrefetch && s < len; ++s) _mm_prefetch(reinterpret_cast<const char*>(vbase + slots[s] * 64), _MM_HINT_T0);
+  for (int64_t s = 0; s < len; ++s) {
+    if (s + kPrefetch < len) _mm_prefetch(reinterpret_cast<const char*>(vbase + slots[s + kPrefetch] * 64), _MM_HINT_T0);
+    const int8_t* vr = vbase + slots[s] * 64;
+    const __m512 v[4] = {widen_i8(vr), widen_i8(vr + 16), widen_i8(vr + 32), widen_i8(vr + 48)};
+    for (int j = 0; j < G; ++j) {
+      const __m512 wj = _mm512_set1_ps(w[j * len + s]);
+      for (int c = 0; c < 4; ++c) o[j][c] = _mm512_fmadd_ps(wj, v[c], o[j][c]);
+    }
+  }
+  for (int j = 0; j < G; ++j) {
+    const __m512 iv = _mm512_set1_ps(1.0f / sum[j]);
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(outf + 64 * j + 16 * c, _mm512_mul_ps(o[j][c], iv));
+  }
+}
+
+template <typename TQ>
+void decode_attention_i8(const TQ* q, int64_t qs, const int64_t* rows, int64_t b, int64_t h, int64_t hkv,
+                         const int8_t* kc, const int8_t* vc, const float* ksc, const float* vsc,
+                         int64_t num_slots, const int64_t* slots, const int64_t* off, int64_t window,
+                         float scale, TQ* out, int64_t os) {
+  const int64_t g = h / hkv;
+  int64_t max_len = 0;
+  for (int64_t i = 0; i < b; ++i) max_len = off[i + 1] - off[i] > max_len ? off[i + 1] - off[i] : max_len;
+#pragma omp parallel if (b * hkv > 1)
+  {
+    float* w = static_cast<float*>(std::malloc(sizeof(float) * (g * max_len + 16)));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < b * hkv; ++t) {
+      const int64_t i = t / hkv, kh = t % hkv, r = rows[i];
+      int64_t lo = off[i], hi = off[i + 1];
+      if (window > 0 && hi - lo > window) lo = hi - window;
+      float qf[8 * 64], of[8 * 64];
+      for (int64_t e = 0; e < g * 64; ++e) qf[e] = ld(q + r * qs + kh * g * 64, e);
+      const int8_t* kb = kc + kh * num_slots * 64;
+      const int8_t* vb = vc + kh * num_slots * 64;
+      const float* ks = ksc + kh * num_slots;
+      const float* vs = vsc + kh * num_slots;
+      switch (g) {
+        case 1: attend64_i8<1>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, of); break;
+        case 2: attend64_i8<2>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, of); break;
+        case 3: attend64_i8<3>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, of); break;
+        case 4: attend64_i8<4>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, of); break;
+        case 5: attend64_i8<5>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, of); break;
+        case 6: attend64_i8<6>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, of); break;
+        case 7: attend64_i8<7>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, of); break;
+        default: attend64_i8<8>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, of); break;
+      }
+      TQ* o = out + r * os + kh * g * 64;
+      for (int64_t e = 0; e < g * 64; ++e) st(o, e, of[e]);
+    }
+    std::free(w);
+  }
+}
+#endif  // SHOAL_AVX512
+
 template <typename TQ, typename TC>
 void decode_attention_d(const void* q, int64_t qs, const int64_t* rows, int64_t b, int64_t h,
                         int64_t hkv, int64_t d, const void* kc, const void* vc, int64_t num_slots,
@@ -356,7 +505,22 @@ extern "C" {
 int shoal_decode_attention(int dtq, const void* q, int64_t qs, const int64_t* rows, int64_t b,
                            int64_t h, int64_t hkv, int64_t d, int dtc, const void* kc,
                            const void* vc, int64_t num_slots, const int64_t* slots,
-                           const int64_t* off, int64_t window, float scale, void* out, int64_t os) {
+                           const int64_t* off, int64_t window, float scale, void* out, int64_t os,
+                           const float* ksc, const float* vsc) {
+  if (dtc == 2) {  // int8 cache with scales: head size 64, 1-8 query heads a kv head, AVX-512
+#if SHOAL_AVX512
+    if (!ksc || !vsc || d != 64 || hkv <= 0 || h % hkv != 0 || h / hkv > 8 || (dtq != 0 && dtq != 1)) return 1;
+    if (dtq == 0)
+      decode_attention_i8<float>((const float*)q, qs, rows, b, h, hkv, (const int8_t*)kc, (const int8_t*)vc, ksc,
+                                 vsc, num_slots, slots, off, window, scale, (float*)out, os);
+    else
+      decode_attention_i8<bf16_t>((const bf16_t*)q, qs, rows, b, h, hkv, (const int8_t*)kc, (const int8_t*)vc,
+                                  ksc, vsc, num_slots, slots, off, window, scale, (bf16_t*)out, os);
+    return 0;
+#else
+    return 1;
+#endif
+  }
   if (dtq == 0 && dtc == 0)
     decode_attention_d<float, float>(q, qs, rows, b, h, hkv, d, kc, vc, num_slots, slots, off, window, scale, out, os);
   else if (dtq == 1 && dtc == 1)

@@ -95,6 +95,32 @@ void cache_write_impl(const TI* k, int64_t ks, const TI* v, int64_t vs, int64_t 
     }
   }
 }
+// int8 cache (dtc 2): each (token, kv head) row of d values as q = round(x * 127 / amax) (half to
+// even, |q| <= 127) with its scale amax / 127 (fp32) at ksc / vsc[h * num_slots + slot]; an
+// all-zero row stores q = 0, scale 0.
+template <typename TI>
+inline void quantize_row(const TI* x, int64_t d, int8_t* q, float* scale) {
+  float amax = 0.0f;
+  for (int64_t j = 0; j < d; ++j) amax = std::fmax(amax, std::fabs(ld(x, j)));
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  for (int64_t j = 0; j < d; ++j) {
+    const float r = std::nearbyint(ld(x, j) * inv);
+    q[j] = static_cast<int8_t>(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+  }
+  *scale = amax / 127.0f;
+}
+
+template <typename TI>
+void cache_write_i8(const TI* k, int64_t ks, const TI* v, int64_t vs, int64_t n, int64_t hkv, int64_t d,
+                    const int64_t* slots, int8_t* kc, int8_t* vc, int64_t num_slots, float* ksc, float* vsc) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < hkv; ++h) {
+      const int64_t at = h * num_slots + slots[i];
+      quantize_row(k + i * ks + h * d, d, kc + at * d, ksc + at);
+      quantize_row(v + i * vs + h * d, d, vc + at * d, vsc + at);
+    }
+}
+
 // ---- SiLU(gate) * up ---------------------------------------------------------------------------
 // y rows (n, 2 * m): gate | up, row stride ys -> out (n, m): T(T(silu(gate)) * up)
 template <typename T>
@@ -119,7 +145,7 @@ void silu_mul_impl(const T* y, int64_t ys, int64_t n, int64_t m, T* out) {
 
 extern "C" {
 
-int shoal_kernels_abi() { return 8; }
+int shoal_kernels_abi() { return 9; }
 
 int shoal_rms_norm(int dt, const void* x, int64_t xs, const void* res, int64_t rs, void* res_out,
                    int64_t ros, const void* w, void* out, int64_t os, int64_t n, int64_t d, float eps) {
@@ -147,8 +173,15 @@ int shoal_rope(int dt, void* x, int64_t xs, int64_t n, int64_t heads, int64_t d,
 
 int shoal_cache_write(int dti, const void* k, int64_t ks, const void* v, int64_t vs, int64_t n,
                       int64_t hkv, int64_t d, const int64_t* slots, int dtc, void* kc, void* vc,
-                      int64_t num_slots) {
-  if (dti == 0 && dtc == 0)
+                      int64_t num_slots, float* ksc, float* vsc) {
+  if (dtc == 2 && ksc && vsc && (dti == 0 || dti == 1)) {
+    if (dti == 0)
+      cache_write_i8<float>((const float*)k, ks, (const float*)v, vs, n, hkv, d, slots, (int8_t*)kc,
+                            (int8_t*)vc, num_slots, ksc, vsc);
+    else
+      cache_write_i8<bf16_t>((const bf16_t*)k, ks, (const bf16_t*)v, vs, n, hkv, d, slots, (int8_t*)kc,
+                             (int8_t*)vc, num_slots, ksc, vsc);
+  } else if (dti == 0 && dtc == 0)
     cache_write_impl<float, float>((const float*)k, ks, (const float*)v, vs, n, hkv, d, slots,
                                    (float*)kc, (float*)vc, num_slots);
   else if (dti == 1 && dtc == 1)

@@ -14,11 +14,12 @@ int shoal_rope(int dt, void* x, int64_t xs, int64_t n, int64_t heads, int64_t d,
                const void* sn);
 int shoal_cache_write(int dti, const void* k, int64_t ks, const void* v, int64_t vs, int64_t n,
                       int64_t hkv, int64_t d, const int64_t* slots, int dtc, void* kc, void* vc,
-                      int64_t num_slots);
+                      int64_t num_slots, float* ksc, float* vsc);
 int shoal_decode_attention(int dt, const void* q, int64_t qs, const int64_t* rows, int64_t n_rows,
                            int64_t h, int64_t hkv, int64_t d, int dtc, const void* kc, const void* vc,
                            int64_t num_slots, const int64_t* slots, const int64_t* offsets,
-                           int64_t window, float scale, void* out, int64_t os);
+                           int64_t window, float scale, void* out, int64_t os, const float* ksc,
+                           const float* vsc);
 int shoal_silu_mul(int dt, const void* y, int64_t ys, int64_t n, int64_t m, void* out);
 int shoal_lora_bgmv(int dtx, int dtw, const void* x, int64_t xs, int64_t n_tok, int64_t k,
                     const int64_t* slot, int64_t sa, int64_t n_layers, const int64_t* a_ptr,
@@ -33,12 +34,13 @@ int shoal_blinear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, cons
 int shoal_q4linear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, const uint8_t* wp,
                    const shoal::bf16_t* bias, int64_t n, void* y, int64_t ys, int ydt);
 
-enum { LN1, QKV_W, QKV_S, O_W, O_S, LN2, GU_W, GU_S, DN_W, DN_S, K_CACHE, V_CACHE, QKV_B, PER_LAYER };
+enum { LN1, QKV_W, QKV_S, O_W, O_S, LN2, GU_W, GU_S, DN_W, DN_S, K_CACHE, V_CACHE, QKV_B, K_SCALE, V_SCALE,
+       PER_LAYER };
 
 // n decode rows through n_layers blocks. table: PER_LAYER pointers a layer (above; QKV_B 0 or the
-// q|k|v bias, bf16). dims:
+// q|k|v bias, bf16; K_SCALE, V_SCALE the int8 cache's scales, else 0). dims:
 // hidden, heads, kv heads, head size, intermediate size, cache slots, window (0 = none), cache
-// dtype (0 fp32, 1 bf16), weight kind (0 int8 with bf16 scales, 1 bf16 without, 2 q4), LoRA slots'
+// dtype (0 fp32, 1 bf16, 2 int8), weight kind (0 int8 with bf16 scales, 1 bf16 without, 2 q4), LoRA slots'
 // dtype. h (n, hidden) bf16: the embeddings in, the residual stream out (in place); out (n,
 // hidden) = the final norm of it. cos, sin (n, head size) bf16. slot_mapping (n,): where each
 // row's key and value go; rows (n_rows,), slots, offsets: the decode attention's (see
@@ -107,9 +109,11 @@ int shoal_llama_decode(int64_t n, int64_t n_layers, const int64_t* table, const 
     SHOAL_TRY(product(x, hid, QKV_W, nqkv, y, 0));
     SHOAL_TRY(shoal_rope(1, y, nqkv, n, nh + hkv, d, cos, sin));
     SHOAL_TRY(shoal_cache_write(1, y + nh * d, nqkv, y + (nh + hkv) * d, nqkv, n, hkv, d, slot_mapping,
-                                dtc, ptr(K_CACHE), ptr(V_CACHE), num_slots));
+                                dtc, ptr(K_CACHE), ptr(V_CACHE), num_slots, static_cast<float*>(ptr(K_SCALE)),
+                                static_cast<float*>(ptr(V_SCALE))));
     SHOAL_TRY(shoal_decode_attention(1, y, nqkv, rows, n_rows, nh, hkv, d, dtc, ptr(K_CACHE), ptr(V_CACHE),
-                                     num_slots, slots, offsets, window, scale, att, na));
+                                     num_slots, slots, offsets, window, scale, att, na,
+                                     static_cast<const float*>(ptr(K_SCALE)), static_cast<const float*>(ptr(V_SCALE))));
     SHOAL_TRY(product(att, na, O_W, hid, a, 1));
     // 3) h += a; x = norm(h); the MLP
     SHOAL_TRY(shoal_rms_norm(1, a, hid, h, hid, h, hid, ptr(LN2), x, hid, n, hid, eps));

@@ -47,16 +47,23 @@ constexpr int kValueRows = 6;   // rows a p.v tile (6 x 4 accumulators of 16 out
 inline int64_t up32(int64_t x) { return (x + 31) & ~int64_t(31); }
 inline int64_t down32(int64_t x) { return x & ~int64_t(31); }
 
-// 1) pack keys [k0, k0 + 32) of one (chunk, kv head): kp, vp as in the header; keys >= len are 0
-void pack32(const bf16_t* kbase, const bf16_t* vbase, const int64_t* slots, int64_t len, int64_t k0,
-            uint32_t* kp, uint32_t* vp) {
+// an int8 cache value as bf16 bits (exact: |q| <= 127 fits bf16's 8-bit significand)
+inline uint32_t b16(bf16_t x) { return x; }
+inline uint32_t b16(int8_t x) { return f2bf(static_cast<float>(x)); }
+
+// 1) pack keys [k0, k0 + 32) of one (chunk, kv head): kp, vp as in the header; keys >= len are 0.
+// An int8 cache (TC int8_t): its values widened to bf16, and each key's scales into ksc, vsc
+// (indexed by key; 0 past len).
+template <typename TC>
+void pack32(const TC* kbase, const TC* vbase, const float* ks, const float* vs, const int64_t* slots,
+            int64_t len, int64_t k0, uint32_t* kp, uint32_t* vp, float* ksc, float* vsc) {
   for (int64_t b = k0 / 16; b < k0 / 16 + 2; ++b) {
     uint32_t* blk = kp + b * 512;  // [t][i]
     for (int i = 0; i < 16; ++i) {
       const int64_t key = b * 16 + i;
       if (key < len) {
-        const uint32_t* kr = reinterpret_cast<const uint32_t*>(kbase + slots[key] * kD);
-        for (int t = 0; t < 32; ++t) blk[t * 16 + i] = kr[t];
+        const TC* kr = kbase + slots[key] * kD;
+        for (int t = 0; t < 32; ++t) blk[t * 16 + i] = b16(kr[2 * t]) | (b16(kr[2 * t + 1]) << 16);
       } else {
         for (int t = 0; t < 32; ++t) blk[t * 16 + i] = 0;
       }
@@ -64,18 +71,22 @@ void pack32(const bf16_t* kbase, const bf16_t* vbase, const int64_t* slots, int6
   }
   for (int64_t u = k0 / 2; u < k0 / 2 + 16; ++u) {
     uint32_t* pr = vp + u * 64;  // [c][i]
-    const bf16_t* v0 = 2 * u < len ? vbase + slots[2 * u] * kD : nullptr;
-    const bf16_t* v1 = 2 * u + 1 < len ? vbase + slots[2 * u + 1] * kD : nullptr;
-    for (int e = 0; e < kD; ++e)
-      pr[e] = (v0 ? v0[e] : 0u) | (static_cast<uint32_t>(v1 ? v1[e] : 0u) << 16);
+    const TC* v0 = 2 * u < len ? vbase + slots[2 * u] * kD : nullptr;
+    const TC* v1 = 2 * u + 1 < len ? vbase + slots[2 * u + 1] * kD : nullptr;
+    for (int e = 0; e < kD; ++e) pr[e] = (v0 ? b16(v0[e]) : 0u) | ((v1 ? b16(v1[e]) : 0u) << 16);
   }
+  if (ksc)
+    for (int64_t key = k0; key < k0 + 32; ++key) {
+      ksc[key] = key < len ? ks[slots[key]] : 0.0f;
+      vsc[key] = key < len ? vs[slots[key]] : 0.0f;
+    }
 }
 
 // scores of nr <= kScoreRows rows (queries qrow[r], 32 pairs each) against key blocks [b0, b1):
 // s[r][16 (b - b0) + i] = (q_r . k_{16 b + i}) * scale
 template <int NR>
-void score_tile(const uint32_t* const* qrow, const uint32_t* kp, int64_t b0, int64_t b1, float scale,
-                float* s, int64_t ss) {
+void score_tile(const uint32_t* const* qrow, const uint32_t* kp, const float* ksc, int64_t b0, int64_t b1,
+                float scale, float* s, int64_t ss) {
   const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t b = b0; b < b1; ++b) {
     const uint32_t* blk = kp + b * 512;
@@ -84,6 +95,10 @@ void score_tile(const uint32_t* const* qrow, const uint32_t* kp, int64_t b0, int
     for (int t = 0; t < 32; ++t) {
       const __m512i k = _mm512_loadu_si512(blk + t * 16);
       for (int r = 0; r < NR; ++r) acc[r] = dot2(acc[r], _mm512_set1_epi32(static_cast<int32_t>(qrow[r][t])), k);
+    }
+    if (ksc) {  // int8 keys: times each key's scale first
+      const __m512 kv = _mm512_loadu_ps(ksc + b * 16);
+      for (int r = 0; r < NR; ++r) acc[r] = _mm512_mul_ps(acc[r], kv);
     }
     for (int r = 0; r < NR; ++r) _mm512_storeu_ps(s + r * ss + (b - b0) * 16, _mm512_mul_ps(acc[r], sc));
   }
@@ -129,7 +144,8 @@ struct Scratch {  // per thread: scores (rows, keys) fp32 and p (rows, keys) bf1
 };
 
 void attend_tile(const Tile& tl, const bf16_t* q, int64_t qs, int64_t qrow0, int64_t a, int64_t g,
-                 const uint32_t* kp, const uint32_t* vp, int64_t window, float scale,
+                 const uint32_t* kp, const uint32_t* vp, const float* ksc, const float* vsc, int64_t window,
+                 float scale,
                  bf16_t* out, int64_t os, Scratch& sc) {
   const int64_t np = tl.p1 - tl.p0, nr = np * g;
   // the keys any row of the tile may see: [K0, K1), 32-aligned
@@ -151,7 +167,7 @@ void attend_tile(const Tile& tl, const bf16_t* q, int64_t qs, int64_t qrow0, int
   // 2a) scores
   for (int64_t r0 = 0; r0 < nr; r0 += kScoreRows) {
     const int n = static_cast<int>(nr - r0 < kScoreRows ? nr - r0 : kScoreRows);
-    by_rows(n, [&](auto NR) { score_tile<decltype(NR)::value>(qrow + r0, kp, K0 / 16, K1 / 16, scale, s + r0 * nk, nk); },
+    by_rows(n, [&](auto NR) { score_tile<decltype(NR)::value>(qrow + r0, kp, ksc, K0 / 16, K1 / 16, scale, s + r0 * nk, nk); },
             std::make_integer_sequence<int, kScoreRows>{});
   }
   // 2b) per row: mask, max, p = exp(s - max) rounded to bf16, sum of the rounded p's
@@ -183,7 +199,8 @@ void attend_tile(const Tile& tl, const bf16_t* q, int64_t qs, int64_t qrow0, int
       const __m512 v = _mm512_loadu_ps(sr + k);
       const __mmask16 live = _mm512_cmp_ps_mask(v, ninf, _CMP_NEQ_OQ);
       const __m256i pb = to_bf16(_mm512_maskz_mov_ps(live, exp_neg16(_mm512_sub_ps(v, mx))));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + k), pb);
+      const __m256i w = vsc ? to_bf16(_mm512_mul_ps(widen16(pb), _mm512_loadu_ps(vsc + k))) : pb;  // int8: p x v scale
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + k), w);
       sum = _mm512_add_ps(sum, widen16(pb));
     }
     inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
@@ -197,17 +214,21 @@ void attend_tile(const Tile& tl, const bf16_t* q, int64_t qs, int64_t qrow0, int
   }
 }
 
-void prefill_attention_impl(const bf16_t* q, int64_t qs, int64_t h, int64_t hkv, const bf16_t* kc,
-                            const bf16_t* vc, int64_t num_slots, int64_t nc, const int64_t* q_start,
-                            const int64_t* q_len, const int64_t* slots, const int64_t* off,
-                            int64_t window, float scale, bf16_t* out, int64_t os) {
+template <typename TC>
+void prefill_attention_impl(const bf16_t* q, int64_t qs, int64_t h, int64_t hkv, const TC* kc, const TC* vc,
+                            const float* kscale, const float* vscale, int64_t num_slots, int64_t nc,
+                            const int64_t* q_start, const int64_t* q_len, const int64_t* slots,
+                            const int64_t* off, int64_t window, float scale, bf16_t* out, int64_t os) {
   const int64_t g = h / hkv;
   const int64_t tp = g >= kScoreRows ? 1 : kScoreRows / g;  // positions a tile
-  // 1) packed keys and values of every (chunk, kv head): base offsets in 32-bit pairs
+  const bool i8 = std::is_same_v<TC, int8_t>;
+  // 1) packed keys and values of every (chunk, kv head), then (int8) its keys' k and v scales:
+  //    base offsets in 32-bit units
   std::vector<int64_t> base(nc * hkv + 1, 0), tiles_before(nc + 1, 0);
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t lp = up32(off[c + 1] - off[c]);
-    for (int64_t kh = 0; kh < hkv; ++kh) base[c * hkv + kh + 1] = base[c * hkv + kh] + lp * kD;  // kp + vp
+    for (int64_t kh = 0; kh < hkv; ++kh)
+      base[c * hkv + kh + 1] = base[c * hkv + kh] + lp * kD + (i8 ? 2 * lp : 0);  // kp + vp (+ scales)
     tiles_before[c + 1] = tiles_before[c] + hkv * ((q_len[c] + tp - 1) / tp);
   }
   static thread_local std::vector<uint32_t> pack;  // the calling thread's, grown as needed
@@ -218,6 +239,13 @@ void prefill_attention_impl(const bf16_t* q, int64_t qs, int64_t h, int64_t hkv,
     const int64_t c = ch / hkv;
     groups_before[ch + 1] = groups_before[ch] + up32(off[c + 1] - off[c]) / 32;
   }
+  // a (chunk, kv head)'s parts: kp, vp, and the scales (int8) or null
+  auto parts = [&](int64_t ch, int64_t lp, uint32_t*& kp, uint32_t*& vp, float*& ksc, float*& vsc) {
+    kp = pk + base[ch];
+    vp = kp + lp * kD / 2;
+    ksc = i8 ? reinterpret_cast<float*>(kp + lp * kD) : nullptr;
+    vsc = i8 ? ksc + lp : nullptr;
+  };
   const int64_t n_groups = groups_before[nc * hkv], n_tiles = tiles_before[nc];
 #pragma omp parallel
   {
@@ -226,10 +254,13 @@ void prefill_attention_impl(const bf16_t* q, int64_t qs, int64_t h, int64_t hkv,
       int64_t ch = 0;
       while (groups_before[ch + 1] <= w) ++ch;
       const int64_t c = ch / hkv, kh = ch % hkv;
-      const int64_t len = off[c + 1] - off[c], lp = up32(len);
-      uint32_t* kp = pk + base[ch];
-      pack32(kc + kh * num_slots * kD, vc + kh * num_slots * kD, slots + off[c], len,
-             (w - groups_before[ch]) * 32, kp, kp + lp * kD / 2);
+      const int64_t len = off[c + 1] - off[c];
+      uint32_t *kp, *vp;
+      float *ksc, *vsc;
+      parts(ch, up32(len), kp, vp, ksc, vsc);
+      pack32<TC>(kc + kh * num_slots * kD, vc + kh * num_slots * kD, i8 ? kscale + kh * num_slots : nullptr,
+                 i8 ? vscale + kh * num_slots : nullptr, slots + off[c], len, (w - groups_before[ch]) * 32,
+                 kp, vp, ksc, vsc);
     }
     // (implicit barrier: every pack is done)
     Scratch sc;
@@ -238,11 +269,12 @@ void prefill_attention_impl(const bf16_t* q, int64_t qs, int64_t h, int64_t hkv,
       int64_t c = 0;
       while (tiles_before[c + 1] <= w) ++c;
       const int64_t per_head = (w - tiles_before[c]) / hkv, kh = (w - tiles_before[c]) % hkv;
-      const int64_t len = off[c + 1] - off[c], a = len - q_len[c], lp = up32(len);
+      const int64_t len = off[c + 1] - off[c], a = len - q_len[c];
       const int64_t p0 = a + per_head * tp, p1 = p0 + tp < len ? p0 + tp : len;
-      const uint32_t* kp = pk + base[c * hkv + kh];
-      attend_tile(Tile{c, kh, p0, p1}, q, qs, q_start[c], a, g, kp, kp + lp * kD / 2, window, scale,
-                  out, os, sc);
+      uint32_t *kp, *vp;
+      float *ksc, *vsc;
+      parts(c * hkv + kh, up32(len), kp, vp, ksc, vsc);
+      attend_tile(Tile{c, kh, p0, p1}, q, qs, q_start[c], a, g, kp, vp, ksc, vsc, window, scale, out, os, sc);
     }
   }
 }
@@ -256,23 +288,32 @@ extern "C" {
 // keeps PyTorch's SDPA).
 int shoal_prefill_attention_isa() { return SHOAL_DPBF16 ? 2 : SHOAL_AVX512 ? 1 : 0; }
 
-// See the header. dt: 1 (bfloat16) for q, out and the cache; d: 64; at most 64 query heads a
-// kv head.
+// See the header. dt: 1 (bfloat16) for q and out; dtc: the cache's, 1 (bfloat16) or 2 (int8,
+// with ksc, vsc: (Hkv, num_slots) fp32 scales); d: 64; at most 64 query heads a kv head.
 // Returns 1 (unsupported: another dtype, head size or group, or no body) without writing.
 int shoal_prefill_attention(int dt, const void* q, int64_t qs, int64_t h, int64_t hkv, int64_t d,
                             const void* kc, const void* vc, int64_t num_slots, int64_t nc,
                             const int64_t* q_start, const int64_t* q_len, const int64_t* slots,
-                            const int64_t* off, int64_t window, float scale, void* out, int64_t os) {
+                            const int64_t* off, int64_t window, float scale, void* out, int64_t os, int dtc,
+                            const float* ksc, const float* vsc) {
 #if SHOAL_AVX512
   if (dt != 1 || d != kD || hkv <= 0 || h % hkv != 0 || h / hkv > 64) return 1;
-  prefill_attention_impl(static_cast<const bf16_t*>(q), qs, h, hkv, static_cast<const bf16_t*>(kc),
-                         static_cast<const bf16_t*>(vc), num_slots, nc, q_start, q_len, slots, off,
-                         window, scale, static_cast<bf16_t*>(out), os);
+  const auto* qb = static_cast<const bf16_t*>(q);
+  auto* ob = static_cast<bf16_t*>(out);
+  if (dtc == 1)
+    prefill_attention_impl<bf16_t>(qb, qs, h, hkv, static_cast<const bf16_t*>(kc), static_cast<const bf16_t*>(vc),
+                                   nullptr, nullptr, num_slots, nc, q_start, q_len, slots, off, window, scale,
+                                   ob, os);
+  else if (dtc == 2 && ksc && vsc)
+    prefill_attention_impl<int8_t>(qb, qs, h, hkv, static_cast<const int8_t*>(kc), static_cast<const int8_t*>(vc),
+                                   ksc, vsc, num_slots, nc, q_start, q_len, slots, off, window, scale, ob, os);
+  else
+    return 1;
   return 0;
 #else
   (void)dt; (void)q; (void)qs; (void)h; (void)hkv; (void)d; (void)kc; (void)vc; (void)num_slots;
   (void)nc; (void)q_start; (void)q_len; (void)slots; (void)off; (void)window; (void)scale;
-  (void)out; (void)os;
+  (void)out; (void)os; (void)dtc; (void)ksc; (void)vsc;
   return 1;
 #endif
 }

@@ -1,0 +1,91 @@
+"""kv_cache_dtype="int8": a bf16 model's keys and values stored as int8 with a scale per token and
+kv head, read by the CPU kernels. ~1.9x the blocks in the same budget, outputs close to a bf16
+cache, rows still independent of the batch and of the chunking, and a clear refusal where the
+kernels cannot serve it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shoal import kernels
+from shoal.engine.paged_attention import PagedKVCache
+from shoal.engine.sampling_params import SamplingParams
+from shoal.model.loader import load_dir
+from tests.engine.test_llm_engine import make_llm, prompts
+from tests.helpers import hf_tiny_config, save_tiny_hf_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_llama64(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny random Llama with head size 64 (2 query heads on 1 kv head), loaded in bf16."""
+    if kernels.library() is None or not kernels.library().shoal_prefill_attention_isa():
+        pytest.skip("the int8 KV cache needs the CPU kernels on AVX-512")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("engine_llama64")
+    cfg = hf_tiny_config("llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                         max_position_embeddings=512)
+    save_tiny_hf_dir(cfg, path, tiny_tokenizer_dir)
+    return load_dir(str(path), dtype="bfloat16")
+
+
+def test_int8_cache_holds_more_blocks_and_its_scales(tiny_llama64):
+    budget = dict(num_kv_blocks=None, kv_cache_memory=2**20)
+    ref = make_llm(tiny_llama64, **budget).engine.runner.cache
+    c = make_llm(tiny_llama64, kv_cache_dtype="int8", **budget).engine.runner.cache
+    assert ref.k.dtype == torch.bfloat16 and ref.ks is None
+    assert c.k.dtype == c.v.dtype == torch.int8 and c.ks.dtype == c.vs.dtype == torch.float32
+    assert c.ks.shape == c.k.shape[:3]
+    # a slot row: 64 bf16 (128 bytes) against 64 int8 + an fp32 scale (68 bytes)
+    assert c.num_blocks == 2**20 // PagedKVCache.bytes_per_block(2, 8, 1, 64, torch.int8)
+    assert c.num_blocks >= 1.8 * ref.num_blocks
+
+
+def test_int8_outputs_stay_close_to_a_bf16_cache(tiny_llama64):
+    ps = prompts(12, seed=71, lo=10, hi=60)
+    params = SamplingParams(temperature=0.0, max_tokens=10, logprobs=1)
+    want = make_llm(tiny_llama64).generate(ps, params)
+    got = make_llm(tiny_llama64, kv_cache_dtype="int8").generate(ps, params)
+    same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(want, got))
+    assert same >= 9  # random tiny models have near-ties
+    diffs = [abs(x[1] - y[1]) for a, b in zip(want, got)
+             for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs) if x[0] == y[0]]
+    assert diffs and max(diffs) < 0.1, max(diffs)
+
+
+def test_int8_rows_do_not_depend_on_the_batch_or_the_chunking(tiny_llama64):
+    """Eight prompts together with prefill chunks of 24 tokens mixed with decodes, against each
+    alone with its prompt in one chunk: the same tokens and the same logprobs, bit for bit."""
+    ps = prompts(8, seed=72, lo=20, hi=90)
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=2)
+    together = make_llm(tiny_llama64, kv_cache_dtype="int8", max_num_batched_tokens=24).generate(ps, params)
+    solo = make_llm(tiny_llama64, kv_cache_dtype="int8", max_num_batched_tokens=256)
+    for p, t in zip(ps, together):
+        alone = solo.generate([p], params)[0].outputs[0]
+        assert alone.token_ids == t.outputs[0].token_ids
+        assert alone.logprobs == t.outputs[0].logprobs
+
+
+def test_int8_samples_share_the_prompt_and_copy_its_scales(tiny_llama64):
+    """n = 3 at temperature 1 shares the prompt's blocks (a partial last block is copied on write,
+    scales included): each seeded sample equals the same request made with n = 1 and its index."""
+    llm = make_llm(tiny_llama64, kv_cache_dtype="int8", enable_prefix_caching=False)
+    p = prompts(1, seed=73, lo=21, hi=21)  # 21 tokens: the third block of 8 is partial
+    out = llm.generate(p, SamplingParams(temperature=1.0, n=3, max_tokens=8, seed=5))[0].outputs
+    assert len({tuple(o.token_ids) for o in out}) > 1
+    c = PagedKVCache(2, 4, 8, 1, 64, torch.int8)
+    c.k[:, :, 8:16] = 7
+    c.ks[:, :, 8:16] = 0.5
+    c.copy_blocks([(1, 3)])
+    assert (c.k[:, :, 24:32] == 7).all() and (c.ks[:, :, 24:32] == 0.5).all() and (c.vs[:, :, 24:32] == 0).all()
+
+
+def test_int8_is_refused_where_the_kernels_cannot_read_it(tiny_llama64, tiny_llama):
+    with pytest.raises(ValueError, match="kv_cache_dtype: int8 .*float32 model"):
+        make_llm(tiny_llama, kv_cache_dtype="int8")  # fp32 (and head size 16)
+    bf16_16 = load_dir(str(tiny_llama.source), dtype="bfloat16")
+    with pytest.raises(ValueError, match="kv_cache_dtype: int8 .*head size 16"):
+        make_llm(bf16_16, kv_cache_dtype="int8")
+    with kernels.disabled():
+        with pytest.raises(ValueError, match="kv_cache_dtype: int8 .*no CPU kernels"):
+            make_llm(tiny_llama64, kv_cache_dtype="int8")
