@@ -131,7 +131,10 @@ void attend64_bf(const bf16_t* const* qrow, const bf16_t* kbase, const bf16_t* v
       __m512 acc[16];
       for (int i = 0; i < 16; ++i) {
         if (i < n) {
-          if (j == 0 && s0 + i + kPrefetch < len) prefetch_row(kbase + slots[s0 + i + kPrefetch] * 64);
+          if (j == 0 && s0 + i + kPrefetch < len) {  // the key and value rows kPrefetch keys ahead
+            prefetch_row(kbase + slots[s0 + i + kPrefetch] * 64);
+            prefetch_row(vbase + slots[s0 + i + kPrefetch] * 64);
+          }
           const bf16_t* kr = kbase + slots[s0 + i] * 64;
           acc[i] = dot2(dot2(_mm512_setzero_ps(), q0, _mm512_loadu_si512(kr)), q1, _mm512_loadu_si512(kr + 32));
         } else {
@@ -340,8 +343,10 @@ void decode_attention_impl(const TQ* q, int64_t qs, const int64_t* rows, int64_t
 //     products (VPDPWSSD, or VPMADDWD + add without AVX512-VNNI) of 16 keys summed by the same
 //     fixed tree as the bf16 body (in int32: exact), then s = float(sum) * k scale * (q scale *
 //     softmax scale);
-//  2) p = exp(s - max) in fp32, sum = p's sum (16 lanes in key order), w = p * v scale;
-//  3) out = (fp32 FMA chain over the keys in order of w * widened v) / sum.
+//  2) p = exp(s - max) in fp32, sum = p's sum (16 lanes in key order), w = p * v scale, and w
+//     in int16 against its largest (w16 = round(w * 32767 / wmax));
+//  3) out = (w16 . v in exact int32 sums over key pairs, flushed to fp32 every 256 keys) *
+//     wmax / 32767 / sum.
 // A row's bits depend on its own query, keys and values only (batch invariant).
 inline __m512i dot16(__m512i acc, __m512i a, __m512i b) {  // acc + pairs of int16 products
 #if defined(__AVX512VNNI__)
@@ -362,14 +367,12 @@ inline __m512i lane_sums16i(__m512i v[16]) {  // lane i = the sum of v[i]'s lane
   return _mm512_add_epi32(_mm512_shuffle_i32x4(f, g, 0x88), _mm512_shuffle_i32x4(f, g, 0xdd));
 }
 
-inline __m512 widen_i8(const int8_t* p) {  // 16 int8 -> fp32
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
+constexpr int kAhead8 = 32;  // int8 rows are one cache line: 32 keys ahead (measured: 8 and 16 were too few)
 
 template <int G>
 void attend64_i8(const float* qf, const int8_t* kbase, const int8_t* vbase, const float* ksb, const float* vsb,
-                 const int64_t* slots, int64_t len, float scale, float* w, float* outf) {
-  float sum[G];
+                 const int64_t* slots, int64_t len, float scale, float* w, int16_t* w16, float* outf) {
+  float sum[G], wscale[G];
   for (int j = 0; j < G; ++j) {
     // 1) scores of head j into w[j * len ...]
     const float* qj = qf + 64 * j;
@@ -381,13 +384,27 @@ void attend64_i8(const float* qf, const int8_t* kbase, const int8_t* vbase, cons
     const __m512i q0 = _mm512_load_si512(q16), q1 = _mm512_load_si512(q16 + 32);
     const float qscale = amax / 32767.0f * scale;
     float* sj = w + j * len;
+    if (j == 0)
+      for (int64_t s = 0; s < kAhead8 && s < len; ++s) {
+        _mm_prefetch(reinterpret_cast<const char*>(kbase + slots[s] * 64), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(vbase + slots[s] * 64), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(ksb + slots[s]), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(vsb + slots[s]), _MM_HINT_T0);
+      }
     for (int64_t s0 = 0; s0 < len; s0 += 16) {
       const int n = len - s0 < 16 ? static_cast<int>(len - s0) : 16;
       __m512i acc[16];
       alignas(64) float ksc[16];
       for (int i = 0; i < 16; ++i) {
         if (i < n) {
-          if (j == 0 && s0 + i + kPrefetch < len) _mm_prefetch(reinterpret_cast<const char*>(kbase + slots[s0 + i + kPrefetch] * 64), _MM_HINT_T0);
+          if (j == 0 && s0 + i + kAhead8 < len) {  // this key's row and value row, kAhead8 keys ahead
+            _mm_prefetch(reinterpret_cast<const char*>(kbase + slots[s0 + i + kAhead8] * 64), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(vbase + slots[s0 + i + kAhead8] * 64), _MM_HINT_T0);
+            if ((i & 15) == 0) {  // and their scales' lines (16 slots a line within a block)
+              _mm_prefetch(reinterpret_cast<const char*>(ksb + slots[s0 + i + kAhead8]), _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(vsb + slots[s0 + i + kAhead8]), _MM_HINT_T0);
+            }
+          }
           const __m512i kr = _mm512_loadu_si512(kbase + slots[s0 + i] * 64);
           const __m512i k0 = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(kr));
           const __m512i k1 = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(kr, 1));
@@ -409,7 +426,7 @@ void attend64_i8(const float* qf, const int8_t* kbase, const int8_t* vbase, cons
       m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, sj + s0));
     }
     const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc = _mm512_setzero_ps(), wmax = _mm512_setzero_ps();
     for (int64_t s0 = 0; s0 < len; s0 += 16) {
       const int n = len - s0 < 16 ? static_cast<int>(len - s0) : 16;
       const __mmask16 k = static_cast<__mmask16>((1u << n) - 1);
@@ -417,27 +434,58 @@ void attend64_i8(const float* qf, const int8_t* kbase, const int8_t* vbase, cons
       acc = _mm512_add_ps(acc, p);
       alignas(64) float vsc[16];
       for (int i = 0; i < 16; ++i) vsc[i] = i < n ? vsb[slots[s0 + i]] : 0.0f;
-      _mm512_mask_storeu_ps(sj + s0, k, _mm512_mul_ps(p, _mm512_load_ps(vsc)));
+      const __m512 wv = _mm512_mul_ps(p, _mm512_load_ps(vsc));
+      wmax = _mm512_max_ps(wmax, wv);
+      _mm512_mask_storeu_ps(sj + s0, k, wv);
     }
     sum[j] = _mm512_reduce_add_ps(acc);
-  }
-  // 3) out (G, 64) = sum over keys of w * v, in key order
-  __m512 o[G][4];
-  for (int j = 0; j < G; ++j)
-    for (int c = 0; c < 4; ++c) o[j][c] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < kPrefetch && s < len; ++s) _mm_prefetch(reinterpret_cast<const char*>(vbase + slots[s] * 64), _MM_HINT_T0);
-  for (int64_t s = 0; s < len; ++s) {
-    if (s + kPrefetch < len) _mm_prefetch(reinterpret_cast<const char*>(vbase + slots[s + kPrefetch] * 64), _MM_HINT_T0);
-    const int8_t* vr = vbase + slots[s] * 64;
-    const __m512 v[4] = {widen_i8(vr), widen_i8(vr + 16), widen_i8(vr + 32), widen_i8(vr + 48)};
-    for (int j = 0; j < G; ++j) {
-      const __m512 wj = _mm512_set1_ps(w[j * len + s]);
-      for (int c = 0; c < 4; ++c) o[j][c] = _mm512_fmadd_ps(wj, v[c], o[j][c]);
+    // w in int16 against the row's largest: w16 = round(w * 32767 / wmax) (pad to a pair: 0)
+    const float wm = _mm512_reduce_max_ps(wmax);
+    wscale[j] = wm / 32767.0f;
+    const __m512 winv = _mm512_set1_ps(wm > 0.0f ? 32767.0f / wm : 0.0f);
+    int16_t* wj = w16 + j * (len + 16);
+    for (int64_t s0 = 0; s0 < len; s0 += 16) {
+      const int n = len - s0 < 16 ? static_cast<int>(len - s0) : 16;
+      const __mmask16 k = static_cast<__mmask16>((1u << n) - 1);
+      const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, sj + s0), winv));  // (RNE)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(wj + s0), _mm512_cvtepi32_epi16(r));  // (lanes past len: 0)
     }
   }
+  // 3) out (G, 64) = sum over key pairs of w16 . v (int16 x int8 in exact int32 sums, converted to
+  //    fp32 every 256 keys so they cannot overflow), times wscale / sum; the pair's value rows
+  //    interleaved by unpack, so lane 4L + i of part c holds output 32 (c / 2) + 8L + 4 (c % 2) + i
+  __m512 o[G][4];
+  __m512i ai[G][4];
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < 4; ++c) o[j][c] = _mm512_setzero_ps(), ai[j][c] = _mm512_setzero_si512();
+  for (int64_t s = 0; s < len; s += 2) {  // (the value rows were prefetched with the keys)
+    const __m512i va = _mm512_loadu_si512(vbase + slots[s] * 64);
+    const __m512i vb = s + 1 < len ? _mm512_loadu_si512(vbase + slots[s + 1] * 64) : _mm512_setzero_si512();
+    const __m512i a0 = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(va)), a1 = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(va, 1));
+    const __m512i b0 = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(vb)), b1 = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(vb, 1));
+    const __m512i v[4] = {_mm512_unpacklo_epi16(a0, b0), _mm512_unpackhi_epi16(a0, b0),
+                          _mm512_unpacklo_epi16(a1, b1), _mm512_unpackhi_epi16(a1, b1)};
+    for (int j = 0; j < G; ++j) {
+      int32_t pr;
+      __builtin_memcpy(&pr, w16 + j * (len + 16) + s, 4);
+      const __m512i pp = _mm512_set1_epi32(pr);
+      for (int c = 0; c < 4; ++c) ai[j][c] = dot16(ai[j][c], pp, v[c]);
+    }
+    if ((s + 2) % 256 == 0 || s + 2 >= len)  // 256 keys: |sum| <= 256 * 32767 * 127 < 2^31
+      for (int j = 0; j < G; ++j)
+        for (int c = 0; c < 4; ++c) {
+          o[j][c] = _mm512_add_ps(o[j][c], _mm512_cvtepi32_ps(ai[j][c]));
+          ai[j][c] = _mm512_setzero_si512();
+        }
+  }
   for (int j = 0; j < G; ++j) {
-    const __m512 iv = _mm512_set1_ps(1.0f / sum[j]);
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(outf + 64 * j + 16 * c, _mm512_mul_ps(o[j][c], iv));
+    alignas(64) float t[4][16];
+    const __m512 f = _mm512_set1_ps(wscale[j] / sum[j]);
+    for (int c = 0; c < 4; ++c) _mm512_store_ps(t[c], _mm512_mul_ps(o[j][c], f));
+    float* oj = outf + 64 * j;
+    for (int c = 0; c < 4; ++c)
+      for (int l = 0; l < 4; ++l)
+        for (int i = 0; i < 4; ++i) oj[32 * (c / 2) + 8 * l + 4 * (c % 2) + i] = t[c][4 * l + i];
   }
 }
 
@@ -452,6 +500,7 @@ void decode_attention_i8(const TQ* q, int64_t qs, const int64_t* rows, int64_t b
 #pragma omp parallel if (b * hkv > 1)
   {
     float* w = static_cast<float*>(std::malloc(sizeof(float) * (g * max_len + 16)));
+    int16_t* w16 = static_cast<int16_t*>(std::malloc(sizeof(int16_t) * g * (max_len + 16)));
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < b * hkv; ++t) {
       const int64_t i = t / hkv, kh = t % hkv, r = rows[i];
@@ -464,19 +513,20 @@ void decode_attention_i8(const TQ* q, int64_t qs, const int64_t* rows, int64_t b
       const float* ks = ksc + kh * num_slots;
       const float* vs = vsc + kh * num_slots;
       switch (g) {
-        case 1: attend64_i8<1>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, of); break;
-        case 2: attend64_i8<2>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, of); break;
-        case 3: attend64_i8<3>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, of); break;
-        case 4: attend64_i8<4>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, of); break;
-        case 5: attend64_i8<5>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, of); break;
-        case 6: attend64_i8<6>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, of); break;
-        case 7: attend64_i8<7>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, of); break;
-        default: attend64_i8<8>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, of); break;
+        case 1: attend64_i8<1>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
+        case 2: attend64_i8<2>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
+        case 3: attend64_i8<3>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
+        case 4: attend64_i8<4>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
+        case 5: attend64_i8<5>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
+        case 6: attend64_i8<6>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
+        case 7: attend64_i8<7>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
+        default: attend64_i8<8>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
       }
       TQ* o = out + r * os + kh * g * 64;
       for (int64_t e = 0; e < g * 64; ++e) st(o, e, of[e]);
     }
     std::free(w);
+    std::free(w16);
   }
 }
 #endif  // SHOAL_AVX512
