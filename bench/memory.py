@@ -5,7 +5,7 @@ of `--prompt` random prompt tokens and `--out` generated tokens arrive at once, 
 (the KV budget is sized to hold them: no preemption). Prints RSS after start-up and the peak
 (VmHWM) per configuration, then HF transformers `generate` on the same 32 sequences (one static
 batch, fp32) as the baseline, also in its own process. Usage:
-  python bench/memory.py --threads 2 [--configs fp32,bf16,fp32+bf16kv,int8+bf16kv,q4] [--skip-hf]
+  python bench/memory.py --threads 2 [--configs fp32,bf16,fp32+bf16kv,int8+bf16kv,q4,bf16+int8kv,q4+int8kv] [--skip-hf]
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ CONFIGS = {  # name -> EngineConfig overrides (int8: activations in the CPU's de
     "fp32+bf16kv": {"dtype": "float32", "kv_cache_dtype": "bfloat16"},
     "int8+bf16kv": {"kv_cache_dtype": "bfloat16", "quantization": "int8"},
     "q4": {"quantization": "q4"},  # 4-bit decoder layers, int8 head; activations and KV bf16 (CPU)
+    "bf16+int8kv": {"dtype": "bfloat16", "kv_cache_dtype": "int8"},  # int8 K/V with a scale a row
+    "q4+int8kv": {"quantization": "q4", "kv_cache_dtype": "int8"},
 }
 
 
@@ -73,6 +75,8 @@ def child(args) -> dict:
     model_dtype = over.get("dtype", "auto")
     bf16_model = model_dtype == "bfloat16" or (model_dtype == "auto" and default_dtype("cpu") == torch.bfloat16)
     kv_dtype = torch.bfloat16 if ("kv_cache_dtype" in over or bf16_model) else torch.float32
+    if over.get("kv_cache_dtype") == "int8":
+        kv_dtype = torch.int8
     per_token = PagedKVCache.bytes_per_block(mc.num_layers, 1, mc.num_kv_heads, mc.head_dim, kv_dtype)
     kv = int(tokens * per_token * 1.05) + (1 << 20)  # all sequences resident: no preemption
     llm = LLM(EngineConfig(model=args.model, kv_cache_memory=kv, max_num_seqs=args.streams,
