@@ -2,7 +2,7 @@
 
 Workloads (each sized by flags so a 2-core box finishes in minutes):
   single   1 stream: a 128-token prompt, `--out` tokens.
-  streams  `--streams` concurrent requests (prompts 64-128 tokens), `--out` tokens each.
+  streams  `--streams` concurrent requests (prompts `--stream-prompt`, 64-128 tokens), `--out` tokens each.
   many     `--requests` requests with prompts 64-512 tokens, `--out` tokens each.
   adapters the `streams` workload with `--adapters` random LoRA adapters mixed, against the
            same workload on the base model, and PEFT mixed-adapter batches as the baseline.
@@ -134,6 +134,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=int, default=64, help="output tokens per request")
     ap.add_argument("--streams", type=int, default=32)
+    ap.add_argument("--stream-prompt", type=lambda a: tuple(int(x) for x in a.split(",")), default=(64, 128),
+                    help="LO,HI: the streams' prompt lengths (default 64,128; e.g. 900,1000 for long contexts)")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--hf-batch", type=int, default=8)
@@ -141,6 +143,7 @@ def main() -> None:
     ap.add_argument("--quantization", default=None,
                     help="int8: Shoal's weight-only int8 layers; q4: 4-bit (Q4_1) layers")
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--kv-cache-mb", type=int, default=None, help="KV cache budget (default: EngineConfig's)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--unpacked-too", action="store_true",
                     help="also run Shoal with pack_weights=False (plain F.linear), for an A/B")
@@ -168,12 +171,13 @@ def main() -> None:
                        max_num_batched_tokens=512, enable_lora=any(w.endswith("adapters") for w in work),
                        max_loras=max(args.adapters, 1), max_cpu_loras=max(args.adapters, 1),
                        max_lora_rank=8, quantization=args.quantization,
-                       kv_cache_dtype=args.kv_cache_dtype)
+                       kv_cache_dtype=args.kv_cache_dtype,
+                       **({"kv_cache_memory": args.kv_cache_mb * 2**20} if args.kv_cache_mb else {}))
     loaded = load_for_engine(cfg)
     vocab = loaded.config.vocab_size
     sets = {
         "single": make_prompts(1, 128, 128, 0, vocab),
-        "streams": make_prompts(args.streams, 64, 128, 1, vocab),
+        "streams": make_prompts(args.streams, *args.stream_prompt, 1, vocab),
         "many": make_prompts(args.requests, 64, 512, 2, vocab),
         "prefill": make_prompts(8, 512, 512, 3, vocab),
     }

@@ -26,6 +26,10 @@
 // The products are bf16 x bf16 -> fp32 (exact) as in PyTorch's flash kernel on CPU, which also
 // rounds p to bf16 for the second product.
 //
+// An int8 cache (`kv_cache_dtype="int8"`: rows q with an fp32 scale each): the pack widens q to
+// bf16 (exact) and keeps each key's two scales; a score is the chain times its key's scale, then
+// the softmax scale; the rounded p is multiplied by its value's scale and rounded again.
+//
 // Bodies: VDPBF16PS (AVX512-BF16), else AVX-512F FMAs on the widened pairs (the same chain as
 // two fused multiply-adds: other roundings, the same invariance). No AVX-512: returns 1 and the
 // caller keeps PyTorch's SDPA.
@@ -47,23 +51,31 @@ constexpr int kValueRows = 6;   // rows a p.v tile (6 x 4 accumulators of 16 out
 inline int64_t up32(int64_t x) { return (x + 31) & ~int64_t(31); }
 inline int64_t down32(int64_t x) { return x & ~int64_t(31); }
 
-// an int8 cache value as bf16 bits (exact: |q| <= 127 fits bf16's 8-bit significand)
-inline uint32_t b16(bf16_t x) { return x; }
-inline uint32_t b16(int8_t x) { return f2bf(static_cast<float>(x)); }
-
 // 1) pack keys [k0, k0 + 32) of one (chunk, kv head): kp, vp as in the header; keys >= len are 0.
 // An int8 cache (TC int8_t): its values widened to bf16, and each key's scales into ksc, vsc
 // (indexed by key; 0 past len).
+// a cache row of 64 values as bf16: the row itself, or an int8 row widened into buf (exact)
+inline const bf16_t* bf16_row(const bf16_t* r, bf16_t*) { return r; }
+inline const bf16_t* bf16_row(const int8_t* r, bf16_t* buf) {
+  for (int c = 0; c < 4; ++c) {  // 16 int8 -> fp32 (exact) -> its top 16 bits
+    const __m512i f = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 16 * c)))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf + 16 * c), _mm512_cvtepi32_epi16(_mm512_srli_epi32(f, 16)));
+  }
+  return buf;
+}
+
 template <typename TC>
 void pack32(const TC* kbase, const TC* vbase, const float* ks, const float* vs, const int64_t* slots,
             int64_t len, int64_t k0, uint32_t* kp, uint32_t* vp, float* ksc, float* vsc) {
+  alignas(64) bf16_t buf[2][kD];
   for (int64_t b = k0 / 16; b < k0 / 16 + 2; ++b) {
     uint32_t* blk = kp + b * 512;  // [t][i]
     for (int i = 0; i < 16; ++i) {
       const int64_t key = b * 16 + i;
       if (key < len) {
-        const TC* kr = kbase + slots[key] * kD;
-        for (int t = 0; t < 32; ++t) blk[t * 16 + i] = b16(kr[2 * t]) | (b16(kr[2 * t + 1]) << 16);
+        const uint32_t* kr = reinterpret_cast<const uint32_t*>(bf16_row(kbase + slots[key] * kD, buf[0]));
+        for (int t = 0; t < 32; ++t) blk[t * 16 + i] = kr[t];
       } else {
         for (int t = 0; t < 32; ++t) blk[t * 16 + i] = 0;
       }
@@ -71,9 +83,9 @@ void pack32(const TC* kbase, const TC* vbase, const float* ks, const float* vs, 
   }
   for (int64_t u = k0 / 2; u < k0 / 2 + 16; ++u) {
     uint32_t* pr = vp + u * 64;  // [c][i]
-    const TC* v0 = 2 * u < len ? vbase + slots[2 * u] * kD : nullptr;
-    const TC* v1 = 2 * u + 1 < len ? vbase + slots[2 * u + 1] * kD : nullptr;
-    for (int e = 0; e < kD; ++e) pr[e] = (v0 ? b16(v0[e]) : 0u) | ((v1 ? b16(v1[e]) : 0u) << 16);
+    const bf16_t* v0 = 2 * u < len ? bf16_row(vbase + slots[2 * u] * kD, buf[0]) : nullptr;
+    const bf16_t* v1 = 2 * u + 1 < len ? bf16_row(vbase + slots[2 * u + 1] * kD, buf[1]) : nullptr;
+    for (int e = 0; e < kD; ++e) pr[e] = (v0 ? v0[e] : 0u) | (static_cast<uint32_t>(v1 ? v1[e] : 0u) << 16);
   }
   if (ksc)
     for (int64_t key = k0; key < k0 + 32; ++key) {
