@@ -89,3 +89,32 @@ def test_int8_is_refused_where_the_kernels_cannot_read_it(tiny_llama64, tiny_lla
     with kernels.disabled():
         with pytest.raises(ValueError, match="kv_cache_dtype: int8 .*no CPU kernels"):
             make_llm(tiny_llama64, kv_cache_dtype="int8")
+
+
+def test_int8_cache_with_adapters_in_one_batch(tiny_llama64, tmp_path):
+    """LoRA adapters over an int8 cache (their decode steps take the one-call path with the
+    cache's scales): each request's tokens and logprobs are the same alone and in a mixed batch."""
+    import transformers
+
+    from shoal.config import EngineConfig
+    from shoal.engine.llm import LLM
+    from tests.lora import make_peft_adapter
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama64.source, dtype=torch.float32).eval()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    llm = LLM(EngineConfig(model="tiny", block_size=8, num_kv_blocks=512, max_num_batched_tokens=64,
+                           enable_lora=True, max_loras=4, max_lora_rank=8, max_cpu_loras=4, kv_cache_dtype="int8"),
+              loaded=load_dir(str(tiny_llama64.source), dtype="bfloat16"))
+    for i in range(2):
+        make_peft_adapter(hf, tmp_path / f"ad{i}", seed=i, b_std=0.3, r=8, lora_alpha=16, target_modules=targets)
+        llm.add_adapter(f"ad{i}", str(tmp_path / f"ad{i}"))
+    names = [None, "ad0", "ad1"] * 2
+    ps = prompts(len(names), seed=74, lo=10, hi=40)
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=0)
+
+    def key(o):
+        return o.outputs[0].token_ids, [lp for _, lp, _ in o.outputs[0].logprobs]
+
+    mixed = [key(o) for o in llm.generate(ps, params, adapter=names)]
+    assert mixed == [key(llm.generate([p], params, adapter=a)[0]) for p, a in zip(ps, names)]
+    assert any(key(llm.generate([ps[i]], params)[0]) != mixed[i] for i in (1, 2))
