@@ -1,11 +1,13 @@
-"""Prefill attention on CPU, SmolLM2-135M's heads (9 query, 3 kv, size 64), bf16, one prompt of
+"""Prefill attention on CPU, SmolLM2-135M's heads by default (9 query, 3 kv, size 64), bf16, one prompt of
 L tokens a layer: Shoal's kernel (`kernels.prefill_attention`, one call reading the paged cache in
 place) against, in the same process, PyTorch's SDPA as one causal call (kv heads repeated for
 their groups; not batch-invariant across chunkings) and Shoal's SDPA path (the engine's path
 without the kernel: blocks of 64 query positions, each under its causal mask). Each time is one
 layer's attention (the cache write included for the two `PagedAttention` paths).
 
-    python bench/prefill_attention.py [--lengths 128,512,2048] [--threads 2]
+    python bench/prefill_attention.py [--lengths 128,512,2048] [--heads 9,3,64] [--threads 2]
+
+(--heads H,HKV,D: query heads, kv heads, head size; 32,8,128 is Llama-3-8B's.)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-H, HKV, D, BLOCK = 9, 3, 64, 16
+BLOCK = 16
 
 
 def timed(fn, repeat: int) -> float:
@@ -33,7 +35,9 @@ def main() -> None:
     ap.add_argument("--lengths", default="128,512,2048")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--heads", default="9,3,64", help="H,HKV,D")
     args = ap.parse_args()
+    H, HKV, D = (int(x) for x in args.heads.split(","))
     torch.set_num_threads(args.threads)
     from shoal import kernels
     from shoal.engine.paged_attention import PagedAttention, PagedKVCache, SeqAttention

@@ -71,9 +71,9 @@ class EngineConfig:
     """KV cache storage: auto (the model's dtype), float32, bfloat16, float16, or int8. A 16-bit
     cache under an fp32 model halves KV memory (2x the tokens in the same budget); keys and values
     are rounded once when stored, and attention math stays in fp32 on CPU. int8 (bf16 models on
-    an AVX-512 CPU, head size 64) stores each token's key and value per kv head as int8 with one
-    fp32 scale: 0.53x a bf16 cache's bytes, so about 1.9x the tokens, and decode attention reads
-    half the memory."""
+    an AVX-512 CPU, head size 64 or 128) stores each token's key and value per kv head as int8
+    with one fp32 scale: 0.53x a bf16 cache's bytes (at head size 64), so about 1.9x the tokens,
+    and decode attention reads half the memory."""
     quantization: str | None = None
     """Quantized weights: None, int8 or q4.
 

@@ -1,5 +1,5 @@
 """kv_cache_dtype="int8": a bf16 model's keys and values stored as int8 with a scale per token and
-kv head, read by the CPU kernels. ~1.9x the blocks in the same budget, outputs close to a bf16
+kv head, read by the CPU kernels (head sizes 64 and 128). ~1.9x the blocks in the same budget, outputs close to a bf16
 cache, rows still independent of the batch and of the chunking, and a clear refusal where the
 kernels cannot serve it."""
 
@@ -17,14 +17,15 @@ from tests.engine.test_llm_engine import make_llm, prompts
 from tests.helpers import hf_tiny_config, save_tiny_hf_dir
 
 
-@pytest.fixture(scope="module")
-def tiny_llama64(tmp_path_factory, tiny_tokenizer_dir):
-    """A tiny random Llama with head size 64 (2 query heads on 1 kv head), loaded in bf16."""
+@pytest.fixture(scope="module", params=[64, 128])
+def tiny_llama64(request, tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny random Llama with head size 64 or 128 (2 query heads on 1 kv head), loaded in bf16."""
     if kernels.library() is None or not kernels.library().shoal_prefill_attention_isa():
         pytest.skip("the int8 KV cache needs the CPU kernels on AVX-512")
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("engine_llama64")
-    cfg = hf_tiny_config("llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+    d = request.param
+    path = tmp_path_factory.mktemp(f"engine_llama{d}")
+    cfg = hf_tiny_config("llama", hidden_size=2 * d, num_attention_heads=2, num_key_value_heads=1, head_dim=d,
                          max_position_embeddings=512)
     save_tiny_hf_dir(cfg, path, tiny_tokenizer_dir)
     return load_dir(str(path), dtype="bfloat16")
@@ -37,8 +38,9 @@ def test_int8_cache_holds_more_blocks_and_its_scales(tiny_llama64):
     assert ref.k.dtype == torch.bfloat16 and ref.ks is None
     assert c.k.dtype == c.v.dtype == torch.int8 and c.ks.dtype == c.vs.dtype == torch.float32
     assert c.ks.shape == c.k.shape[:3]
-    # a slot row: 64 bf16 (128 bytes) against 64 int8 + an fp32 scale (68 bytes)
-    assert c.num_blocks == 2**20 // PagedKVCache.bytes_per_block(2, 8, 1, 64, torch.int8)
+    # a slot row: D bf16 (2D bytes) against D int8 + an fp32 scale (D + 4 bytes)
+    d = tiny_llama64.config.head_dim
+    assert c.num_blocks == 2**20 // PagedKVCache.bytes_per_block(2, 8, 1, d, torch.int8)
     assert c.num_blocks >= 1.8 * ref.num_blocks
 
 
@@ -64,10 +66,11 @@ def test_int8_samples_share_the_prompt_and_copy_its_scales(tiny_llama64):
     """n = 3 at temperature 1 shares the prompt's blocks (a partial last block is copied on write,
     scales included): each seeded sample equals the same request made with n = 1 and its index."""
     llm = make_llm(tiny_llama64, kv_cache_dtype="int8", enable_prefix_caching=False)
+    d = tiny_llama64.config.head_dim
     p = prompts(1, seed=73, lo=21, hi=21)  # 21 tokens: the third block of 8 is partial
     out = llm.generate(p, SamplingParams(temperature=1.0, n=3, max_tokens=8, seed=5))[0].outputs
     assert len({tuple(o.token_ids) for o in out}) > 1
-    c = PagedKVCache(2, 4, 8, 1, 64, torch.int8)
+    c = PagedKVCache(2, 4, 8, 1, d, torch.int8)
     c.k[:, :, 8:16] = 7
     c.ks[:, :, 8:16] = 0.5
     c.copy_blocks([(1, 3)])

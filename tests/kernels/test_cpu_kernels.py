@@ -61,12 +61,13 @@ def test_silu_mul(dtype):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("heads", [(9, 3), (8, 1), (4, 4), (10, 2)])  # groups 3, 8, 1 and 5 (fp32 body)
 @pytest.mark.parametrize("kv_dtype", DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cache_write_and_decode_attention(dtype, kv_dtype, heads):
+def test_cache_write_and_decode_attention(dtype, kv_dtype, heads, d):
     h, hkv = heads
-    slots_total, d = 1024, 64
+    slots_total = 1024
     kc = torch.zeros(hkv, slots_total, d, dtype=kv_dtype)
     vc = torch.zeros_like(kc)
     k, v = rand(40, hkv, d, dtype=dtype, seed=1), rand(40, hkv, d, dtype=dtype, seed=2)
@@ -87,7 +88,7 @@ def test_cache_write_and_decode_attention(dtype, kv_dtype, heads):
             lo = 0 if window is None else max(0, n - window)
             kk = kc[:, slots[lo:n]].double().repeat_interleave(h // hkv, 0)  # (H, n', D)
             vv = vc[:, slots[lo:n]].double().repeat_interleave(h // hkv, 0)
-            p = (q[i].double()[:, None] @ kk.transpose(1, 2) / 8).softmax(-1)
+            p = (q[i].double()[:, None] @ kk.transpose(1, 2) / d ** 0.5).softmax(-1)
             assert (p @ vv)[:, 0].sub(out[i].double()).abs().max().item() < tol
     # a row's bits alone = among the others, at any position
     alone = torch.zeros_like(q)

@@ -25,9 +25,9 @@ def rand(*shape, seed=0, scale=1.0):
 class Cache:
     """A paged cache (Hkv, S, 64) with each sequence's keys at scattered slots."""
 
-    def __init__(self, hkv: int, num_slots: int, seed: int = 0) -> None:
-        self.k = rand(hkv, num_slots, 64, seed=seed, scale=2.0)
-        self.v = rand(hkv, num_slots, 64, seed=seed + 1)
+    def __init__(self, hkv: int, num_slots: int, seed: int = 0, d: int = 64) -> None:
+        self.k = rand(hkv, num_slots, d, seed=seed, scale=2.0)
+        self.v = rand(hkv, num_slots, d, seed=seed + 1)
         self.perm = torch.randperm(num_slots, generator=torch.Generator().manual_seed(seed + 2))
         self.used = 0
 
@@ -38,19 +38,20 @@ class Cache:
 
 
 def reference(q, cache, q_start, q_len, slots, window):
-    """out rows of one chunk in float64: softmax(q k^T / 8) v over positions <= the row's."""
+    """out rows of one chunk in float64: softmax(q k^T / sqrt(D)) v over positions <= the row's."""
     hkv = cache.k.shape[0]
     g = q.shape[1] // hkv
     n_keys = slots.numel()
     a = n_keys - q_len
-    out = torch.empty(q_len, q.shape[1], 64, dtype=torch.float64)
+    d = q.shape[2]
+    out = torch.empty(q_len, q.shape[1], d, dtype=torch.float64)
     k = cache.k[:, slots].double()  # (Hkv, L, 64)
     v = cache.v[:, slots].double()
     for i in range(q_len):
         pos = a + i
         lo = 0 if not window else max(0, pos - window + 1)
         for h in range(q.shape[1]):
-            s = (k[h // g, lo:pos + 1] @ q[q_start + i, h].double()) / 8.0
+            s = (k[h // g, lo:pos + 1] @ q[q_start + i, h].double()) / d ** 0.5
             out[i, h] = torch.softmax(s, 0) @ v[h // g, lo:pos + 1]
     return out
 
@@ -67,9 +68,10 @@ def run(q, cache, chunks, window=None):
 
 @pytest.mark.parametrize("heads", [(9, 3), (4, 4), (8, 1), (16, 1)])
 @pytest.mark.parametrize("window", [None, 5, 40])
-def test_matches_float64_softmax_attention(heads, window):
+@pytest.mark.parametrize("d", [64, 128])
+def test_matches_float64_softmax_attention(heads, window, d):
     h, hkv = heads
-    cache = Cache(hkv, 1024)
+    cache = Cache(hkv, 1024, d=d)
     # chunks: a whole prompt, a later chunk of a longer context (its first keys cached earlier),
     # a one-token prompt, and one whose length is not a multiple of 16 or 32
     specs = [(70, 70), (33, 150), (1, 1), (45, 45), (1, 97)]  # (q_len, keys)
@@ -77,7 +79,7 @@ def test_matches_float64_softmax_attention(heads, window):
     for q_len, n_keys in specs:
         chunks.append((start, q_len, cache.slots(n_keys)))
         start += q_len
-    q = rand(start, h, 64, seed=5)
+    q = rand(start, h, d, seed=5)
     out = run(q, cache, chunks, window)
     for q_start, q_len, slots in chunks:
         want = reference(q, cache, q_start, q_len, slots, window)
@@ -100,10 +102,11 @@ def test_strided_query_rows_and_untouched_rows():
 
 
 @pytest.mark.parametrize("window", [None, 24])
-def test_row_bits_do_not_depend_on_chunking_or_company(window):
-    cache = Cache(3, 512)
+@pytest.mark.parametrize("d", [64, 128])
+def test_row_bits_do_not_depend_on_chunking_or_company(window, d):
+    cache = Cache(3, 512, d=d)
     slots = cache.slots(130)
-    q = rand(130, 9, 64, seed=7)
+    q = rand(130, 9, d, seed=7)
     whole = run(q, cache, [(0, 130, slots)], window)
     # the same prompt in chunks of 37, 1, 60 and 32 rows (each chunk's keys: all up to its end)
     pieces, at = [], 0
@@ -114,7 +117,7 @@ def test_row_bits_do_not_depend_on_chunking_or_company(window):
     assert torch.equal(torch.cat(pieces), whole)
     # among other chunks, placed after them in the batch
     other = cache.slots(77)
-    q2 = torch.cat([rand(77, 9, 64, seed=8), q])
+    q2 = torch.cat([rand(77, 9, d, seed=8), q])
     mixed = run(q2, cache, [(0, 77, other), (77, 130, slots)], window)
     assert torch.equal(mixed[77:], whole)
 

@@ -263,15 +263,16 @@ class LLMEngine:
 
 def _check_int8_kv(config: EngineConfig, mc, dtype: torch.dtype) -> None:
     """An int8 KV cache is read only by the CPU kernels (`kernels.cache_write`,
-    `decode_attention`, `prefill_attention`): a bf16 model on a CPU with AVX-512, head size 64,
-    at most 8 query heads a kv head. Anything else is refused here, naming what is missing."""
+    `decode_attention`, `prefill_attention`): a bf16 model on a CPU with AVX-512, head size 64 or
+    128, at most 8 query heads a kv head. Anything else is refused here, naming what is missing."""
     why = None
     if config.device != "cpu":
         why = f"device {config.device} (CPU only)"
     elif dtype != torch.bfloat16:
         why = f"a {str(dtype).replace('torch.', '')} model (bf16 only)"
-    elif mc.head_dim != 64 or mc.num_heads // mc.num_kv_heads > 8:
-        why = f"head size {mc.head_dim} and {mc.num_heads // mc.num_kv_heads} query heads a kv head (64 and <= 8 only)"
+    elif mc.head_dim not in (64, 128) or mc.num_heads // mc.num_kv_heads > 8:
+        why = (f"head size {mc.head_dim} and {mc.num_heads // mc.num_kv_heads} query heads a kv head "
+               "(64 or 128, and <= 8 only)")
     elif not kernels.enabled():
         why = f"no CPU kernels ({kernels.reason()})"
     elif not kernels.library().shoal_prefill_attention_isa():

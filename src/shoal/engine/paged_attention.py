@@ -13,7 +13,7 @@ are batched by context-length bucket, each padded to its own bucket (a multiple 
 DECODE_BUCKET), never to the batch's longest, so its arithmetic is the same alone or in company.
 On CPU with the fused kernels (`shoal.kernels`), decode rows instead go to one kernel call per
 layer that reads each row's slots in place (`DecodeRows`; no buckets, padding or gathers), the
-cache write is one call, and with bf16 and head size 64 (the default model's) all prefill chunks
+cache write is one call, and with bf16 and head size 64 or 128 all prefill chunks
 of the step go to one `kernels.prefill_attention` call a layer (each row computed alone, so
 invariant to chunking too; 4.1x the blocked SDPA path at 512 tokens: bench/prefill_attention.py).
 Grouped-query heads fold the group into the query axis: no K/V is repeated.
@@ -145,7 +145,7 @@ class DecodeRows:
 def _check_float_cache(kc: torch.Tensor) -> None:
     if kc.dtype == torch.int8:  # (the engine refuses an int8 cache where its kernels cannot serve)
         raise ValueError("kv_cache_dtype: an int8 cache is read by the CPU kernels only "
-                         "(bf16 queries, head size 64)")
+                         "(bf16 queries, head size 64 or 128)")
 
 
 def kernel_layout(t: torch.Tensor) -> bool:
@@ -272,7 +272,7 @@ class PagedAttention:
         # one product per chunk on a GPU (its kernels are not row-invariant anyway)
         whole = self.whole_chunks if self.whole_chunks is not None else q.device.type == "cuda"
         if self.seqs and not whole and kernels.usable(q) and kernels.prefill_attention_ready(q, kc):
-            # CPU, bf16, head size 64: every chunk in one kernel call reading the cache in place
+            # CPU, bf16, head size 64 or 128: every chunk in one kernel call reading the cache in place
             kernels.prefill_attention(q, kc, vc, *self._prefill_kernel_args(), self.window, out, ks, vs)
             seqs = ()
         else:

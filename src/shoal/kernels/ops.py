@@ -146,9 +146,9 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rows: 
     order at slots[offsets[i]:offsets[i + 1]]; window: attend over the last `window` keys only.
     Semantics: out[r] = softmax(q[r] k^T / sqrt(D)) v per query head, kv head h // (H / Hkv),
     in fp32; the same bits for a row whatever the other rows are. An int8 cache (ks, vs its scales,
-    see `cache_write`; head size 64, up to 8 query heads a kv head): the query in int16 with its own
-    scale, q.k in exact int32 sums times the key's scale, p.v as p * the value's scale times the
-    int8 values, in fp32."""
+    see `cache_write`): the query in int16 with its own
+    scale, q.k in exact int32 sums times the key's scale, p * the value's scale in int16 against its
+    largest, p.v in exact int32 sums (head size 64 or 128, up to 8 query heads a kv head)."""
     n, h, d = q.shape
     hkv = kc.shape[0]
     kp, vp = _scales(kc, ks, vs)
@@ -163,15 +163,15 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rows: 
         _DT[q.dtype], q.data_ptr(), q.stride(0), rows.data_ptr(), rows.numel(), h, hkv, d,
         _DTC[kc.dtype], kc.data_ptr(), vc.data_ptr(), kc.shape[1], slots.data_ptr(),
         offsets.data_ptr(), int(window or 0), d ** -0.5, out.data_ptr(), out.stride(0), kp, vp)
-    _check(rc == 0, "decode_attention: unsupported (an int8 cache needs head size 64, <= 8 heads a group)")
+    _check(rc == 0, "decode_attention: unsupported (an int8 cache needs head size 64 or 128, <= 8 heads a group)")
 
 
 def prefill_attention_ready(q: torch.Tensor, kc: torch.Tensor) -> bool:
-    """Does `prefill_attention` serve these: bf16 queries and cache, head size 64, on a CPU with a
-    body for it (AVX-512; `shoal_prefill_attention_isa`)."""
+    """Does `prefill_attention` serve these: bf16 queries, a bf16 or int8 cache, head size 64 or
+    128, on a CPU with a body for it (AVX-512; `shoal_prefill_attention_isa`)."""
     lib = library()
     return (lib is not None and q.dtype == torch.bfloat16 and kc.dtype in (torch.bfloat16, torch.int8)
-            and q.shape[-1] == 64 and lib.shoal_prefill_attention_isa() > 0)
+            and q.shape[-1] in (64, 128) and lib.shoal_prefill_attention_isa() > 0)
 
 
 def prefill_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, q_start: torch.Tensor,
@@ -181,10 +181,10 @@ def prefill_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, q_sta
     """Prompt chunks attending causally over a paged cache (their own keys already written), all
     chunks of a step in one call.
 
-    q, out (N, H, 64) bf16 (row stride free); kc, vc (Hkv, S, 64) bf16, one layer's cache; chunk c
+    q, out (N, H, D) bf16 (row stride free), D = 64 or 128; kc, vc (Hkv, S, D) bf16, one layer's cache; chunk c
     has q_len[c] query rows from row q_start[c] and its L_c keys at slots[offsets[c]:offsets[c+1]]
     in position order, so its queries are positions L_c - q_len[c] .. L_c - 1 (all int64).
-    Semantics: out[r] = softmax(q[r] k^T / 8) v over the keys at positions <= the row's (and
+    Semantics: out[r] = softmax(q[r] k^T / sqrt(D)) v over the keys at positions <= the row's (and
     within `window`), query head j on kv head j // (H / Hkv); the products bf16 x bf16 in fp32,
     the probabilities rounded to bf16 for the product with v (as PyTorch's CPU flash kernel does),
     summed in key order. A row's bits depend on that row alone: not on the chunking or the other

@@ -93,15 +93,15 @@ void attend64(const float* qf, const TC* kbase, const TC* vbase, const int64_t* 
   }
 }
 
-// The bf16 x bf16 body (queries and cache in bf16, head size 64): bf16 pair dot products
+// The bf16 x bf16 body (queries and cache in bf16, head size 64 or 128): bf16 pair dot products
 // (`dot2`: VDPBF16PS, or FMAs without AVX512-BF16) for both products, 3x fewer instructions a key
 // than the fp32 body above (measured: bench/decode_attention.py).
-//  1) scores, per query head, 16 keys at a time: a key's 64-value dot product is two `dot2`s into
+//  1) scores, per query head, 16 keys at a time: a key's dot product is D / 32 `dot2`s into
 //     16 lanes; the 16 keys' lanes are then summed by a fixed tree (unpack, unpack, two 128-bit
 //     shuffles) that leaves key i's sum in lane i;
 //  2) p = exp(s - max) rounded to bf16, sum = the rounded p's (fp32, 16 lanes in key order);
 //  3) out = p.v / sum: keys in pairs (a key pair's value rows interleaved into bf16 pairs by
-//     unpack, so lane 4L + i of part c holds output 8L + i (+4 for odd parts, +32 from part 2)),
+//     unpack, so lane 4L + i of part c holds output 32 (c / 2) + 8L + 4 (c % 2) + i),
 //     one `dot2` chain in key order a part, un-permuted at the end.
 // A row's bits depend on its own query, keys and values only (batch invariant).
 
@@ -119,24 +119,29 @@ inline __m512 lane_sums16(__m512 v[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(f, g, 0x88), _mm512_shuffle_f32x4(f, g, 0xdd));
 }
 
-template <int G>
-void attend64_bf(const bf16_t* const* qrow, const bf16_t* kbase, const bf16_t* vbase, const int64_t* slots,
+template <int G, int D>
+void attend_bf(const bf16_t* const* qrow, const bf16_t* kbase, const bf16_t* vbase, const int64_t* slots,
                  int64_t len, float scale, float* scores, bf16_t* p, float* outf) {
   // 1) scores (G, len)
   const __m512 sc = _mm512_set1_ps(scale);
   for (int j = 0; j < G; ++j) {
-    const __m512i q0 = _mm512_loadu_si512(qrow[j]), q1 = _mm512_loadu_si512(qrow[j] + 32);
+    __m512i qv[D / 32];
+    for (int z = 0; z < D / 32; ++z) qv[z] = _mm512_loadu_si512(qrow[j] + 32 * z);
     for (int64_t s0 = 0; s0 < len; s0 += 16) {
       const int n = len - s0 < 16 ? static_cast<int>(len - s0) : 16;
       __m512 acc[16];
       for (int i = 0; i < 16; ++i) {
         if (i < n) {
           if (j == 0 && s0 + i + kPrefetch < len) {  // the key and value rows kPrefetch keys ahead
-            prefetch_row(kbase + slots[s0 + i + kPrefetch] * 64);
-            prefetch_row(vbase + slots[s0 + i + kPrefetch] * 64);
+            for (int z = 0; z < D / 64; ++z) {
+              prefetch_row(kbase + slots[s0 + i + kPrefetch] * D + 64 * z);
+              prefetch_row(vbase + slots[s0 + i + kPrefetch] * D + 64 * z);
+            }
           }
-          const bf16_t* kr = kbase + slots[s0 + i] * 64;
-          acc[i] = dot2(dot2(_mm512_setzero_ps(), q0, _mm512_loadu_si512(kr)), q1, _mm512_loadu_si512(kr + 32));
+          const bf16_t* kr = kbase + slots[s0 + i] * D;
+          __m512 d2 = _mm512_setzero_ps();
+          for (int z = 0; z < D / 32; ++z) d2 = dot2(d2, qv[z], _mm512_loadu_si512(kr + 32 * z));
+          acc[i] = d2;
         } else {
           acc[i] = _mm512_setzero_ps();
         }
@@ -167,53 +172,51 @@ void attend64_bf(const bf16_t* const* qrow, const bf16_t* kbase, const bf16_t* v
     }
     inv[j] = 1.0f / _mm512_reduce_add_ps(sum);
   }
-  // 3) out (G, 64) = p.v, key pairs in order
-  __m512 acc[G][4];
+  // 3) out (G, D) = p.v, key pairs in order
+  constexpr int C = D / 16;  // parts of 16 outputs
+  __m512 acc[G][C];
   for (int j = 0; j < G; ++j)
-    for (int c = 0; c < 4; ++c) acc[j][c] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < kPrefetch && s < len; ++s) prefetch_row(vbase + slots[s] * 64);
-  for (int64_t s = 0; s < len; s += 2) {
-    if (s + kPrefetch < len) prefetch_row(vbase + slots[s + kPrefetch] * 64);
-    if (s + 1 + kPrefetch < len) prefetch_row(vbase + slots[s + 1 + kPrefetch] * 64);
-    const bf16_t* a = vbase + slots[s] * 64;
-    const __m512i a0 = _mm512_loadu_si512(a), a1 = _mm512_loadu_si512(a + 32);
-    __m512i b0 = _mm512_setzero_si512(), b1 = b0;
-    if (s + 1 < len) {
-      const bf16_t* b = vbase + slots[s + 1] * 64;
-      b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 32);
+    for (int c = 0; c < C; ++c) acc[j][c] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < len; s += 2) {  // (the value rows were prefetched with the keys)
+    const bf16_t* a = vbase + slots[s] * D;
+    const bf16_t* b = s + 1 < len ? vbase + slots[s + 1] * D : nullptr;
+    __m512i v[C];
+    for (int z = 0; z < D / 32; ++z) {
+      const __m512i az = _mm512_loadu_si512(a + 32 * z);
+      const __m512i bz = b ? _mm512_loadu_si512(b + 32 * z) : _mm512_setzero_si512();
+      v[2 * z] = _mm512_unpacklo_epi16(az, bz), v[2 * z + 1] = _mm512_unpackhi_epi16(az, bz);
     }
-    const __m512i v[4] = {_mm512_unpacklo_epi16(a0, b0), _mm512_unpackhi_epi16(a0, b0),
-                          _mm512_unpacklo_epi16(a1, b1), _mm512_unpackhi_epi16(a1, b1)};
     for (int j = 0; j < G; ++j) {
       int32_t pp;
       __builtin_memcpy(&pp, p + j * lp + s, 4);
       const __m512i pv = _mm512_set1_epi32(pp);
-      for (int c = 0; c < 4; ++c) acc[j][c] = dot2(acc[j][c], pv, v[c]);
+      for (int c = 0; c < C; ++c) acc[j][c] = dot2(acc[j][c], pv, v[c]);
     }
   }
   for (int j = 0; j < G; ++j) {
-    alignas(64) float t[4][16];
-    for (int c = 0; c < 4; ++c) _mm512_store_ps(t[c], _mm512_mul_ps(acc[j][c], _mm512_set1_ps(inv[j])));
-    float* o = outf + 64 * j;
-    for (int c = 0; c < 4; ++c)  // part c, lane 4L + i -> output 32 (c / 2) + 8L + 4 (c % 2) + i
+    alignas(64) float t[C][16];
+    for (int c = 0; c < C; ++c) _mm512_store_ps(t[c], _mm512_mul_ps(acc[j][c], _mm512_set1_ps(inv[j])));
+    float* o = outf + D * j;
+    for (int c = 0; c < C; ++c)  // part c, lane 4L + i -> output 32 (c / 2) + 8L + 4 (c % 2) + i
       for (int l = 0; l < 4; ++l)
         for (int i = 0; i < 4; ++i) o[32 * (c / 2) + 8 * l + 4 * (c % 2) + i] = t[c][4 * l + i];
   }
 }
 
-template <typename TQ, typename TC>
-bool attend64_bf_any(int64_t g, const TQ* q, const TC* kb, const TC* vb, const int64_t* sl, int64_t len,
-                     float scale, float* sc, bf16_t* p, float* of) {
+// the bf16 body for head size D (64 or 128) and G <= 8 query heads a kv head; false when not covered
+template <int D, typename TQ, typename TC>
+bool attend_bf_any(int64_t g, const TQ* q, const TC* kb, const TC* vb, const int64_t* sl, int64_t len,
+                   float scale, float* sc, bf16_t* p, float* of) {
   if constexpr (std::is_same_v<TQ, bf16_t> && std::is_same_v<TC, bf16_t>) {
     const bf16_t* qr[8];
-    for (int64_t j = 0; j < g && j < 8; ++j) qr[j] = q + 64 * j;
+    for (int64_t j = 0; j < g && j < 8; ++j) qr[j] = q + D * j;
     switch (g) {
-      case 1: attend64_bf<1>(qr, kb, vb, sl, len, scale, sc, p, of); return true;
-      case 2: attend64_bf<2>(qr, kb, vb, sl, len, scale, sc, p, of); return true;
-      case 3: attend64_bf<3>(qr, kb, vb, sl, len, scale, sc, p, of); return true;
-      case 4: attend64_bf<4>(qr, kb, vb, sl, len, scale, sc, p, of); return true;
-      case 6: attend64_bf<6>(qr, kb, vb, sl, len, scale, sc, p, of); return true;
-      case 8: attend64_bf<8>(qr, kb, vb, sl, len, scale, sc, p, of); return true;
+      case 1: attend_bf<1, D>(qr, kb, vb, sl, len, scale, sc, p, of); return true;
+      case 2: attend_bf<2, D>(qr, kb, vb, sl, len, scale, sc, p, of); return true;
+      case 3: attend_bf<3, D>(qr, kb, vb, sl, len, scale, sc, p, of); return true;
+      case 4: attend_bf<4, D>(qr, kb, vb, sl, len, scale, sc, p, of); return true;
+      case 6: attend_bf<6, D>(qr, kb, vb, sl, len, scale, sc, p, of); return true;
+      case 8: attend_bf<8, D>(qr, kb, vb, sl, len, scale, sc, p, of); return true;
       default: return false;
     }
   }
@@ -276,17 +279,20 @@ void decode_attention_impl(const TQ* q, int64_t qs, const int64_t* rows, int64_t
       const TC* kbase = kc + kh * num_slots * d;
       const TC* vbase = vc + kh * num_slots * d;
 #if SHOAL_AVX512
-      if (DT == 64) {
-        float of[g * 64];
-        if (attend64_bf_any<TQ, TC>(g, q + r * qs + kh * g * d, kbase, vbase, slots + lo, len, scale, scores,
-                                    pbuf, of)) {
+      if (DT == 64 || DT == 128) {  // bf16 query and cache: pair dot products
+        float ob[g * DT];
+        if (attend_bf_any<DT, TQ, TC>(g, q + r * qs + kh * g * d, kbase, vbase, slots + lo, len, scale, scores,
+                                      pbuf, ob)) {
           for (int64_t j = 0; j < g; ++j) {
             TQ* o = out + r * os + (kh * g + j) * d;
 #pragma omp simd
-            for (int64_t e = 0; e < d; ++e) st(o, e, of[j * 64 + e]);
+            for (int64_t e = 0; e < d; ++e) st(o, e, ob[j * DT + e]);
           }
           continue;
         }
+      }
+      if (DT == 64) {
+        float of[g * 64];
         if (attend64_any<TC>(g, &qf[0][0], kbase, vbase, slots + lo, len, scale, scores, of)) {
           for (int64_t j = 0; j < g; ++j) {
             TQ* o = out + r * os + (kh * g + j) * d;
@@ -336,7 +342,7 @@ void decode_attention_impl(const TQ* q, int64_t qs, const int64_t* rows, int64_t
 }
 
 #if SHOAL_AVX512
-// ---- decode attention over an int8 cache (dtc 2), head size 64 --------------------------------
+// ---- decode attention over an int8 cache (dtc 2), head size 64 or 128 --------------------------------
 // Keys and values stored as int8 rows with one fp32 scale each (`shoal_cache_write`). Per (row,
 // kv head), for each of its g query heads:
 //  1) the query in int16 with its own scale (round(q * 32767 / amax)), q.k as exact int32 dot
@@ -369,25 +375,28 @@ inline __m512i lane_sums16i(__m512i v[16]) {  // lane i = the sum of v[i]'s lane
 
 constexpr int kAhead8 = 32;  // int8 rows are one cache line: 32 keys ahead (measured: 8 and 16 were too few)
 
-template <int G>
-void attend64_i8(const float* qf, const int8_t* kbase, const int8_t* vbase, const float* ksb, const float* vsb,
+template <int G, int D>
+void attend_i8(const float* qf, const int8_t* kbase, const int8_t* vbase, const float* ksb, const float* vsb,
                  const int64_t* slots, int64_t len, float scale, float* w, int16_t* w16, float* outf) {
   float sum[G], wscale[G];
   for (int j = 0; j < G; ++j) {
     // 1) scores of head j into w[j * len ...]
-    const float* qj = qf + 64 * j;
+    const float* qj = qf + D * j;
     float amax = 0.0f;
-    for (int e = 0; e < 64; ++e) amax = std::fmax(amax, std::fabs(qj[e]));
+    for (int e = 0; e < D; ++e) amax = std::fmax(amax, std::fabs(qj[e]));
     const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
-    alignas(64) int16_t q16[64];
-    for (int e = 0; e < 64; ++e) q16[e] = static_cast<int16_t>(std::nearbyint(qj[e] * inv));
-    const __m512i q0 = _mm512_load_si512(q16), q1 = _mm512_load_si512(q16 + 32);
+    alignas(64) int16_t q16[D];
+    for (int e = 0; e < D; ++e) q16[e] = static_cast<int16_t>(std::nearbyint(qj[e] * inv));
+    __m512i qv[D / 32];
+    for (int z = 0; z < D / 32; ++z) qv[z] = _mm512_load_si512(q16 + 32 * z);
     const float qscale = amax / 32767.0f * scale;
     float* sj = w + j * len;
     if (j == 0)
       for (int64_t s = 0; s < kAhead8 && s < len; ++s) {
-        _mm_prefetch(reinterpret_cast<const char*>(kbase + slots[s] * 64), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(vbase + slots[s] * 64), _MM_HINT_T0);
+        for (int z = 0; z < D / 64; ++z) {
+          _mm_prefetch(reinterpret_cast<const char*>(kbase + slots[s] * D + 64 * z), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(vbase + slots[s] * D + 64 * z), _MM_HINT_T0);
+        }
         _mm_prefetch(reinterpret_cast<const char*>(ksb + slots[s]), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(vsb + slots[s]), _MM_HINT_T0);
       }
@@ -398,17 +407,22 @@ void attend64_i8(const float* qf, const int8_t* kbase, const int8_t* vbase, cons
       for (int i = 0; i < 16; ++i) {
         if (i < n) {
           if (j == 0 && s0 + i + kAhead8 < len) {  // this key's row and value row, kAhead8 keys ahead
-            _mm_prefetch(reinterpret_cast<const char*>(kbase + slots[s0 + i + kAhead8] * 64), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(vbase + slots[s0 + i + kAhead8] * 64), _MM_HINT_T0);
+            for (int z = 0; z < D / 64; ++z) {
+              _mm_prefetch(reinterpret_cast<const char*>(kbase + slots[s0 + i + kAhead8] * D + 64 * z), _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(vbase + slots[s0 + i + kAhead8] * D + 64 * z), _MM_HINT_T0);
+            }
             if ((i & 15) == 0) {  // and their scales' lines (16 slots a line within a block)
               _mm_prefetch(reinterpret_cast<const char*>(ksb + slots[s0 + i + kAhead8]), _MM_HINT_T0);
               _mm_prefetch(reinterpret_cast<const char*>(vsb + slots[s0 + i + kAhead8]), _MM_HINT_T0);
             }
           }
-          const __m512i kr = _mm512_loadu_si512(kbase + slots[s0 + i] * 64);
-          const __m512i k0 = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(kr));
-          const __m512i k1 = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(kr, 1));
-          acc[i] = dot16(dot16(_mm512_setzero_si512(), q0, k0), q1, k1);
+          __m512i d2 = _mm512_setzero_si512();
+          for (int z = 0; z < D / 64; ++z) {  // 64 int8 -> two vectors of 32 int16
+            const __m512i kr = _mm512_loadu_si512(kbase + slots[s0 + i] * D + 64 * z);
+            d2 = dot16(d2, qv[2 * z], _mm512_cvtepi8_epi16(_mm512_castsi512_si256(kr)));
+            d2 = dot16(d2, qv[2 * z + 1], _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(kr, 1)));
+          }
+          acc[i] = d2;
           ksc[i] = ksb[slots[s0 + i]];
         } else {
           acc[i] = _mm512_setzero_si512();
@@ -451,45 +465,49 @@ void attend64_i8(const float* qf, const int8_t* kbase, const int8_t* vbase, cons
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(wj + s0), _mm512_cvtepi32_epi16(r));  // (lanes past len: 0)
     }
   }
-  // 3) out (G, 64) = sum over key pairs of w16 . v (int16 x int8 in exact int32 sums, converted to
+  // 3) out (G, D) = sum over key pairs of w16 . v (int16 x int8 in exact int32 sums, converted to
   //    fp32 every 256 keys so they cannot overflow), times wscale / sum; the pair's value rows
   //    interleaved by unpack, so lane 4L + i of part c holds output 32 (c / 2) + 8L + 4 (c % 2) + i
-  __m512 o[G][4];
-  __m512i ai[G][4];
+  constexpr int C = D / 16;  // parts of 16 outputs
+  __m512 o[G][C];
+  __m512i ai[G][C];
   for (int j = 0; j < G; ++j)
-    for (int c = 0; c < 4; ++c) o[j][c] = _mm512_setzero_ps(), ai[j][c] = _mm512_setzero_si512();
+    for (int c = 0; c < C; ++c) o[j][c] = _mm512_setzero_ps(), ai[j][c] = _mm512_setzero_si512();
   for (int64_t s = 0; s < len; s += 2) {  // (the value rows were prefetched with the keys)
-    const __m512i va = _mm512_loadu_si512(vbase + slots[s] * 64);
-    const __m512i vb = s + 1 < len ? _mm512_loadu_si512(vbase + slots[s + 1] * 64) : _mm512_setzero_si512();
-    const __m512i a0 = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(va)), a1 = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(va, 1));
-    const __m512i b0 = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(vb)), b1 = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(vb, 1));
-    const __m512i v[4] = {_mm512_unpacklo_epi16(a0, b0), _mm512_unpackhi_epi16(a0, b0),
-                          _mm512_unpacklo_epi16(a1, b1), _mm512_unpackhi_epi16(a1, b1)};
+    __m512i v[C];
+    for (int z = 0; z < D / 64; ++z) {
+      const __m512i va = _mm512_loadu_si512(vbase + slots[s] * D + 64 * z);
+      const __m512i vb = s + 1 < len ? _mm512_loadu_si512(vbase + slots[s + 1] * D + 64 * z) : _mm512_setzero_si512();
+      const __m512i a0 = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(va)), a1 = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(va, 1));
+      const __m512i b0 = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(vb)), b1 = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(vb, 1));
+      v[4 * z] = _mm512_unpacklo_epi16(a0, b0), v[4 * z + 1] = _mm512_unpackhi_epi16(a0, b0);
+      v[4 * z + 2] = _mm512_unpacklo_epi16(a1, b1), v[4 * z + 3] = _mm512_unpackhi_epi16(a1, b1);
+    }
     for (int j = 0; j < G; ++j) {
       int32_t pr;
       __builtin_memcpy(&pr, w16 + j * (len + 16) + s, 4);
       const __m512i pp = _mm512_set1_epi32(pr);
-      for (int c = 0; c < 4; ++c) ai[j][c] = dot16(ai[j][c], pp, v[c]);
+      for (int c = 0; c < C; ++c) ai[j][c] = dot16(ai[j][c], pp, v[c]);
     }
     if ((s + 2) % 256 == 0 || s + 2 >= len)  // 256 keys: |sum| <= 256 * 32767 * 127 < 2^31
       for (int j = 0; j < G; ++j)
-        for (int c = 0; c < 4; ++c) {
+        for (int c = 0; c < C; ++c) {
           o[j][c] = _mm512_add_ps(o[j][c], _mm512_cvtepi32_ps(ai[j][c]));
           ai[j][c] = _mm512_setzero_si512();
         }
   }
   for (int j = 0; j < G; ++j) {
-    alignas(64) float t[4][16];
+    alignas(64) float t[C][16];
     const __m512 f = _mm512_set1_ps(wscale[j] / sum[j]);
-    for (int c = 0; c < 4; ++c) _mm512_store_ps(t[c], _mm512_mul_ps(o[j][c], f));
-    float* oj = outf + 64 * j;
-    for (int c = 0; c < 4; ++c)
+    for (int c = 0; c < C; ++c) _mm512_store_ps(t[c], _mm512_mul_ps(o[j][c], f));
+    float* oj = outf + D * j;
+    for (int c = 0; c < C; ++c)
       for (int l = 0; l < 4; ++l)
         for (int i = 0; i < 4; ++i) oj[32 * (c / 2) + 8 * l + 4 * (c % 2) + i] = t[c][4 * l + i];
   }
 }
 
-template <typename TQ>
+template <typename TQ, int D>
 void decode_attention_i8(const TQ* q, int64_t qs, const int64_t* rows, int64_t b, int64_t h, int64_t hkv,
                          const int8_t* kc, const int8_t* vc, const float* ksc, const float* vsc,
                          int64_t num_slots, const int64_t* slots, const int64_t* off, int64_t window,
@@ -506,24 +524,24 @@ void decode_attention_i8(const TQ* q, int64_t qs, const int64_t* rows, int64_t b
       const int64_t i = t / hkv, kh = t % hkv, r = rows[i];
       int64_t lo = off[i], hi = off[i + 1];
       if (window > 0 && hi - lo > window) lo = hi - window;
-      float qf[8 * 64], of[8 * 64];
-      for (int64_t e = 0; e < g * 64; ++e) qf[e] = ld(q + r * qs + kh * g * 64, e);
-      const int8_t* kb = kc + kh * num_slots * 64;
-      const int8_t* vb = vc + kh * num_slots * 64;
+      float qf[8 * D], of[8 * D];
+      for (int64_t e = 0; e < g * D; ++e) qf[e] = ld(q + r * qs + kh * g * D, e);
+      const int8_t* kb = kc + kh * num_slots * D;
+      const int8_t* vb = vc + kh * num_slots * D;
       const float* ks = ksc + kh * num_slots;
       const float* vs = vsc + kh * num_slots;
       switch (g) {
-        case 1: attend64_i8<1>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
-        case 2: attend64_i8<2>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
-        case 3: attend64_i8<3>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
-        case 4: attend64_i8<4>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
-        case 5: attend64_i8<5>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
-        case 6: attend64_i8<6>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
-        case 7: attend64_i8<7>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
-        default: attend64_i8<8>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
+        case 1: attend_i8<1, D>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
+        case 2: attend_i8<2, D>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
+        case 3: attend_i8<3, D>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
+        case 4: attend_i8<4, D>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
+        case 5: attend_i8<5, D>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
+        case 6: attend_i8<6, D>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
+        case 7: attend_i8<7, D>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
+        default: attend_i8<8, D>(qf, kb, vb, ks, vs, slots + lo, hi - lo, scale, w, w16, of); break;
       }
-      TQ* o = out + r * os + kh * g * 64;
-      for (int64_t e = 0; e < g * 64; ++e) st(o, e, of[e]);
+      TQ* o = out + r * os + kh * g * D;
+      for (int64_t e = 0; e < g * D; ++e) st(o, e, of[e]);
     }
     std::free(w);
     std::free(w16);
@@ -557,15 +575,24 @@ int shoal_decode_attention(int dtq, const void* q, int64_t qs, const int64_t* ro
                            const void* vc, int64_t num_slots, const int64_t* slots,
                            const int64_t* off, int64_t window, float scale, void* out, int64_t os,
                            const float* ksc, const float* vsc) {
-  if (dtc == 2) {  // int8 cache with scales: head size 64, 1-8 query heads a kv head, AVX-512
+  if (dtc == 2) {  // int8 cache with scales: head size 64 or 128, 1-8 query heads a kv head, AVX-512
 #if SHOAL_AVX512
-    if (!ksc || !vsc || d != 64 || hkv <= 0 || h % hkv != 0 || h / hkv > 8 || (dtq != 0 && dtq != 1)) return 1;
-    if (dtq == 0)
-      decode_attention_i8<float>((const float*)q, qs, rows, b, h, hkv, (const int8_t*)kc, (const int8_t*)vc, ksc,
-                                 vsc, num_slots, slots, off, window, scale, (float*)out, os);
+    if (!ksc || !vsc || (d != 64 && d != 128) || hkv <= 0 || h % hkv != 0 || h / hkv > 8 || (dtq != 0 && dtq != 1))
+      return 1;
+    auto run = [&](auto dc) {
+      constexpr int D = decltype(dc)::value;
+      if (dtq == 0)
+        decode_attention_i8<float, D>((const float*)q, qs, rows, b, h, hkv, (const int8_t*)kc, (const int8_t*)vc,
+                                      ksc, vsc, num_slots, slots, off, window, scale, (float*)out, os);
+      else
+        decode_attention_i8<bf16_t, D>((const bf16_t*)q, qs, rows, b, h, hkv, (const int8_t*)kc,
+                                       (const int8_t*)vc, ksc, vsc, num_slots, slots, off, window, scale,
+                                       (bf16_t*)out, os);
+    };
+    if (d == 64)
+      run(std::integral_constant<int, 64>{});
     else
-      decode_attention_i8<bf16_t>((const bf16_t*)q, qs, rows, b, h, hkv, (const int8_t*)kc, (const int8_t*)vc,
-                                  ksc, vsc, num_slots, slots, off, window, scale, (bf16_t*)out, os);
+      run(std::integral_constant<int, 128>{});
     return 0;
 #else
     return 1;

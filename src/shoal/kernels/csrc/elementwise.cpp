@@ -113,16 +113,18 @@ inline void quantize_row(const TI* x, int64_t d, int8_t* q, float* scale) {
 }
 
 #if SHOAL_AVX512
-// the same for a bf16 row of 64 values, in 16-lane steps (the same roundings: RNE conversion)
-inline void quantize_row64(const bf16_t* x, int8_t* q, float* scale) {
-  __m512 v[4], m = _mm512_setzero_ps();
-  for (int c = 0; c < 4; ++c) {
+// the same for a bf16 row of d values (d a multiple of 16, at most 256), in 16-lane steps (the
+// same roundings: RNE conversion)
+inline void quantize_row16(const bf16_t* x, int64_t d, int8_t* q, float* scale) {
+  __m512 v[16], m = _mm512_setzero_ps();
+  const int n = static_cast<int>(d / 16);
+  for (int c = 0; c < n; ++c) {
     v[c] = load16(x + 16 * c);
     m = _mm512_max_ps(m, _mm512_abs_ps(v[c]));
   }
   const float amax = _mm512_reduce_max_ps(m);
   const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-  for (int c = 0; c < 4; ++c) {
+  for (int c = 0; c < n; ++c) {
     __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v[c], inv));
     r = _mm512_max_epi32(_mm512_min_epi32(r, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * c), _mm512_cvtepi32_epi8(r));
@@ -139,9 +141,9 @@ void cache_write_i8(const TI* k, int64_t ks, const TI* v, int64_t vs, int64_t n,
       const int64_t at = h * num_slots + slots[i];
 #if SHOAL_AVX512
       if constexpr (std::is_same_v<TI, bf16_t>) {
-        if (d == 64) {
-          quantize_row64(k + i * ks + h * d, kc + at * d, ksc + at);
-          quantize_row64(v + i * vs + h * d, vc + at * d, vsc + at);
+        if (d % 16 == 0 && d <= 256) {
+          quantize_row16(k + i * ks + h * d, d, kc + at * d, ksc + at);
+          quantize_row16(v + i * vs + h * d, d, vc + at * d, vsc + at);
           continue;
         }
       }

@@ -1,19 +1,20 @@
 // Prefill attention over a paged KV cache: every prompt chunk of a step in one call a layer,
-// bf16 queries and cache, head size 64, causal (and an optional sliding window).
+// bf16 queries and cache (or int8 with scales), head size D = 64 or 128, causal (and an optional
+// sliding window).
 //
-// Shapes: q, out (N, H, 64) (row strides qs, os); kc, vc (Hkv, num_slots, 64) one layer's cache;
+// Shapes: q, out (N, H, D) (row strides qs, os); kc, vc (Hkv, num_slots, D) one layer's cache;
 // chunk c has q_len[c] query rows from q_start[c], and its keys at slots[off[c]:off[c + 1]] in
 // position order (L = off[c + 1] - off[c] keys, the chunk's own already written), so its queries
 // are positions L - q_len[c] .. L - 1. Query head j reads kv head j / (H / Hkv).
 //
 // Steps, for each (chunk, kv head):
 //  1) pack its keys and values once, in VDPBF16PS's operand order (pairs of bf16 in 32-bit lanes):
-//     keys per block of 16: kp[block][t][i] = (k[16 block + i][2t], k[..][2t + 1]), t < 32;
-//     values per pair of keys: vp[u][c][i] = (v[2u][16c + i], v[2u + 1][16c + i]), c < 4;
+//     keys per block of 16: kp[block][t][i] = (k[16 block + i][2t], k[..][2t + 1]), t < D / 2;
+//     values per pair of keys: vp[u][c][i] = (v[2u][16c + i], v[2u + 1][16c + i]), c < D / 16;
 //     both zero past L (to a multiple of 32 keys).
 //  2) per tile of query positions (its rows: position x query head of the group):
 //     s = (q . k) * scale for the keys the tile may see (16 keys a vector, a dot product chain over
-//     the 32 pairs of q in order), -inf where the row may not look (a later position, outside the
+//     the D / 2 pairs of q in order), -inf where the row may not look (a later position, outside the
 //     window); per row m = max, p = exp(s - m) rounded to bf16 (0 where masked), sum = the
 //     rounded p's in fp32; out = (sum over key pairs of p v, one dot-product chain in key order)
 //     / sum, rounded to bf16.
@@ -44,9 +45,9 @@
 namespace {
 using namespace shoal;
 
-constexpr int kD = 64;
 constexpr int kScoreRows = 12;  // rows a score tile (12 accumulators of 16 keys)
-constexpr int kValueRows = 6;   // rows a p.v tile (6 x 4 accumulators of 16 outputs)
+// rows a p.v tile: 6 x 4 accumulators of 16 outputs at head size 64, 3 x 8 at 128
+template <int D> constexpr int kValueRows = D == 64 ? 6 : 3;
 
 inline int64_t up32(int64_t x) { return (x + 31) & ~int64_t(31); }
 inline int64_t down32(int64_t x) { return x & ~int64_t(31); }
@@ -54,10 +55,10 @@ inline int64_t down32(int64_t x) { return x & ~int64_t(31); }
 // 1) pack keys [k0, k0 + 32) of one (chunk, kv head): kp, vp as in the header; keys >= len are 0.
 // An int8 cache (TC int8_t): its values widened to bf16, and each key's scales into ksc, vsc
 // (indexed by key; 0 past len).
-// a cache row of 64 values as bf16: the row itself, or an int8 row widened into buf (exact)
-inline const bf16_t* bf16_row(const bf16_t* r, bf16_t*) { return r; }
-inline const bf16_t* bf16_row(const int8_t* r, bf16_t* buf) {
-  for (int c = 0; c < 4; ++c) {  // 16 int8 -> fp32 (exact) -> its top 16 bits
+// a cache row of D values as bf16: the row itself, or an int8 row widened into buf (exact)
+template <int D> inline const bf16_t* bf16_row(const bf16_t* r, bf16_t*) { return r; }
+template <int D> inline const bf16_t* bf16_row(const int8_t* r, bf16_t* buf) {
+  for (int c = 0; c < D / 16; ++c) {  // 16 int8 -> fp32 (exact) -> its top 16 bits
     const __m512i f = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 16 * c)))));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf + 16 * c), _mm512_cvtepi32_epi16(_mm512_srli_epi32(f, 16)));
@@ -65,27 +66,27 @@ inline const bf16_t* bf16_row(const int8_t* r, bf16_t* buf) {
   return buf;
 }
 
-template <typename TC>
+template <typename TC, int D>
 void pack32(const TC* kbase, const TC* vbase, const float* ks, const float* vs, const int64_t* slots,
             int64_t len, int64_t k0, uint32_t* kp, uint32_t* vp, float* ksc, float* vsc) {
-  alignas(64) bf16_t buf[2][kD];
+  alignas(64) bf16_t buf[2][D];
   for (int64_t b = k0 / 16; b < k0 / 16 + 2; ++b) {
-    uint32_t* blk = kp + b * 512;  // [t][i]
+    uint32_t* blk = kp + b * 8 * D;  // [t][i], t < D / 2
     for (int i = 0; i < 16; ++i) {
       const int64_t key = b * 16 + i;
       if (key < len) {
-        const uint32_t* kr = reinterpret_cast<const uint32_t*>(bf16_row(kbase + slots[key] * kD, buf[0]));
-        for (int t = 0; t < 32; ++t) blk[t * 16 + i] = kr[t];
+        const uint32_t* kr = reinterpret_cast<const uint32_t*>(bf16_row<D>(kbase + slots[key] * D, buf[0]));
+        for (int t = 0; t < D / 2; ++t) blk[t * 16 + i] = kr[t];
       } else {
-        for (int t = 0; t < 32; ++t) blk[t * 16 + i] = 0;
+        for (int t = 0; t < D / 2; ++t) blk[t * 16 + i] = 0;
       }
     }
   }
   for (int64_t u = k0 / 2; u < k0 / 2 + 16; ++u) {
-    uint32_t* pr = vp + u * 64;  // [c][i]
-    const bf16_t* v0 = 2 * u < len ? bf16_row(vbase + slots[2 * u] * kD, buf[0]) : nullptr;
-    const bf16_t* v1 = 2 * u + 1 < len ? bf16_row(vbase + slots[2 * u + 1] * kD, buf[1]) : nullptr;
-    for (int e = 0; e < kD; ++e) pr[e] = (v0 ? v0[e] : 0u) | (static_cast<uint32_t>(v1 ? v1[e] : 0u) << 16);
+    uint32_t* pr = vp + u * D;  // [c][i], c < D / 16
+    const bf16_t* v0 = 2 * u < len ? bf16_row<D>(vbase + slots[2 * u] * D, buf[0]) : nullptr;
+    const bf16_t* v1 = 2 * u + 1 < len ? bf16_row<D>(vbase + slots[2 * u + 1] * D, buf[1]) : nullptr;
+    for (int e = 0; e < D; ++e) pr[e] = (v0 ? v0[e] : 0u) | (static_cast<uint32_t>(v1 ? v1[e] : 0u) << 16);
   }
   if (ksc)
     for (int64_t key = k0; key < k0 + 32; ++key) {
@@ -94,17 +95,17 @@ void pack32(const TC* kbase, const TC* vbase, const float* ks, const float* vs, 
     }
 }
 
-// scores of nr <= kScoreRows rows (queries qrow[r], 32 pairs each) against key blocks [b0, b1):
+// scores of nr <= kScoreRows rows (queries qrow[r], D / 2 pairs each) against key blocks [b0, b1):
 // s[r][16 (b - b0) + i] = (q_r . k_{16 b + i}) * scale
-template <int NR>
+template <int NR, int D>
 void score_tile(const uint32_t* const* qrow, const uint32_t* kp, const float* ksc, int64_t b0, int64_t b1,
                 float scale, float* s, int64_t ss) {
   const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t b = b0; b < b1; ++b) {
-    const uint32_t* blk = kp + b * 512;
+    const uint32_t* blk = kp + b * 8 * D;
     __m512 acc[NR];
     for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
-    for (int t = 0; t < 32; ++t) {
+    for (int t = 0; t < D / 2; ++t) {
       const __m512i k = _mm512_loadu_si512(blk + t * 16);
       for (int r = 0; r < NR; ++r) acc[r] = dot2(acc[r], _mm512_set1_epi32(static_cast<int32_t>(qrow[r][t])), k);
     }
@@ -117,25 +118,26 @@ void score_tile(const uint32_t* const* qrow, const uint32_t* kp, const float* ks
 }
 
 // p.v of nr <= kValueRows rows over key pairs [u0, u1) (p: bf16 pairs, row r at p + r * ps,
-// starting at pair u0), each row's 64 sums times inv[r], rounded to bf16 into orow[r]
-template <int NR>
+// starting at pair u0), each row's D sums times inv[r], rounded to bf16 into orow[r]
+template <int NR, int D>
 void value_tile(const uint32_t* p, int64_t ps, const uint32_t* vp, int64_t u0, int64_t u1,
                 const float* inv, bf16_t* const* orow) {
-  __m512 acc[NR][4];
+  constexpr int C = D / 16;
+  __m512 acc[NR][C];
   for (int r = 0; r < NR; ++r)
-    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t u = u0; u < u1; ++u) {
-    const uint32_t* pr = vp + u * 64;
-    __m512i v[4];
-    for (int c = 0; c < 4; ++c) v[c] = _mm512_loadu_si512(pr + 16 * c);
+    const uint32_t* pr = vp + u * D;
+    __m512i v[C];
+    for (int c = 0; c < C; ++c) v[c] = _mm512_loadu_si512(pr + 16 * c);
     for (int r = 0; r < NR; ++r) {
       const __m512i pp = _mm512_set1_epi32(static_cast<int32_t>(p[r * ps + (u - u0)]));
-      for (int c = 0; c < 4; ++c) acc[r][c] = dot2(acc[r][c], pp, v[c]);
+      for (int c = 0; c < C; ++c) acc[r][c] = dot2(acc[r][c], pp, v[c]);
     }
   }
   for (int r = 0; r < NR; ++r) {
     const __m512 iv = _mm512_set1_ps(inv[r]);
-    for (int c = 0; c < 4; ++c)
+    for (int c = 0; c < C; ++c)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow[r] + 16 * c), to_bf16(_mm512_mul_ps(acc[r][c], iv)));
   }
 }
@@ -155,6 +157,7 @@ struct Scratch {  // per thread: scores (rows, keys) fp32 and p (rows, keys) bf1
   std::vector<bf16_t> p;
 };
 
+template <int D>
 void attend_tile(const Tile& tl, const bf16_t* q, int64_t qs, int64_t qrow0, int64_t a, int64_t g,
                  const uint32_t* kp, const uint32_t* vp, const float* ksc, const float* vsc, int64_t window,
                  float scale,
@@ -173,13 +176,13 @@ void attend_tile(const Tile& tl, const bf16_t* q, int64_t qs, int64_t qrow0, int
   bf16_t* orow[64];
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t row = qrow0 + (tl.p0 - a) + r / g, head = tl.kh * g + r % g;
-    qrow[r] = reinterpret_cast<const uint32_t*>(q + row * qs + head * kD);
-    orow[r] = out + row * os + head * kD;
+    qrow[r] = reinterpret_cast<const uint32_t*>(q + row * qs + head * D);
+    orow[r] = out + row * os + head * D;
   }
   // 2a) scores
   for (int64_t r0 = 0; r0 < nr; r0 += kScoreRows) {
     const int n = static_cast<int>(nr - r0 < kScoreRows ? nr - r0 : kScoreRows);
-    by_rows(n, [&](auto NR) { score_tile<decltype(NR)::value>(qrow + r0, kp, ksc, K0 / 16, K1 / 16, scale, s + r0 * nk, nk); },
+    by_rows(n, [&](auto NR) { score_tile<decltype(NR)::value, D>(qrow + r0, kp, ksc, K0 / 16, K1 / 16, scale, s + r0 * nk, nk); },
             std::make_integer_sequence<int, kScoreRows>{});
   }
   // 2b) per row: mask, max, p = exp(s - max) rounded to bf16, sum of the rounded p's
@@ -218,15 +221,16 @@ void attend_tile(const Tile& tl, const bf16_t* q, int64_t qs, int64_t qrow0, int
     inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
   }
   // 2c) out = p.v / sum
-  for (int64_t r0 = 0; r0 < nr; r0 += kValueRows) {
-    const int n = static_cast<int>(nr - r0 < kValueRows ? nr - r0 : kValueRows);
+  constexpr int VR = kValueRows<D>;
+  for (int64_t r0 = 0; r0 < nr; r0 += VR) {
+    const int n = static_cast<int>(nr - r0 < VR ? nr - r0 : VR);
     const uint32_t* pp = reinterpret_cast<const uint32_t*>(p + r0 * nk);
-    by_rows(n, [&](auto NR) { value_tile<decltype(NR)::value>(pp, nk / 2, vp, K0 / 2, K1 / 2, inv + r0, orow + r0); },
-            std::make_integer_sequence<int, kValueRows>{});
+    by_rows(n, [&](auto NR) { value_tile<decltype(NR)::value, D>(pp, nk / 2, vp, K0 / 2, K1 / 2, inv + r0, orow + r0); },
+            std::make_integer_sequence<int, VR>{});
   }
 }
 
-template <typename TC>
+template <typename TC, int D>
 void prefill_attention_impl(const bf16_t* q, int64_t qs, int64_t h, int64_t hkv, const TC* kc, const TC* vc,
                             const float* kscale, const float* vscale, int64_t num_slots, int64_t nc,
                             const int64_t* q_start, const int64_t* q_len, const int64_t* slots,
@@ -240,7 +244,7 @@ void prefill_attention_impl(const bf16_t* q, int64_t qs, int64_t h, int64_t hkv,
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t lp = up32(off[c + 1] - off[c]);
     for (int64_t kh = 0; kh < hkv; ++kh)
-      base[c * hkv + kh + 1] = base[c * hkv + kh] + lp * kD + (i8 ? 2 * lp : 0);  // kp + vp (+ scales)
+      base[c * hkv + kh + 1] = base[c * hkv + kh] + lp * D + (i8 ? 2 * lp : 0);  // kp + vp (+ scales)
     tiles_before[c + 1] = tiles_before[c] + hkv * ((q_len[c] + tp - 1) / tp);
   }
   static thread_local std::vector<uint32_t> pack;  // the calling thread's, grown as needed
@@ -254,8 +258,8 @@ void prefill_attention_impl(const bf16_t* q, int64_t qs, int64_t h, int64_t hkv,
   // a (chunk, kv head)'s parts: kp, vp, and the scales (int8) or null
   auto parts = [&](int64_t ch, int64_t lp, uint32_t*& kp, uint32_t*& vp, float*& ksc, float*& vsc) {
     kp = pk + base[ch];
-    vp = kp + lp * kD / 2;
-    ksc = i8 ? reinterpret_cast<float*>(kp + lp * kD) : nullptr;
+    vp = kp + lp * D / 2;
+    ksc = i8 ? reinterpret_cast<float*>(kp + lp * D) : nullptr;
     vsc = i8 ? ksc + lp : nullptr;
   };
   const int64_t n_groups = groups_before[nc * hkv], n_tiles = tiles_before[nc];
@@ -270,7 +274,7 @@ void prefill_attention_impl(const bf16_t* q, int64_t qs, int64_t h, int64_t hkv,
       uint32_t *kp, *vp;
       float *ksc, *vsc;
       parts(ch, up32(len), kp, vp, ksc, vsc);
-      pack32<TC>(kc + kh * num_slots * kD, vc + kh * num_slots * kD, i8 ? kscale + kh * num_slots : nullptr,
+      pack32<TC, D>(kc + kh * num_slots * D, vc + kh * num_slots * D, i8 ? kscale + kh * num_slots : nullptr,
                  i8 ? vscale + kh * num_slots : nullptr, slots + off[c], len, (w - groups_before[ch]) * 32,
                  kp, vp, ksc, vsc);
     }
@@ -286,7 +290,7 @@ void prefill_attention_impl(const bf16_t* q, int64_t qs, int64_t h, int64_t hkv,
       uint32_t *kp, *vp;
       float *ksc, *vsc;
       parts(c * hkv + kh, up32(len), kp, vp, ksc, vsc);
-      attend_tile(Tile{c, kh, p0, p1}, q, qs, q_start[c], a, g, kp, vp, ksc, vsc, window, scale, out, os, sc);
+      attend_tile<D>(Tile{c, kh, p0, p1}, q, qs, q_start[c], a, g, kp, vp, ksc, vsc, window, scale, out, os, sc);
     }
   }
 }
@@ -301,7 +305,7 @@ extern "C" {
 int shoal_prefill_attention_isa() { return SHOAL_DPBF16 ? 2 : SHOAL_AVX512 ? 1 : 0; }
 
 // See the header. dt: 1 (bfloat16) for q and out; dtc: the cache's, 1 (bfloat16) or 2 (int8,
-// with ksc, vsc: (Hkv, num_slots) fp32 scales); d: 64; at most 64 query heads a kv head.
+// with ksc, vsc: (Hkv, num_slots) fp32 scales); d: 64 or 128; at most 64 query heads a kv head.
 // Returns 1 (unsupported: another dtype, head size or group, or no body) without writing.
 int shoal_prefill_attention(int dt, const void* q, int64_t qs, int64_t h, int64_t hkv, int64_t d,
                             const void* kc, const void* vc, int64_t num_slots, int64_t nc,
@@ -309,18 +313,25 @@ int shoal_prefill_attention(int dt, const void* q, int64_t qs, int64_t h, int64_
                             const int64_t* off, int64_t window, float scale, void* out, int64_t os, int dtc,
                             const float* ksc, const float* vsc) {
 #if SHOAL_AVX512
-  if (dt != 1 || d != kD || hkv <= 0 || h % hkv != 0 || h / hkv > 64) return 1;
+  if (dt != 1 || (d != 64 && d != 128) || hkv <= 0 || h % hkv != 0 || h / hkv > 64) return 1;
   const auto* qb = static_cast<const bf16_t*>(q);
   auto* ob = static_cast<bf16_t*>(out);
-  if (dtc == 1)
-    prefill_attention_impl<bf16_t>(qb, qs, h, hkv, static_cast<const bf16_t*>(kc), static_cast<const bf16_t*>(vc),
-                                   nullptr, nullptr, num_slots, nc, q_start, q_len, slots, off, window, scale,
-                                   ob, os);
-  else if (dtc == 2 && ksc && vsc)
-    prefill_attention_impl<int8_t>(qb, qs, h, hkv, static_cast<const int8_t*>(kc), static_cast<const int8_t*>(vc),
-                                   ksc, vsc, num_slots, nc, q_start, q_len, slots, off, window, scale, ob, os);
+  auto run = [&](auto dc) {
+    constexpr int D = decltype(dc)::value;
+    if (dtc == 1)
+      prefill_attention_impl<bf16_t, D>(qb, qs, h, hkv, static_cast<const bf16_t*>(kc), static_cast<const bf16_t*>(vc),
+                                        nullptr, nullptr, num_slots, nc, q_start, q_len, slots, off, window, scale,
+                                        ob, os);
+    else
+      prefill_attention_impl<int8_t, D>(qb, qs, h, hkv, static_cast<const int8_t*>(kc),
+                                        static_cast<const int8_t*>(vc), ksc, vsc, num_slots, nc, q_start, q_len,
+                                        slots, off, window, scale, ob, os);
+  };
+  if (dtc != 1 && !(dtc == 2 && ksc && vsc)) return 1;
+  if (d == 64)
+    run(std::integral_constant<int, 64>{});
   else
-    return 1;
+    run(std::integral_constant<int, 128>{});
   return 0;
 #else
   (void)dt; (void)q; (void)qs; (void)h; (void)hkv; (void)d; (void)kc; (void)vc; (void)num_slots;
