@@ -235,6 +235,10 @@ def test_cancel_and_pause_resume(ft):
     slow = {"n_epochs": 25}
     job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, seed=1, hyperparameters=slow)
     wait(c, job.id, ("running",))
+    t0 = time.time()  # its first step's metrics (on a busy machine "running" can come well before)
+    while not any(e.type == "metrics" for e in c.fine_tuning.jobs.list_events(job.id, limit=1000)):
+        assert time.time() - t0 < 120, "no metrics event after 120 s"
+        time.sleep(0.05)
     c.fine_tuning.jobs.pause(job.id)
     paused = wait(c, job.id, ("paused",))
     step_at_pause = max(e.data["step"] for e in c.fine_tuning.jobs.list_events(job.id, limit=1000)

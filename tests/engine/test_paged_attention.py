@@ -196,7 +196,7 @@ def test_bf16_head_size_64_prefill_takes_the_kernel(window, monkeypatch):
     q, k, v = (torch.randn(n, nh, d, generator=g).to(torch.bfloat16) for nh in (h, hkv, hkv))
     calls = []
     real = kernels.prefill_attention
-    monkeypatch.setattr(kernels, "prefill_attention", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(kernels, "prefill_attention", lambda *args, **kw: calls.append(1) or real(*args, **kw))
 
     def step():  # a later chunk of a 150-token prompt, a whole 37-token prompt, a decode row
         seqs = [SeqAttention(0, 60, a), SeqAttention(60, 37, b)]

@@ -222,13 +222,15 @@ class PagedAttention:
             self._seq_rows_made = [self._rows_of(_pad_to_block(s.ctx_slots)) for s in self.seqs]
         return self._seq_rows_made
 
-    def _prefill_kernel_args(self) -> tuple:
-        """(q_start, q_len, slots, offsets) of every prefill chunk, made once a step."""
+    def _prefill_kernel_args(self, n: int) -> tuple:
+        """(q_start, q_len, slots, offsets) of every prefill chunk, made and checked once a step
+        (n: the step's query rows)."""
         if self._prefill_args is None:
             lens = torch.tensor([0] + [s.ctx_slots.numel() for s in self.seqs])
-            self._prefill_args = (torch.tensor([s.q_start for s in self.seqs]),
-                                  torch.tensor([s.q_len for s in self.seqs]),
-                                  torch.cat([s.ctx_slots for s in self.seqs]), lens.cumsum(0))
+            args = (torch.tensor([s.q_start for s in self.seqs]), torch.tensor([s.q_len for s in self.seqs]),
+                    torch.cat([s.ctx_slots for s in self.seqs]), lens.cumsum(0))
+            kernels.ops.check_prefill_chunks(n, self.cache.k.shape[2], *args)
+            self._prefill_args = args
         return self._prefill_args
 
     def block_mask(self, start: int, end: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -273,7 +275,8 @@ class PagedAttention:
         whole = self.whole_chunks if self.whole_chunks is not None else q.device.type == "cuda"
         if self.seqs and not whole and kernels.usable(q) and kernels.prefill_attention_ready(q, kc):
             # CPU, bf16, head size 64 or 128: every chunk in one kernel call reading the cache in place
-            kernels.prefill_attention(q, kc, vc, *self._prefill_kernel_args(), self.window, out, ks, vs)
+            kernels.prefill_attention(q, kc, vc, *self._prefill_kernel_args(q.shape[0]), self.window, out, ks, vs,
+                                      prechecked=True)
             seqs = ()
         else:
             seqs = self.seqs

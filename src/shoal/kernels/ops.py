@@ -19,16 +19,6 @@ from .build import library
 _DT = {torch.float32: 0, torch.bfloat16: 1}
 _DTC = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # KV cache dtypes (int8: with scales)
 
-
-def _scales(kc: torch.Tensor, ks: torch.Tensor | None, vs: torch.Tensor | None) -> tuple:
-    """The int8 cache's scale pointers (None, None for a float cache), checked: ks, vs (Hkv, S)
-    fp32 contiguous beside an int8 kc (Hkv, S, D)."""
-    if kc.dtype != torch.int8:
-        _check(ks is None and vs is None, "scales: only an int8 cache has them")
-        return None, None
-    _check(ks is not None and vs is not None and ks.dtype == vs.dtype == torch.float32 and ks.is_contiguous()
-           and vs.is_contiguous() and ks.shape == vs.shape == kc.shape[:2], "int8 cache: its scales")
-    return ks.data_ptr(), vs.data_ptr()
 _enabled = True
 
 
@@ -58,6 +48,17 @@ def _check(ok: bool, what: str) -> None:
     (a real check, kept under `python -O`)."""
     if not ok:
         raise ValueError(f"shoal.kernels: unexpected tensor {what}")
+
+
+def _scales(kc: torch.Tensor, ks: torch.Tensor | None, vs: torch.Tensor | None) -> tuple:
+    """The int8 cache's scale pointers (None, None for a float cache), checked: ks, vs (Hkv, S)
+    fp32 contiguous beside an int8 kc (Hkv, S, D)."""
+    if kc.dtype != torch.int8:
+        _check(ks is None and vs is None, "scales: only an int8 cache has them")
+        return None, None
+    _check(ks is not None and vs is not None and ks.dtype == vs.dtype == torch.float32 and ks.is_contiguous()
+           and vs.is_contiguous() and ks.shape == vs.shape == kc.shape[:2], "int8 cache: its scales")
+    return ks.data_ptr(), vs.data_ptr()
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -145,10 +146,10 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rows: 
     rows (B,) int64: the query rows; slots (sum of lengths,) int64, row i's keys in position
     order at slots[offsets[i]:offsets[i + 1]]; window: attend over the last `window` keys only.
     Semantics: out[r] = softmax(q[r] k^T / sqrt(D)) v per query head, kv head h // (H / Hkv),
-    in fp32; the same bits for a row whatever the other rows are. An int8 cache (ks, vs its scales,
-    see `cache_write`): the query in int16 with its own
-    scale, q.k in exact int32 sums times the key's scale, p * the value's scale in int16 against its
-    largest, p.v in exact int32 sums (head size 64 or 128, up to 8 query heads a kv head)."""
+    in fp32; the same bits for a row whatever the other rows are. An int8 cache (ks, vs its
+    scales, see `cache_write`; head size 64 or 128, up to 8 query heads a kv head): the query in
+    int16 with its own scale, q.k in exact int32 sums times the key's scale, p times the value's
+    scale in int16 against the row's largest, p.v in exact int32 sums."""
     n, h, d = q.shape
     hkv = kc.shape[0]
     kp, vp = _scales(kc, ks, vs)
@@ -177,13 +178,14 @@ def prefill_attention_ready(q: torch.Tensor, kc: torch.Tensor) -> bool:
 def prefill_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, q_start: torch.Tensor,
                       q_len: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor,
                       window: int | None, out: torch.Tensor, ks: torch.Tensor | None = None,
-                      vs: torch.Tensor | None = None) -> None:
+                      vs: torch.Tensor | None = None, prechecked: bool = False) -> None:
     """Prompt chunks attending causally over a paged cache (their own keys already written), all
     chunks of a step in one call.
 
-    q, out (N, H, D) bf16 (row stride free), D = 64 or 128; kc, vc (Hkv, S, D) bf16, one layer's cache; chunk c
-    has q_len[c] query rows from row q_start[c] and its L_c keys at slots[offsets[c]:offsets[c+1]]
-    in position order, so its queries are positions L_c - q_len[c] .. L_c - 1 (all int64).
+    q, out (N, H, D) bf16 (row stride free), D = 64 or 128; kc, vc (Hkv, S, D) bf16 or int8, one
+    layer's cache; chunk c has q_len[c] query rows from row q_start[c] and its L_c keys at
+    slots[offsets[c]:offsets[c+1]] in position order, so its queries are positions
+    L_c - q_len[c] .. L_c - 1 (all int64). `prechecked`: the caller ran `check_prefill_chunks`.
     Semantics: out[r] = softmax(q[r] k^T / sqrt(D)) v over the keys at positions <= the row's (and
     within `window`), query head j on kv head j // (H / Hkv); the products bf16 x bf16 in fp32,
     the probabilities rounded to bf16 for the product with v (as PyTorch's CPU flash kernel does),
@@ -197,20 +199,29 @@ def prefill_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, q_sta
     _check(q.stride(2) == 1 and q.stride(1) == d and out.stride(2) == 1 and out.stride(1) == d
            and out.shape == q.shape and out.dtype == q.dtype and kc.dtype == vc.dtype and kc.is_contiguous()
            and vc.is_contiguous() and kc.shape == vc.shape, "prefill_attention: layout")
+    if not prechecked:  # (the engine checks a step's chunks once, for all layers)
+        check_prefill_chunks(n, kc.shape[1], q_start, q_len, slots, offsets)
     nc = q_start.numel()
-    for t in (q_start, q_len, slots, offsets):
-        _check(t.dtype == torch.int64 and t.is_contiguous(), "prefill_attention: index tensors")
-    lens = offsets[1:] - offsets[:-1]
-    _check(offsets.numel() == nc + 1 and q_len.numel() == nc and int(offsets[0]) == 0
-           and int(offsets[-1]) == slots.numel() and bool((q_len >= 1).all()) and bool((q_len <= lens).all())
-           and bool((q_start >= 0).all()) and bool((q_start + q_len <= n).all())
-           and (slots.numel() == 0 or 0 <= int(slots.min()) <= int(slots.max()) < kc.shape[1]),
-           "prefill_attention: chunks or slots")
     rc = library().shoal_prefill_attention(
         _DT[q.dtype], q.data_ptr(), q.stride(0), h, hkv, d, kc.data_ptr(), vc.data_ptr(), kc.shape[1],
         nc, q_start.data_ptr(), q_len.data_ptr(), slots.data_ptr(), offsets.data_ptr(),
         int(window or 0), d ** -0.5, out.data_ptr(), out.stride(0), _DTC[kc.dtype], kp, vp)
     _check(rc == 0, "prefill_attention: unsupported (see prefill_attention_ready)")
+
+
+def check_prefill_chunks(n: int, num_slots: int, q_start: torch.Tensor, q_len: torch.Tensor,
+                         slots: torch.Tensor, offsets: torch.Tensor) -> None:
+    """`prefill_attention`'s chunk tensors fit N query rows and a cache of num_slots slots (the
+    kernel reads raw memory: a real check, kept under `python -O`)."""
+    nc = q_start.numel()
+    for t in (q_start, q_len, slots, offsets):
+        _check(t.dtype == torch.int64 and t.is_contiguous(), "prefill_attention: index tensors")
+    _check(offsets.numel() == nc + 1 and q_len.numel() == nc, "prefill_attention: chunks or slots")
+    lens = offsets[1:] - offsets[:-1]
+    _check(int(offsets[0]) == 0 and int(offsets[-1]) == slots.numel() and bool((q_len >= 1).all())
+           and bool((q_len <= lens).all()) and bool((q_start >= 0).all()) and bool((q_start + q_len <= n).all())
+           and (slots.numel() == 0 or 0 <= int(slots.min()) <= int(slots.max()) < num_slots),
+           "prefill_attention: chunks or slots")
 
 
 def silu_mul(y: torch.Tensor) -> torch.Tensor:
