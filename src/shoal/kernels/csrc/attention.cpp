@@ -589,10 +589,7 @@ int shoal_decode_attention(int dtq, const void* q, int64_t qs, const int64_t* ro
                                        (const int8_t*)vc, ksc, vsc, num_slots, slots, off, window, scale,
                                        (bf16_t*)out, os);
     };
-    if (d == 64)
-      run(std::integral_constant<int, 64>{});
-    else
-      run(std::integral_constant<int, 128>{});
+    by_head_size(d, run);
     return 0;
 #else
     return 1;

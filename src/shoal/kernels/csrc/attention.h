@@ -2,6 +2,8 @@
 // prompt chunks): the bf16 pair dot product and a 16-lane exp.
 #pragma once
 
+#include <type_traits>
+
 #include "widen.h"
 
 #if SHOAL_AVX512
@@ -37,6 +39,15 @@ inline __m512 exp_neg16(__m512 x) {
   p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// f(std::integral_constant<int, D>{}) for head size d: 64, else 128 (callers check d first)
+template <typename F>
+inline void by_head_size(int64_t d, F&& f) {
+  if (d == 64)
+    f(std::integral_constant<int, 64>{});
+  else
+    f(std::integral_constant<int, 128>{});
 }
 
 // bf16 lanes (16 x 16 bits) -> fp32

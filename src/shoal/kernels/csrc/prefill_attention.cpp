@@ -328,10 +328,7 @@ int shoal_prefill_attention(int dt, const void* q, int64_t qs, int64_t h, int64_
                                         slots, off, window, scale, ob, os);
   };
   if (dtc != 1 && !(dtc == 2 && ksc && vsc)) return 1;
-  if (d == 64)
-    run(std::integral_constant<int, 64>{});
-  else
-    run(std::integral_constant<int, 128>{});
+  by_head_size(d, run);
   return 0;
 #else
   (void)dt; (void)q; (void)qs; (void)h; (void)hkv; (void)d; (void)kc; (void)vc; (void)num_slots;
