@@ -5,7 +5,9 @@ repeated for their query groups), in the same process; and the kernel over the s
 values in an int8 cache (`kv_cache_dtype="int8"`: int8 rows with a scale each). 30 layers of distinct caches, so the
 keys come from memory as in a decode step; each row's blocks scattered over the cache.
 
-    python bench/decode_attention.py [--rows 32] [--ctx 200] [--threads 2]
+    python bench/decode_attention.py [--rows 32] [--ctx 200] [--threads 2] [--heads 9,3,64]
+
+(--heads H,HKV,D: query heads, kv heads, head size; 32,8,128 is Llama-3-8B's.)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-H, HKV, D, BLOCK = 9, 3, 64, 16
+BLOCK = 16
 
 
 def main() -> None:
@@ -27,7 +29,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--heads", default="9,3,64", help="H,HKV,D")
     args = ap.parse_args()
+    H, HKV, D = (int(x) for x in args.heads.split(","))
     torch.set_num_threads(args.threads)
     from shoal import kernels
 
