@@ -52,9 +52,6 @@ template <int D> constexpr int kValueRows = D == 64 ? 6 : 3;
 inline int64_t up32(int64_t x) { return (x + 31) & ~int64_t(31); }
 inline int64_t down32(int64_t x) { return x & ~int64_t(31); }
 
-// 1) pack keys [k0, k0 + 32) of one (chunk, kv head): kp, vp as in the header; keys >= len are 0.
-// An int8 cache (TC int8_t): its values widened to bf16, and each key's scales into ksc, vsc
-// (indexed by key; 0 past len).
 // a cache row of D values as bf16: the row itself, or an int8 row widened into buf (exact)
 template <int D> inline const bf16_t* bf16_row(const bf16_t* r, bf16_t*) { return r; }
 template <int D> inline const bf16_t* bf16_row(const int8_t* r, bf16_t* buf) {
@@ -66,6 +63,9 @@ template <int D> inline const bf16_t* bf16_row(const int8_t* r, bf16_t* buf) {
   return buf;
 }
 
+// 1) pack keys [k0, k0 + 32) of one (chunk, kv head): kp, vp as in the header; keys >= len are 0.
+// An int8 cache (TC int8_t): its values widened to bf16, and each key's scales into ksc, vsc
+// (indexed by key; 0 past len).
 template <typename TC, int D>
 void pack32(const TC* kbase, const TC* vbase, const float* ks, const float* vs, const int64_t* slots,
             int64_t len, int64_t k0, uint32_t* kp, uint32_t* vp, float* ksc, float* vsc) {
@@ -147,9 +147,9 @@ void by_rows(int n, F&& f, std::integer_sequence<int, N...>) {  // f(std::integr
   ((n == N + 1 ? (f(std::integral_constant<int, N + 1>{}), 0) : 0), ...);
 }
 
-// one task: chunk rows of positions [p0, p1) (query rows from qrow0), kv head kh, g heads a group
+// one task: a chunk's positions [p0, p1) on kv head kh (its g query heads)
 struct Tile {
-  int64_t c, kh, p0, p1;
+  int64_t kh, p0, p1;
 };
 
 struct Scratch {  // per thread: scores (rows, keys) fp32 and p (rows, keys) bf16
@@ -160,8 +160,7 @@ struct Scratch {  // per thread: scores (rows, keys) fp32 and p (rows, keys) bf1
 template <int D>
 void attend_tile(const Tile& tl, const bf16_t* q, int64_t qs, int64_t qrow0, int64_t a, int64_t g,
                  const uint32_t* kp, const uint32_t* vp, const float* ksc, const float* vsc, int64_t window,
-                 float scale,
-                 bf16_t* out, int64_t os, Scratch& sc) {
+                 float scale, bf16_t* out, int64_t os, Scratch& sc) {
   const int64_t np = tl.p1 - tl.p0, nr = np * g;
   // the keys any row of the tile may see: [K0, K1), 32-aligned
   const int64_t K0 = window > 0 ? down32(tl.p0 - window + 1 > 0 ? tl.p0 - window + 1 : 0) : 0;
@@ -171,7 +170,7 @@ void attend_tile(const Tile& tl, const bf16_t* q, int64_t qs, int64_t qrow0, int
   if (static_cast<int64_t>(sc.p.size()) < nr * nk) sc.p.resize(nr * nk);
   float* s = sc.s.data();
   bf16_t* p = sc.p.data();
-  // rows r = position i x head j (i major); their queries as 32 bf16 pairs
+  // rows r = position i x head j (i major); their queries as D / 2 bf16 pairs
   const uint32_t* qrow[64];
   bf16_t* orow[64];
   for (int64_t r = 0; r < nr; ++r) {
@@ -290,7 +289,7 @@ void prefill_attention_impl(const bf16_t* q, int64_t qs, int64_t h, int64_t hkv,
       uint32_t *kp, *vp;
       float *ksc, *vsc;
       parts(c * hkv + kh, up32(len), kp, vp, ksc, vsc);
-      attend_tile<D>(Tile{c, kh, p0, p1}, q, qs, q_start[c], a, g, kp, vp, ksc, vsc, window, scale, out, os, sc);
+      attend_tile<D>(Tile{kh, p0, p1}, q, qs, q_start[c], a, g, kp, vp, ksc, vsc, window, scale, out, os, sc);
     }
   }
 }
