@@ -1,5 +1,6 @@
 // What the two attention kernels share (`attention.cpp`: decode rows; `prefill_attention.cpp`:
-// prompt chunks): the bf16 pair dot product and a 16-lane exp.
+// prompt chunks): a 16-lane exp, the head-size dispatch and a bf16 widening (the pair dot product
+// `dot2` is widen.h's).
 #pragma once
 
 #include <type_traits>
@@ -8,20 +9,6 @@
 
 #if SHOAL_AVX512
 namespace shoal {
-
-// acc + a.lo * b.lo + a.hi * b.hi in each 32-bit lane of bf16 pairs: VDPBF16PS (AVX512-BF16),
-// else two fused multiply-adds on the widened halves (other roundings; both exact products)
-inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {
-#if SHOAL_DPBF16
-  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
-#else
-  const __m512i hi = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
-  acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, hi)),
-                        _mm512_castsi512_ps(_mm512_and_si512(b, hi)), acc);
-  return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)),
-                         _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), acc);
-#endif
-}
 
 // exp(x) for x <= 0 in 16 lanes: common.h's exp_neg, step for step
 inline __m512 exp_neg16(__m512 x) {

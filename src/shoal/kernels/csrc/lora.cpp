@@ -1,9 +1,9 @@
 // Multi-LoRA deltas with one adapter slot per token (BGMV), for the engine on CPU (see
 // common.h for element types). Each token is computed alone in a fixed order.
 
-#include "common.h"
+#include <type_traits>
 
-#include <immintrin.h>
+#include "widen.h"
 
 namespace {
 using namespace shoal;
@@ -60,6 +60,79 @@ inline void store_delta<bf16_t>(bf16_t* o, __m512 d, __mmask16 m, int accumulate
   _mm256_mask_storeu_epi16(o, m, _mm512_cvtepi32_epi16(r));
 }
 
+// bf16 slots on bf16 inputs: the weights are used as stored, two bf16 values a 32-bit lane (the
+// widening to fp32 one vector at a time bounded the generic body: with one layer's slots in
+// cache a token took ~5 us a layer).
+// shrink: c[t][j] = T32(x_t . a[j]) * scale for j < RG, a's rows k apart: per (t, j) one chain
+// of `dot2` over k in steps of 32 (lane l takes the pair e0 + 2l, e0 + 2l + 1, a tail masked to
+// zeros), then _mm512_reduce_add_ps; RG ranks at once so NB * RG chains run side by side. pa (to
+// pa_end) advances RG lines of prefetch a step.
+template <int NB, int RG>
+inline void shrink_bf(const bf16_t* const* xr, const bf16_t* a, int64_t k, float scale, float* c, int64_t ldc,
+                      const char*& pa, const char* pa_end) {
+  __m512 acc[NB][RG];
+  for (int t = 0; t < NB; ++t)
+    for (int j = 0; j < RG; ++j) acc[t][j] = _mm512_setzero_ps();
+  for (int64_t e0 = 0; e0 < k; e0 += 32) {
+    const __mmask32 m = k - e0 >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (k - e0)) - 1);
+    for (int j = 0; j < RG; ++j)
+      if (pa < pa_end) _mm_prefetch(pa, _MM_HINT_T0), pa += 64;
+    __m512i xv[NB];
+    for (int t = 0; t < NB; ++t) xv[t] = _mm512_maskz_loadu_epi16(m, xr[t] + e0);
+    for (int j = 0; j < RG; ++j) {
+      const __m512i wv = _mm512_maskz_loadu_epi16(m, a + j * k + e0);
+      for (int t = 0; t < NB; ++t) acc[t][j] = dot2(acc[t][j], xv[t], wv);
+    }
+  }
+  for (int t = 0; t < NB; ++t)
+    for (int j = 0; j < RG; ++j) c[t * ldc + j] = _mm512_reduce_add_ps(acc[t][j]) * scale;
+}
+
+// expand and add: out_t[e] (+)= T(sum_r c[t][r] * b[r][e]), each element's FMA chain over r in
+// order (the generic body's arithmetic), U steps of 32 elements at once: a step's 32 bf16 split
+// into even and odd elements as fp32 by a shift and a mask, their sums put back in order at the
+// end. pb (to pb_end) advances U lines of prefetch a rank.
+template <int NB, int U>
+inline void expand_bf(const float* c, int64_t rank, const bf16_t* b, int64_t w, bf16_t* const* out, int accumulate,
+                      const char*& pb, const char* pb_end) {
+  const __m512i hi = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
+  const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int64_t e0 = 0; e0 < w; e0 += 32 * U) {
+    __mmask32 m[U];
+    for (int u = 0; u < U; ++u) {
+      const int64_t left = w - e0 - 32 * u;
+      m[u] = left >= 32 ? __mmask32(0xffffffffu) : left <= 0 ? __mmask32(0) : __mmask32((1u << left) - 1);
+    }
+    __m512 ev[NB][U], od[NB][U];
+    for (int t = 0; t < NB; ++t)
+      for (int u = 0; u < U; ++u) ev[t][u] = od[t][u] = _mm512_setzero_ps();
+    for (int64_t r = 0; r < rank; ++r) {
+      for (int u = 0; u < U; ++u)
+        if (pb < pb_end) _mm_prefetch(pb, _MM_HINT_T0), pb += 64;
+      __m512 cr[NB];
+      for (int t = 0; t < NB; ++t) cr[t] = _mm512_set1_ps(c[t * rank + r]);
+      for (int u = 0; u < U; ++u) {
+        const __m512i bv = _mm512_maskz_loadu_epi16(m[u], b + r * w + e0 + 32 * u);
+        const __m512 be = _mm512_castsi512_ps(_mm512_slli_epi32(bv, 16));    // elements 2l
+        const __m512 bo = _mm512_castsi512_ps(_mm512_and_si512(bv, hi));     // elements 2l + 1
+        for (int t = 0; t < NB; ++t) {
+          ev[t][u] = _mm512_fmadd_ps(cr[t], be, ev[t][u]);
+          od[t][u] = _mm512_fmadd_ps(cr[t], bo, od[t][u]);
+        }
+      }
+    }
+    for (int u = 0; u < U; ++u) {
+      const __mmask16 m0 = static_cast<__mmask16>(m[u]), m1 = static_cast<__mmask16>(m[u] >> 16);
+      for (int t = 0; t < NB; ++t) {
+        bf16_t* o = out[t] + e0 + 32 * u;
+        if (m0) store_delta(o, _mm512_permutex2var_ps(ev[t][u], lo_idx, od[t][u]), m0, accumulate);
+        if (m1) store_delta(o + 16, _mm512_permutex2var_ps(ev[t][u], hi_idx, od[t][u]), m1, accumulate);
+      }
+    }
+  }
+}
+
 template <int NB, typename T, typename TW>
 void bgmv_block(const T* x, int64_t xs, const int64_t* rows, int64_t k, int64_t s, int64_t sa,
                 int64_t n_layers, const int64_t* a_ptr, const int64_t* b_ptr, const int64_t* b_stride,
@@ -67,7 +140,8 @@ void bgmv_block(const T* x, int64_t xs, const int64_t* rows, int64_t k, int64_t 
                 const int64_t* out_stride, const int64_t* width, int accumulate, float* xf, float* c,
                 int64_t s_next) {
   const int64_t kp = (k + 15) / 16 * 16;
-  for (int t = 0; t < NB; ++t) {  // the tokens' inputs in fp32, zero-padded to whole vectors
+  constexpr bool bf = std::is_same_v<T, bf16_t> && std::is_same_v<TW, bf16_t>;  // the pair body below
+  for (int t = 0; t < NB && !bf; ++t) {  // the tokens' inputs in fp32, zero-padded to whole vectors
     const T* xr = x + rows[t] * xs;
     for (int64_t e = 0; e < kp; ++e) xf[t * kp + e] = e < k ? ld(xr, e) : 0.0f;
   }
@@ -92,6 +166,20 @@ void bgmv_block(const T* x, int64_t xs, const int64_t* rows, int64_t k, int64_t 
       pa = reinterpret_cast<const char*>(reinterpret_cast<const TW*>(a_ptr[i]) + s_next * sa);
       pb = reinterpret_cast<const char*>(reinterpret_cast<const TW*>(b_ptr[i]) + s_next * b_stride[i]);
       pa_end = pa + rn * k * sizeof(TW), pb_end = pb + rn * w * sizeof(TW);
+    }
+    if constexpr (bf) {
+      constexpr int RG = NB <= 2 ? 8 : 4, U = NB <= 2 ? 2 : 1;  // ranks a shrink step, steps an expand
+      const bf16_t* xr[NB];
+      bf16_t* out[NB];
+      for (int t = 0; t < NB; ++t)
+        xr[t] = x + rows[t] * xs, out[t] = reinterpret_cast<bf16_t*>(out_ptr[i]) + rows[t] * out_stride[i];
+      const bf16_t* as = reinterpret_cast<const bf16_t*>(a_ptr[i]) + s * sa;
+      int64_t r0 = 0;
+      for (; r0 + RG <= rank; r0 += RG) shrink_bf<NB, RG>(xr, as + r0 * k, k, scale, c + r0, rank, pa, pa_end);
+      for (; r0 < rank; ++r0) shrink_bf<NB, 1>(xr, as + r0 * k, k, scale, c + r0, rank, pa, pa_end);
+      expand_bf<NB, U>(c, rank, reinterpret_cast<const bf16_t*>(b_ptr[i]) + s * b_stride[i], w, out, accumulate,
+                       pb, pb_end);
+      continue;
     }
     // 1) shrink: c[t][r] = T32(x_t . a[r]) * scale
     for (int64_t r = 0; r < rank; ++r) {

@@ -1,6 +1,7 @@
 // What the packed products' bodies share (`qlinear.cpp`: AMX tiles; `qlinear_dot.cpp`:
-// AVX512-BF16 dot products; `qlinear_fma.cpp`: AVX-512F or AVX2 FMA): the ISA tests they build on, the
-// 16-lane bf16 load and store of the epilogue, and the int8 -> bf16 widening of packed weights.
+// AVX512-BF16 dot products; `qlinear_fma.cpp`: AVX-512F or AVX2 FMA) and the attention and LoRA
+// kernels: the ISA tests they build on, the bf16 pair dot product, the 16-lane bf16 load and store of
+// the epilogue, and the int8 -> bf16 widening of packed weights.
 #pragma once
 
 #include "common.h"
@@ -25,6 +26,23 @@
 #endif
 
 namespace shoal {
+#if SHOAL_AVX512
+// acc + a.lo * b.lo + a.hi * b.hi in each 32-bit lane of bf16 pairs: VDPBF16PS (AVX512-BF16),
+// else two fused multiply-adds on the widened halves (other roundings; both exact products)
+inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {
+#if SHOAL_DPBF16
+  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
+#else
+  const __m512i hi = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
+  acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, hi)),
+                        _mm512_castsi512_ps(_mm512_and_si512(b, hi)), acc);
+  return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)),
+                         _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), acc);
+#endif
+}
+
+#endif
+
 // 16 outputs of a row from its fp32 sums: y = s * scale + bias (either may be null), rounded to
 // bf16 unless y is fp32 (f32)
 inline void put16(const float* s, const bf16_t* scale, const bf16_t* bias, void* y, bool f32) {
