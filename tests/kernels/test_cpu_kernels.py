@@ -142,6 +142,20 @@ def test_lora_bgmv_per_token_slots(dtype, wdtype):
         kernels.lora_bgmv(xr[lo:hi], run[lo:hi], [a[:, :r], a[:, r:]], bs, scales, ranks,
                           [part[:, :96], part[:, 96:]], accumulate=True)
         assert torch.equal(part, got[lo:hi]), (lo, hi)
+    # decode rows of requests on the same adapter, scattered through the batch, share their
+    # slot's weight loads (blocks of up to 4 gathered across the batch): each row still gets the
+    # bits it gets alone
+    mixed = torch.tensor([2, 0, 2, -1, 1, 2, 0, 2, 2, 2, 1, 0, 2])
+    xm = rand(len(mixed), k, dtype=dtype, seed=8)
+    ym = rand(len(mixed), 128, dtype=dtype, seed=9)
+    got = ym.clone()
+    kernels.lora_bgmv(xm, mixed, [a[:, :r], a[:, r:]], bs, scales, ranks, [got[:, :96], got[:, 96:]], accumulate=True)
+    for t in range(len(mixed)):
+        one = ym[t:t + 1].clone()
+        kernels.lora_bgmv(xm[t:t + 1], mixed[t:t + 1], [a[:, :r], a[:, r:]], bs, scales, ranks,
+                          [one[:, :96], one[:, 96:]], accumulate=True)
+        assert torch.equal(one[0], got[t]), t
+    assert torch.equal(got[3], ym[3])
 
 
 def test_callers_fall_back_when_disabled():

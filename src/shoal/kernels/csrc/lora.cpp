@@ -17,12 +17,15 @@ using namespace shoal;
 // (the zero padding adds nothing). Tokens with slot -1 are left alone (base model).
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 // ---- AVX-512: tokens of one slot in blocks of up to 4 sharing each weight load ----------------
-// Per token the arithmetic is fixed whatever its block: each dot product x . a[r] is 16 lane
-// sums over k (FMA, lane l takes e = l mod 16, a tail masked) reduced by _mm512_reduce_add_ps;
-// each delta element is an FMA chain over r in order, held in a register (the generic loop
-// below kept it in memory, a load and store per rank per element). So a token's bits do not
-// depend on which tokens share its block, and decode rows (blocks of one) and prefill runs
-// compute the same way.
+// A block is up to 4 tokens of one slot, adjacent or not: a prefill run, or the decode rows of
+// requests on the same adapter wherever they sit in the batch (each slot's weights then come
+// from memory once a block, not once a row). Per token the arithmetic is fixed whatever its
+// block: each dot product x . a[r] is lane sums over k (FMA, lane l takes e = l mod 16; bf16
+// slots on bf16 inputs: pair dot products, lane l takes e0 + 2l and e0 + 2l + 1 of each 32) reduced
+// by _mm512_reduce_add_ps; each delta element is an FMA chain over r in order, held in a
+// register (the generic loop below kept it in memory, a load and store per rank per element).
+// So a token's bits do not depend on which tokens share its block, and decode rows and prefill
+// runs compute the same way.
 constexpr int kBlock = 4;
 
 template <typename TW>
@@ -220,23 +223,33 @@ void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int6
                     const int64_t* out_ptr, const int64_t* out_stride, const int64_t* width,
                     int accumulate) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-  // blocks: up to kBlock consecutive tokens with the same slot (a prefill run), else one token
+  // blocks: each slot's tokens in order (slots by first appearance), kBlock at a time
   int64_t* rows = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * (2 * n_tok + 2)));
   int64_t* starts = rows + n_tok + 1;
-  int64_t nblocks = 0, nr = 0, rmax = 1;
-  for (int64_t t = 0; t < n_tok;) {
-    if (slot[t] < 0) {
-      ++t;
-      continue;
+  int64_t nblocks = 0, nr = 0, rmax = 1, smax = -1;
+  for (int64_t t = 0; t < n_tok; ++t) smax = slot[t] > smax ? slot[t] : smax;
+  // next[t]: the slot's next token after t (-1: none), via each slot's last token so far
+  int64_t* next = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * (n_tok + smax + 2)));
+  int64_t* last = next + n_tok;
+  for (int64_t s = 0; s <= smax; ++s) last[s] = -1;
+  for (int64_t t = n_tok - 1; t >= 0; --t) {
+    if (slot[t] < 0) continue;
+    next[t] = last[slot[t]];
+    last[slot[t]] = t;  // ends as the slot's first token
+  }
+  for (int64_t t0 = 0; t0 < n_tok; ++t0) {
+    const int64_t s = slot[t0];
+    if (s < 0 || last[s] != t0) continue;  // not the first token of its slot
+    for (int64_t t = t0; t >= 0;) {
+      starts[nblocks++] = nr;
+      for (int j = 0; j < kBlock && t >= 0; ++j, t = next[t]) rows[nr++] = t;
     }
-    starts[nblocks++] = nr;
-    const int64_t s = slot[t];
-    for (int j = 0; j < kBlock && t < n_tok && slot[t] == s; ++j) rows[nr++] = t++;
     for (int64_t i = 0; i < n_layers; ++i) {
       const int64_t r = reinterpret_cast<const int64_t*>(rank_ptr[i])[s];
       rmax = r > rmax ? r : rmax;
     }
   }
+  std::free(next);
   starts[nblocks] = nr;
   const int64_t kp = (k + 15) / 16 * 16;
 #pragma omp parallel if (nblocks >= 4)
