@@ -3,9 +3,11 @@ through `kernels.BGMVLayers`, as the engine calls it) against the same deltas in
 (each token gathers its slot's A and B and two batched products run, the form of
 `shoal.lora.grouping.add_indexed_`), in the same process.
 
-Two workloads over 30 layers x (q|k|v, o, gate|up, down), rank 8, bf16 slots, each layer with
+Three workloads over 30 layers x (q|k|v, o, gate|up, down), rank 8, bf16 slots, each layer with
 its own buffers so the slots come from memory as in a decode step:
 - decode: 32 tokens, each with its own adapter slot (32 slots read, ~150 MB);
+- decode: 64 tokens, two on each slot, 32 rows apart (requests on the same adapter, scattered
+  through the batch: the kernel gathers each slot's tokens into one block);
 - prefill: 512 tokens of one adapter (a prompt run).
 
     python bench/lora_kernel.py [--threads 2] [--repeat 5]
@@ -56,6 +58,7 @@ def main() -> None:
 
     results = {}
     for name, n, slots in [("decode: 32 tokens, 32 slots", 32, torch.arange(32) % nslots),
+                           ("decode: 64 tokens, 2 a slot apart", 64, torch.arange(64) % nslots),
                            ("prefill: 512 tokens, 1 slot", 512, torch.zeros(512, dtype=torch.long))]:
         xs = {k: (torch.randn(n, k, generator=g)).bfloat16() for k in (576, 1536)}
         row = {}
@@ -73,7 +76,7 @@ def main() -> None:
                 step()
             row[kind] = (time.perf_counter() - t) / args.repeat * 1e3
         results[name] = row
-        print(f"{name:32s} kernel {row['kernel']:8.2f} ms   PyTorch {row['PyTorch']:8.2f} ms   "
+        print(f"{name:34s} kernel {row['kernel']:8.2f} ms   PyTorch {row['PyTorch']:8.2f} ms   "
               f"{row['PyTorch'] / row['kernel']:5.2f}x")
     print(f"slots: {nbytes / 2**20:.0f} MB")
     print(json.dumps({"threads": args.threads, "layers": args.layers, "ms": results}))
