@@ -158,6 +158,55 @@ def test_lora_bgmv_per_token_slots(dtype, wdtype):
     assert torch.equal(got[3], ym[3])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_bgmv_int8_slots(dtype):
+    """int8 slots with a scale per row of A and of B: the deltas of the dequantized weights (float64
+    reference), base rows left alone, and each row's bits the same alone as in the batch."""
+    from shoal.lora.layers import quantize_rows
+
+    if not kernels.lora_int8_ready():
+        pytest.skip("int8 LoRA slots need the kernels on an AVX-512 CPU")
+    k, r, nslots = 576, 8, 4
+    a = rand(nslots, 2 * r, k, seed=11, scale=0.05)  # two layers' A stacked
+    bs = [rand(nslots, r, 96, seed=12, scale=0.05), rand(nslots, r, 40, seed=13, scale=0.05)]
+    aq = torch.stack([quantize_rows(a[s])[0] for s in range(nslots)])
+    asc = torch.stack([quantize_rows(a[s])[1] for s in range(nslots)])
+    bq = [(torch.stack([quantize_rows(b[s])[0] for s in range(nslots)]),
+           torch.stack([quantize_rows(b[s])[1] for s in range(nslots)])) for b in bs]
+    assert aq.dtype == torch.int8 and aq.abs().max() == 127
+    scales = [torch.tensor([1.0, 2.0, 0.5, 1.5]), torch.tensor([2.0, 1.0, 1.0, 1.0])]
+    ranks = [torch.tensor([8, 8, 3, 0]), torch.tensor([8, 0, 8, 8])]
+    slots = torch.tensor([0, 3, -1, 1, 2, 3, 3, 0, 1, 2, 2, -1, 0])
+    n = len(slots)
+    x = rand(n, k, dtype=dtype, seed=14)
+    base = rand(n, 136, dtype=dtype, seed=15)
+
+    def run(rows):
+        y = base[rows].clone()
+        kernels.lora_bgmv(x[rows], slots[rows], [aq[:, :r], aq[:, r:]], [b[0] for b in bq], scales, ranks,
+                          [y[:, :96], y[:, 96:]], True, [asc[:, :r], asc[:, r:]], [b[1] for b in bq])
+        return y
+
+    y = run(slice(None))
+    for t, s in enumerate(slots.tolist()):
+        if s < 0:
+            assert torch.equal(y[t], base[t])
+            continue
+        for i, (lo, hi) in enumerate(((0, 96), (96, 136))):
+            rk = int(ranks[i][s])
+            ad = aq[s, i * r:i * r + rk].double() * asc[s, i * r:i * r + rk, None].double()
+            bd = bq[i][0][s, :rk].double() * bq[i][1][s, :rk, None].double()
+            want = base[t, lo:hi].double() + (x[t].double() @ ad.T * float(scales[i][s])) @ bd
+            tol = 1e-4 if dtype == torch.float32 else 0.05
+            assert (y[t, lo:hi].double() - want).abs().max().item() < tol
+            if rk and s in (0, 1):  # the rounding is real: the exact weights give another delta
+                exact = base[t, lo:hi].double() + (x[t].double() @ a[s, i * r:i * r + rk].double().T
+                                                   * float(scales[i][s])) @ bs[i][s, :rk].double()
+                assert (exact - want).abs().max().item() > 1e-6
+    for t in range(n):
+        assert torch.equal(run(slice(t, t + 1))[0], y[t]), t
+
+
 def test_callers_fall_back_when_disabled():
     """With the kernels switched off (or unavailable), the model's modules run PyTorch ops and
     give the same results within float rounding."""

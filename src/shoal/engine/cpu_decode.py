@@ -224,8 +224,8 @@ def _lora_table(model: Transformer) -> tuple | None:
     """(table (layers, 4 groups x 4) int64, plans, slot dtype code) for the one-call path's LoRA
     deltas: per layer and product (q/k/v, o, gate/up, down), [LoRA layers n, A slot stride, the
     `kernels.BGMVLayers` pointer table, column offsets of each layer in the product's output]
-    (n = 0: no LoRA there). None when the slots are not fp32 or bf16."""
-    from ..kernels.ops import _DT
+    (n = 0: no LoRA there). None when the slots are not fp32, bf16 or int8."""
+    from ..kernels.ops import _DTW
 
     rows, keep, dts = [], [], set()
     c = model.config
@@ -242,20 +242,24 @@ def _lora_table(model: Transformer) -> tuple | None:
                 continue
             layers = [p for p, _ in lora]
             g = layers[0].lora_group
+            q8 = layers[0].quantized  # int8 slots: with their rows' scales
             if g is not None and g.layers == tuple(layers):  # one A buffer: its row views
                 r = g.a.shape[1] // len(layers)
                 as_ = [g.a[:, i * r:(i + 1) * r] for i in range(len(layers))]
+                asc = [g.a_qscale[:, i * r:(i + 1) * r] for i in range(len(layers))] if q8 else None
             else:
                 as_ = [p.lora_a_stacked for p in layers]
+                asc = [p.lora_a_qscale for p in layers] if q8 else None
             dts |= {a.dtype for a in as_}
-            if len({a.stride(0) for a in as_}) > 1 or any(a.dtype not in _DT for a in as_):
+            if len({a.stride(0) for a in as_}) > 1 or any(a.dtype not in _DTW for a in as_):
                 return None
             plan = kernels.BGMVLayers(as_, [p.lora_b_stacked for p in layers], [p.scale_f32 for p in layers],
-                                      [p.rank_t for p in layers])
+                                      [p.rank_t for p in layers], asc,
+                                      [p.lora_b_qscale for p in layers] if q8 else None)
             offs = torch.tensor([off for _, off in lora], dtype=torch.int64)
             keep += [plan, offs]
             row += [len(layers), plan.sa, plan.table.data_ptr(), offs.data_ptr()]
         rows.append(row)
     if len(dts) > 1:
         return None
-    return torch.tensor(rows, dtype=torch.int64), keep, _DT[dts.pop()] if dts else 0
+    return torch.tensor(rows, dtype=torch.int64), keep, _DTW[dts.pop()] if dts else 0

@@ -104,6 +104,9 @@ class LLMEngine:
             lora_dtype = p.dtype
             if p.device.type == "cpu" and not (p.dtype in (torch.float32, torch.bfloat16) and kernels.enabled()):
                 lora_dtype = torch.float32
+            if config.lora_dtype == "int8":
+                _check_int8_lora(config, p.dtype)
+                lora_dtype = torch.int8
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank,
                                     config.max_cpu_loras, device=p.device, dtype=lora_dtype)
             self.lora.mapping.grouped = True  # packed batches: one tiled product per layer
@@ -279,6 +282,22 @@ def _check_int8_kv(config: EngineConfig, mc, dtype: torch.dtype) -> None:
         why = "a CPU without AVX-512"
     if why:
         raise ValueError(f"kv_cache_dtype: int8 is not available for {why}; use auto or bfloat16")
+
+
+def _check_int8_lora(config: EngineConfig, dtype: torch.dtype) -> None:
+    """int8 LoRA slots are read only by the CPU kernel (`kernels.lora_bgmv`): a bf16 or fp32
+    model on a CPU with AVX-512. Anything else is refused here, naming what is missing."""
+    why = None
+    if config.device != "cpu":
+        why = f"device {config.device} (CPU only)"
+    elif dtype not in (torch.float32, torch.bfloat16):
+        why = f"a {str(dtype).replace('torch.', '')} model (bf16 or fp32 only)"
+    elif not kernels.enabled():
+        why = f"no CPU kernels ({kernels.reason()})"
+    elif not kernels.lora_int8_ready():
+        why = "a CPU without AVX-512"
+    if why:
+        raise ValueError(f"lora_dtype: int8 is not available for {why}; use auto")
 
 
 @functools.lru_cache(maxsize=1)

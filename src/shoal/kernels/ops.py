@@ -233,6 +233,14 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
     return out.view(*y.shape[:-1], m)
 
 
+_DTW = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # LoRA slot dtypes (int8: with row scales)
+
+
+def lora_int8_ready() -> bool:
+    """True when the LoRA kernel of this build takes int8 slots (an AVX-512 CPU)."""
+    return _enabled and library() is not None and bool(library().shoal_lora_int8())
+
+
 class BGMVLayers:
     """The fixed part of a `lora_bgmv` call for one set of layers: pointers to their slot
     buffers, made once and reused every step (building them per call cost ~100 us of Python,
@@ -240,22 +248,32 @@ class BGMVLayers:
     written in place)."""
 
     def __init__(self, as_: list[torch.Tensor], bs: list[torch.Tensor], scales: list[torch.Tensor],
-                 ranks: list[torch.Tensor]) -> None:
+                 ranks: list[torch.Tensor], a_scales: list[torch.Tensor] | None = None,
+                 b_scales: list[torch.Tensor] | None = None) -> None:
         k = as_[0].shape[2]
         _check(len({a.stride(0) for a in as_}) == 1 and len({a.dtype for a in as_}) == 1, "layout")
-        for a, b, sc, r in zip(as_, bs, scales, ranks):
-            _check(a.dtype == b.dtype and a.dtype in _DT and a.stride(2) == 1 and a.stride(1) == k,
+        q8 = as_[0].dtype == torch.int8
+        _check(q8 == (a_scales is not None and b_scales is not None), "int8 LoRA slots need their row scales")
+        for i, (a, b, sc, r) in enumerate(zip(as_, bs, scales, ranks)):
+            _check(a.dtype == b.dtype and a.dtype in _DTW and a.stride(2) == 1 and a.stride(1) == k,
                    "LoRA A/B layout")
             _check(b.stride(2) == 1 and b.stride(1) == b.shape[2], "layout")
             _check(sc.dtype == torch.float32 and sc.is_contiguous() and r.dtype == torch.int64
                    and r.is_contiguous(), "LoRA scales/ranks")
-        self.keep = (as_, bs, scales, ranks)
+            if q8:  # a row's scale where its A or B row sits: (L, R) fp32, slot stride = rows a slot
+                sa, sb = a_scales[i], b_scales[i]
+                _check(sa.dtype == sb.dtype == torch.float32 and sa.stride(1) == sb.stride(1) == 1
+                       and sa.stride(0) * k == a.stride(0) and sb.stride(0) * b.shape[2] == b.stride(0)
+                       and sa.shape == a.shape[:2] and sb.shape == b.shape[:2], "int8 LoRA row scales")
+        self.keep = (as_, bs, scales, ranks, a_scales, b_scales)
         self.table = torch.tensor([[a.data_ptr() for a in as_], [b.data_ptr() for b in bs],
                                    [b.stride(0) for b in bs], [sc.data_ptr() for sc in scales],
-                                   [r.data_ptr() for r in ranks], [b.shape[2] for b in bs]],
-                                  dtype=torch.int64)  # (6, n layers)
+                                   [r.data_ptr() for r in ranks], [b.shape[2] for b in bs],
+                                   [t.data_ptr() for t in a_scales] if q8 else [0] * len(as_),
+                                   [t.data_ptr() for t in b_scales] if q8 else [0] * len(as_)],
+                                  dtype=torch.int64)  # (8, n layers)
         self.ptrs = [row.data_ptr() for row in self.table]
-        self.n, self.k, self.sa, self.dtw = len(as_), k, as_[0].stride(0), _DT[as_[0].dtype]
+        self.n, self.k, self.sa, self.dtw = len(as_), k, as_[0].stride(0), _DTW[as_[0].dtype]
         self.widths = [b.shape[2] for b in bs]
         self._arr = ctypes.c_int64 * self.n
 
@@ -269,32 +287,39 @@ class BGMVLayers:
             _check(o.dtype == x.dtype and o.stride(1) == 1 and o.shape == (n, w), "layout")
         out_ptr = self._arr(*[o.data_ptr() for o in outs])
         out_stride = self._arr(*[o.stride(0) for o in outs])
-        a, b, bst, sc, rk, wd = self.ptrs
-        library().shoal_lora_bgmv(_DT[x.dtype], self.dtw, x.data_ptr(), x.stride(0), n, self.k,
-                                  slots.data_ptr(), self.sa, self.n, a, b, bst, sc, rk,
-                                  ctypes.addressof(out_ptr), ctypes.addressof(out_stride), wd,
-                                  int(accumulate))
+        a, b, bst, sc, rk, wd, asc, bsc = self.ptrs
+        rc = library().shoal_lora_bgmv(_DT[x.dtype], self.dtw, x.data_ptr(), x.stride(0), n, self.k,
+                                       slots.data_ptr(), self.sa, self.n, a, b, bst, sc, rk,
+                                       ctypes.addressof(out_ptr), ctypes.addressof(out_stride), wd,
+                                       int(accumulate), asc, bsc)
+        _check(rc == 0, "lora_bgmv: int8 slots need an AVX-512 build")
 
 
 def lora_bgmv(x: torch.Tensor, slots: torch.Tensor, as_: list[torch.Tensor], bs: list[torch.Tensor],
               scales: list[torch.Tensor], ranks: list[torch.Tensor], outs: list[torch.Tensor],
-              accumulate: bool) -> None:
+              accumulate: bool, a_scales: list[torch.Tensor] | None = None,
+              b_scales: list[torch.Tensor] | None = None) -> None:
     """The LoRA deltas of n layers fed the same input, each token with its own slot (BGMV).
 
     x (N, K) (row stride free); slots (N,) int64, -1 = base (left alone); as_[i] (L, R, K)
-    layer i's A slots, fp32 or bf16 (rows contiguous; dim 0 may be a stride-0 expand, all with
-    one stride); bs[i] (L, R, N_i) B transposed, the same dtype; scales[i] (L,); ranks[i] (L,):
-    rows of the slot that hold weights (the rest are zero padding and skipped); outs[i] (N, N_i)
-    in x's dtype (row stride free, e.g. column slices of one fused output).
+    layer i's A slots, fp32, bf16 or int8 (rows contiguous; dim 0 may be a stride-0 expand, all
+    with one stride); bs[i] (L, R, N_i) B transposed, the same dtype; scales[i] (L,); ranks[i]
+    (L,): rows of the slot that hold weights (the rest are zero padding and skipped); outs[i]
+    (N, N_i) in x's dtype (row stride free, e.g. column slices of one fused output). int8 slots:
+    a_scales[i] (L, R) and b_scales[i] (L, R) fp32, one per row of A and of B (transposed), each
+    laid out as its rows (slot stride = rows a slot).
     Semantics per token t, s = slots[t] >= 0, the fp32 product (bf16 weights widened exactly)
     rounded once to x's dtype:
         d_i = ((x[t] @ as_[i][s].T) * scales[i][s]) @ bs[i][s]
+        int8: c = ((x[t] @ as_[i][s].T) * a_scales[i][s]) * scales[i][s] * b_scales[i][s]
+              d_i = c @ bs[i][s]          (the int8 values widened exactly)
         outs[i][t] = d_i (accumulate False) or outs[i][t] + d_i (True, rounded again)
     Each token is computed alone, in a fixed order: its bits do not depend on the other rows.
     (The engine keeps a `BGMVLayers` per layer group instead of rebuilding it per call.)"""
     scales = [sc.to(torch.float32).contiguous() for sc in scales]
     ranks = [r.to(torch.int64).contiguous() for r in ranks]
-    BGMVLayers(as_, bs, scales, ranks)(x, slots.to(torch.int64).contiguous(), outs, accumulate)
+    BGMVLayers(as_, bs, scales, ranks, a_scales, b_scales)(x, slots.to(torch.int64).contiguous(), outs,
+                                                          accumulate)
 
 
 def row_stats(x: torch.Tensor, with_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -155,7 +155,8 @@ def add_grouped_(x2: torch.Tensor, ys: list[torch.Tensor], layers: list, a: torc
     if not any(live):
         return  # no adapter in the batch targets these layers
     min_rows, dtype, k = layers[0].mapping.min_rows, ys[0].dtype, x2.shape[1]
-    if a.dtype in (torch.float32, torch.bfloat16) and kernels.usable(x2, a, *ys):
+    q8 = a.dtype == torch.int8  # int8 slots (`LoRALinear`): the kernel's only
+    if (q8 or a.dtype in (torch.float32, torch.bfloat16)) and a.is_cpu and kernels.usable(x2, *ys):
         # CPU: every adapter token in one kernel call, its slot's weights read in place (no
         # tiles, padding or gathers); each row computed alone (batch invariant by construction)
         on = tuple(i for i, live_i in enumerate(live) if live_i)
@@ -163,11 +164,16 @@ def add_grouped_(x2: torch.Tensor, ys: list[torch.Tensor], layers: list, a: torc
         plan = layers[0].bgmv.get(key)
         if plan is None:  # made once per layer group (the slot buffers are written in place)
             r = a.shape[1] // len(layers)
+            asc = _a_qscale(layers) if q8 else None
             plan = layers[0].bgmv[key] = kernels.BGMVLayers(
                 [a[:, i * r:(i + 1) * r] for i in on], [layers[i].lora_b_stacked for i in on],
-                [layers[i].scale_f32 for i in on], [layers[i].rank_t for i in on])
+                [layers[i].scale_f32 for i in on], [layers[i].rank_t for i in on],
+                [asc[:, i * r:(i + 1) * r] for i in on] if q8 else None,
+                [layers[i].lora_b_qscale for i in on] if q8 else None)
         plan(x2, layers[0].mapping.slot_tensor(), [ys[i] for i in on], accumulate=True)
         return
+    if q8:
+        raise RuntimeError("int8 LoRA slots are read by the CPU kernels only (lora_dtype int8)")
     # 1) runs: each run's rows of x in place, its slot's weights as views
     for s, rows in g.runs:
         bs = [layer.lora_b_stacked[s:s + 1] if layer.ranks[s] else None for layer in layers]
@@ -214,6 +220,8 @@ def add_indexed_(x2: torch.Tensor, ys: list[torch.Tensor], layers: list, a: torc
     layer), so it costs more than `add_grouped_` and is used only where shapes must not change.
     Semantics: ys[i][t] += scaling_i[s] * (x2[t] @ A_i[s].T) @ B_i[s] for s = idx[t] >= 0.
     """
+    if a.dtype == torch.int8:
+        raise RuntimeError("int8 LoRA slots are read by the CPU kernels only (lora_dtype int8)")
     on = idx >= 0  # (N,)
     s = idx.clamp(min=0)
     ct = a.dtype
@@ -225,6 +233,12 @@ def add_indexed_(x2: torch.Tensor, ys: list[torch.Tensor], layers: list, a: torc
         scale = torch.where(on, layer.scaling.index_select(0, s), 0.0).to(ct)  # (N,)
         xi = xa[:, :, i * r:(i + 1) * r] * scale.view(-1, 1, 1)
         y.add_(torch.bmm(xi, layer.lora_b_stacked.index_select(0, s))[:, 0].to(y.dtype))
+
+
+def _a_qscale(layers: list) -> torch.Tensor:
+    """The int8 A rows' scales of layers fed one input, laid out as their A buffer's rows."""
+    g = layers[0].lora_group
+    return g.a_qscale if g is not None and g.layers == tuple(layers) else layers[0].lora_a_qscale
 
 
 class LoRAGroup:
@@ -239,9 +253,14 @@ class LoRAGroup:
         first = layers[0].lora_a_stacked
         n, r, k = first.shape
         self.a = first.new_zeros(n, len(layers) * r, k)
+        q8 = first.dtype == torch.int8  # and A's row scales likewise (`LoRALinear`)
+        self.a_qscale = layers[0].lora_a_qscale.new_zeros(n, len(layers) * r) if q8 else None
         for i, layer in enumerate(layers):
             self.a[:, i * r:(i + 1) * r].copy_(layer.lora_a_stacked)
             layer.lora_a_stacked = self.a[:, i * r:(i + 1) * r]  # set_lora writes through the view
+            if q8:
+                self.a_qscale[:, i * r:(i + 1) * r].copy_(layer.lora_a_qscale)
+                layer.lora_a_qscale = self.a_qscale[:, i * r:(i + 1) * r]
             layer.lora_group = self
         self.layers = tuple(layers)
 

@@ -122,6 +122,10 @@ class LoRALinear(nn.Linear):
     transposed: the expand product reads it contiguously),
     `scaling` (max_loras,). A slot of rank r < max_rank is zero-padded; only its r columns are
     used in the forward, and a slot this layer has no weights for (rank 0) is skipped.
+    dtype int8 (CPU, for the C++ kernel: half a bf16 slot's bytes): each row of A and of B
+    (transposed) is stored as round(row * 127 / max|row|) with its scale max|row| / 127 in
+    `lora_a_qscale`, `lora_b_qscale` (max_loras, max_rank) fp32; the weights used are the
+    dequantized rows.
 
     Semantics:
         y = x @ W.T + b                                   # x (N, in), slots (N,)
@@ -150,6 +154,11 @@ class LoRALinear(nn.Linear):
         kw = dict(dtype=dtype, device=device)
         self.register_buffer("lora_a_stacked", torch.zeros(n, r, self.in_features, **kw), persistent=False)
         self.register_buffer("lora_b_stacked", torch.zeros(n, r, self.out_features, **kw), persistent=False)
+        self.quantized = dtype == torch.int8
+        if self.quantized:
+            self.register_buffer("lora_a_qscale", torch.zeros(n, r, device=device), persistent=False)
+            self.register_buffer("lora_b_qscale", torch.zeros(n, r, device=device), persistent=False)
+            kw["dtype"] = torch.float32
         self.register_buffer("scaling", torch.zeros(n, **kw), persistent=False)
         self.ranks = [0] * n  # rank held by each slot (0 = empty)
         self.rank_t = torch.zeros(n, dtype=torch.int64)  # the same, for the CPU kernel
@@ -169,8 +178,15 @@ class LoRALinear(nn.Linear):
             raise ValueError(f"r: adapter rank {r} exceeds max_lora_rank {self.lora_a_stacked.shape[1]}")
         self.lora_a_stacked[slot].zero_()
         self.lora_b_stacked[slot].zero_()
-        self.lora_a_stacked[slot, :r].copy_(lora_a)
-        self.lora_b_stacked[slot, :r].copy_(lora_b.t())
+        if self.quantized:
+            self.lora_a_qscale[slot].zero_()
+            self.lora_b_qscale[slot].zero_()
+            for w, q, qs in ((lora_a, self.lora_a_stacked, self.lora_a_qscale),
+                             (lora_b.t(), self.lora_b_stacked, self.lora_b_qscale)):
+                q[slot, :r], qs[slot, :r] = quantize_rows(w)
+        else:
+            self.lora_a_stacked[slot, :r].copy_(lora_a)
+            self.lora_b_stacked[slot, :r].copy_(lora_b.t())
         self.scaling[slot] = scaling
         self.ranks[slot], self._scale[slot] = r, float(scaling)
         self.rank_t[slot] = r
@@ -181,6 +197,9 @@ class LoRALinear(nn.Linear):
         """Empty `slot`: tokens mapped to it get the base output from this layer."""
         self.lora_a_stacked[slot].zero_()
         self.lora_b_stacked[slot].zero_()
+        if self.quantized:
+            self.lora_a_qscale[slot].zero_()
+            self.lora_b_qscale[slot].zero_()
         self.scaling[slot] = 0.0
         self.ranks[slot], self._scale[slot] = 0, 0.0
         self.rank_t[slot] = 0
@@ -219,8 +238,7 @@ class LoRALinear(nn.Linear):
             r = self.ranks[s]
             if r == 0:
                 continue
-            a = self.lora_a_stacked[s, :r].to(x2.dtype)  # (r, in)
-            b = self.lora_b_stacked[s, :r].to(x2.dtype)  # (r, out)
+            a, b = self.slot_weights(s, x2.dtype)  # (r, in), (r, out)
             if isinstance(tokens, slice):
                 # 1) sorted: contiguous rows, updated in place
                 xa = x2[tokens] @ a.t()  # (n, r)
@@ -230,9 +248,29 @@ class LoRALinear(nn.Linear):
                 xa = x2.index_select(0, tokens) @ a.t()  # (n, r)
                 y2.index_add_(0, tokens, xa @ b, alpha=self._scale[s])
 
+    def slot_weights(self, s: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot s's A (r, in) and B transposed (r, out) in `dtype` (int8 slots dequantized)."""
+        r = self.ranks[s]
+        a, b = self.lora_a_stacked[s, :r], self.lora_b_stacked[s, :r]
+        if self.quantized:
+            a = a.float() * self.lora_a_qscale[s, :r, None]
+            b = b.float() * self.lora_b_qscale[s, :r, None]
+        return a.to(dtype), b.to(dtype)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"max_loras={self.mapping.max_loras}, max_rank={self.mapping.max_rank}")
+
+
+@torch.no_grad()
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (r, n) -> (int8 (r, n), fp32 scales (r,)): each row as round(row * 127 / max|row|),
+    scale max|row| / 127 (a zero row: zeros, scale 0)."""
+    w = w.float()
+    amax = w.abs().amax(dim=1)
+    scale = amax / 127
+    q = torch.round(w * torch.where(amax > 0, 127 / amax, 0.0)[:, None]).clamp_(-127, 127)
+    return q.to(torch.int8), scale
 
 
 def default_targets(model: nn.Module) -> list[str]:
@@ -252,7 +290,8 @@ def apply_lora(model: nn.Module, max_loras: int, max_rank: int,
         max_loras: adapter slots per batch.
         max_rank: largest adapter rank a slot holds.
         target_modules: leaf names (`q_proj`) or full paths; None = all linear layers but lm_head.
-        dtype, device: of the stacked LoRA buffers; default each base layer's weight.
+        dtype, device: of the stacked LoRA buffers; default each base layer's weight. int8: rows
+            quantized with fp32 scales (`LoRALinear`), read by the CPU kernel only.
     Returns:
         The LoRAMapping all wrapped layers read; `mapping.layers` maps path -> LoRALinear.
     """

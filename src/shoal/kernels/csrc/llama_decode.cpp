@@ -25,7 +25,7 @@ int shoal_lora_bgmv(int dtx, int dtw, const void* x, int64_t xs, int64_t n_tok, 
                     const int64_t* slot, int64_t sa, int64_t n_layers, const int64_t* a_ptr,
                     const int64_t* b_ptr, const int64_t* b_stride, const int64_t* scale_ptr,
                     const int64_t* rank_ptr, const int64_t* out_ptr, const int64_t* out_stride,
-                    const int64_t* width, int accumulate);
+                    const int64_t* width, int accumulate, const int64_t* asc_ptr, const int64_t* bsc_ptr);
 int shoal_qlinear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, const int8_t* wp,
                   const shoal::bf16_t* scale, const shoal::bf16_t* bias, int64_t n, void* y, int64_t ys,
                   int ydt);
@@ -47,7 +47,7 @@ enum { LN1, QKV_W, QKV_S, O_W, O_S, LN2, GU_W, GU_S, DN_W, DN_S, K_CACHE, V_CACH
 // `kernels.decode_attention`). scratch: n * (3 hidden + qkv + heads * head size + 3 inter)
 // bf16. LoRA (lora null: none): lora (n_layers, 4 products x 4) int64, per product (q|k|v, o,
 // gate|up, down) [its LoRA layers L (0 = none), A slot stride, a BGMVLayers pointer table
-// (6, L), column offsets (L,) of the layers in the product's output]; slot (n,) each row's
+// (8, L), column offsets (L,) of the layers in the product's output]; slot (n,) each row's
 // adapter slot (-1 = base). Each product's deltas are added to its output right after it, as
 // the LoRA layers do. Returns 0, or the first failing kernel's code.
 int shoal_llama_decode(int64_t n, int64_t n_layers, const int64_t* table, const int64_t* dims,
@@ -91,13 +91,13 @@ int shoal_llama_decode(int64_t n, int64_t n_layers, const int64_t* table, const 
       const int64_t* lg = lora ? lora + (li * 4 + g) * 4 : nullptr;
       if (r != 0 || lg == nullptr || lg[0] == 0) return r;
       const int64_t nl = lg[0];
-      const int64_t* tab = reinterpret_cast<const int64_t*>(lg[2]);  // rows a, b, bst, sc, rk, wd
+      const int64_t* tab = reinterpret_cast<const int64_t*>(lg[2]);  // rows a, b, bst, sc, rk, wd, asc, bsc
       const int64_t* off = reinterpret_cast<const int64_t*>(lg[3]);
       int64_t outp[8], outs[8];
       if (nl > 8) return 2;
       for (int64_t i = 0; i < nl; ++i) outp[i] = reinterpret_cast<int64_t>(yout + off[i]), outs[i] = nout;
       return shoal_lora_bgmv(1, dtw, xin, k, n, k, slot, lg[1], nl, tab, tab + nl, tab + 2 * nl, tab + 3 * nl,
-                             tab + 4 * nl, outp, outs, tab + 5 * nl, 1);
+                             tab + 4 * nl, outp, outs, tab + 5 * nl, 1, tab + 6 * nl, tab + 7 * nl);
     };
     // 1) (h += m;) x = norm(h)
     if (li == 0) {

@@ -37,6 +37,11 @@ inline __m512 load16<bf16_t>(const bf16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
+template <>
+inline __m512 load16<int8_t>(const int8_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+
 // 16 floats -> bf16 bits in 32-bit lanes, rounded as `f2bf` (nearest even; NaN stays NaN)
 inline __m512i bf16_bits(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
@@ -136,12 +141,69 @@ inline void expand_bf(const float* c, int64_t rank, const bf16_t* b, int64_t w, 
   }
 }
 
+// lanes [0, n) of 16 (n <= 0: none)
+inline __mmask16 tail16(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// Other slot types (fp32, int8; bf16 slots on fp32 inputs), weights widened to fp32 16 at a time.
+// shrink: c[t][j] = T32(x_t . a[j]) * scale for j < RG (x_t in fp32 at xf + t * kp, a's rows k
+// apart): per (t, j) one FMA chain over k in order (lane l takes e = l mod 16, a tail masked),
+// then _mm512_reduce_add_ps; RG ranks at once. pa (to pa_end) advances (RG + 1) / 2 lines a step.
+template <int NB, int RG, typename TW>
+inline void shrink_fp(const float* xf, int64_t kp, const TW* a, int64_t k, float scale, float* c, int64_t ldc,
+                      const char*& pa, const char* pa_end) {
+  __m512 acc[NB][RG];
+  for (int t = 0; t < NB; ++t)
+    for (int j = 0; j < RG; ++j) acc[t][j] = _mm512_setzero_ps();
+  for (int64_t e0 = 0; e0 < k; e0 += 16) {
+    const __mmask16 m = tail16(k - e0);
+    for (int j = 0; j < (RG + 1) / 2; ++j)
+      if (pa < pa_end) _mm_prefetch(pa, _MM_HINT_T0), pa += 64;
+    __m512 xv[NB];
+    for (int t = 0; t < NB; ++t) xv[t] = _mm512_loadu_ps(xf + t * kp + e0);
+    for (int j = 0; j < RG; ++j) {
+      const __m512 wv = load16(a + j * k + e0, m);
+      for (int t = 0; t < NB; ++t) acc[t][j] = _mm512_fmadd_ps(xv[t], wv, acc[t][j]);
+    }
+  }
+  for (int t = 0; t < NB; ++t)
+    for (int j = 0; j < RG; ++j) c[t * ldc + j] = _mm512_reduce_add_ps(acc[t][j]) * scale;
+}
+
+// expand and add: out_t[e] (+)= T(sum_r c[t][r] * b[r][e]), each element's FMA chain over r in
+// order, EU vectors of 16 elements at once. pb (to pb_end) advances EU / 2 lines a rank.
+template <int NB, int EU, typename T, typename TW>
+inline void expand_fp(const float* c, int64_t rank, const TW* b, int64_t w, T* const* out, int accumulate,
+                      const char*& pb, const char* pb_end) {
+  for (int64_t e0 = 0; e0 < w; e0 += 16 * EU) {
+    __mmask16 m[EU];
+    for (int u = 0; u < EU; ++u) m[u] = tail16(w - e0 - 16 * u);
+    __m512 acc[NB][EU];
+    for (int t = 0; t < NB; ++t)
+      for (int u = 0; u < EU; ++u) acc[t][u] = _mm512_setzero_ps();
+    for (int64_t r = 0; r < rank; ++r) {
+      for (int u = 0; u < EU / 2; ++u)
+        if (pb < pb_end) _mm_prefetch(pb, _MM_HINT_T0), pb += 64;
+      __m512 cr[NB];
+      for (int t = 0; t < NB; ++t) cr[t] = _mm512_set1_ps(c[t * rank + r]);
+      for (int u = 0; u < EU; ++u) {
+        const __m512 bv = load16(b + r * w + e0 + 16 * u, m[u]);
+        for (int t = 0; t < NB; ++t) acc[t][u] = _mm512_fmadd_ps(cr[t], bv, acc[t][u]);
+      }
+    }
+    for (int t = 0; t < NB; ++t)
+      for (int u = 0; u < EU; ++u)
+        if (m[u]) store_delta(out[t] + e0 + 16 * u, acc[t][u], m[u], accumulate);
+  }
+}
+
 template <int NB, typename T, typename TW>
 void bgmv_block(const T* x, int64_t xs, const int64_t* rows, int64_t k, int64_t s, int64_t sa,
                 int64_t n_layers, const int64_t* a_ptr, const int64_t* b_ptr, const int64_t* b_stride,
                 const int64_t* scale_ptr, const int64_t* rank_ptr, const int64_t* out_ptr,
-                const int64_t* out_stride, const int64_t* width, int accumulate, float* xf, float* c,
-                int64_t s_next) {
+                const int64_t* out_stride, const int64_t* width, int accumulate, const int64_t* asc_ptr,
+                const int64_t* bsc_ptr, float* xf, float* c, int64_t s_next) {
   const int64_t kp = (k + 15) / 16 * 16;
   constexpr bool bf = std::is_same_v<T, bf16_t> && std::is_same_v<TW, bf16_t>;  // the pair body below
   for (int t = 0; t < NB && !bf; ++t) {  // the tokens' inputs in fp32, zero-padded to whole vectors
@@ -184,33 +246,25 @@ void bgmv_block(const T* x, int64_t xs, const int64_t* rows, int64_t k, int64_t 
                        pb, pb_end);
       continue;
     }
-    // 1) shrink: c[t][r] = T32(x_t . a[r]) * scale
-    for (int64_t r = 0; r < rank; ++r) {
-      const TW* ar = reinterpret_cast<const TW*>(a_ptr[i]) + s * sa + r * k;
-      __m512 acc[NB];
-      for (int t = 0; t < NB; ++t) acc[t] = _mm512_setzero_ps();
-      for (int64_t e0 = 0; e0 < k; e0 += 16) {
-        const __mmask16 m = k - e0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (k - e0)) - 1);
-        if (pa < pa_end) _mm_prefetch(pa, _MM_HINT_T0), pa += 64;
-        const __m512 wv = load16(ar + e0, m);
-        for (int t = 0; t < NB; ++t) acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xf + t * kp + e0), wv, acc[t]);
-      }
-      for (int t = 0; t < NB; ++t) c[t * rank + r] = _mm512_reduce_add_ps(acc[t]) * scale;
-    }
-    // 2) expand and add: out_t[e] (+)= T(sum_r c[t][r] * b[r][e]), the sum over r in order
-    const TW* bs = reinterpret_cast<const TW*>(b_ptr[i]) + s * b_stride[i];
-    for (int64_t e0 = 0; e0 < w; e0 += 16) {
-      const __mmask16 m = w - e0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (w - e0)) - 1);
-      __m512 acc[NB];
-      for (int t = 0; t < NB; ++t) acc[t] = _mm512_setzero_ps();
-      for (int64_t r = 0; r < rank; ++r) {
-        if (pb < pb_end) _mm_prefetch(pb, _MM_HINT_T0), pb += 64;
-        const __m512 bv = load16(bs + r * w + e0, m);
-        for (int t = 0; t < NB; ++t) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(c[t * rank + r]), bv, acc[t]);
-      }
+    // fp32, int8 and mixed slots: c[t][r] = T32(x_t . a[r]) * scale (int8: ((x_t . a[r]) *
+    // a_scale[r]) * scale) * b_scale[r], the rows' scales folded into c), then the expand
+    constexpr int RG = NB <= 2 ? 8 : 4, EU = NB <= 2 ? 4 : 2;  // ranks a shrink step, vectors an expand step
+    constexpr bool q8 = std::is_same_v<TW, int8_t>;
+    T* out[NB];
+    for (int t = 0; t < NB; ++t) out[t] = reinterpret_cast<T*>(out_ptr[i]) + rows[t] * out_stride[i];
+    const TW* as = reinterpret_cast<const TW*>(a_ptr[i]) + s * sa;
+    const float sc = q8 ? 1.0f : scale;
+    int64_t r0 = 0;
+    for (; r0 + RG <= rank; r0 += RG) shrink_fp<NB, RG>(xf, kp, as + r0 * k, k, sc, c + r0, rank, pa, pa_end);
+    for (; r0 < rank; ++r0) shrink_fp<NB, 1>(xf, kp, as + r0 * k, k, sc, c + r0, rank, pa, pa_end);
+    if constexpr (q8) {
+      const float* ascale = reinterpret_cast<const float*>(asc_ptr[i]) + s * (sa / k);
+      const float* bscale = reinterpret_cast<const float*>(bsc_ptr[i]) + s * (b_stride[i] / w);
       for (int t = 0; t < NB; ++t)
-        store_delta(reinterpret_cast<T*>(out_ptr[i]) + rows[t] * out_stride[i] + e0, acc[t], m, accumulate);
+        for (int64_t r = 0; r < rank; ++r) c[t * rank + r] = ((c[t * rank + r] * ascale[r]) * scale) * bscale[r];
     }
+    expand_fp<NB, EU>(c, rank, reinterpret_cast<const TW*>(b_ptr[i]) + s * b_stride[i], w, out, accumulate, pb,
+                      pb_end);
   }
 }
 
@@ -221,7 +275,7 @@ void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int6
                     int64_t sa, int64_t n_layers, const int64_t* a_ptr, const int64_t* b_ptr,
                     const int64_t* b_stride, const int64_t* scale_ptr, const int64_t* rank_ptr,
                     const int64_t* out_ptr, const int64_t* out_stride, const int64_t* width,
-                    int accumulate) {
+                    int accumulate, const int64_t* asc_ptr, const int64_t* bsc_ptr) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
   // blocks: each slot's tokens in order (slots by first appearance), kBlock at a time
   int64_t* rows = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * (2 * n_tok + 2)));
@@ -262,7 +316,7 @@ void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int6
       const int64_t s = slot[rb[0]];
 #define SHOAL_BLOCK(NB)                                                                          \
   bgmv_block<NB, T, TW>(x, xs, rb, k, s, sa, n_layers, a_ptr, b_ptr, b_stride, scale_ptr, rank_ptr, \
-                        out_ptr, out_stride, width, accumulate, xf, c, b + 1 < nblocks ? slot[rows[starts[b + 1]]] : -1)
+                        out_ptr, out_stride, width, accumulate, asc_ptr, bsc_ptr, xf, c, b + 1 < nblocks ? slot[rows[starts[b + 1]]] : -1)
       switch (starts[b + 1] - starts[b]) {
         case 1: SHOAL_BLOCK(1); break;
         case 2: SHOAL_BLOCK(2); break;
@@ -325,14 +379,17 @@ void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int6
 
 extern "C" {
 
+// dtw: the slots' type, 0 fp32, 1 bf16, 2 int8 (AVX-512 builds only: returns 1 otherwise) with
+// fp32 scales per row, asc_ptr[i] and bsc_ptr[i] laid out as layer i's A and B rows (slot s, rank
+// r at s * (sa / k) + r and s * (b_stride[i] / width[i]) + r); for float slots they are unread
 int shoal_lora_bgmv(int dt, int dtw, const void* x, int64_t xs, int64_t n_tok, int64_t k,
                     const int64_t* slot, int64_t sa, int64_t n_layers, const int64_t* a_ptr,
                     const int64_t* b_ptr, const int64_t* b_stride, const int64_t* scale_ptr,
                     const int64_t* rank_ptr, const int64_t* out_ptr, const int64_t* out_stride,
-                    const int64_t* width, int accumulate) {
+                    const int64_t* width, int accumulate, const int64_t* asc_ptr, const int64_t* bsc_ptr) {
 #define SHOAL_BGMV(T, TW)                                                                      \
   lora_bgmv_impl<T, TW>((const T*)x, xs, n_tok, k, slot, sa, n_layers, a_ptr, b_ptr, b_stride,  \
-                        scale_ptr, rank_ptr, out_ptr, out_stride, width, accumulate)
+                        scale_ptr, rank_ptr, out_ptr, out_stride, width, accumulate, asc_ptr, bsc_ptr)
   if (dt == 0 && dtw == 0)
     SHOAL_BGMV(float, float);
   else if (dt == 0 && dtw == 1)
@@ -341,10 +398,25 @@ int shoal_lora_bgmv(int dt, int dtw, const void* x, int64_t xs, int64_t n_tok, i
     SHOAL_BGMV(bf16_t, float);
   else if (dt == 1 && dtw == 1)
     SHOAL_BGMV(bf16_t, bf16_t);
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  else if (dt == 0 && dtw == 2)
+    SHOAL_BGMV(float, int8_t);
+  else if (dt == 1 && dtw == 2)
+    SHOAL_BGMV(bf16_t, int8_t);
+#endif
   else
     return 1;
 #undef SHOAL_BGMV
   return 0;
+}
+
+// 1 when this build's LoRA kernel takes int8 slots (dtw 2)
+int shoal_lora_int8() {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  return 1;
+#else
+  return 0;
+#endif
 }
 
 }  // extern "C"
