@@ -144,6 +144,7 @@ def main() -> None:
                     help="int8: Shoal's weight-only int8 layers; q4: 4-bit (Q4_1) layers")
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--kv-cache-mb", type=int, default=None, help="KV cache budget (default: EngineConfig's)")
+    ap.add_argument("--lora-dtype", default="auto", help="adapter slots: auto or int8 (EngineConfig.lora_dtype)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--unpacked-too", action="store_true",
                     help="also run Shoal with pack_weights=False (plain F.linear), for an A/B")
@@ -171,7 +172,7 @@ def main() -> None:
                        max_num_batched_tokens=512, enable_lora=any(w.endswith("adapters") for w in work),
                        max_loras=max(args.adapters, 1), max_cpu_loras=max(args.adapters, 1),
                        max_lora_rank=8, quantization=args.quantization,
-                       kv_cache_dtype=args.kv_cache_dtype,
+                       kv_cache_dtype=args.kv_cache_dtype, lora_dtype=args.lora_dtype,
                        **({"kv_cache_memory": args.kv_cache_mb * 2**20} if args.kv_cache_mb else {}))
     loaded = load_for_engine(cfg)
     vocab = loaded.config.vocab_size
@@ -208,6 +209,7 @@ def main() -> None:
         dtype += "" if pack else ", unpacked"
         dtype += "" if cpu_kernels else ", PyTorch ops"
         dtype += "" if one_call else ", per-layer decode"
+        dtype += ", int8 adapter slots" if args.lora_dtype == "int8" else ""
         run_shoal(engine, make_prompts(2, 16, 16, 9, vocab), 4)  # warm-up
         for w in ("single", "streams", "many"):
             if w in work:

@@ -9,6 +9,8 @@ its own buffers so the slots come from memory as in a decode step:
 - decode: 64 tokens, two on each slot, 32 rows apart (requests on the same adapter, scattered
   through the batch: the kernel gathers each slot's tokens into one block);
 - prefill: 512 tokens of one adapter (a prompt run).
+On an AVX-512 CPU the kernel also runs on the same slots as int8 rows with fp32 scales
+(`EngineConfig.lora_dtype="int8"`).
 
     python bench/lora_kernel.py [--threads 2] [--repeat 5]
 """
@@ -39,7 +41,10 @@ def main() -> None:
         raise SystemExit(f"the C++ kernels did not build: {kernels.reason()}")
     g = torch.Generator().manual_seed(0)
     r, nslots = args.rank, args.slots
-    layers, nbytes = [], 0
+    layers, nbytes, nbytes8 = [], 0, 0
+    from shoal.lora.layers import quantize_rows
+
+    int8 = kernels.lora_int8_ready()
     for _ in range(args.layers):
         for k, widths in GROUPS:
             a = (torch.randn(nslots, len(widths) * r, k, generator=g) * 0.05).bfloat16()
@@ -47,7 +52,16 @@ def main() -> None:
             scales = [torch.ones(nslots)] * len(widths)
             ranks = [torch.full((nslots,), r)] * len(widths)
             plan = kernels.BGMVLayers([a[:, i * r:(i + 1) * r] for i in range(len(widths))], bs, scales, ranks)
-            layers.append((k, widths, a, bs, plan))
+            plan8 = None
+            if int8:  # the same slots as int8 rows with fp32 scales (EngineConfig.lora_dtype="int8")
+                aq, asc = (torch.stack(t) for t in zip(*(quantize_rows(a[s]) for s in range(nslots))))
+                bq = [[torch.stack(t) for t in zip(*(quantize_rows(b[s]) for s in range(nslots)))] for b in bs]
+                plan8 = kernels.BGMVLayers([aq[:, i * r:(i + 1) * r] for i in range(len(widths))],
+                                           [q for q, _ in bq], scales, ranks,
+                                           [asc[:, i * r:(i + 1) * r] for i in range(len(widths))],
+                                           [sc for _, sc in bq])
+                nbytes8 += aq.numel() + asc.numel() * 4 + sum(q.numel() + sc.numel() * 4 for q, sc in bq)
+            layers.append((k, widths, a, bs, plan, plan8))
             nbytes += a.numel() * 2 + sum(b.numel() * 2 for b in bs)
 
     def torch_bgmv(x, slots, outs, a, bs):
@@ -62,12 +76,15 @@ def main() -> None:
                            ("prefill: 512 tokens, 1 slot", 512, torch.zeros(512, dtype=torch.long))]:
         xs = {k: (torch.randn(n, k, generator=g)).bfloat16() for k in (576, 1536)}
         row = {}
-        for kind in ("kernel", "PyTorch", "kernel", "PyTorch"):  # alternated; the second pass kept
+        kinds = ("kernel", "int8 slots", "PyTorch") if int8 else ("kernel", "PyTorch")
+        for kind in kinds * 2:  # alternated; the second pass kept
             def step():
-                for k, widths, a, bs, plan in layers:
-                    o = [torch.zeros(n, w, dtype=torch.bfloat16) for w in widths]  # (both pay this)
+                for k, widths, a, bs, plan, plan8 in layers:
+                    o = [torch.zeros(n, w, dtype=torch.bfloat16) for w in widths]  # (all pay this)
                     if kind == "kernel":
                         plan(xs[k], slots, o, True)
+                    elif kind == "int8 slots":
+                        plan8(xs[k], slots, o, True)
                     else:
                         torch_bgmv(xs[k], slots, o, a, bs)
             step()
@@ -76,9 +93,10 @@ def main() -> None:
                 step()
             row[kind] = (time.perf_counter() - t) / args.repeat * 1e3
         results[name] = row
+        q8 = f"   int8 slots {row['int8 slots']:8.2f} ms ({row['kernel'] / row['int8 slots']:4.2f}x)" if int8 else ""
         print(f"{name:34s} kernel {row['kernel']:8.2f} ms   PyTorch {row['PyTorch']:8.2f} ms   "
-              f"{row['PyTorch'] / row['kernel']:5.2f}x")
-    print(f"slots: {nbytes / 2**20:.0f} MB")
+              f"{row['PyTorch'] / row['kernel']:5.2f}x{q8}")
+    print(f"slots: {nbytes / 2**20:.0f} MB bf16" + (f", {nbytes8 / 2**20:.0f} MB int8 with scales" if int8 else ""))
     print(json.dumps({"threads": args.threads, "layers": args.layers, "ms": results}))
 
 

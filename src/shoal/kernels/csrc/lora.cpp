@@ -75,8 +75,21 @@ inline void store_delta<bf16_t>(bf16_t* o, __m512 d, __mmask16 m, int accumulate
 // of `dot2` over k in steps of 32 (lane l takes the pair e0 + 2l, e0 + 2l + 1, a tail masked to
 // zeros), then _mm512_reduce_add_ps; RG ranks at once so NB * RG chains run side by side. pa (to
 // pa_end) advances RG lines of prefetch a step.
-template <int NB, int RG>
-inline void shrink_bf(const bf16_t* const* xr, const bf16_t* a, int64_t k, float scale, float* c, int64_t ldc,
+// 32 weights as bf16 pairs in 32-bit lanes (lanes past the mask zero): bf16 slots as stored;
+// int8 slots widened in registers to the same values `widen_i8` stores (so reading a widened
+// copy or the int8 rows gives the same bits)
+inline __m512i pairs32(const bf16_t* p, __mmask32 m) { return _mm512_maskz_loadu_epi16(m, p); }
+inline __m512i pairs32(const int8_t* p, __mmask32 m) {
+  const __m256i b = _mm256_maskz_loadu_epi8(m, p);
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+  const __m256i l16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(lo), 16));
+  const __m256i h16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(hi), 16));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(l16), h16, 1);
+}
+
+template <int NB, int RG, typename TW>
+inline void shrink_bf(const bf16_t* const* xr, const TW* a, int64_t k, float scale, float* c, int64_t ldc,
                       const char*& pa, const char* pa_end) {
   __m512 acc[NB][RG];
   for (int t = 0; t < NB; ++t)
@@ -88,7 +101,7 @@ inline void shrink_bf(const bf16_t* const* xr, const bf16_t* a, int64_t k, float
     __m512i xv[NB];
     for (int t = 0; t < NB; ++t) xv[t] = _mm512_maskz_loadu_epi16(m, xr[t] + e0);
     for (int j = 0; j < RG; ++j) {
-      const __m512i wv = _mm512_maskz_loadu_epi16(m, a + j * k + e0);
+      const __m512i wv = pairs32(a + j * k + e0, m);
       for (int t = 0; t < NB; ++t) acc[t][j] = dot2(acc[t][j], xv[t], wv);
     }
   }
@@ -198,14 +211,59 @@ inline void expand_fp(const float* c, int64_t rank, const TW* b, int64_t w, T* c
   }
 }
 
+// int8 slot rows -> bf16 (exact: integers of at most 8 bits), 16 at a time
+inline void widen_i8(const int8_t* src, int64_t n, bf16_t* dst) {
+  int64_t e = 0;
+  for (; e + 16 <= n; e += 16) {
+    const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + e),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(f), 16)));
+  }
+  for (; e < n; ++e) dst[e] = f2bf(static_cast<float>(src[e]));
+}
+
+// int8 slots: c[t][r] = ((c[t][r] * a_scale[r]) * scale) * b_scale[r], slot s's row scales at
+// asc + s * a_rows, bsc + s * b_rows (c came from the int8 values, scale 1)
+inline void scale_rows(float* c, int nb, int64_t rank, int64_t s, int64_t a_rows, int64_t b_rows, int64_t asc,
+                       int64_t bsc, float scale) {
+  const float* as = reinterpret_cast<const float*>(asc) + s * a_rows;
+  const float* bs = reinterpret_cast<const float*>(bsc) + s * b_rows;
+  for (int t = 0; t < nb; ++t)
+    for (int64_t r = 0; r < rank; ++r) c[t * rank + r] = ((c[t * rank + r] * as[r]) * scale) * bs[r];
+}
+
+// A thread's int8 slot widened to bf16 for the pair body, kept while its next blocks are of the
+// same slot (a prefill run widens once; decode rows of distinct slots, once a row): layer i's A
+// rows at w + off[i], its B rows rmax * k values further
+struct Widened {
+  bf16_t* w = nullptr;
+  const int64_t* off = nullptr;
+  int64_t slot = -1;
+};
+
 template <int NB, typename T, typename TW>
 void bgmv_block(const T* x, int64_t xs, const int64_t* rows, int64_t k, int64_t s, int64_t sa,
                 int64_t n_layers, const int64_t* a_ptr, const int64_t* b_ptr, const int64_t* b_stride,
                 const int64_t* scale_ptr, const int64_t* rank_ptr, const int64_t* out_ptr,
                 const int64_t* out_stride, const int64_t* width, int accumulate, const int64_t* asc_ptr,
-                const int64_t* bsc_ptr, float* xf, float* c, int64_t s_next) {
+                const int64_t* bsc_ptr, float* xf, float* c, int64_t s_next, Widened* wd, int64_t rmax) {
   const int64_t kp = (k + 15) / 16 * 16;
-  constexpr bool bf = std::is_same_v<T, bf16_t> && std::is_same_v<TW, bf16_t>;  // the pair body below
+  // the pair body below: bf16 inputs on bf16 slots, or on int8 slots widened to bf16 first
+  constexpr bool q8 = std::is_same_v<TW, int8_t>;
+  constexpr bool bf = std::is_same_v<T, bf16_t> && (std::is_same_v<TW, bf16_t> || q8);
+  // int8: a full block (a prefill run) widens its slot once for this and the thread's next
+  // blocks of it; other blocks (decode rows) widen in registers as they go (the same bits)
+  if constexpr (bf && q8) {
+    if (wd->slot != s && NB == kBlock) {
+      for (int64_t i = 0; i < n_layers; ++i) {
+        const int64_t rank = reinterpret_cast<const int64_t*>(rank_ptr[i])[s];
+        widen_i8(reinterpret_cast<const int8_t*>(a_ptr[i]) + s * sa, rank * k, wd->w + wd->off[i]);
+        widen_i8(reinterpret_cast<const int8_t*>(b_ptr[i]) + s * b_stride[i], rank * width[i],
+                 wd->w + wd->off[i] + rmax * k);
+      }
+      wd->slot = s;
+    }
+  }
   for (int t = 0; t < NB && !bf; ++t) {  // the tokens' inputs in fp32, zero-padded to whole vectors
     const T* xr = x + rows[t] * xs;
     for (int64_t e = 0; e < kp; ++e) xf[t * kp + e] = e < k ? ld(xr, e) : 0.0f;
@@ -238,18 +296,29 @@ void bgmv_block(const T* x, int64_t xs, const int64_t* rows, int64_t k, int64_t 
       bf16_t* out[NB];
       for (int t = 0; t < NB; ++t)
         xr[t] = x + rows[t] * xs, out[t] = reinterpret_cast<bf16_t*>(out_ptr[i]) + rows[t] * out_stride[i];
-      const bf16_t* as = reinterpret_cast<const bf16_t*>(a_ptr[i]) + s * sa;
+      const float sc = q8 ? 1.0f : scale;
+      if (q8 && wd->slot != s) {  // in registers: the int8 rows, then the generic expand (same bits)
+        const int8_t* aq = reinterpret_cast<const int8_t*>(a_ptr[i]) + s * sa;
+        int64_t r0 = 0;
+        for (; r0 + RG <= rank; r0 += RG) shrink_bf<NB, RG>(xr, aq + r0 * k, k, sc, c + r0, rank, pa, pa_end);
+        for (; r0 < rank; ++r0) shrink_bf<NB, 1>(xr, aq + r0 * k, k, sc, c + r0, rank, pa, pa_end);
+        scale_rows(c, NB, rank, s, sa / k, b_stride[i] / w, asc_ptr[i], bsc_ptr[i], scale);
+        expand_fp<NB, 2 * U>(c, rank, reinterpret_cast<const int8_t*>(b_ptr[i]) + s * b_stride[i], w, out,
+                             accumulate, pb, pb_end);
+        continue;
+      }
+      const bf16_t* as = q8 ? wd->w + wd->off[i] : reinterpret_cast<const bf16_t*>(a_ptr[i]) + s * sa;
+      const bf16_t* bs = q8 ? as + rmax * k : reinterpret_cast<const bf16_t*>(b_ptr[i]) + s * b_stride[i];
       int64_t r0 = 0;
-      for (; r0 + RG <= rank; r0 += RG) shrink_bf<NB, RG>(xr, as + r0 * k, k, scale, c + r0, rank, pa, pa_end);
-      for (; r0 < rank; ++r0) shrink_bf<NB, 1>(xr, as + r0 * k, k, scale, c + r0, rank, pa, pa_end);
-      expand_bf<NB, U>(c, rank, reinterpret_cast<const bf16_t*>(b_ptr[i]) + s * b_stride[i], w, out, accumulate,
-                       pb, pb_end);
+      for (; r0 + RG <= rank; r0 += RG) shrink_bf<NB, RG>(xr, as + r0 * k, k, sc, c + r0, rank, pa, pa_end);
+      for (; r0 < rank; ++r0) shrink_bf<NB, 1>(xr, as + r0 * k, k, sc, c + r0, rank, pa, pa_end);
+      if constexpr (q8) scale_rows(c, NB, rank, s, sa / k, b_stride[i] / w, asc_ptr[i], bsc_ptr[i], scale);
+      expand_bf<NB, U>(c, rank, bs, w, out, accumulate, pb, pb_end);
       continue;
     }
     // fp32, int8 and mixed slots: c[t][r] = T32(x_t . a[r]) * scale (int8: ((x_t . a[r]) *
     // a_scale[r]) * scale) * b_scale[r], the rows' scales folded into c), then the expand
     constexpr int RG = NB <= 2 ? 8 : 4, EU = NB <= 2 ? 4 : 2;  // ranks a shrink step, vectors an expand step
-    constexpr bool q8 = std::is_same_v<TW, int8_t>;
     T* out[NB];
     for (int t = 0; t < NB; ++t) out[t] = reinterpret_cast<T*>(out_ptr[i]) + rows[t] * out_stride[i];
     const TW* as = reinterpret_cast<const TW*>(a_ptr[i]) + s * sa;
@@ -257,12 +326,7 @@ void bgmv_block(const T* x, int64_t xs, const int64_t* rows, int64_t k, int64_t 
     int64_t r0 = 0;
     for (; r0 + RG <= rank; r0 += RG) shrink_fp<NB, RG>(xf, kp, as + r0 * k, k, sc, c + r0, rank, pa, pa_end);
     for (; r0 < rank; ++r0) shrink_fp<NB, 1>(xf, kp, as + r0 * k, k, sc, c + r0, rank, pa, pa_end);
-    if constexpr (q8) {
-      const float* ascale = reinterpret_cast<const float*>(asc_ptr[i]) + s * (sa / k);
-      const float* bscale = reinterpret_cast<const float*>(bsc_ptr[i]) + s * (b_stride[i] / w);
-      for (int t = 0; t < NB; ++t)
-        for (int64_t r = 0; r < rank; ++r) c[t * rank + r] = ((c[t * rank + r] * ascale[r]) * scale) * bscale[r];
-    }
+    if constexpr (q8) scale_rows(c, NB, rank, s, sa / k, b_stride[i] / w, asc_ptr[i], bsc_ptr[i], scale);
     expand_fp<NB, EU>(c, rank, reinterpret_cast<const TW*>(b_ptr[i]) + s * b_stride[i], w, out, accumulate, pb,
                       pb_end);
   }
@@ -306,17 +370,26 @@ void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int6
   std::free(next);
   starts[nblocks] = nr;
   const int64_t kp = (k + 15) / 16 * 16;
+  int64_t* woff = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * (n_layers + 1)));  // Widened's layout
+  woff[0] = 0;
+  for (int64_t i = 0; i < n_layers; ++i) woff[i + 1] = woff[i] + rmax * (k + width[i]);
 #pragma omp parallel if (nblocks >= 4)
   {
     float* xf = static_cast<float*>(std::malloc(sizeof(float) * kBlock * kp));
     float* c = static_cast<float*>(std::malloc(sizeof(float) * kBlock * rmax));
+    Widened wd;  // int8 slots on bf16 inputs: this thread's widened slot
+    if (std::is_same_v<T, bf16_t> && std::is_same_v<TW, int8_t>) {
+      wd.w = static_cast<bf16_t*>(std::malloc(sizeof(bf16_t) * woff[n_layers]));
+      wd.off = woff;
+    }
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < nblocks; ++b) {
       const int64_t* rb = rows + starts[b];
       const int64_t s = slot[rb[0]];
 #define SHOAL_BLOCK(NB)                                                                          \
   bgmv_block<NB, T, TW>(x, xs, rb, k, s, sa, n_layers, a_ptr, b_ptr, b_stride, scale_ptr, rank_ptr, \
-                        out_ptr, out_stride, width, accumulate, asc_ptr, bsc_ptr, xf, c, b + 1 < nblocks ? slot[rows[starts[b + 1]]] : -1)
+                        out_ptr, out_stride, width, accumulate, asc_ptr, bsc_ptr, xf, c,                \
+                        b + 1 < nblocks ? slot[rows[starts[b + 1]]] : -1, &wd, rmax)
       switch (starts[b + 1] - starts[b]) {
         case 1: SHOAL_BLOCK(1); break;
         case 2: SHOAL_BLOCK(2); break;
@@ -327,8 +400,10 @@ void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int6
     }
     std::free(xf);
     std::free(c);
+    std::free(wd.w);
   }
   std::free(rows);
+  std::free(woff);
 #else  // without AVX-512: one token at a time, the compiler's vectorization
   int64_t wmax = 1;
   for (int64_t i = 0; i < n_layers; ++i) wmax = width[i] > wmax ? width[i] : wmax;
