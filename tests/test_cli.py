@@ -71,3 +71,9 @@ def test_serve_refuses_a_public_host_without_keys(home, capsys):
     assert main(["serve", "--host", "0.0.0.0", "--model", "no-such-model"]) == 2
     err = capsys.readouterr().err
     assert "refusing to serve on 0.0.0.0" in err and "host" in err
+
+
+def test_serve_names_a_bad_lora_dtype(home, capsys, monkeypatch):
+    monkeypatch.setenv("SHOAL_LORA_DTYPE", "fp8")  # the variable reaches the engine's config
+    assert main(["serve", "--model", "no-such-model"]) == 2
+    assert "lora_dtype: must be auto or int8" in capsys.readouterr().err

@@ -34,6 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        enable_lora=not args.no_lora, max_loras=args.max_loras,
                        max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
                        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                       lora_dtype=args.lora_dtype,
                        pack_weights=not args.no_pack_weights, cuda_graphs=not args.no_cuda_graphs)
     t0 = time.perf_counter()
     engine = AsyncEngine(cfg)
@@ -104,6 +105,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help=h["quantization"] + " (default $SHOAL_QUANTIZATION)")
     p.add_argument("--kv-cache-dtype", default=os.environ.get("SHOAL_KV_CACHE_DTYPE", "auto"),
                    help=h["kv_cache_dtype"] + " (default $SHOAL_KV_CACHE_DTYPE or auto)")
+    p.add_argument("--lora-dtype", default=os.environ.get("SHOAL_LORA_DTYPE", "auto"),
+                   help=h["lora_dtype"] + " (default $SHOAL_LORA_DTYPE or auto)")
     p.add_argument("--device", default="cpu", help=h["device"])
     p.add_argument("--no-pack-weights", action="store_true",
                    help="keep plain weights (no oneDNN packing): " + h["pack_weights"])
