@@ -12,6 +12,9 @@ using namespace shoal;
 // Token t with slot s = slot[t] >= 0, for each of n layers sharing the input x (layer i's A slots
 // at a_i, rows of K in TW (fp32 or bf16, widened exactly), slot s at a_i + s * sa):
 //   delta_i = T(sum_r T32(T32(x_t . a_i[s, r]) * scale_i[s]) * b_i[s, r, :])   (fp32 sums)
+// int8 slots (TW = int8_t, the values widened exactly; each row with an fp32 scale, A's and B's):
+//   c_r = T32(T32(T32(x_t . a_i[s, r]) * a_scale_i[s, r]) * scale_i[s]) * b_scale_i[s, r]
+//   delta_i = T(sum_r c_r * b_i[s, r, :])
 // and out_i[t] = delta_i (accumulate = 0) or T(out_i[t] + delta_i) (accumulate = 1): the
 // arithmetic of `shrink, scale, expand, round, add`. Only the slot's rank_i[s] rows are read
 // (the zero padding adds nothing). Tokens with slot -1 are left alone (base model).
@@ -232,9 +235,9 @@ inline void scale_rows(float* c, int nb, int64_t rank, int64_t s, int64_t a_rows
     for (int64_t r = 0; r < rank; ++r) c[t * rank + r] = ((c[t * rank + r] * as[r]) * scale) * bs[r];
 }
 
-// A thread's int8 slot widened to bf16 for the pair body, kept while its next blocks are of the
-// same slot (a prefill run widens once; decode rows of distinct slots, once a row): layer i's A
-// rows at w + off[i], its B rows rmax * k values further
+// A thread's int8 slot widened to bf16 for the pair body by a full block (a prefill run), kept for
+// its next blocks of the same slot: layer i's A rows at w + off[i], its B rows rmax * k values
+// further
 struct Widened {
   bf16_t* w = nullptr;
   const int64_t* off = nullptr;
