@@ -106,8 +106,8 @@ def run_hf(model, prompts, out_tokens: int, batch: int, adapter_names=None, devi
     return {"tok_s": total / dt, "seconds": dt, "tokens": total}
 
 
-def make_adapters(model_dir: str, n: int, root: str) -> list[str]:
-    """n random PEFT adapters (r=8, all linear layers) of the model at model_dir."""
+def make_adapters(model_dir: str, n: int, root: str, std: float = 0.02) -> list[str]:
+    """n random PEFT adapters (r=8, all linear layers, weights N(0, std)) of the model at model_dir."""
     import transformers
     from peft import LoraConfig, get_peft_model
 
@@ -120,7 +120,7 @@ def make_adapters(model_dir: str, n: int, root: str) -> list[str]:
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
                 if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
         path = os.path.join(root, f"adapter{i}")
         peft_model.save_pretrained(path)
         paths.append(path)
