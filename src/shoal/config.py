@@ -51,7 +51,8 @@ class EngineConfig:
     computes the deltas, else fp32 on CPU; the model's dtype on a GPU) or int8 (CPU with AVX-512:
     each row of A and B as int8 with an fp32 scale, about half a bf16 slot's bytes, so a decode
     step with many distinct adapters reads half the LoRA weights; the deltas use the rounded
-    weights, a relative error of ~0.2% a weight)."""
+    weights, each within 0.4% of its row's largest; measured perplexity through strong adapters
+    63.40 against 63.42 with bf16 slots, `bench/lora_quality.py`)."""
     batch_invariant: bool = True
     """Make a row's logits independent of the rest of the batch: on CPU in bf16, matmuls with
     an input dimension over 1024 run split-K (about 1.3x slower on those layers; measured), bf16
