@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from .layers import LoRAMapping, apply_lora
+from .layers import LoRAMapping, apply_lora, quantize_many
 from .peft_format import (AdapterConfig, AdapterError, LoRAAdapter, load_adapter, read_adapter_config,
                           validate_adapter)
 
@@ -212,10 +212,16 @@ class LoRAManager:
         return slot
 
     def _load_slot(self, slot: int, adapter: LoRAAdapter) -> None:
+        quantized = {}
+        paths = [p for p, layer in self.mapping.layers.items() if p in adapter.weights and layer.quantized]
+        if paths:  # int8 slots: every matrix's rows quantized in a few calls
+            ws = [w for p in paths for w in (adapter.weights[p][0], adapter.weights[p][1].t())]
+            rows = quantize_many(ws)
+            quantized = {p: (rows[2 * i], rows[2 * i + 1]) for i, p in enumerate(paths)}
         for path, layer in self.mapping.layers.items():
             if path in adapter.weights:
                 a, b = adapter.weights[path]
-                layer.set_lora(slot, a, b, adapter.scaling_for(path))
+                layer.set_lora(slot, a, b, adapter.scaling_for(path), quantized.get(path))
             elif layer.ranks[slot]:
                 layer.reset_lora(slot)
         self._slots[slot] = adapter.name

