@@ -239,8 +239,8 @@ inline void scale_rows(float* c, int nb, int64_t rank, int64_t s, int64_t a_rows
 // its next blocks of the same slot: layer i's A rows at w + off[i], its B rows rmax * k values
 // further
 struct Widened {
-  bf16_t* w = nullptr;
-  const int64_t* off = nullptr;
+  bf16_t* w = nullptr;  // allocated by the first full block (decode-only calls never need it)
+  const int64_t* off = nullptr;  // (n_layers + 1,): off[n_layers] values in all
   int64_t slot = -1;
 };
 
@@ -258,6 +258,7 @@ void bgmv_block(const T* x, int64_t xs, const int64_t* rows, int64_t k, int64_t 
   // blocks of it; other blocks (decode rows) widen in registers as they go (the same bits)
   if constexpr (bf && q8) {
     if (wd->slot != s && NB == kBlock) {
+      if (wd->w == nullptr) wd->w = static_cast<bf16_t*>(std::malloc(sizeof(bf16_t) * wd->off[n_layers]));
       for (int64_t i = 0; i < n_layers; ++i) {
         const int64_t rank = reinterpret_cast<const int64_t*>(rank_ptr[i])[s];
         widen_i8(reinterpret_cast<const int8_t*>(a_ptr[i]) + s * sa, rank * k, wd->w + wd->off[i]);
@@ -381,10 +382,7 @@ void lora_bgmv_impl(const T* x, int64_t xs, int64_t n_tok, int64_t k, const int6
     float* xf = static_cast<float*>(std::malloc(sizeof(float) * kBlock * kp));
     float* c = static_cast<float*>(std::malloc(sizeof(float) * kBlock * rmax));
     Widened wd;  // int8 slots on bf16 inputs: this thread's widened slot
-    if (std::is_same_v<T, bf16_t> && std::is_same_v<TW, int8_t>) {
-      wd.w = static_cast<bf16_t*>(std::malloc(sizeof(bf16_t) * woff[n_layers]));
-      wd.off = woff;
-    }
+    wd.off = woff;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < nblocks; ++b) {
       const int64_t* rb = rows + starts[b];
