@@ -90,7 +90,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     from ..config import EngineConfig
     from ..config import DEFAULT_MODEL
 
-    h = EngineConfig.field_help()
+    h = {k: v.replace("%", "%%") for k, v in EngineConfig.field_help().items()}  # argparse formats help with %
     p.add_argument("--model", default=os.environ.get("SHOAL_MODEL", DEFAULT_MODEL), help=h["model"])
     p.add_argument("--host", default=None, help="bind address (default $SHOAL_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default $SHOAL_PORT or 8000)")
