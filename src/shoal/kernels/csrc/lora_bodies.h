@@ -1,0 +1,216 @@
+// The vector bodies of `lora.cpp`'s BGMV kernel (AVX-512): 16-lane loads and stores by element
+// type, the shrink and expand loops for bf16 pairs and for fp32 lanes, and int8 slot helpers.
+// Semantics: lora.cpp.
+#pragma once
+
+#include "widen.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+namespace shoal::lora {
+
+template <typename TW>
+inline __m512 load16(const TW* p, __mmask16 m);
+template <>
+inline __m512 load16<float>(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+template <>
+inline __m512 load16<bf16_t>(const bf16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+template <>
+inline __m512 load16<int8_t>(const int8_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+
+// 16 floats -> bf16 bits in 32-bit lanes, rounded as `f2bf` (nearest even; NaN stays NaN)
+inline __m512i bf16_bits(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+}
+
+// o[0..16) (masked) = delta (accumulate 0) or T(o + T(delta)) (accumulate 1)
+template <typename T>
+inline void store_delta(T* o, __m512 d, __mmask16 m, int accumulate);
+template <>
+inline void store_delta<float>(float* o, __m512 d, __mmask16 m, int accumulate) {
+  _mm512_mask_storeu_ps(o, m, accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, o), d) : d);
+}
+template <>
+inline void store_delta<bf16_t>(bf16_t* o, __m512 d, __mmask16 m, int accumulate) {
+  __m512i r = bf16_bits(d);
+  if (accumulate) {
+    const __m512 dr = _mm512_castsi512_ps(_mm512_slli_epi32(r, 16));  // T(delta)
+    r = bf16_bits(_mm512_add_ps(load16<bf16_t>(o, m), dr));
+  }
+  _mm256_mask_storeu_epi16(o, m, _mm512_cvtepi32_epi16(r));
+}
+
+// bf16 slots on bf16 inputs: the weights are used as stored, two bf16 values a 32-bit lane (the
+// widening to fp32 one vector at a time bounded the generic body: with one layer's slots in
+// cache a token took ~5 us a layer).
+// shrink: c[t][j] = T32(x_t . a[j]) * scale for j < RG, a's rows k apart: per (t, j) one chain
+// of `dot2` over k in steps of 32 (lane l takes the pair e0 + 2l, e0 + 2l + 1, a tail masked to
+// zeros), then _mm512_reduce_add_ps; RG ranks at once so NB * RG chains run side by side. pa (to
+// pa_end) advances RG lines of prefetch a step.
+// 32 weights as bf16 pairs in 32-bit lanes (lanes past the mask zero): bf16 slots as stored;
+// int8 slots widened in registers to the same values `widen_i8` stores (so reading a widened
+// copy or the int8 rows gives the same bits)
+inline __m512i pairs32(const bf16_t* p, __mmask32 m) { return _mm512_maskz_loadu_epi16(m, p); }
+inline __m512i pairs32(const int8_t* p, __mmask32 m) {
+  const __m256i b = _mm256_maskz_loadu_epi8(m, p);
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+  const __m256i l16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(lo), 16));
+  const __m256i h16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(hi), 16));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(l16), h16, 1);
+}
+
+template <int NB, int RG, typename TW>
+inline void shrink_bf(const bf16_t* const* xr, const TW* a, int64_t k, float scale, float* c, int64_t ldc,
+                      const char*& pa, const char* pa_end) {
+  __m512 acc[NB][RG];
+  for (int t = 0; t < NB; ++t)
+    for (int j = 0; j < RG; ++j) acc[t][j] = _mm512_setzero_ps();
+  for (int64_t e0 = 0; e0 < k; e0 += 32) {
+    const __mmask32 m = k - e0 >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (k - e0)) - 1);
+    for (int j = 0; j < RG; ++j)
+      if (pa < pa_end) _mm_prefetch(pa, _MM_HINT_T0), pa += 64;
+    __m512i xv[NB];
+    for (int t = 0; t < NB; ++t) xv[t] = _mm512_maskz_loadu_epi16(m, xr[t] + e0);
+    for (int j = 0; j < RG; ++j) {
+      const __m512i wv = pairs32(a + j * k + e0, m);
+      for (int t = 0; t < NB; ++t) acc[t][j] = dot2(acc[t][j], xv[t], wv);
+    }
+  }
+  for (int t = 0; t < NB; ++t)
+    for (int j = 0; j < RG; ++j) c[t * ldc + j] = _mm512_reduce_add_ps(acc[t][j]) * scale;
+}
+
+// expand and add: out_t[e] (+)= T(sum_r c[t][r] * b[r][e]), each element's FMA chain over r in
+// order (the generic body's arithmetic), U steps of 32 elements at once: a step's 32 bf16 split
+// into even and odd elements as fp32 by a shift and a mask, their sums put back in order at the
+// end. pb (to pb_end) advances U lines of prefetch a rank.
+template <int NB, int U>
+inline void expand_bf(const float* c, int64_t rank, const bf16_t* b, int64_t w, bf16_t* const* out, int accumulate,
+                      const char*& pb, const char* pb_end) {
+  const __m512i hi = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
+  const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int64_t e0 = 0; e0 < w; e0 += 32 * U) {
+    __mmask32 m[U];
+    for (int u = 0; u < U; ++u) {
+      const int64_t left = w - e0 - 32 * u;
+      m[u] = left >= 32 ? __mmask32(0xffffffffu) : left <= 0 ? __mmask32(0) : __mmask32((1u << left) - 1);
+    }
+    __m512 ev[NB][U], od[NB][U];
+    for (int t = 0; t < NB; ++t)
+      for (int u = 0; u < U; ++u) ev[t][u] = od[t][u] = _mm512_setzero_ps();
+    for (int64_t r = 0; r < rank; ++r) {
+      for (int u = 0; u < U; ++u)
+        if (pb < pb_end) _mm_prefetch(pb, _MM_HINT_T0), pb += 64;
+      __m512 cr[NB];
+      for (int t = 0; t < NB; ++t) cr[t] = _mm512_set1_ps(c[t * rank + r]);
+      for (int u = 0; u < U; ++u) {
+        const __m512i bv = _mm512_maskz_loadu_epi16(m[u], b + r * w + e0 + 32 * u);
+        const __m512 be = _mm512_castsi512_ps(_mm512_slli_epi32(bv, 16));    // elements 2l
+        const __m512 bo = _mm512_castsi512_ps(_mm512_and_si512(bv, hi));     // elements 2l + 1
+        for (int t = 0; t < NB; ++t) {
+          ev[t][u] = _mm512_fmadd_ps(cr[t], be, ev[t][u]);
+          od[t][u] = _mm512_fmadd_ps(cr[t], bo, od[t][u]);
+        }
+      }
+    }
+    for (int u = 0; u < U; ++u) {
+      const __mmask16 m0 = static_cast<__mmask16>(m[u]), m1 = static_cast<__mmask16>(m[u] >> 16);
+      for (int t = 0; t < NB; ++t) {
+        bf16_t* o = out[t] + e0 + 32 * u;
+        if (m0) store_delta(o, _mm512_permutex2var_ps(ev[t][u], lo_idx, od[t][u]), m0, accumulate);
+        if (m1) store_delta(o + 16, _mm512_permutex2var_ps(ev[t][u], hi_idx, od[t][u]), m1, accumulate);
+      }
+    }
+  }
+}
+
+// lanes [0, n) of 16 (n <= 0: none)
+inline __mmask16 tail16(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// Other slot types (fp32, int8; bf16 slots on fp32 inputs), weights widened to fp32 16 at a time.
+// shrink: c[t][j] = T32(x_t . a[j]) * scale for j < RG (x_t in fp32 at xf + t * kp, a's rows k
+// apart): per (t, j) one FMA chain over k in order (lane l takes e = l mod 16, a tail masked),
+// then _mm512_reduce_add_ps; RG ranks at once. pa (to pa_end) advances (RG + 1) / 2 lines a step.
+template <int NB, int RG, typename TW>
+inline void shrink_fp(const float* xf, int64_t kp, const TW* a, int64_t k, float scale, float* c, int64_t ldc,
+                      const char*& pa, const char* pa_end) {
+  __m512 acc[NB][RG];
+  for (int t = 0; t < NB; ++t)
+    for (int j = 0; j < RG; ++j) acc[t][j] = _mm512_setzero_ps();
+  for (int64_t e0 = 0; e0 < k; e0 += 16) {
+    const __mmask16 m = tail16(k - e0);
+    for (int j = 0; j < (RG + 1) / 2; ++j)
+      if (pa < pa_end) _mm_prefetch(pa, _MM_HINT_T0), pa += 64;
+    __m512 xv[NB];
+    for (int t = 0; t < NB; ++t) xv[t] = _mm512_loadu_ps(xf + t * kp + e0);
+    for (int j = 0; j < RG; ++j) {
+      const __m512 wv = load16(a + j * k + e0, m);
+      for (int t = 0; t < NB; ++t) acc[t][j] = _mm512_fmadd_ps(xv[t], wv, acc[t][j]);
+    }
+  }
+  for (int t = 0; t < NB; ++t)
+    for (int j = 0; j < RG; ++j) c[t * ldc + j] = _mm512_reduce_add_ps(acc[t][j]) * scale;
+}
+
+// expand and add: out_t[e] (+)= T(sum_r c[t][r] * b[r][e]), each element's FMA chain over r in
+// order, EU vectors of 16 elements at once. pb (to pb_end) advances EU / 2 lines a rank.
+template <int NB, int EU, typename T, typename TW>
+inline void expand_fp(const float* c, int64_t rank, const TW* b, int64_t w, T* const* out, int accumulate,
+                      const char*& pb, const char* pb_end) {
+  for (int64_t e0 = 0; e0 < w; e0 += 16 * EU) {
+    __mmask16 m[EU];
+    for (int u = 0; u < EU; ++u) m[u] = tail16(w - e0 - 16 * u);
+    __m512 acc[NB][EU];
+    for (int t = 0; t < NB; ++t)
+      for (int u = 0; u < EU; ++u) acc[t][u] = _mm512_setzero_ps();
+    for (int64_t r = 0; r < rank; ++r) {
+      for (int u = 0; u < EU / 2; ++u)
+        if (pb < pb_end) _mm_prefetch(pb, _MM_HINT_T0), pb += 64;
+      __m512 cr[NB];
+      for (int t = 0; t < NB; ++t) cr[t] = _mm512_set1_ps(c[t * rank + r]);
+      for (int u = 0; u < EU; ++u) {
+        const __m512 bv = load16(b + r * w + e0 + 16 * u, m[u]);
+        for (int t = 0; t < NB; ++t) acc[t][u] = _mm512_fmadd_ps(cr[t], bv, acc[t][u]);
+      }
+    }
+    for (int t = 0; t < NB; ++t)
+      for (int u = 0; u < EU; ++u)
+        if (m[u]) store_delta(out[t] + e0 + 16 * u, acc[t][u], m[u], accumulate);
+  }
+}
+
+// int8 slot rows -> bf16 (exact: integers of at most 8 bits), 16 at a time
+inline void widen_i8(const int8_t* src, int64_t n, bf16_t* dst) {
+  int64_t e = 0;
+  for (; e + 16 <= n; e += 16) {
+    const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + e),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(f), 16)));
+  }
+  for (; e < n; ++e) dst[e] = f2bf(static_cast<float>(src[e]));
+}
+
+// int8 slots: c[t][r] = ((c[t][r] * a_scale[r]) * scale) * b_scale[r], slot s's row scales at
+// asc + s * a_rows, bsc + s * b_rows (c came from the int8 values, scale 1)
+inline void scale_rows(float* c, int nb, int64_t rank, int64_t s, int64_t a_rows, int64_t b_rows, int64_t asc,
+                       int64_t bsc, float scale) {
+  const float* as = reinterpret_cast<const float*>(asc) + s * a_rows;
+  const float* bs = reinterpret_cast<const float*>(bsc) + s * b_rows;
+  for (int t = 0; t < nb; ++t)
+    for (int64_t r = 0; r < rank; ++r) c[t * rank + r] = ((c[t * rank + r] * as[r]) * scale) * bs[r];
+}
+
+}  // namespace shoal::lora
+#endif
