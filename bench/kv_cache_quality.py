@@ -67,18 +67,25 @@ def main() -> None:
     names = [n for n in CONFIGS if n in args.configs.split(",")]
     ref_name = next(iter(CONFIGS))
     scores = {name: score(CONFIGS[name], args.model, texts) for name in dict.fromkeys([ref_name, *names])}
+    print(f"{len(texts)} windows of {args.window} tokens, {len(scores[ref_name])} next-token predictions")
+    results = report(scores, ref_name, 16)
+    print(json.dumps({"threads": args.threads, "windows": len(texts), "window": args.window, "results": results}))
+
+
+def report(scores: dict[str, list[tuple[float, int]]], ref_name: str, width: int) -> dict:
+    """Print each configuration's perplexity, |logprob - reference| (mean, max) and top-1
+    agreement with the reference; return them by name."""
     ref = scores[ref_name]
     results = {}
-    print(f"{len(texts)} windows of {args.window} tokens, {len(ref)} next-token predictions")
-    print(f"{'configuration':16} {'perplexity':>10} {'mean |dlp|':>11} {'max |dlp|':>10} {'top-1 agree':>12}")
+    print(f"{'configuration':{width}} {'perplexity':>10} {'mean |dlp|':>11} {'max |dlp|':>10} {'top-1 agree':>12}")
     for name, sc in scores.items():
         ppl = math.exp(-sum(lp for lp, _ in sc) / len(sc))
         d = [abs(a[0] - b[0]) for a, b in zip(sc, ref)]
         agree = sum(a[1] == b[1] for a, b in zip(sc, ref)) / len(sc)
         results[name] = {"perplexity": ppl, "mean_abs_dlogprob": sum(d) / len(d), "max_abs_dlogprob": max(d),
                          "top1_agreement": agree}
-        print(f"{name:16} {ppl:10.3f} {sum(d) / len(d):11.4f} {max(d):10.3f} {agree:12.2%}")
-    print(json.dumps({"threads": args.threads, "windows": len(texts), "window": args.window, "results": results}))
+        print(f"{name:{width}} {ppl:10.3f} {sum(d) / len(d):11.4f} {max(d):10.3f} {agree:12.2%}")
+    return results
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 
 import torch
 from engine_throughput import make_adapters
-from kv_cache_quality import windows
+from kv_cache_quality import report, windows
 
 CONFIGS = {  # name -> EngineConfig overrides
     "fp32, fp32 slots": {"dtype": "float32"},  # the reference
@@ -70,17 +69,9 @@ def main() -> None:
     ref_name = next(iter(CONFIGS))
     scores = {"base model (no adapter)": score(CONFIGS[ref_name], args.model, texts, None, [])}
     scores |= {name: score(over, args.model, texts, names, paths) for name, over in CONFIGS.items()}
-    ref = scores[ref_name]
-    results = {}
-    print(f"{len(texts)} windows of {args.window} tokens, {len(paths)} adapters, {len(ref)} next-token predictions")
-    print(f"{'configuration':24} {'perplexity':>10} {'mean |dlp|':>11} {'max |dlp|':>10} {'top-1 agree':>12}")
-    for name, sc in scores.items():
-        ppl = math.exp(-sum(lp for lp, _ in sc) / len(sc))
-        d = [abs(a[0] - b[0]) for a, b in zip(sc, ref)]
-        agree = sum(a[1] == b[1] for a, b in zip(sc, ref)) / len(sc)
-        results[name] = {"perplexity": ppl, "mean_abs_dlogprob": sum(d) / len(d), "max_abs_dlogprob": max(d),
-                         "top1_agreement": agree}
-        print(f"{name:24} {ppl:10.3f} {sum(d) / len(d):11.4f} {max(d):10.3f} {agree:12.2%}")
+    print(f"{len(texts)} windows of {args.window} tokens, {len(paths)} adapters, "
+          f"{len(scores[ref_name])} next-token predictions")
+    results = report(scores, ref_name, 24)
     print(json.dumps({"threads": args.threads, "windows": len(texts), "window": args.window,
                       "adapters": len(paths), "results": results}))
 
