@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "attention.h"  // exp_neg16 (and widen.h's ISA tests)
 #include "common.h"
 
 namespace {
@@ -23,6 +24,13 @@ constexpr int W = 16;  // lanes: element e goes to lane e % W; lanes are combine
 // argmax = the first index holding the maximum (NaN counts as the maximum, the first NaN wins,
 // as torch.argmax); max = that value; lse = max + log(sum(exp(x - max))), -inf for a row of
 // -inf only, NaN when the row has a NaN.
+#if SHOAL_AVX512
+// 16 lanes of x[e..e+16) as fp32 (lanes past n: 0)
+inline __m512 lanes(const float* x, __mmask16 m) { return _mm512_maskz_loadu_ps(m, x); }
+inline __m512 lanes(const bf16_t* x, __mmask16 m) { return widen16(_mm256_maskz_loadu_epi16(m, x)); }
+inline __mmask16 first_lanes(int64_t n) { return n >= W ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
+#endif
+
 template <typename T>
 void row_stats(const T* x, int64_t v, int64_t* arg, float* mx, float* lse) {
   float best[W];
@@ -30,6 +38,26 @@ void row_stats(const T* x, int64_t v, int64_t* arg, float* mx, float* lse) {
   int32_t nan[W];
   for (int l = 0; l < W; ++l) best[l] = -INFINITY, at[l] = -1, nan[l] = 0;
   int64_t e = 0;
+#if SHOAL_AVX512
+  if (v < (int64_t(1) << 31)) {  // the same lanes and order in registers (indices as int32)
+    __m512 bv = _mm512_set1_ps(-INFINITY);
+    __m512i av = _mm512_set1_epi32(-1), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __mmask16 nv = 0;
+    for (; e < v; e += W) {
+      const __mmask16 m = first_lanes(v - e);
+      const __m512 f = lanes(x + e, m);
+      const __mmask16 gt = _mm512_mask_cmp_ps_mask(m, f, bv, _CMP_GT_OQ);  // (NaN is never better)
+      bv = _mm512_mask_mov_ps(bv, gt, f);
+      av = _mm512_mask_mov_epi32(av, gt, idx);
+      nv |= _mm512_mask_cmp_ps_mask(m, f, f, _CMP_UNORD_Q);
+      idx = _mm512_add_epi32(idx, _mm512_set1_epi32(W));
+    }
+    int32_t a32[W];
+    _mm512_storeu_ps(best, bv);
+    _mm512_storeu_si512(a32, av);
+    for (int l = 0; l < W; ++l) at[l] = a32[l], nan[l] = (nv >> l) & 1;
+  }
+#endif
   for (; e + W <= v; e += W)
     for (int l = 0; l < W; ++l) {
       const float f = ld(x, e + l);
@@ -67,6 +95,17 @@ void row_stats(const T* x, int64_t v, int64_t* arg, float* mx, float* lse) {
   }
   float acc[W] = {0};
   e = 0;
+#if SHOAL_AVX512
+  {  // exp_neg16 is exp_neg step for step: the same sums, lane for lane
+    __m512 sv = _mm512_setzero_ps();
+    const __m512 mv = _mm512_set1_ps(m);
+    for (; e < v; e += W) {
+      const __mmask16 k = first_lanes(v - e);
+      sv = _mm512_mask_add_ps(sv, k, sv, exp_neg16(_mm512_sub_ps(lanes(x + e, k), mv)));
+    }
+    _mm512_storeu_ps(acc, sv);
+  }
+#endif
   for (; e + W <= v; e += W)
     for (int l = 0; l < W; ++l) acc[l] += exp_neg(ld(x, e + l) - m);
   for (; e < v; ++e) acc[e % W] += exp_neg(ld(x, e) - m);
