@@ -1,6 +1,6 @@
 """4-bit weights (`shoal.kernels.q4linear`): the Q4_1 rounding bound, the packed layout and its
 inverse, the product against a float64 reference of its semantics on each body this CPU runs
-(AVX-512 and AVX2), rows that keep their bits at any row count and position, zero and odd rows,
+(AMX, AVX-512 and AVX2), rows that keep their bits at any row count and position, zero and odd rows,
 the fallback with the kernels off."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from shoal.kernels import q4linear as q4
 from shoal.kernels import qlinear as amx
 from tests.kernels.test_qlinear_packed import HERE
 
-BODIES = [b for b in HERE if b != "amx"]  # q4's bodies: AVX-512 (any of the three) and AVX2
-Q4_BODIES = sorted({"avx512" if b != "avx2" else "avx2" for b in BODIES})
+# q4's bodies: AMX-INT8 tiles (from 4 rows, the AVX-512 body below that), AVX-512 (AVX512-BF16 or
+# not: the same) and AVX2
+Q4_BODIES = sorted({"amx" if b == "amx" else "avx512" if b != "avx2" else "avx2" for b in HERE})
 
 
 @pytest.fixture(params=Q4_BODIES or [None])
@@ -125,17 +126,55 @@ def test_a_non_finite_input_makes_its_row_nan(body):
     assert torch.equal(y[0], clean[0]) and torch.equal(y[3], clean[3])
 
 
+def test_activation_quantization_in_registers_matches_the_scalar_code_and_torch():
+    """The vector int8 step gives the scalar code's bits (and torch's fp32 ops'): ties to even,
+    all-zero and subnormal groups, huge values, and non-finite groups (NaN scale)."""
+    if kernels.library() is None:
+        pytest.skip(f"the kernels did not build: {kernels.reason()}")
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(24, 256, generator=g) * torch.logspace(-3, 3, 24)[:, None]).bfloat16()
+    x[0, :32] = 0  # all zero
+    x[1, :32] = torch.linspace(-1e-39, 1e-39, 32)  # subnormal values and scale
+    x[2, :32] = torch.tensor([127.0] + [v + 0.5 for v in range(-15, 16)])  # d = 1: halves tie to even
+    x[3, :32] = 3e38
+    x[4, 40], x[5, 100], x[6, 200] = float("nan"), float("inf"), -float("inf")
+    vec, sca = q4.quantize_activations(x), q4.quantize_activations(x, scalar=True)
+    assert torch.equal(vec[0], sca[0])
+    for a, b in zip(vec[1:], sca[1:]):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    xq, xd, xs = vec
+    assert torch.equal(xq[2, :32], torch.tensor([127] + [round(v + 0.5) for v in range(-15, 16)], dtype=torch.int8))
+    assert xd[0, 0] == 0 and (xq[0, :32] == 0).all() and 0 < xd[1, 0] < 1e-40 and xq[1, 0] == -127
+    assert xd[4, 1].isnan() and xd[5, 3].isnan() and xd[6, 6].isnan() and not xd[4, 0].isnan()
+    # torch's fp32 ops on the finite groups
+    xf = x.float().reshape(24, 8, 32)
+    d = xf.abs().amax(-1) / 127
+    want = torch.where(d[..., None] > 0, torch.round(xf / torch.where(d > 0, d, 1)[..., None]), 0.0).clamp(-127, 127)
+    fin = xf.isfinite().all(-1)
+    assert torch.equal(xq.reshape(24, 8, 32)[fin].float(), want[fin])
+    assert torch.equal(xd[fin], torch.where(d > 0, d, 0.0)[fin])
+    assert torch.equal(xs[fin], (xd * xq.reshape(24, 8, 32).sum(-1).float())[fin])
+
+
 def test_the_bodies_give_the_same_bits():
-    """Integer group sums and the same fp32 steps: AVX-512 and AVX2 agree to the bit."""
+    """Integer group sums and the same fp32 steps: AMX, AVX-512 and AVX2 agree to the bit, at
+    row counts on both sides of the AMX body's start, with a bias and for fp32 outputs."""
     if len(Q4_BODIES) < 2:
         pytest.skip("this CPU runs one q4 body")
-    p = q4.q4pack(*q4.quantize_q4(weight(96, 192, seed=4)))
-    x = torch.randn(9, 192, generator=torch.Generator().manual_seed(5)).bfloat16()
-    outs = []
-    for b in Q4_BODIES:
-        with amx.force_body(b):
-            outs.append(q4.q4_linear(x, p))
-    assert torch.equal(*outs)
+    g = torch.Generator().manual_seed(5)
+    p = q4.q4pack(*q4.quantize_q4(weight(112, 192, seed=4)))  # 7 blocks: a one-block strip
+    x = torch.randn(41, 192, generator=g).bfloat16()  # a chunk of 32 rows and one of 9
+    x[3, 7] = float("nan")
+    bias = torch.randn(112, generator=g).bfloat16()
+    for rows, b, dt in ((x[:3], None, torch.bfloat16), (x[:9], bias, torch.bfloat16), (x, None, torch.bfloat16),
+                        (x[:17], bias, torch.float32)):
+        outs = []
+        for body in Q4_BODIES:
+            with amx.force_body(body):
+                outs.append(q4.q4_linear(rows.to(dt), p, b))
+        for o in outs[1:]:
+            assert torch.equal(o.isnan(), outs[0].isnan()) and torch.equal(o.nan_to_num(), outs[0].nan_to_num())
+    assert outs[0][3].isnan().all() and not outs[0][4].isnan().any()
 
 
 def test_kernels_off_use_the_dequantized_weight():

@@ -98,6 +98,20 @@ def dequantize_packed(p: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
     return dequantize_q4(*q4unpack(p), dtype=dtype)
 
 
+def quantize_activations(x: torch.Tensor, scalar: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The products' int8 step on x (M, K) (as bf16): (xq (M, K) int8, xd (M, K / 32), xsum (M, K / 32))
+    with xsum = xd * sum(xq) per group; `scalar` runs the scalar code the vector code matches (tests)."""
+    m, k = x.shape
+    ops._check(library() is not None and k % GROUP == 0, "quantize_activations: kernels or K")
+    xb = x.to(torch.bfloat16).contiguous()
+    xq = torch.empty(m, k, dtype=torch.int8)
+    xd, xs = torch.empty(m, k // GROUP), torch.empty(m, k // GROUP)
+    rc = library().shoal_q4_quantize(xb.data_ptr(), k, m, k, xq.data_ptr(), xd.data_ptr(), xs.data_ptr(),
+                                     int(scalar))
+    ops._check(rc == 0, "quantize_activations: no AVX2 build")
+    return xq, xd, xs
+
+
 def q4_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) float -> (M, N) in x's dtype, as the module docstring describes: the kernel where
     one runs (x CPU, no autograd, the kernels on; a bf16 bias joins the fp32 sum, any other is added

@@ -18,7 +18,8 @@
 // Every step depends on the row alone: the same bits at any row count or position.
 //
 // Bodies: AVX-512 (VPDPBUSD with AVX512-VNNI, else VPMADDUBSW + VPMADDWD: the same exact sums)
-// and AVX2 (AVX-VNNI or the same pair), chosen by `shoal_packed_isa` (2+: AVX-512, 1: AVX2).
+// and AVX2 (AVX-VNNI or the same pair), chosen by `shoal_packed_isa` (2+: AVX-512, 1: AVX2); with
+// AMX (4) products of many rows run on AMX-INT8 tiles (q4linear_amx.cpp), the same bits.
 // Work: strips of 2 or 4 blocks over the threads; tiles of a few rows x blocks in each, a
 // weight load's nibbles split once for the tile's rows.
 
@@ -26,9 +27,23 @@
 
 #include "widen.h"
 
+#if SHOAL_AMX_INT8
+namespace shoal {
+int q4_amx(const int8_t* xq, const float* xd, const float* xs, int64_t m, int64_t k, const uint8_t* wp,
+           const bf16_t* bias, int64_t n, void* y, int64_t ys, bool f32);  // q4linear_amx.cpp
+}
+#endif
+
 #if SHOAL_AVX2
 namespace {
 using namespace shoal;
+
+// rows from which the AMX body (q4linear_amx.cpp; the same bits) takes a product where it can.
+// Its per-group fp32 steps bound both bodies; the q4 products of a SmolLM2-135M step (bench/
+// cpu_products.py, Xeon with AMX, 2 threads, alternated twice), AVX-512 vs AMX, ms: 8 rows 6.7-6.9
+// vs 8.1-8.3, 16 rows 8.9-9.3 vs 9.5-10.0, 32 rows 14.4-14.8 vs 13.9-14.6, 48 rows 20.6-20.9 vs
+// 19.9-20.3, 64 rows 26.3-26.4 vs 24.5-25.1, 128 rows 47.2-48.8 vs 41.0-41.6
+constexpr int64_t kAmxRows = 40;
 
 constexpr int64_t kBlockBytes = 320;  // a packed block: 256 bytes of nibbles, 16 d, 16 m (fp16)
 // weights fetched this many bytes ahead of the loads. Measured (the q4 products of a decode step
@@ -104,31 +119,64 @@ struct V256 {  // a 16-output line is two registers (outputs 0-7, 8-15)
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
 };
 
-// One row's activations quantized per group of 32: xq (k) int8, xd and xs (k / 32), as the
-// header says. Scalar and IEEE (a true division, nearest-even rounding): the same values on
-// every body. A group holding NaN or inf gets xd = NaN, so its row's outputs are NaN (as a float
-// product's would be), not a finite guess.
-void quantize_row(const bf16_t* x, int64_t k, int8_t* xq, float* xd, float* xs) {
-  for (int64_t c = 0; c < k / 32; ++c) {
-    float v[32], amax = 0.0f;
-    bool bad = false;
-    for (int i = 0; i < 32; ++i) {
-      v[i] = bf2f(x[c * 32 + i]);
-      bad |= !std::isfinite(v[i]);
-      amax = std::fmax(amax, std::fabs(v[i]));
-    }
-    const float d = amax / 127.0f;
-    const bool ok = d > 0.0f && !bad;
-    int32_t sum = 0;
-    for (int i = 0; i < 32; ++i) {
-      int32_t q = ok ? static_cast<int32_t>(std::nearbyint(v[i] / d)) : 0;
-      q = q > 127 ? 127 : q < -127 ? -127 : q;
-      xq[c * 32 + i] = static_cast<int8_t>(q);
-      sum += q;
-    }
-    xd[c] = bad ? NAN : ok ? d : 0.0f;  // 0: an all-zero group adds nothing
-    xs[c] = xd[c] * static_cast<float>(sum);
+// One group of 32 activations quantized, as the header says. Scalar and IEEE (a true division,
+// nearest-even rounding): the same values on every body. A group holding NaN or inf gets xd = NaN,
+// so its row's outputs are NaN (as a float product's would be), not a finite guess.
+inline void quantize_group_scalar(const bf16_t* x, int8_t* xq, float* xd, float* xs) {
+  float v[32], amax = 0.0f;
+  bool bad = false;
+  for (int i = 0; i < 32; ++i) {
+    v[i] = bf2f(x[i]);
+    bad |= !std::isfinite(v[i]);
+    amax = std::fmax(amax, std::fabs(v[i]));
   }
+  const float d = amax / 127.0f;
+  const bool ok = d > 0.0f && !bad;
+  int32_t sum = 0;
+  for (int i = 0; i < 32; ++i) {
+    int32_t q = ok ? static_cast<int32_t>(std::nearbyint(v[i] / d)) : 0;
+    q = q > 127 ? 127 : q < -127 ? -127 : q;
+    xq[i] = static_cast<int8_t>(q);
+    sum += q;
+  }
+  *xd = bad ? NAN : ok ? d : 0.0f;  // 0: an all-zero group adds nothing
+  *xs = *xd * static_cast<float>(sum);
+}
+
+#if SHOAL_AVX512
+// The same group in registers: the same division (VDIVPS rounds as the scalar one), the same
+// nearest-even rounding, an exact max and an exact integer sum: the same bits. Non-finite groups
+// go to the scalar code. (Scalar, the quantization was over half of a 32-row q4 product with
+// K = 1536: 82 of 145 us, measured on a Xeon.)
+inline void quantize_group(const bf16_t* x, int8_t* xq, float* xd, float* xs) {
+  const __m512i raw = _mm512_loadu_si512(x);
+  const __m512i expo = _mm512_set1_epi16(0x7f80);
+  if (_mm512_cmpeq_epi16_mask(_mm512_and_si512(raw, expo), expo)) return quantize_group_scalar(x, xq, xd, xs);
+  const __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+  const __m512 v1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  const float d = amax / 127.0f;
+  if (!(d > 0.0f)) {  // all zero (or too small to scale): codes 0, nothing added
+    std::memset(xq, 0, 32);
+    *xd = 0.0f, *xs = 0.0f;
+    return;
+  }
+  const __m512 dv = _mm512_set1_ps(d), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512i q0 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_div_ps(v0, dv), kNearest), lo), hi));
+  const __m512i q1 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_div_ps(v1, dv), kNearest), lo), hi));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xq), _mm512_cvtepi32_epi8(q0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + 16), _mm512_cvtepi32_epi8(q1));
+  *xd = d;
+  *xs = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+}
+#else
+inline void quantize_group(const bf16_t* x, int8_t* xq, float* xd, float* xs) { quantize_group_scalar(x, xq, xd, xs); }
+#endif
+
+// One row's activations quantized per group of 32: xq (k) int8, xd and xs (k / 32)
+void quantize_row(const bf16_t* x, int64_t k, int8_t* xq, float* xd, float* xs) {
+  for (int64_t c = 0; c < k / 32; ++c) quantize_group(x + c * 32, xq + c * 32, xd + c, xs + c);
 }
 
 // y[NR rows, 16 NB outputs] = the rows' quantized activations (xq stride k; xd, xs stride kb) .
@@ -219,13 +267,17 @@ TileFn tile_for(int nr, int nb) {
 
 template <class V>
 int q4_linear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const uint8_t* wp, const bf16_t* bias,
-              int64_t n, void* y, int64_t ys, int ydt) {
+              int64_t n, void* y, int64_t ys, int ydt, bool tiles) {
   if (m <= 0) return 0;
   const int64_t kb = k / 32, nblocks = n / 16, bstride = kb * kBlockBytes;
   std::vector<int8_t> xq(m * k);
   std::vector<float> xd(m * kb), xsum(m * kb);
 #pragma omp parallel for schedule(static) if (m >= 16)
   for (int64_t r = 0; r < m; ++r) quantize_row(x + r * xs, k, xq.data() + r * k, xd.data() + r * kb, xsum.data() + r * kb);
+#if SHOAL_AMX_INT8
+  if (tiles && m >= kAmxRows) return q4_amx(xq.data(), xd.data(), xsum.data(), m, k, wp, bias, n, y, ys, ydt == 0);
+#endif
+  (void)tiles;
   const int width = nblocks >= 128 ? 4 : 2;  // blocks a strip (as the other bodies)
   const int64_t strips = (nblocks + width - 1) / width;
   const bool f32 = ydt == 0;
@@ -262,12 +314,31 @@ int shoal_q4linear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, con
   if (n % 16 || k % 32) return 1;
   const int body = shoal_packed_isa(-1);
 #if SHOAL_AVX512
-  if (body >= 2) return q4_linear<V512>(x, xs, m, k, wp, bias, n, y, ys, ydt);
+  if (body >= 2) return q4_linear<V512>(x, xs, m, k, wp, bias, n, y, ys, ydt, body >= 4);
 #endif
 #if SHOAL_AVX2
-  if (body >= 1) return q4_linear<V256>(x, xs, m, k, wp, bias, n, y, ys, ydt);
+  if (body >= 1) return q4_linear<V256>(x, xs, m, k, wp, bias, n, y, ys, ydt, false);
 #endif
   (void)body, (void)x, (void)xs, (void)m, (void)wp, (void)bias, (void)y, (void)ys, (void)ydt;
   return 1;
+}
+
+// The products' activation step alone (tests): x (m, k) bf16 (row stride xs) -> xq (m, k) int8,
+// xd and xsum (m, k / 32) fp32, in registers unless scalar (the scalar code the registers match).
+// Returns 1 for k % 32 or without the AVX2 build.
+int shoal_q4_quantize(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, int8_t* xq, float* xd,
+                      float* xsum, int scalar) {
+#if SHOAL_AVX2
+  if (k % 32) return 1;
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t c = 0; c < k / 32; ++c) {
+      const int64_t i = r * k + c * 32, j = r * (k / 32) + c;
+      (scalar ? quantize_group_scalar : quantize_group)(x + r * xs + c * 32, xq + i, xd + j, xsum + j);
+    }
+  return 0;
+#else
+  (void)x, (void)xs, (void)m, (void)k, (void)xq, (void)xd, (void)xsum, (void)scalar;
+  return 1;
+#endif
 }
 }  // extern "C"

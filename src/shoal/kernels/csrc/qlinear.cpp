@@ -25,12 +25,6 @@
 
 #include "widen.h"
 
-#if SHOAL_DPBF16 && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define SHOAL_AMX 1
-#else
-#define SHOAL_AMX 0
-#endif
-
 namespace {
 using namespace shoal;
 
@@ -38,12 +32,6 @@ using namespace shoal;
 inline void* out_at(void* y, int64_t off, bool f32) {  // y + off elements of y's dtype
   return static_cast<char*>(y) + off * (f32 ? 4 : 2);
 }
-
-struct TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
 
 // Tiles: 0,1 = C rows [0, r0) x two 16-column blocks; 2,3 = C rows [16, 16 + r1); 4, 5 = A for
 // those rows (32 bf16 of K each); 6, 7 = B, the two column blocks (16 x (16 pairs)).

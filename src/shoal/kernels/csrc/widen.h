@@ -25,6 +25,28 @@
 #define SHOAL_DPBF16 0
 #endif
 
+#if SHOAL_DPBF16 && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define SHOAL_AMX 1  // AMX-BF16 tiles (qlinear.cpp)
+#else
+#define SHOAL_AMX 0
+#endif
+
+#if SHOAL_AMX && defined(__AMX_INT8__)
+#define SHOAL_AMX_INT8 1  // AMX-INT8 tiles (q4linear_amx.cpp)
+#else
+#define SHOAL_AMX_INT8 0
+#endif
+
+#if SHOAL_AMX
+namespace shoal {
+struct TileConfig {  // LDTILECFG's 64-byte operand (palette 1)
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+}  // namespace shoal
+#endif
+
 namespace shoal {
 #if SHOAL_AVX512
 // acc + a.lo * b.lo + a.hi * b.hi in each 32-bit lane of bf16 pairs: VDPBF16PS (AVX512-BF16),
