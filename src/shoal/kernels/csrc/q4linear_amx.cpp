@@ -112,8 +112,8 @@ void strip(const int8_t* xq, const float* xd, const float* xs, int64_t m, int64_
     }
     for (int r = 0; r < rows; ++r)
       for (int v = 0; v < nb; ++v)
-        put16(&acc[r][16 * v], nullptr, bias ? bias + 16 * v : nullptr,
-              static_cast<char*>(y) + ((m0 + r) * ys + 16 * v) * (f32 ? 4 : 2), f32);
+        store16(_mm512_load_ps(&acc[r][16 * v]), nullptr, bias ? bias + 16 * v : nullptr,
+                static_cast<char*>(y) + ((m0 + r) * ys + 16 * v) * (f32 ? 4 : 2), f32);
   }
 }
 

@@ -49,28 +49,15 @@ void configure(int r0, int r1) {
 
 // C tiles -> y[rows, cols]: y = c * scale + bias, rounded to bf16 unless y is fp32 (f32): no
 // scale for bf16 weights, no bias when null (the bias added in fp32 before the one rounding, as
-// F.linear adds it); `nb` = 1 or 2 column blocks of 16
+// F.linear adds it); `nb` = 1 or 2 column blocks of 16. In registers: written as scalar loops,
+// GCC left the unscaled case (bf16 weights) unvectorized, and it took half the time of a 512-row
+// product (3072 x 576, one thread: 22.6 ms against 11.6 with a scale of ones; measured).
 inline void epilogue(const float* c, int rows, int nb, const bf16_t* scale, const bf16_t* bias,
                      void* y, int64_t ys, bool f32) {
-  float s[32], b[32], v[32];
-  for (int j = 0; j < 16 * nb; ++j) s[j] = scale ? bf2f(scale[j]) : 1.0f, b[j] = bias ? bf2f(bias[j]) : 0.0f;
-  for (int i = 0; i < rows; ++i) {
-    const float* ci = c + i * 32;
-    if (scale && bias)
-      for (int j = 0; j < 16 * nb; ++j) v[j] = ci[j] * s[j] + b[j];
-    else if (scale)
-      for (int j = 0; j < 16 * nb; ++j) v[j] = ci[j] * s[j];
-    else if (bias)
-      for (int j = 0; j < 16 * nb; ++j) v[j] = ci[j] + b[j];
-    else
-      for (int j = 0; j < 16 * nb; ++j) v[j] = ci[j];
-    if (f32) {
-      std::memcpy(static_cast<float*>(y) + i * ys, v, 16 * nb * sizeof(float));
-    } else {
-      bf16_t* yr = static_cast<bf16_t*>(y) + i * ys;
-      for (int j = 0; j < 16 * nb; ++j) yr[j] = f2bf(v[j]);
-    }
-  }
+  for (int i = 0; i < rows; ++i)
+    for (int b = 0; b < nb; ++b)
+      store16(_mm512_load_ps(c + i * 32 + 16 * b), scale ? scale + 16 * b : nullptr, bias ? bias + 16 * b : nullptr,
+              out_at(y, i * ys + 16 * b, f32), f32);
 }
 
 // One strip: output columns [16 b0, 16 (b0 + nb)) for all m rows. W = int8_t: each weight block
