@@ -222,10 +222,16 @@ void tile(const int8_t* xq, const float* xd, const float* xs, int64_t k, const u
   }
   for (int r = 0; r < NR; ++r)
     for (int b = 0; b < NB; ++b) {
+      void* yo = static_cast<char*>(y) + (r * ys + 16 * b) * (f32 ? 4 : 2);
+#if SHOAL_AVX512
+      if constexpr (V::kVecs == 1) {  // in registers (the scalar loop stayed scalar: see qlinear.cpp)
+        store16(acc[r][b], nullptr, bias ? bias + 16 * b : nullptr, yo, f32);
+        continue;
+      }
+#endif
       alignas(64) float out[16];
       for (int h = 0; h < V::kVecs; ++h) V::store(out + h * (16 / V::kVecs), acc[r][b * V::kVecs + h]);
-      put16(out, nullptr, bias ? bias + 16 * b : nullptr, static_cast<char*>(y) + (r * ys + 16 * b) * (f32 ? 4 : 2),
-            f32);
+      put16(out, nullptr, bias ? bias + 16 * b : nullptr, yo, f32);
     }
 }
 
