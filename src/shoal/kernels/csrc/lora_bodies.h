@@ -68,12 +68,11 @@ inline __m512i pairs32(const int8_t* p, __mmask32 m) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(l16), h16, 1);
 }
 
-// The prefetch hint for the next block's slot weights: into L2 for bf16 slots, into L1 for int8
-// slots. 32 tokens on 32 slots, 30 layers of the four groups from memory, in-process timing, us a
-// layer, alternated three times (Xeon with AMX, 2 threads): bf16 slots 252-267 into L1, 221-232
-// into L2; int8 slots 176-187 either way; two lines a step into L2 instead of one: 254-261.
-template <typename TW>
-constexpr auto kHint = sizeof(TW) == 1 ? _MM_HINT_T0 : _MM_HINT_T1;
+// The next block's slot weights are prefetched into L2 by the pair bodies. 32 tokens on 32 slots,
+// 30 layers of the four groups from memory, in-process timing, us a layer, alternated three times
+// (Xeon with AMX, 2 threads): bf16 slots 252-267 into L1, 221-232 into L2; int8 slots 169-171
+// into L1, 163-169 into L2; two lines a step into L2 instead of one (bf16): 254-261.
+constexpr auto kHint = _MM_HINT_T1;
 
 template <int NB, int RG, typename TW>
 inline void shrink_bf(const bf16_t* const* xr, const TW* a, int64_t k, float scale, float* c, int64_t ldc,
@@ -84,7 +83,7 @@ inline void shrink_bf(const bf16_t* const* xr, const TW* a, int64_t k, float sca
   for (int64_t e0 = 0; e0 < k; e0 += 32) {
     const __mmask32 m = k - e0 >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (k - e0)) - 1);
     for (int j = 0; j < RG; ++j)
-      if (pa < pa_end) _mm_prefetch(pa, kHint<TW>), pa += 64;
+      if (pa < pa_end) _mm_prefetch(pa, kHint), pa += 64;
     __m512i xv[NB];
     for (int t = 0; t < NB; ++t) xv[t] = _mm512_maskz_loadu_epi16(m, xr[t] + e0);
     for (int j = 0; j < RG; ++j) {
@@ -117,7 +116,7 @@ inline void expand_bf(const float* c, int64_t rank, const bf16_t* b, int64_t w, 
       for (int u = 0; u < U; ++u) ev[t][u] = od[t][u] = _mm512_setzero_ps();
     for (int64_t r = 0; r < rank; ++r) {
       for (int u = 0; u < U; ++u)
-        if (pb < pb_end) _mm_prefetch(pb, kHint<bf16_t>), pb += 64;
+        if (pb < pb_end) _mm_prefetch(pb, kHint), pb += 64;
       __m512 cr[NB];
       for (int t = 0; t < NB; ++t) cr[t] = _mm512_set1_ps(c[t * rank + r]);
       for (int u = 0; u < U; ++u) {
