@@ -61,6 +61,32 @@ def test_silu_mul(dtype):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def exp_neg_steps(x: torch.Tensor) -> torch.Tensor:
+    """common.h's exp_neg, one fp32 op at a time (torch rounds each op once, as the kernel does)."""
+    c = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    x = torch.where(x < -87, c(-87.0), x)
+    n = (x * c(1.44269504088896341) + c(12582912.0)) - c(12582912.0)
+    r = (x - n * c(0.693359375)) + n * c(2.12194440e-4)
+    p = c(1.9875691500e-4)
+    for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + c(k)
+    p = ((p * r) * r + r) + c(1.0)
+    return p * ((n.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def test_silu_mul_bf16_is_its_semantics_bit_for_bit():
+    """The bf16 kernel (16 lanes at a time where the CPU has AVX-512) against its steps in torch:
+    silu(a) = (a >= 0 ? a : a * e) / (1 + e), e = exp_neg(-|a|), rounded to bf16, times up, rounded."""
+    y = rand(5, 2 * 37, scale=6.0).bfloat16()  # rows of 37: a 16-lane tail
+    y[0, :6] = torch.tensor([0.0, -0.0, 100.0, -100.0, 1e-30, -3e38])
+    gate, up = y[:, :37].float(), y[:, 37:].float()
+    e = exp_neg_steps(-gate.abs())
+    silu = (torch.where(gate >= 0, gate, gate * e) / (1 + e)).bfloat16().float()
+    want = (silu * up).bfloat16()
+    assert torch.equal(kernels.silu_mul(y), want)
+    assert torch.equal(torch.cat([kernels.silu_mul(y[i:i + 1]) for i in range(5)]), want)
+
+
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("heads", [(9, 3), (8, 1), (4, 4), (10, 2)])  # groups 3, 8, 1 and 5 (fp32 body)
 @pytest.mark.parametrize("kv_dtype", DTYPES)

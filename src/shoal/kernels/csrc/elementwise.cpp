@@ -14,7 +14,7 @@
 
 #include <type_traits>
 
-#include "widen.h"
+#include "attention.h"  // exp_neg16 (and widen.h)
 
 namespace {
 using namespace shoal;
@@ -155,6 +155,25 @@ void cache_write_i8(const TI* k, int64_t ks, const TI* v, int64_t vs, int64_t n,
 
 // ---- SiLU(gate) * up ---------------------------------------------------------------------------
 // y rows (n, 2 * m): gate | up, row stride ys -> out (n, m): T(T(silu(gate)) * up)
+#if SHOAL_AVX512
+// one bf16 row of the loop below, 16 lanes at a time, step for step (exp_neg16 is exp_neg's
+// steps; the same divisions and roundings): the same bits (tested against both). 32 rows of
+// SmolLM2's 2 x 1536, one call from Python, alternated three times (Xeon, 2 threads): 34-53 us
+// with GCC's code for the loop, 28-30 us.
+inline void silu_mul_row(const bf16_t* gate, const bf16_t* up, bf16_t* o, int64_t m) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(0x80000000u)));
+  for (int64_t j = 0; j < m; j += 16) {
+    const __mmask16 k = m - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (m - j)) - 1);
+    const __m512 a = widen16(_mm256_maskz_loadu_epi16(k, gate + j));
+    const __m512 e = exp_neg16(_mm512_or_ps(a, sign));  // exp(-|a|)
+    const __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, zero, _CMP_GE_OQ), _mm512_mul_ps(a, e), a);
+    const __m512 silu = widen16(to_bf16(_mm512_div_ps(num, _mm512_add_ps(one, e))));
+    _mm256_mask_storeu_epi16(o + j, k, to_bf16(_mm512_mul_ps(silu, widen16(_mm256_maskz_loadu_epi16(k, up + j)))));
+  }
+}
+#endif
+
 template <typename T>
 void silu_mul_impl(const T* y, int64_t ys, int64_t n, int64_t m, T* out) {
 #pragma omp parallel for schedule(static) if (n >= 8)
@@ -162,6 +181,12 @@ void silu_mul_impl(const T* y, int64_t ys, int64_t n, int64_t m, T* out) {
     const T* gate = y + i * ys;
     const T* up = gate + m;
     T* o = out + i * m;
+#if SHOAL_AVX512
+    if constexpr (std::is_same_v<T, bf16_t>) {
+      silu_mul_row(gate, up, o, m);
+      continue;
+    }
+#endif
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) {
       const float a = ld(gate, j);
