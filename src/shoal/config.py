@@ -97,7 +97,8 @@ class EngineConfig:
     Q4_1); other layers are quantized to Q4_1 groups from their weights. Their products run on int8
     activations as llama.cpp computes them (`shoal.kernels.q4linear`); lm_head and a tied embedding
     int8. A decode step reads 5 bits a weight instead of 16: one stream ~2x bf16's speed where memory
-    bounds it; batches and prefill about bf16's (measured, AMD EPYC). Rows stay batch-invariant."""
+    bounds it; batches and prefill about bf16's on an AMD EPYC, 0.7-0.8x on a Xeon with AMX (where
+    int8 is faster for batches; measured). Rows stay batch-invariant."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory",
