@@ -24,16 +24,26 @@ def test_bf16_cache_doubles_blocks_and_stays_close_to_fp32(tiny_llama):
 
 
 def assert_outputs_close(ref, other, seed: int, max_drift: float) -> None:
-    """12 prompts, 10 greedy tokens each through both engines: at least 9 of the 12 give the same
-    tokens (random tiny models have near-ties), and where tokens agree their logprobs differ by
-    less than max_drift (the cache's rounding)."""
+    """12 prompts, 10 greedy tokens each through both engines. Where the tokens agree their
+    logprobs differ by less than max_drift (the cache's rounding); where a sequence first parts
+    from the reference, that step was a near-tie in the reference (random tiny models have them):
+    the other engine's token is the reference's runner-up, within 2 max_drift of its pick. Most
+    sequences agree throughout (at least half: the count of near-ties depends on the CPU's
+    rounding, 8 to 12 of the 12 measured)."""
     ps = prompts(12, seed=seed, lo=10, hi=60)
-    params = SamplingParams(temperature=0.0, max_tokens=10, logprobs=1)
+    params = SamplingParams(temperature=0.0, max_tokens=10, logprobs=2)
     want, got = ref.generate(ps, params), other.generate(ps, params)
-    same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(want, got))
-    assert same >= 9
-    diffs = [abs(x[1] - y[1]) for a, b in zip(want, got)
-             for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs) if x[0] == y[0]]
+    same, diffs = 0, []
+    for a, b in zip(want, got):
+        ta, tb = a.outputs[0].logprobs, b.outputs[0].logprobs
+        part = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x[0] != y[0]), None)
+        same += part is None
+        diffs += [abs(x[1] - y[1]) for x, y in zip(ta[:part], tb[:part])]
+        if part is not None:
+            top = ta[part][2]  # the reference's top-2 at the parting step
+            assert tb[part][0] in top, (ta[part], tb[part])
+            assert top[ta[part][0]] - top[tb[part][0]] < 2 * max_drift, (ta[part], tb[part])
+    assert same >= 6, same
     assert diffs and max(diffs) < max_drift, max(diffs)
 
 
