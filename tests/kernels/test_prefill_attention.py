@@ -135,3 +135,31 @@ def test_bad_chunks_raise():
         with pytest.raises(ValueError, match="prefill_attention"):
             kernels.prefill_attention(q, cache.k, cache.v, window=None, out=out, **kw)
     kernels.prefill_attention(q, cache.k, cache.v, window=None, out=out, **ok)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_amx_body_agrees_with_the_dot_product_body(d):
+    """On a CPU with AMX the tiles serve prefill (the packed products' body decides); forced to
+    the VDPBF16PS body the same chunks give outputs within bf16 rounding, each row's own bits
+    independent of its company on both bodies."""
+    from shoal.kernels import qlinear
+
+    if qlinear.body() != "amx":
+        pytest.skip("no AMX on this CPU")
+    lib = kernels.library()
+    cache = Cache(3, 1024, d=d, seed=11)
+    specs = [(100, 100), (40, 300), (1, 65), (17, 17)]  # a long context: several 4-block passes
+    chunks, start = [], 0
+    for q_len, n_keys in specs:
+        chunks.append((start, q_len, cache.slots(n_keys)))
+        start += q_len
+    q = rand(start, 9, d, seed=12)
+    assert lib.shoal_prefill_attention_isa() == 3
+    tiles = run(q, cache, chunks, None)
+    with qlinear.force_body("avx512-bf16"):
+        assert lib.shoal_prefill_attention_isa() == 2
+        dots = run(q, cache, chunks, None)
+    assert lib.shoal_prefill_attention_isa() == 3
+    torch.testing.assert_close(tiles.double(), dots.double(), atol=8e-3, rtol=8e-3)
+    alone = run(q, cache, chunks[1:2], None)
+    assert torch.equal(alone[100:140], tiles[100:140])

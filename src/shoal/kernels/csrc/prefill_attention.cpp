@@ -31,9 +31,13 @@
 // bf16 (exact) and keeps each key's two scales; a score is the chain times its key's scale, then
 // the softmax scale; the rounded p is multiplied by its value's scale and rounded again.
 //
-// Bodies: VDPBF16PS (AVX512-BF16), else AVX-512F FMAs on the widened pairs (the same chain as
-// two fused multiply-adds: other roundings, the same invariance). No AVX-512: returns 1 and the
-// caller keeps PyTorch's SDPA.
+// Bodies: AMX tiles where the packed products run on them (the same packed operands; below),
+// else VDPBF16PS (AVX512-BF16), else AVX-512F FMAs on the widened pairs (the same chain as two
+// fused multiply-adds: other roundings, the same invariance). No AVX-512: returns 1 and the
+// caller keeps PyTorch's SDPA. Measured (`bench/prefill_attention.py`, Xeon with AMX, 2 threads,
+// one layer's 512-token prompt): VDPBF16PS 2.22 ms, AMX 0.99 (PyTorch's causal SDPA 0.94-1.00,
+// not batch-invariant); 2048 tokens 31.0 -> 11.1 ms; the engine's prefill 3110-3146 -> 3735-3949
+// prompt tok/s (8 prompts of 512, alternated twice).
 
 #include <type_traits>
 #include <utility>
@@ -41,11 +45,23 @@
 
 #include "attention.h"
 
+extern "C" int shoal_packed_isa(int want);  // qlinear.cpp
+
 #if SHOAL_AVX512
 namespace {
 using namespace shoal;
 
 constexpr int kScoreRows = 12;  // rows a score tile (12 accumulators of 16 keys)
+
+// the AMX body: compiled in, and the packed products' body is AMX (the OS granted the tiles;
+// `shoal_packed_isa` caps it for tests and benchmarks)
+inline bool amx_body() {
+#if SHOAL_AMX
+  return shoal_packed_isa(-1) >= 4;
+#else
+  return false;
+#endif
+}
 // rows a p.v tile: 6 x 4 accumulators of 16 outputs at head size 64, 3 x 8 at 128
 template <int D> constexpr int kValueRows = D == 64 ? 6 : 3;
 
@@ -142,6 +158,119 @@ void value_tile(const uint32_t* p, int64_t ps, const uint32_t* vp, int64_t u0, i
   }
 }
 
+#if SHOAL_AMX
+// ---- AMX body (TDPBF16PS), where the CPU has AMX-BF16 and the packed products use it ----------
+// The same steps on tiles of up to 16 rows: scores are each row's query (bf16) times the packed
+// key blocks (kp: AMX's B order already, 16 pairs of dimensions x 16 keys a tile), 32 dimensions
+// a tile step in order; p.v is each row's bf16 p times the packed value pairs (vp: 16 key pairs x
+// 16 outputs a tile), 32 keys a step in key order. A tile row is computed from that row alone, so
+// the invariance above holds; the sums round as the tiles round, not as the VDPBF16PS chains do,
+// and every prefill row of a process runs on one body.
+// Tiles: 0-3 C (rows r x 16 fp32), 4 A (rows r x 32 bf16), 6, 7 B (16 x 32 bf16 pairs).
+inline void amx_configure(int r) {
+  TileConfig c;
+  std::memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = static_cast<uint8_t>(t >= 6 ? 16 : r);
+    c.colsb[t] = 64;
+  }
+  _tile_loadconfig(&c);
+}
+
+// a stored C tile (cb) -> rows [0, nr) of s (stride ss floats) at column col: (c * key scale) * scale
+inline void score_out(const float* cb, int nr, const float* ksc, float scale, float* s, int64_t ss, int64_t col) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  const __m512 kv = ksc ? _mm512_loadu_ps(ksc) : sc;
+  for (int r = 0; r < nr; ++r) {
+    __m512 v = _mm512_load_ps(cb + 16 * r);
+    if (ksc) v = _mm512_mul_ps(v, kv);  // int8 keys: times each key's scale first
+    _mm512_storeu_ps(s + r * ss + col, _mm512_mul_ps(v, sc));
+  }
+}
+
+// scores of nr <= 16 rows (queries at qa, (nr, D) bf16 contiguous) against key blocks [b0, b1),
+// as score_tile: s[r][16 (b - b0) + i] = (q_r . k_{16 b + i}) * scale
+template <int D>
+void score_tile_amx(const bf16_t* qa, int nr, const uint32_t* kp, const float* ksc, int64_t b0, int64_t b1,
+                    float scale, float* s, int64_t ss) {
+  alignas(64) float cb[16 * 16];
+  int64_t b = b0;
+  for (; b + 4 <= b1; b += 4) {  // four key blocks a pass, sharing each query load
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int j = 0; j < D / 32; ++j) {  // dimensions 32 j .. 32 j + 31: pair rows 16 j .. 16 j + 15
+      const uint32_t* kb = kp + b * 8 * D + 16 * j * 16;
+      _tile_loadd(4, qa + 32 * j, D * 2);
+      _tile_loadd(6, kb, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_loadd(7, kb + 8 * D, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_loadd(6, kb + 16 * D, 64);
+      _tile_dpbf16ps(2, 4, 6);
+      _tile_loadd(7, kb + 24 * D, 64);
+      _tile_dpbf16ps(3, 4, 7);
+    }
+    const int64_t col = (b - b0) * 16;
+    _tile_stored(0, cb, 64);
+    score_out(cb, nr, ksc ? ksc + b * 16 : nullptr, scale, s, ss, col);
+    _tile_stored(1, cb, 64);
+    score_out(cb, nr, ksc ? ksc + b * 16 + 16 : nullptr, scale, s, ss, col + 16);
+    _tile_stored(2, cb, 64);
+    score_out(cb, nr, ksc ? ksc + b * 16 + 32 : nullptr, scale, s, ss, col + 32);
+    _tile_stored(3, cb, 64);
+    score_out(cb, nr, ksc ? ksc + b * 16 + 48 : nullptr, scale, s, ss, col + 48);
+  }
+  for (; b < b1; ++b) {
+    _tile_zero(0);
+    for (int j = 0; j < D / 32; ++j) {
+      _tile_loadd(4, qa + 32 * j, D * 2);
+      _tile_loadd(6, kp + b * 8 * D + 16 * j * 16, 64);
+      _tile_dpbf16ps(0, 4, 6);
+    }
+    _tile_stored(0, cb, 64);
+    score_out(cb, nr, ksc ? ksc + b * 16 : nullptr, scale, s, ss, (b - b0) * 16);
+  }
+}
+
+// a stored C tile (cb) -> rows' outputs [16 c, 16 c + 16): times inv[r], rounded to bf16
+inline void value_out(const float* cb, int nr, const float* inv, bf16_t* const* orow, int c) {
+  for (int r = 0; r < nr; ++r)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow[r] + 16 * c),
+                        to_bf16(_mm512_mul_ps(_mm512_load_ps(cb + 16 * r), _mm512_set1_ps(inv[r]))));
+}
+
+// p.v of nr <= 16 rows (p: bf16, row r at p + r * ps elements, from key 2 u0) over key pairs
+// [u0, u1) (whole groups of 16), as value_tile
+template <int D>
+void value_tile_amx(const bf16_t* p, int64_t ps, int nr, const uint32_t* vp, int64_t u0, int64_t u1,
+                    const float* inv, bf16_t* const* orow) {
+  alignas(64) float cb[16 * 16];
+  for (int c0 = 0; c0 < D / 16; c0 += 4) {  // four blocks of 16 outputs a pass
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t u = u0; u < u1; u += 16) {  // 32 keys a step, in key order
+      const uint32_t* vb = vp + u * D + 16 * c0;
+      _tile_loadd(4, p + 2 * (u - u0), ps * 2);
+      _tile_loadd(6, vb, D * 4);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_loadd(7, vb + 16, D * 4);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_loadd(6, vb + 32, D * 4);
+      _tile_dpbf16ps(2, 4, 6);
+      _tile_loadd(7, vb + 48, D * 4);
+      _tile_dpbf16ps(3, 4, 7);
+    }
+    _tile_stored(0, cb, 64);
+    value_out(cb, nr, inv, orow, c0);
+    _tile_stored(1, cb, 64);
+    value_out(cb, nr, inv, orow, c0 + 1);
+    _tile_stored(2, cb, 64);
+    value_out(cb, nr, inv, orow, c0 + 2);
+    _tile_stored(3, cb, 64);
+    value_out(cb, nr, inv, orow, c0 + 3);
+  }
+}
+#endif  // SHOAL_AMX
+
 template <typename F, int... N>
 void by_rows(int n, F&& f, std::integer_sequence<int, N...>) {  // f(std::integral_constant<int, n>)
   ((n == N + 1 ? (f(std::integral_constant<int, N + 1>{}), 0) : 0), ...);
@@ -155,12 +284,13 @@ struct Tile {
 struct Scratch {  // per thread: scores (rows, keys) fp32 and p (rows, keys) bf16
   std::vector<float> s;
   std::vector<bf16_t> p;
+  int tile_rows = -1;  // AMX: the rows the tiles are configured for (-1: not configured)
 };
 
 template <int D>
 void attend_tile(const Tile& tl, const bf16_t* q, int64_t qs, int64_t qrow0, int64_t a, int64_t g,
                  const uint32_t* kp, const uint32_t* vp, const float* ksc, const float* vsc, int64_t window,
-                 float scale, bf16_t* out, int64_t os, Scratch& sc) {
+                 float scale, bf16_t* out, int64_t os, Scratch& sc, bool amx) {
   const int64_t np = tl.p1 - tl.p0, nr = np * g;
   // the keys any row of the tile may see: [K0, K1), 32-aligned
   const int64_t K0 = window > 0 ? down32(tl.p0 - window + 1 > 0 ? tl.p0 - window + 1 : 0) : 0;
@@ -179,7 +309,18 @@ void attend_tile(const Tile& tl, const bf16_t* q, int64_t qs, int64_t qrow0, int
     orow[r] = out + row * os + head * D;
   }
   // 2a) scores
-  for (int64_t r0 = 0; r0 < nr; r0 += kScoreRows) {
+#if SHOAL_AMX
+  if (amx) {
+    alignas(64) bf16_t qa[16 * D];
+    for (int64_t r0 = 0; r0 < nr; r0 += 16) {
+      const int n = static_cast<int>(nr - r0 < 16 ? nr - r0 : 16);
+      if (sc.tile_rows != n) amx_configure(n), sc.tile_rows = n;
+      for (int r = 0; r < n; ++r) std::memcpy(qa + r * D, qrow[r0 + r], D * sizeof(bf16_t));
+      score_tile_amx<D>(qa, n, kp, ksc, K0 / 16, K1 / 16, scale, s + r0 * nk, nk);
+    }
+  }
+#endif
+  for (int64_t r0 = 0; r0 < nr && !amx; r0 += kScoreRows) {
     const int n = static_cast<int>(nr - r0 < kScoreRows ? nr - r0 : kScoreRows);
     by_rows(n, [&](auto NR) { score_tile<decltype(NR)::value, D>(qrow + r0, kp, ksc, K0 / 16, K1 / 16, scale, s + r0 * nk, nk); },
             std::make_integer_sequence<int, kScoreRows>{});
@@ -220,8 +361,16 @@ void attend_tile(const Tile& tl, const bf16_t* q, int64_t qs, int64_t qrow0, int
     inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
   }
   // 2c) out = p.v / sum
+#if SHOAL_AMX
+  if (amx)
+    for (int64_t r0 = 0; r0 < nr; r0 += 16) {
+      const int n = static_cast<int>(nr - r0 < 16 ? nr - r0 : 16);
+      if (sc.tile_rows != n) amx_configure(n), sc.tile_rows = n;
+      value_tile_amx<D>(p + r0 * nk, nk, n, vp, K0 / 2, K1 / 2, inv + r0, orow + r0);
+    }
+#endif
   constexpr int VR = kValueRows<D>;
-  for (int64_t r0 = 0; r0 < nr; r0 += VR) {
+  for (int64_t r0 = 0; r0 < nr && !amx; r0 += VR) {
     const int n = static_cast<int>(nr - r0 < VR ? nr - r0 : VR);
     const uint32_t* pp = reinterpret_cast<const uint32_t*>(p + r0 * nk);
     by_rows(n, [&](auto NR) { value_tile<decltype(NR)::value, D>(pp, nk / 2, vp, K0 / 2, K1 / 2, inv + r0, orow + r0); },
@@ -235,7 +384,9 @@ void prefill_attention_impl(const bf16_t* q, int64_t qs, int64_t h, int64_t hkv,
                             const int64_t* q_start, const int64_t* q_len, const int64_t* slots,
                             const int64_t* off, int64_t window, float scale, bf16_t* out, int64_t os) {
   const int64_t g = h / hkv;
-  const int64_t tp = g >= kScoreRows ? 1 : kScoreRows / g;  // positions a tile
+  const bool amx = amx_body();
+  const int64_t rows = amx ? 16 : kScoreRows;           // rows a tile fills
+  const int64_t tp = g >= rows ? 1 : rows / g;  // positions a tile
   const bool i8 = std::is_same_v<TC, int8_t>;
   // 1) packed keys and values of every (chunk, kv head), then (int8) its keys' k and v scales:
   //    base offsets in 32-bit units
@@ -289,8 +440,11 @@ void prefill_attention_impl(const bf16_t* q, int64_t qs, int64_t h, int64_t hkv,
       uint32_t *kp, *vp;
       float *ksc, *vsc;
       parts(c * hkv + kh, up32(len), kp, vp, ksc, vsc);
-      attend_tile<D>(Tile{kh, p0, p1}, q, qs, q_start[c], a, g, kp, vp, ksc, vsc, window, scale, out, os, sc);
+      attend_tile<D>(Tile{kh, p0, p1}, q, qs, q_start[c], a, g, kp, vp, ksc, vsc, window, scale, out, os, sc, amx);
     }
+#if SHOAL_AMX
+    if (sc.tile_rows >= 0) _tile_release();
+#endif
   }
 }
 
@@ -299,9 +453,14 @@ void prefill_attention_impl(const bf16_t* q, int64_t qs, int64_t h, int64_t hkv,
 
 extern "C" {
 
-// Which body serves prefill attention: 2 = VDPBF16PS, 1 = AVX-512F FMAs, 0 = none (the caller
-// keeps PyTorch's SDPA).
-int shoal_prefill_attention_isa() { return SHOAL_DPBF16 ? 2 : SHOAL_AVX512 ? 1 : 0; }
+// Which body serves prefill attention: 3 = AMX tiles, 2 = VDPBF16PS, 1 = AVX-512F FMAs, 0 = none
+// (the caller keeps PyTorch's SDPA).
+int shoal_prefill_attention_isa() {
+#if SHOAL_AVX512
+  if (amx_body()) return 3;
+#endif
+  return SHOAL_DPBF16 ? 2 : SHOAL_AVX512 ? 1 : 0;
+}
 
 // See the header. dt: 1 (bfloat16) for q and out; dtc: the cache's, 1 (bfloat16) or 2 (int8,
 // with ksc, vsc: (Hkv, num_slots) fp32 scales); d: 64 or 128; at most 64 query heads a kv head.
