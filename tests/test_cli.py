@@ -61,10 +61,13 @@ def test_bad_dtype_is_one_line(home, tmp_path, tiny_tokenizer_dir, capsys):
 def test_console_script_generates_with_the_default_model(default_home):
     env = {**os.environ, "SHOAL_HOME": str(default_home)}
     exe = os.path.join(os.path.dirname(sys.executable), "shoal")
-    proc = subprocess.run([exe, "generate", "What is the capital of France?", "--chat",
+    # (not France: for this model "The capital..." and "L'Étoile..." are a 0.08-nat near-tie in fp32,
+    # which bf16 rounding decides either way from one CPU to the next; Germany's answer leads by
+    # 0.6-1.0 nats in bf16, int8 and q4)
+    proc = subprocess.run([exe, "generate", "What is the capital of Germany?", "--chat",
                            "--max-tokens", "12"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "Paris" in proc.stdout
+    assert "Berlin" in proc.stdout
 
 
 def test_serve_refuses_a_public_host_without_keys(home, capsys):
