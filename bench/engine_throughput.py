@@ -274,14 +274,30 @@ def main() -> None:
                      "shoal_peak_rss_mb": round(shoal_rss)}, args.json)
 
 
+def machine() -> dict:
+    """What ran it: the CPU's model name, the body of Shoal's packed products (amx,
+    avx512-bf16, avx512, avx2 or none), torch's version."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    from shoal.kernels import qlinear
+
+    return {"cpu": cpu, "packed_body": qlinear.body() or "none", "torch": torch.__version__}
+
+
 def report(results: dict[str, dict], meta: dict, json_path: str | None) -> None:
-    """Print the table and one JSON line (date, meta, results); also write it to json_path."""
+    """Print the table and one JSON line (date, machine, meta, results); also write it to json_path."""
     print(f"\n{'run':58s} {'tok/s':>8s} {'TTFT p50/p99 ms':>17s} {'ITL p50/p99 ms':>16s}")
     for k, r in results.items():
         lat = (f"{r['ttft_p50_ms']:7.0f}/{r['ttft_p99_ms']:<7.0f}  {r['itl_p50_ms']:6.2f}/{r['itl_p99_ms']:<6.2f}"
                if "ttft_p50_ms" in r else "")
         print(f"{k:58s} {r['tok_s']:8.1f}  {lat}")
-    out = {"date": time.strftime("%Y-%m-%d"), **meta, "results": results}
+    out = {"date": time.strftime("%Y-%m-%d"), **machine(), **meta, "results": results}
     print(json.dumps(out))
     if json_path:
         with open(json_path, "w") as f:
