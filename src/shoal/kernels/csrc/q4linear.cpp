@@ -224,7 +224,7 @@ void tile(const int8_t* xq, const float* xd, const float* xs, int64_t k, const u
     for (int b = 0; b < NB; ++b) {
       void* yo = static_cast<char*>(y) + (r * ys + 16 * b) * (f32 ? 4 : 2);
 #if SHOAL_AVX512
-      if constexpr (V::kVecs == 1) {  // in registers (the scalar loop stayed scalar: see qlinear.cpp)
+      if constexpr (V::kVecs == 1) {  // in registers, as the AMX epilogues (qlinear.cpp)
         store16(acc[r][b], nullptr, bias ? bias + 16 * b : nullptr, yo, f32);
         continue;
       }

@@ -60,11 +60,11 @@ inline void epilogue(const float* c, int rows, int nb, const bf16_t* scale, cons
               out_at(y, i * ys + 16 * b, f32), f32);
 }
 
+constexpr int64_t kAhead = 4;  // int8 weights fetched this many K steps ahead (strip below)
+
 // One strip: output columns [16 b0, 16 (b0 + nb)) for all m rows. W = int8_t: each weight block
 // is widened into `buf` (the whole strip, kb x nb blocks, when m > 32, else one K step of it,
 // reused); W = bf16_t: the tiles read the packed weights in place.
-constexpr int64_t kAhead = 4;  // int8 weights fetched this many K steps ahead (strip below)
-
 template <typename W>
 void strip(const bf16_t* x, int64_t xs, int64_t m, int64_t kb, const W* wp, const bf16_t* scale, const bf16_t* bias,
            int64_t b0, int nb, void* y, int64_t ys, bool f32, bf16_t* buf, int* cfg) {
