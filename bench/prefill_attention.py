@@ -70,7 +70,9 @@ def main() -> None:
               f"({ms['Shoal SDPA blocks'] / ms['kernel']:.2f}x), SDPA causal {ms['SDPA causal']:.3f} ms "
               f"({ms['SDPA causal'] / ms['kernel']:.2f}x)")
         results[n] = ms
-    print(json.dumps({"threads": args.threads, "ms_per_layer": results}))
+    body = {3: "amx", 2: "avx512-bf16", 1: "avx512"}.get(kernels.library().shoal_prefill_attention_isa(), "none")
+    print(f"kernel body: {body}")
+    print(json.dumps({"threads": args.threads, "body": body, "ms_per_layer": results}))
 
 
 if __name__ == "__main__":
