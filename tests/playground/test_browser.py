@@ -88,8 +88,11 @@ def test_completion_streams_with_usage_and_probabilities(pg, page, artifacts):
     toks.first.hover()
     assert page.get_by_test_id("tooltip").is_visible()
     page.screenshot(path=str(artifacts / "complete.png"), full_page=True)
-    # chat mode streams too
+    # chat mode streams too (greedy: sampled at temperature 1 the answer varies from run to run,
+    # and an empty one, the end token drawn first, has no token to colour; one CI run in seven
+    # found none)
     page.get_by_test_id("n").fill("1")
+    set_range(page, "temperature", 0)
     page.get_by_test_id("mode-chat").check()
     page.locator('[data-testid="message-content"]').nth(1).fill("hello")
     page.get_by_test_id("submit").click()
