@@ -63,16 +63,24 @@ inline __m512i pairs32(const int8_t* p, __mmask32 m) {
   const __m256i b = _mm256_maskz_loadu_epi8(m, p);
   const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
   const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
-  const __m256i l16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(lo), 16));
-  const __m256i h16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(hi), 16));
-  return _mm512_inserti64x4(_mm512_castsi256_si512(l16), h16, 1);
+  // the upper halves (the exact bf16 values) of 0-15's then 16-31's floats: 16-bit word 2w + 1
+  const __m512i odd = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
+                                       27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  return _mm512_permutex2var_epi16(_mm512_castps_si512(lo), odd, _mm512_castps_si512(hi));
 }
 
-// The next block's slot weights are prefetched into L2 by the pair bodies. 32 tokens on 32 slots,
-// 30 layers of the four groups from memory, in-process timing, us a layer, alternated three times
-// (Xeon with AMX, 2 threads): bf16 slots 252-267 into L1, 221-232 into L2; int8 slots 169-171
-// into L1, 163-169 into L2; two lines a step into L2 instead of one (bf16): 254-261.
+// The next block's slot weights are prefetched by the pair bodies: into L2 on Xeons with AMX,
+// into L1 elsewhere. 32 tokens on 32 slots, 30 layers of the four groups from memory, in-process
+// timing, us a layer, alternated three times (Xeon with AMX, 2 threads): bf16 slots 252-267 into
+// L1, 221-232 into L2; int8 slots 169-171 into L1, 163-169 into L2; two lines a step into L2
+// instead of one (bf16): 254-261. On an AMD EPYC Zen 5 the other way: the adapters' cost in a
+// 32-row decode step of the engine (`bench/lora_dtype_steps.py`'s workload, alternated three
+// times), bf16 slots 4.47-4.77 ms into L2, 3.85-4.22 into L1, 3.87-4.72 non-temporal.
+#if SHOAL_AMX
 constexpr auto kHint = _MM_HINT_T1;
+#else
+constexpr auto kHint = _MM_HINT_T0;
+#endif
 
 template <int NB, int RG, typename TW>
 inline void shrink_bf(const bf16_t* const* xr, const TW* a, int64_t k, float scale, float* c, int64_t ldc,
