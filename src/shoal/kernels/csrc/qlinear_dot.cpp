@@ -14,7 +14,7 @@
 // of up to 4 rows (above 8 rows with bf16 weights, and int8 ones widened once: 6 rows in strips of
 // 3-4 blocks, 12 in strips of 1-2), the rows split evenly, each weight line loaded once for the
 // tile's rows (4 x 4, 6 x 4 or 12 x 2 accumulators). int8 blocks are widened on the
-// fly at up to 32 rows, else once per strip into a buffer (the same values: the bits are the same
+// fly at up to 16 rows, else once per strip into a buffer (the same values: the bits are the same
 // either way). Measured (bench/cpu_products.py, AMD EPYC, 2
 // threads): widening once from 5 rows made int8 slower than bf16 at 8-32 rows (32 rows: 16.8 vs
 // 14.8 ms a step); on the fly up to 32 rows it is on par (16.0 vs 15.7), at 8 rows 6.7 vs 9.1.
@@ -133,7 +133,10 @@ int shoal_dot_linear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const vo
   const int64_t kb = k / 32, nblocks = n / 16, bstride = kb * 512;
   const int width = nblocks >= 128 ? 4 : 2;  // blocks a strip: small layers in narrow strips (balance)
   const int64_t strips = (nblocks + width - 1) / width;
-  const bool widen_once = q && m > 8 * kRows;  // 9+ row tiles read the strip: widen it once
+  // 5+ row tiles read the strip: widen it once (Zen 5, with the tiles above, the decode-step int8
+  // products, builds alternated in one process, ms: 17 rows 6.76 -> 5.84, 20 rows 7.07 -> 6.36,
+  // 32 rows 11.08 -> 9.81 against widening on the fly up to 32 rows; 12-16 rows within 1%)
+  const bool widen_once = q && m > 4 * kRows;
   const size_t esize = q ? 1 : 2, ysize = ydt == 0 ? 4 : 2;
 #pragma omp parallel if (strips > 1)
   {
