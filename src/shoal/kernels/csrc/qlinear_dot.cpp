@@ -17,7 +17,9 @@
 // fly at up to 16 rows, else once per strip into a buffer (the same values: the bits are the same
 // either way). Measured (bench/cpu_products.py, AMD EPYC, 2
 // threads): widening once from 5 rows made int8 slower than bf16 at 8-32 rows (32 rows: 16.8 vs
-// 14.8 ms a step); on the fly up to 32 rows it is on par (16.0 vs 15.7), at 8 rows 6.7 vs 9.1.
+// 14.8 ms a step); on the fly up to 32 rows it is on par (16.0 vs 15.7), at 8 rows 6.7 vs 9.1
+// (Zen 4, before the 12-row tiles; on Zen 5 with them, widening once pays from 17 rows: see
+// `widen_once`).
 
 #include "widen.h"
 
