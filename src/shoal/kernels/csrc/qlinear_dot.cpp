@@ -173,13 +173,10 @@ int shoal_dot_linear(const bf16_t* x, int64_t xs, int64_t m, int64_t k, const vo
       const int64_t base = m / tiles, extra = m % tiles;
       for (int64_t ti = 0, m0 = 0; ti < tiles; ++ti) {
         const int nr = static_cast<int>(base + (ti < extra ? 1 : 0));
-        const int64_t m_at = m0;
+        void* yt = static_cast<char*>(y) + (m0 * ys + b0 * 16) * ysize;
+        const TileFn fn = narrow ? kTilesN[nr - 1][nb - 1] : (qt ? kTilesQ : kTilesB)[nr - 1][nb - 1];
+        fn(x + m0 * xs, xs, kb, w, bstride, sc, bi, yt, ys, ydt == 0, pfp);
         m0 += nr;
-        void* yt = static_cast<char*>(y) + (m_at * ys + b0 * 16) * ysize;
-        if (narrow)
-          kTilesN[nr - 1][nb - 1](x + m_at * xs, xs, kb, w, bstride, sc, bi, yt, ys, ydt == 0, pfp);
-        else
-          (qt ? kTilesQ : kTilesB)[nr - 1][nb - 1](x + m_at * xs, xs, kb, w, bstride, sc, bi, yt, ys, ydt == 0, pfp);
       }
     }
     std::free(buf);
