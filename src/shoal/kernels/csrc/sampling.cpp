@@ -373,8 +373,8 @@ int64_t sample_filtered(const T* x, int64_t v, float t, double u, const Masked& 
     for (int l = 0; l < W; ++l) w[e + l] = weight(ld(x, e + l), m, t);
   for (; e < v; ++e) w[e] = weight(ld(x, e), m, t);
   for (int64_t i = 0; i < mask.n; ++i) w[mask.ids[i]] = 0.0f;
-  sc.cnt.assign(kKeys, 0);
-  sc.mass.assign(kKeys, 0.0);
+  sc.cnt.assign(kKeys + 1, 0);  // bucket kKeys: w = 0 (the vector loop's), never read
+  sc.mass.assign(kKeys + 1, 0.0);
   int64_t j0 = 0;
 #if SHOAL_AVX512
   {  // the keys 16 at a time (kKeys for w = 0: no bucket), then the counts and masses in order
@@ -388,12 +388,10 @@ int64_t sample_filtered(const T* x, int64_t v, float t, double u, const Masked& 
       k = _mm512_mask_mov_epi32(k, none, _mm512_set1_epi32(kKeys));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys.data() + j0), _mm512_cvtepi32_epi16(k));
     }
-    sc.cnt.resize(kKeys + 1), sc.mass.resize(kKeys + 1);  // a bucket for w = 0, never read
     for (int64_t j = 0; j < j0; ++j) {
       ++sc.cnt[keys[j]];
       sc.mass[keys[j]] += w[j];
     }
-    sc.cnt.resize(kKeys), sc.mass.resize(kKeys);
   }
 #endif
   for (int64_t j = j0; j < v; ++j)
