@@ -63,6 +63,25 @@ inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {
 #endif
 }
 
+// VDPBF16PS's bits by two FMAs a lane, the odd pair element first, then the even one, with
+// MXCSR's FTZ and DAZ set (the instruction flushes denormal inputs and results): the same bits on
+// 256M lanes of random bits (NaN, inf, denormals), tiny and all exponents (Xeon with AMX). There
+// the instruction is slow (zmm: one per 2.1 cycles, latency 8; FMAs: two a cycle), so kernels whose
+// dot products bound them use the FMAs inside this scope. The asm keeps the compiler's memory
+// accesses, and so the arithmetic on them, on their side of the switch; results must be pinned
+// (`pin`) before the scope ends.
+struct FlushDenormals {
+  unsigned saved;
+  FlushDenormals() {
+    __asm__ volatile("stmxcsr %0" : "=m"(saved) : : "memory");
+    unsigned on = saved | 0x8040u;  // FTZ | DAZ
+    __asm__ volatile("ldmxcsr %0" : : "m"(on) : "memory");
+  }
+  ~FlushDenormals() { __asm__ volatile("ldmxcsr %0" : : "m"(saved) : "memory"); }
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+};
+inline void pin(__m512& v) { __asm__ volatile("" : "+v"(v) : : "memory"); }  // v computed here
 #endif
 
 // 16 outputs of a row from its fp32 sums: y = s * scale + bias (either may be null), rounded to
