@@ -240,7 +240,7 @@ def test_lora_bgmv_int8_slots(dtype):
     if dtype == torch.bfloat16:
         # inputs near and below bf16's smallest normal (partial sums pass through denormals; the
         # row scales make the deltas visible): still the same bits both ways (on CPUs with AMX
-        # the lone rows run FMAs under FTZ/DAZ, the runs VDPBF16PS, which flushes denormals)
+        # both run FMAs under FTZ/DAZ for VDPBF16PS: see test_fma_pairs_give_vdpbf16ps_bits)
         x = rand(n, k, dtype=torch.float32, seed=16, scale=2e-38).to(dtype)
         assert (x.float().abs() < 2.0 ** -126).sum() > 1000 and (x != 0).sum() > 6000
         asc = asc * 1e36
@@ -248,6 +248,40 @@ def test_lora_bgmv_int8_slots(dtype):
         assert (y != base).any(dim=1).sum() >= 10  # the deltas show
         for t in range(len(slots)):
             assert torch.equal(run(slice(t, t + 1))[0], y[t]), t
+
+
+def test_fma_pairs_give_vdpbf16ps_bits():
+    """The LoRA shrink on CPUs with AMX stands two FMAs under FTZ/DAZ (odd pair element first) for
+    VDPBF16PS: the same bits on lanes of random bits (NaN, inf, denormals), tiny exponents (sums
+    through denormals) and ordinary values."""
+    g = torch.Generator().manual_seed(21)
+    n = 16 * 4096
+
+    def bits(lo, hi):
+        return torch.randint(lo, hi, (n,), generator=g, dtype=torch.int64)
+
+    def pairs(kind, seed):
+        if kind == "any":
+            halves = bits(0, 2 ** 16), bits(0, 2 ** 16)
+        elif kind == "tiny":  # bf16 exponents 0-40: denormals, products far below the smallest normal
+            halves = [bits(0, 2) << 15 | bits(0, 41) << 7 | bits(0, 128) for _ in range(2)]
+        else:
+            v = rand(2 * n, seed=seed).bfloat16().view(torch.int16).to(torch.int64) & 0xFFFF
+            halves = v[0::2], v[1::2]
+        return (halves[0] | halves[1] << 16).to(torch.int32)
+
+    for kind in ("any", "tiny", "normal"):
+        a, b = pairs(kind, 22), pairs(kind, 23)
+        acc = (bits(0, 2 ** 32) - 2 ** 31).to(torch.int32).view(torch.float32) if kind == "any" else \
+            (rand(n, seed=24) * (1e-37 if kind == "tiny" else 1.0))
+        got = kernels.ops.dot2_check(a, b, acc.contiguous())
+        if got is None:
+            pytest.skip("no AVX512-BF16 on this CPU")
+        dp, fma = got
+        same = (dp.view(torch.int32) == fma.view(torch.int32)) | (dp.isnan() & fma.isnan())
+        assert bool(same.all()), (kind, int((~same).sum()))
+        if kind == "tiny":  # the flushing is exercised: plain FMAs would differ here
+            assert int((dp == 0).sum()) > 1000
 
 
 def test_callers_fall_back_when_disabled():

@@ -236,6 +236,18 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
 _DTW = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # LoRA slot dtypes (int8: with row scales)
 
 
+def dot2_check(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For tests: VDPBF16PS on lanes of bf16 pairs a, b (int32 (n,), n % 16 == 0) and fp32 acc (n,),
+    and the two FMAs under FTZ/DAZ that stand for it in the LoRA shrink on CPUs with AMX (odd
+    element first); None without AVX512-BF16."""
+    _check(a.dtype == b.dtype == torch.int32 and acc.dtype == torch.float32 and a.shape == b.shape == acc.shape
+           and a.is_contiguous() and b.is_contiguous() and acc.is_contiguous(), "dot2_check: inputs")
+    dp, fma = torch.empty_like(acc), torch.empty_like(acc)
+    rc = library().shoal_dot2_check(a.numel(), a.data_ptr(), b.data_ptr(), acc.data_ptr(), dp.data_ptr(),
+                                    fma.data_ptr())
+    return None if rc else (dp, fma)
+
+
 def lora_int8_ready() -> bool:
     """True when the LoRA kernel of this build takes int8 slots (an AVX-512 CPU)."""
     return _enabled and library() is not None and bool(library().shoal_lora_int8())

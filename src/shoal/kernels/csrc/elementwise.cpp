@@ -255,7 +255,7 @@ void silu_mul_impl(const T* y, int64_t ys, int64_t n, int64_t m, T* out) {
 
 extern "C" {
 
-int shoal_kernels_abi() { return 11; }
+int shoal_kernels_abi() { return 12; }
 
 int shoal_rms_norm(int dt, const void* x, int64_t xs, const void* res, int64_t rs, void* res_out,
                    int64_t ros, const void* w, void* out, int64_t os, int64_t n, int64_t d, float eps) {

@@ -287,6 +287,35 @@ int shoal_lora_bgmv(int dt, int dtw, const void* x, int64_t xs, int64_t n_tok, i
   return 0;
 }
 
+// For tests: n lanes (n % 16 == 0) of bf16 pairs a, b (32 bits each) and fp32 acc: out_dp = VDPBF16PS,
+// out_fma = the two FMAs under FTZ/DAZ that stand for it on CPUs with AMX (lora_bodies.h).
+// Returns 1 without AVX512-BF16.
+int shoal_dot2_check(int64_t n, const uint32_t* a, const uint32_t* b, const float* acc, float* out_dp,
+                     float* out_fma) {
+#if SHOAL_DPBF16
+  if (n % 16) return 1;
+  const __m512i hi = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512i av = _mm512_loadu_si512(a + i), bv = _mm512_loadu_si512(b + i);
+    const __m512 c = _mm512_loadu_ps(acc + i);
+    _mm512_storeu_ps(out_dp + i, dot2(c, av, bv));
+    __m512 r;
+    {
+      const FlushDenormals ftz;
+      r = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(av, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(bv, 16)),
+                          _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(av, hi)),
+                                          _mm512_castsi512_ps(_mm512_and_si512(bv, hi)), _mm512_loadu_ps(acc + i)));
+      pin(r);
+    }
+    _mm512_storeu_ps(out_fma + i, r);
+  }
+  return 0;
+#else
+  (void)n, (void)a, (void)b, (void)acc, (void)out_dp, (void)out_fma;
+  return 1;
+#endif
+}
+
 // 1 when this build's LoRA kernel takes int8 slots (dtw 2)
 int shoal_lora_int8() {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
