@@ -284,6 +284,33 @@ def test_fma_pairs_give_vdpbf16ps_bits():
             assert int((dp == 0).sum()) > 1000
 
 
+def test_vector_bf16_rounding_is_round_to_nearest_even():
+    """The kernels' epilogues round fp32 to bf16 by one vector routine (VCVTNEPS2BF16 with denormal
+    lanes lifted and dropped again where the CPU has AVX512-BF16, integer steps elsewhere): torch's
+    round-to-nearest-even on every denormal bit pattern, ties, near-overflow values and random bits;
+    NaNs stay NaN (quiet)."""
+    g = torch.Generator().manual_seed(31)
+    sub = torch.arange(0, 2 ** 23, 3, dtype=torch.int64)  # denormals (a third of them), both signs
+    parts = [sub, sub | 2 ** 31,
+             torch.randint(0, 2 ** 32, (1 << 20,), generator=g, dtype=torch.int64),
+             (torch.randint(1, 255, (1 << 16,), generator=g, dtype=torch.int64) << 23) | 0x8000,  # ties
+             (torch.randint(1, 255, (1 << 16,), generator=g, dtype=torch.int64) << 23) | 0x18000,
+             torch.tensor([0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0xFF7FFFFF, 0x7F800000, 0x00800000, 0x007FFFFF,
+                           0x00000000, 0x80000000, 0x7FC00001, 0xFF800001, 0x7F800001])]
+    u = torch.cat(parts)
+    u = torch.cat([u, u[: (-len(u)) % 16]])  # a multiple of 16
+    x = (u - (u >= 2 ** 31).long() * 2 ** 32).to(torch.int32).view(torch.float32)
+    got = kernels.ops.bf16_round(x)
+    if got is None:
+        pytest.skip("no AVX-512 on this CPU")
+    want = x.bfloat16()
+    nan = x.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    q = got[nan].view(torch.int16).int() & 0xFFFF  # NaN: the quiet bit set, the high payload kept
+    assert bool(((q & 0x40) != 0).all()) and torch.equal(q >> 7, (u[nan] >> 23) & 0x1FF)
+
+
 def test_callers_fall_back_when_disabled():
     """With the kernels switched off (or unavailable), the model's modules run PyTorch ops and
     give the same results within float rounding."""

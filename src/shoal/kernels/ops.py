@@ -248,6 +248,14 @@ def dot2_check(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor) -> tuple[tor
     return None if rc else (dp, fma)
 
 
+def bf16_round(x: torch.Tensor) -> torch.Tensor | None:
+    """For tests: fp32 x (n,), n % 16 == 0 -> bf16 by the kernels' vector rounding (the epilogues'
+    `to_bf16`); None without AVX-512."""
+    _check(x.dtype == torch.float32 and x.dim() == 1 and x.is_contiguous(), "bf16_round: input")
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    return None if library().shoal_bf16_round(x.numel(), x.data_ptr(), out.data_ptr()) else out
+
+
 def lora_int8_ready() -> bool:
     """True when the LoRA kernel of this build takes int8 slots (an AVX-512 CPU)."""
     return _enabled and library() is not None and bool(library().shoal_lora_int8())

@@ -255,7 +255,21 @@ void silu_mul_impl(const T* y, int64_t ys, int64_t n, int64_t m, T* out) {
 
 extern "C" {
 
-int shoal_kernels_abi() { return 12; }
+int shoal_kernels_abi() { return 13; }
+
+// For tests: n fp32 values -> bf16 by the vector rounding the kernels' epilogues use (`to_bf16`;
+// n % 16 == 0). Returns 1 without AVX-512.
+int shoal_bf16_round(int64_t n, const float* x, bf16_t* out) {
+#if SHOAL_AVX512
+  if (n % 16) return 1;
+  for (int64_t i = 0; i < n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), to_bf16(_mm512_loadu_ps(x + i)));
+  return 0;
+#else
+  (void)n, (void)x, (void)out;
+  return 1;
+#endif
+}
 
 int shoal_rms_norm(int dt, const void* x, int64_t xs, const void* res, int64_t rs, void* res_out,
                    int64_t ros, const void* w, void* out, int64_t os, int64_t n, int64_t d, float eps) {

@@ -24,15 +24,6 @@ inline __m512 load16<int8_t>(const int8_t* p, __mmask16 m) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
 
-// 16 floats -> bf16 bits in 32-bit lanes, rounded as `f2bf` (nearest even; NaN stays NaN)
-inline __m512i bf16_bits(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-}
-
 // o[0..16) (masked) = delta (accumulate 0) or T(o + T(delta)) (accumulate 1)
 template <typename T>
 inline void store_delta(T* o, __m512 d, __mmask16 m, int accumulate);
@@ -42,12 +33,12 @@ inline void store_delta<float>(float* o, __m512 d, __mmask16 m, int accumulate) 
 }
 template <>
 inline void store_delta<bf16_t>(bf16_t* o, __m512 d, __mmask16 m, int accumulate) {
-  __m512i r = bf16_bits(d);
+  __m256i r = to_bf16(d);  // (widen.h: rounded as f2bf)
   if (accumulate) {
-    const __m512 dr = _mm512_castsi512_ps(_mm512_slli_epi32(r, 16));  // T(delta)
-    r = bf16_bits(_mm512_add_ps(load16<bf16_t>(o, m), dr));
+    const __m512 dr = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(r), 16));  // T(delta)
+    r = to_bf16(_mm512_add_ps(load16<bf16_t>(o, m), dr));
   }
-  _mm256_mask_storeu_epi16(o, m, _mm512_cvtepi32_epi16(r));
+  _mm256_mask_storeu_epi16(o, m, r);
 }
 
 // bf16 slots on bf16 inputs: the weights are used as stored, two bf16 values a 32-bit lane (the
