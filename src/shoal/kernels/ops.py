@@ -241,7 +241,8 @@ def dot2_check(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor) -> tuple[tor
     and the two FMAs under FTZ/DAZ that stand for it in the LoRA shrink on CPUs with AMX (odd
     element first); None without AVX512-BF16."""
     _check(a.dtype == b.dtype == torch.int32 and acc.dtype == torch.float32 and a.shape == b.shape == acc.shape
-           and a.is_contiguous() and b.is_contiguous() and acc.is_contiguous(), "dot2_check: inputs")
+           and a.is_contiguous() and b.is_contiguous() and acc.is_contiguous() and a.numel() % 16 == 0,
+           "dot2_check: inputs")
     dp, fma = torch.empty_like(acc), torch.empty_like(acc)
     rc = library().shoal_dot2_check(a.numel(), a.data_ptr(), b.data_ptr(), acc.data_ptr(), dp.data_ptr(),
                                     fma.data_ptr())
@@ -251,7 +252,8 @@ def dot2_check(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor) -> tuple[tor
 def bf16_round(x: torch.Tensor) -> torch.Tensor | None:
     """For tests: fp32 x (n,), n % 16 == 0 -> bf16 by the kernels' vector rounding (the epilogues'
     `to_bf16`); None without AVX-512."""
-    _check(x.dtype == torch.float32 and x.dim() == 1 and x.is_contiguous(), "bf16_round: input")
+    _check(x.dtype == torch.float32 and x.dim() == 1 and x.is_contiguous() and x.numel() % 16 == 0,
+           "bf16_round: input")
     out = torch.empty(x.shape, dtype=torch.bfloat16)
     return None if library().shoal_bf16_round(x.numel(), x.data_ptr(), out.data_ptr()) else out
 
