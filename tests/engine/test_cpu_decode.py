@@ -135,3 +135,29 @@ def test_one_call_path_adds_the_lora_layers_deltas_bit_for_bit(setup, monkeypatc
     for fast, slow in zip(*runs):
         assert fast.token_ids == slow.token_ids
         assert [lp for _, lp, _ in fast.logprobs] == [lp for _, lp, _ in slow.logprobs]
+
+
+@pytest.mark.skipif(not __import__("shoal.kernels.qlinear", fromlist=["x"]).packed_ready(),
+                    reason="the one-call path needs packed products (AVX-512)")
+def test_decode_profile_times_the_one_call_path_while_on(tmp_path, tiny_tokenizer_dir):
+    """`kernels.ops.decode_profile` (bench/decode_breakdown.py): while on, every one-call decode is
+    counted and its kernels' time lands in their stages (no LoRA stage without adapters); off, the
+    sums stay as they were."""
+    from shoal.kernels import ops
+
+    loaded = _wide_llama(tmp_path, tiny_tokenizer_dir, "bfloat16")
+    llm = make_llm(loaded, max_num_batched_tokens=64)
+    ps = prompts(6, seed=9, lo=4, hi=40)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    llm.generate(ps, params)  # warm-up
+    ops.decode_profile(True)
+    llm.generate(ps, params)
+    on = ops.decode_profile(False)
+    assert set(on) == {*ops.DECODE_STAGES, "calls"}
+    assert on["calls"] >= 5  # the decode steps after each prompt's first token
+    for stage in ("norm", "q|k|v", "RoPE", "cache write", "attention", "o", "MLP norm", "gate|up", "SiLU", "down",
+                  "final norm"):
+        assert on[stage] > 0, stage
+    assert all(on[s] == 0 for s in ops.DECODE_STAGES if "LoRA" in s)
+    llm.generate(ps, params)
+    assert ops.decode_profile(False) == on

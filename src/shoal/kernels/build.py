@@ -30,7 +30,7 @@ SOURCES = sorted(CSRC.glob("*.cpp"))  # elementwise, attention, lora, qlinear(+_
 # plus a product rounds as PyTorch's separate ops do
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
          "-shared", "-fPIC", "-std=c++17"]
-ABI = 13  # shoal_kernels_abi() of the source this module's signatures describe
+ABI = 14  # shoal_kernels_abi() of the source this module's signatures describe
 
 _reason = "not loaded yet"
 
@@ -59,6 +59,7 @@ SIGNATURES = {  # argument types of each entry point (all return int: 0 = done, 
     "shoal_q4_quantize": [vp, i64, i64, i64, vp, vp, vp, ci],
     "shoal_row_stats": [ci, vp, i64, i64, i64, vp, vp, vp],
     "shoal_sample_rows": [ci, vp, i64, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp],
+    "shoal_decode_profile": [ci, vp],
     "shoal_llama_decode": [i64, i64, vp, vp, cf, cf, cf, vp, vp, vp, vp, vp, i64, vp, vp, vp, vp, vp,
                            vp, vp],
 }

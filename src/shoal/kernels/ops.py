@@ -258,6 +258,21 @@ def bf16_round(x: torch.Tensor) -> torch.Tensor | None:
     return None if library().shoal_bf16_round(x.numel(), x.data_ptr(), out.data_ptr()) else out
 
 
+DECODE_STAGES = ("norm", "q|k|v", "q|k|v LoRA", "RoPE", "cache write", "attention", "o", "o LoRA", "MLP norm",
+                 "gate|up", "gate|up LoRA", "SiLU", "down", "down LoRA", "final norm")
+
+
+def decode_profile(on: bool) -> dict[str, float]:
+    """Timing of the one-call decode's kernel calls (`shoal_llama_decode`), for benchmarks: True
+    clears the sums and starts, False stops. Returns the sums so far: seconds per stage
+    (`DECODE_STAGES`, summed over all layers and calls) and "calls"."""
+    _check(library() is not None, "decode_profile: the kernels did not build")
+    out = (ctypes.c_double * (len(DECODE_STAGES) + 1))()
+    n = library().shoal_decode_profile(int(on), ctypes.addressof(out))
+    _check(n == len(DECODE_STAGES), "decode_profile: stages")
+    return {**{s: out[i] * 1e-9 for i, s in enumerate(DECODE_STAGES)}, "calls": out[n]}
+
+
 def lora_int8_ready() -> bool:
     """True when the LoRA kernel of this build takes int8 slots (an AVX-512 CPU)."""
     return _enabled and library() is not None and bool(library().shoal_lora_int8())

@@ -5,7 +5,27 @@
 // what goes is the Python between them (~300 calls a step; at one row that was about a third of
 // the step's time outside the weight reads).
 
+#include <chrono>
+
 #include "common.h"
+
+namespace {
+// Opt-in timing of the kernel calls, for benchmarks (`shoal_decode_profile`): steady-clock ns per
+// stage, summed over the calls made while it is on (off: one untaken branch a kernel call).
+enum Stage { kNorm, kQkv, kQkvLora, kRope, kCacheWrite, kAttention, kO, kOLora, kMlpNorm, kGateUp, kGateUpLora,
+             kSilu, kDown, kDownLora, kFinalNorm, kStages };
+bool profile_on = false;
+double profile_ns[kStages + 1];  // the stages' sums, then the calls counted
+
+template <typename F>
+inline int timed(int stage, F&& call) {
+  if (!profile_on) return call();
+  const auto t0 = std::chrono::steady_clock::now();
+  const int r = call();
+  profile_ns[stage] += std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+  return r;
+}
+}  // namespace
 
 extern "C" {
 int shoal_rms_norm(int dt, const void* x, int64_t xs, const void* res, int64_t rs, void* res_out,
@@ -33,6 +53,7 @@ int shoal_blinear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, cons
                   const shoal::bf16_t* bias, int64_t n, void* y, int64_t ys, int ydt);
 int shoal_q4linear(const shoal::bf16_t* x, int64_t xs, int64_t m, int64_t k, const uint8_t* wp,
                    const shoal::bf16_t* bias, int64_t n, void* y, int64_t ys, int ydt);
+
 
 enum { LN1, QKV_W, QKV_S, O_W, O_S, LN2, GU_W, GU_S, DN_W, DN_S, K_CACHE, V_CACHE, QKV_B, K_SCALE, V_SCALE,
        PER_LAYER };
@@ -71,6 +92,7 @@ int shoal_llama_decode(int64_t n, int64_t n_layers, const int64_t* table, const 
   bf16_t* act = gu + n * 2 * inter;  // (n, inter) SiLU(gate) * up
   bf16_t* m = act + n * inter;       // (n, hid) the MLP output, added by the next norm
   int rc = 0;
+  if (profile_on) profile_ns[kStages] += 1;
 #define SHOAL_TRY(call)            \
   do {                             \
     if ((rc = (call)) != 0) return rc; \
@@ -83,11 +105,14 @@ int shoal_llama_decode(int64_t n, int64_t n_layers, const int64_t* table, const 
     // (q|k|v only: QKV_B, Qwen2's; 0 = none), then product g's LoRA deltas added in place
     auto product = [&](const bf16_t* xin, int64_t k, int w, int64_t nout, bf16_t* yout, int g) {
       const bf16_t* bias = g == 0 ? b16(QKV_B) : nullptr;
-      int r = kind == 0   ? shoal_qlinear(xin, k, n, k, reinterpret_cast<const int8_t*>(p[w]), b16(w + 1), bias,
-                                          nout, yout, nout, 1)
-              : kind == 1 ? shoal_blinear(xin, k, n, k, b16(w), bias, nout, yout, nout, 1)
-                          : shoal_q4linear(xin, k, n, k, reinterpret_cast<const uint8_t*>(p[w]), bias, nout, yout,
-                                           nout, 1);
+      static constexpr int kProduct[4] = {kQkv, kO, kGateUp, kDown}, kLora[4] = {kQkvLora, kOLora, kGateUpLora, kDownLora};
+      int r = timed(kProduct[g], [&] {
+        return kind == 0   ? shoal_qlinear(xin, k, n, k, reinterpret_cast<const int8_t*>(p[w]), b16(w + 1), bias,
+                                           nout, yout, nout, 1)
+               : kind == 1 ? shoal_blinear(xin, k, n, k, b16(w), bias, nout, yout, nout, 1)
+                           : shoal_q4linear(xin, k, n, k, reinterpret_cast<const uint8_t*>(p[w]), bias, nout, yout,
+                                            nout, 1);
+      });
       const int64_t* lg = lora ? lora + (li * 4 + g) * 4 : nullptr;
       if (r != 0 || lg == nullptr || lg[0] == 0) return r;
       const int64_t nl = lg[0];
@@ -96,35 +121,53 @@ int shoal_llama_decode(int64_t n, int64_t n_layers, const int64_t* table, const 
       int64_t outp[8], outs[8];
       if (nl > 8) return 2;
       for (int64_t i = 0; i < nl; ++i) outp[i] = reinterpret_cast<int64_t>(yout + off[i]), outs[i] = nout;
-      return shoal_lora_bgmv(1, dtw, xin, k, n, k, slot, lg[1], nl, tab, tab + nl, tab + 2 * nl, tab + 3 * nl,
-                             tab + 4 * nl, outp, outs, tab + 5 * nl, 1, tab + 6 * nl, tab + 7 * nl);
+      return timed(kLora[g], [&] {
+        return shoal_lora_bgmv(1, dtw, xin, k, n, k, slot, lg[1], nl, tab, tab + nl, tab + 2 * nl, tab + 3 * nl,
+                               tab + 4 * nl, outp, outs, tab + 5 * nl, 1, tab + 6 * nl, tab + 7 * nl);
+      });
     };
     // 1) (h += m;) x = norm(h)
     if (li == 0) {
-      SHOAL_TRY(shoal_rms_norm(1, h, hid, nullptr, 0, nullptr, hid, ptr(LN1), x, hid, n, hid, eps));
+      SHOAL_TRY(timed(kNorm, [&] { return shoal_rms_norm(1, h, hid, nullptr, 0, nullptr, hid, ptr(LN1), x, hid, n, hid, eps); }));
     } else {
-      SHOAL_TRY(shoal_rms_norm(1, m, hid, h, hid, h, hid, ptr(LN1), x, hid, n, hid, eps));
+      SHOAL_TRY(timed(kNorm, [&] { return shoal_rms_norm(1, m, hid, h, hid, h, hid, ptr(LN1), x, hid, n, hid, eps); }));
     }
     // 2) q | k | v; RoPE on q and k in place; this step's k, v into the cache; attention
     SHOAL_TRY(product(x, hid, QKV_W, nqkv, y, 0));
-    SHOAL_TRY(shoal_rope(1, y, nqkv, n, nh + hkv, d, cos, sin));
-    SHOAL_TRY(shoal_cache_write(1, y + nh * d, nqkv, y + (nh + hkv) * d, nqkv, n, hkv, d, slot_mapping,
-                                dtc, ptr(K_CACHE), ptr(V_CACHE), num_slots, static_cast<float*>(ptr(K_SCALE)),
-                                static_cast<float*>(ptr(V_SCALE))));
-    SHOAL_TRY(shoal_decode_attention(1, y, nqkv, rows, n_rows, nh, hkv, d, dtc, ptr(K_CACHE), ptr(V_CACHE),
-                                     num_slots, slots, offsets, window, scale, att, na,
-                                     static_cast<const float*>(ptr(K_SCALE)), static_cast<const float*>(ptr(V_SCALE))));
+    SHOAL_TRY(timed(kRope, [&] { return shoal_rope(1, y, nqkv, n, nh + hkv, d, cos, sin); }));
+    SHOAL_TRY(timed(kCacheWrite, [&] {
+      return shoal_cache_write(1, y + nh * d, nqkv, y + (nh + hkv) * d, nqkv, n, hkv, d, slot_mapping, dtc, ptr(K_CACHE),
+                               ptr(V_CACHE), num_slots, static_cast<float*>(ptr(K_SCALE)), static_cast<float*>(ptr(V_SCALE)));
+    }));
+    SHOAL_TRY(timed(kAttention, [&] {
+      return shoal_decode_attention(1, y, nqkv, rows, n_rows, nh, hkv, d, dtc, ptr(K_CACHE), ptr(V_CACHE), num_slots,
+                                    slots, offsets, window, scale, att, na, static_cast<const float*>(ptr(K_SCALE)),
+                                    static_cast<const float*>(ptr(V_SCALE)));
+    }));
     SHOAL_TRY(product(att, na, O_W, hid, a, 1));
     // 3) h += a; x = norm(h); the MLP
-    SHOAL_TRY(shoal_rms_norm(1, a, hid, h, hid, h, hid, ptr(LN2), x, hid, n, hid, eps));
+    SHOAL_TRY(timed(kMlpNorm, [&] { return shoal_rms_norm(1, a, hid, h, hid, h, hid, ptr(LN2), x, hid, n, hid, eps); }));
     SHOAL_TRY(product(x, hid, GU_W, 2 * inter, gu, 2));
-    SHOAL_TRY(shoal_silu_mul(1, gu, 2 * inter, n, inter, act));
+    SHOAL_TRY(timed(kSilu, [&] { return shoal_silu_mul(1, gu, 2 * inter, n, inter, act); }));
     SHOAL_TRY(product(act, inter, DN_W, hid, m, 3));
   }
   // the final norm of h + m
-  SHOAL_TRY(shoal_rms_norm(1, m, hid, h, hid, h, hid, final_w, out, hid, n, hid, final_eps));
+  SHOAL_TRY(timed(kFinalNorm, [&] { return shoal_rms_norm(1, m, hid, h, hid, h, hid, final_w, out, hid, n, hid, final_eps); }));
 #undef SHOAL_TRY
   return 0;
+}
+
+// Timing of the calls above, for benchmarks: on = 1 clears the sums and starts, 0 stops; out (null
+// or kStages + 1 doubles) receives each stage's summed ns (norm, q|k|v, its LoRA, RoPE, cache
+// write, attention, o, its LoRA, MLP norm, gate|up, its LoRA, SiLU, down, its LoRA, final norm)
+// and the calls counted. Returns kStages.
+int shoal_decode_profile(int on, double* out) {
+  if (on)
+    for (double& v : profile_ns) v = 0.0;
+  profile_on = on != 0;
+  if (out)
+    for (int i = 0; i <= kStages; ++i) out[i] = profile_ns[i];
+  return kStages;
 }
 
 }  // extern "C"
