@@ -1,6 +1,6 @@
 """Where a decode step's time goes on CPU: `--streams` requests decoding together through the
 one-call decode (`shoal_llama_decode`), each of its kernel calls timed inside the call
-(`kernels.ops.decode_profile`: a steady clock around every call, summed per stage over the layers)
+(`kernels.probes.decode_profile`: a steady clock around every call, summed per stage over the layers)
 and the output layer (`compute_logits`, timed from Python), against the step's wall time from
 `engine.step()`. Prints ms a step and the share of each stage (products, their LoRA deltas,
 attention, the elementwise kernels, the LM head), the rest being the step's Python, the sampler
@@ -39,7 +39,7 @@ def main() -> None:
     from shoal.config import EngineConfig
     from shoal.engine.llm_engine import LLMEngine, load_for_engine
     from shoal.engine.sampling_params import SamplingParams
-    from shoal.kernels import ops
+    from shoal.kernels import probes as ops
     from shoal.model.registry import ModelRegistry
 
     lora = args.adapters > 0

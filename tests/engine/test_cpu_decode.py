@@ -140,10 +140,10 @@ def test_one_call_path_adds_the_lora_layers_deltas_bit_for_bit(setup, monkeypatc
 @pytest.mark.skipif(not __import__("shoal.kernels.qlinear", fromlist=["x"]).packed_ready(),
                     reason="the one-call path needs packed products (AVX-512)")
 def test_decode_profile_times_the_one_call_path_while_on(tmp_path, tiny_tokenizer_dir):
-    """`kernels.ops.decode_profile` (bench/decode_breakdown.py): while on, every one-call decode is
+    """`kernels.probes.decode_profile` (bench/decode_breakdown.py): while on, every one-call decode is
     counted and its kernels' time lands in their stages (no LoRA stage without adapters); off, the
     sums stay as they were."""
-    from shoal.kernels import ops
+    from shoal.kernels import probes as ops
 
     loaded = _wide_llama(tmp_path, tiny_tokenizer_dir, "bfloat16")
     llm = make_llm(loaded, max_num_batched_tokens=64)
