@@ -126,13 +126,15 @@ def test_cache_write_and_decode_attention(dtype, kv_dtype, heads, d):
     assert torch.equal(alone[2], out[2])
 
 
+@pytest.mark.parametrize("k", [576, 72])
 @pytest.mark.parametrize("wdtype", DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lora_bgmv_per_token_slots(dtype, wdtype):
+def test_lora_bgmv_per_token_slots(dtype, wdtype, k):
     """Each token's own slot (fp32 or bf16 slots); -1 left alone; a zero-rank slot adds nothing;
     strided outputs (column slices of one fused output); a row's bits do not depend on the
-    other rows."""
-    n_tok, k, slots_n, r = 9, 576, 4, 8
+    other rows. k = 72: inputs that end in a partial step of 32 (blocks of several tokens read
+    whole steps with plain loads, lone tokens with masks: the same bits)."""
+    n_tok, slots_n, r = 9, 4, 8
     x = rand(n_tok, k, dtype=dtype)
     a = rand(slots_n, 2 * r, k, seed=1, scale=0.05, dtype=wdtype)  # two layers' A stacked
     bs = [rand(slots_n, r, 96, seed=2, scale=0.05, dtype=wdtype), rand(slots_n, r, 32, seed=3, scale=0.05, dtype=wdtype)]
