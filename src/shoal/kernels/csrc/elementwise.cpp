@@ -216,13 +216,24 @@ void cache_write_i8(const TI* k, int64_t ks, const TI* v, int64_t vs, int64_t n,
 inline void silu_mul_row(const bf16_t* gate, const bf16_t* up, bf16_t* o, int64_t m) {
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
   const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(0x80000000u)));
-  for (int64_t j = 0; j < m; j += 16) {
-    const __mmask16 k = m - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (m - j)) - 1);
-    const __m512 a = widen16(_mm256_maskz_loadu_epi16(k, gate + j));
+  auto lanes16 = [&](__m512 a, __m256i u) {  // T(T(silu(a)) * u) of 16 lanes
     const __m512 e = exp_neg16(_mm512_or_ps(a, sign));  // exp(-|a|)
     const __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, zero, _CMP_GE_OQ), _mm512_mul_ps(a, e), a);
     const __m512 silu = widen16(to_bf16(_mm512_div_ps(num, _mm512_add_ps(one, e))));
-    _mm256_mask_storeu_epi16(o + j, k, to_bf16(_mm512_mul_ps(silu, widen16(_mm256_maskz_loadu_epi16(k, up + j)))));
+    return to_bf16(_mm512_mul_ps(silu, widen16(u)));
+  };
+  int64_t j = 0;
+  // plain loads and stores, then a masked tail (32 rows of 2 x 1536, one call, Zen 5, builds
+  // alternated three times: 18.5-18.6 -> 17.3-17.4 us with masked ones throughout)
+  for (; j + 16 <= m; j += 16) {
+    const __m256i g = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gate + j));
+    const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(up + j));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j), lanes16(widen16(g), u));
+  }
+  if (j < m) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (m - j)) - 1);
+    _mm256_mask_storeu_epi16(o + j, k, lanes16(widen16(_mm256_maskz_loadu_epi16(k, gate + j)),
+                                              _mm256_maskz_loadu_epi16(k, up + j)));
   }
 }
 #endif
