@@ -147,10 +147,7 @@ void attend_bf(const bf16_t* const* qrow, const bf16_t* kbase, const bf16_t* vba
         }
       }
       const __m512 r = _mm512_mul_ps(lane_sums16(acc), sc);
-      if (n == 16)  // (plain loads and stores where all 16 lanes are on: see step 2)
-        _mm512_storeu_ps(scores + j * len + s0, r);
-      else
-        _mm512_mask_storeu_ps(scores + j * len + s0, static_cast<__mmask16>((1u << n) - 1), r);
+      store_lanes(scores + j * len + s0, static_cast<__mmask16>((1u << n) - 1), r);
     }
   }
   // 2) p in bf16 (rows of len rounded up to 16, the pad 0), 1 / sum of the rounded p's
@@ -159,22 +156,20 @@ void attend_bf(const bf16_t* const* qrow, const bf16_t* kbase, const bf16_t* vba
   for (int j = 0; j < G; ++j) {
     const float* sr = scores + j * len;
     bf16_t* pr = p + j * lp;
-    // whole groups of 16 by plain loads, then a masked tail (masked loads with every lane on
-    // are slower on an AMD EPYC Zen 5; the same values either way): `bench/decode_attention.py`,
-    // 32 rows x 192 keys, alternated three times, 5.35-5.47 -> 5.27-5.37 ms (the keys' reads
-    // bound the rest)
-    const int64_t whole = len & ~int64_t(15);
+    // (load_lanes, store_lanes: plain loads and stores for whole groups of 16. Measured with
+    // `bench/decode_attention.py --repeat 10`, 32 rows x 192 keys, 30 layers, Zen 5, builds
+    // alternated three times, twice: bf16 cache 5.35-5.47 -> 5.27-5.37 ms, then 5.46-6.18 ->
+    // 5.33-5.44; int8 cache 4.30-4.51 -> 4.34-4.39: the keys' reads bound the rest)
     __m512 m = _mm512_set1_ps(-INFINITY);
-    for (int64_t s0 = 0; s0 < whole; s0 += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sr + s0));
-    if (whole < len)
-      m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), static_cast<__mmask16>((1u << (len - whole)) - 1),
-                                                sr + whole));
+    for (int64_t s0 = 0; s0 < len; s0 += 16) {
+      const __mmask16 k = static_cast<__mmask16>(len - s0 < 16 ? (1u << (len - s0)) - 1 : 0xffffu);
+      m = _mm512_max_ps(m, load_lanes(sr + s0, k, _mm512_set1_ps(-INFINITY)));
+    }
     const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t s0 = 0; s0 < len; s0 += 16) {
       const __mmask16 k = static_cast<__mmask16>(len - s0 < 16 ? (1u << (len - s0)) - 1 : 0xffffu);
-      const __m512 x = s0 < whole ? _mm512_loadu_ps(sr + s0) : _mm512_maskz_loadu_ps(k, sr + s0);
-      const __m512 e = _mm512_maskz_mov_ps(k, exp_neg16(_mm512_sub_ps(x, mx)));
+      const __m512 e = _mm512_maskz_mov_ps(k, exp_neg16(_mm512_sub_ps(load_lanes(sr + s0, k), mx)));
       const __m256i pb = to_bf16(e);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + s0), pb);  // (lanes past len: 0)
       sum = _mm512_add_ps(sum, widen16(pb));

@@ -96,26 +96,26 @@ void attend_i8(const float* qf, const int8_t* kbase, const int8_t* vbase, const 
       }
       const __m512 r = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lane_sums16i(acc)), _mm512_load_ps(ksc)),
                                      _mm512_set1_ps(qscale));
-      _mm512_mask_storeu_ps(sj + s0, static_cast<__mmask16>((1u << n) - 1), r);
+      store_lanes(sj + s0, static_cast<__mmask16>((1u << n) - 1), r);
     }
     // 2) p = exp(s - max); sum; w = p * v scale (in place)
     __m512 m = _mm512_set1_ps(-INFINITY);
     for (int64_t s0 = 0; s0 < len; s0 += 16) {
       const __mmask16 k = static_cast<__mmask16>(len - s0 < 16 ? (1u << (len - s0)) - 1 : 0xffffu);
-      m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, sj + s0));
+      m = _mm512_max_ps(m, load_lanes(sj + s0, k, _mm512_set1_ps(-INFINITY)));
     }
     const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
     __m512 acc = _mm512_setzero_ps(), wmax = _mm512_setzero_ps();
     for (int64_t s0 = 0; s0 < len; s0 += 16) {
       const int n = len - s0 < 16 ? static_cast<int>(len - s0) : 16;
       const __mmask16 k = static_cast<__mmask16>((1u << n) - 1);
-      const __m512 p = _mm512_maskz_mov_ps(k, exp_neg16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sj + s0), mx)));
+      const __m512 p = _mm512_maskz_mov_ps(k, exp_neg16(_mm512_sub_ps(load_lanes(sj + s0, k), mx)));
       acc = _mm512_add_ps(acc, p);
       alignas(64) float vsc[16];
       for (int i = 0; i < 16; ++i) vsc[i] = i < n ? vsb[slots[s0 + i]] : 0.0f;
       const __m512 wv = _mm512_mul_ps(p, _mm512_load_ps(vsc));
       wmax = _mm512_max_ps(wmax, wv);
-      _mm512_mask_storeu_ps(sj + s0, k, wv);
+      store_lanes(sj + s0, k, wv);
     }
     sum[j] = _mm512_reduce_add_ps(acc);
     // w in int16 against the row's largest: w16 = round(w * 32767 / wmax) (pad to a pair: 0)
@@ -126,7 +126,7 @@ void attend_i8(const float* qf, const int8_t* kbase, const int8_t* vbase, const 
     for (int64_t s0 = 0; s0 < len; s0 += 16) {
       const int n = len - s0 < 16 ? static_cast<int>(len - s0) : 16;
       const __mmask16 k = static_cast<__mmask16>((1u << n) - 1);
-      const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, sj + s0), winv));  // (RNE)
+      const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(load_lanes(sj + s0, k), winv));  // (RNE)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(wj + s0), _mm512_cvtepi32_epi16(r));  // (lanes past len: 0)
     }
   }
