@@ -25,7 +25,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = sorted(CSRC.glob("*.cpp"))  # elementwise, attention (+ decode_attention_int8), lora, qlinear(+_dot, _fma), q4linear(+_amx), sampling, llama_decode, prefill_attention; common.h beside them
+SOURCES = sorted(CSRC.glob("*.cpp"))  # elementwise, attention (+ decode_attention_int8), lora, qlinear(+_dot, _fma), q4linear(+_amx), sampling (+ row_stats), llama_decode, prefill_attention; headers beside them
 # no -ffast-math: the kernels round where PyTorch rounds; no FMA contraction, so a product
 # plus a product rounds as PyTorch's separate ops do
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
