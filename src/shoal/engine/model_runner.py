@@ -145,19 +145,27 @@ class ModelRunner:
         prompt_rows: list[tuple[Sequence, int, int, int]] = []  # seq, first row, count, first pos
         adapters: list[tuple[str | None, int]] = []  # (adapter, number of tokens)
         decode_items: list[tuple[int, torch.Tensor]] = []
+        # CPU kernel: the decode rows' slots for all rows at once (`DecodeRows.from_tables`)
+        by_table = n_decode > 0 and self._decode_kernel()
+        tables: list[list[int]] = []
+        lengths: list[int] = []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
             end = start + n
             q_start = len(ids)
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            ctx = self._ctx_slots(seq, end)  # (end,)
-            slot_chunks.append(ctx[start:end])
-            if _is_decode(seq, n):
-                # a decode row: batched with others of its context-length bucket
-                decode_items.append((q_start, ctx))
-            else:  # prompt tokens always take the prefill path, however they were chunked
-                seq_attn.append(SeqAttention(q_start, n, ctx))
+            if by_table and _is_decode(seq, n):  # (decode rows come first: their new slots below)
+                tables.append(seq.block_table)
+                lengths.append(end)
+            else:
+                ctx = self._ctx_slots(seq, end)  # (end,)
+                slot_chunks.append(ctx[start:end])
+                if _is_decode(seq, n):
+                    # a decode row: batched with others of its context-length bucket
+                    decode_items.append((q_start, ctx))
+                else:  # prompt tokens always take the prefill path, however they were chunked
+                    seq_attn.append(SeqAttention(q_start, n, ctx))
             adapters.append((seq.adapter, n))
             if end == seq.num_tokens:  # the chunk reaches the last known token: it samples
                 sample_rows.append(q_start + n - 1)
@@ -172,8 +180,10 @@ class ModelRunner:
             for s in seq_attn:
                 s.ctx_slots = s.ctx_slots.to(self.device)
         buckets, decode_rows = [], None
-        if decode_items and self._decode_kernel():  # CPU: one kernel call a layer, in place
-            decode_rows = DecodeRows.build(decode_items)
+        if by_table:  # CPU: one kernel call a layer, in place
+            decode_rows = DecodeRows.from_tables(list(range(n_decode)), tables, lengths, self.block_size)
+            # each decode row's new token goes to its last slot
+            slot_chunks.insert(0, decode_rows.slots[decode_rows.offsets[1:] - 1])
         else:  # on a GPU all decode rows form one bucket (its kernels do not promise row invariance)
             buckets = build_decode_buckets(decode_items, self.window, self.device,
                                            single=self.device.type == "cuda")
