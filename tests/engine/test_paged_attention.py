@@ -224,18 +224,18 @@ def test_bf16_head_size_64_prefill_takes_the_kernel(window, monkeypatch):
 
 
 def test_decode_rows_from_block_tables_match_per_row_slots():
-    """`DecodeRows.from_tables` (all rows' slots in a few tensor ops) gives the slots, offsets and
-    rows of building each row's slot list alone: lengths of one token, a whole number of blocks,
+    """`DecodeRows.from_tables` (all rows' slots in a few tensor ops) gives each row's slots in
+    position order and the offsets between rows: lengths of one token, a whole number of blocks,
     a block and one, and tables longer than their context."""
     g = torch.Generator().manual_seed(5)
     lengths = [1, BLOCK, BLOCK + 1, 3 * BLOCK - 2, 5, 4 * BLOCK]
     tables = [torch.randperm(160, generator=g)[:-(-n // BLOCK) + (i % 2)].tolist() for i, n in enumerate(lengths)]
     rows = list(range(len(lengths)))
     got = DecodeRows.from_tables(rows, tables, lengths, BLOCK)
-    want = DecodeRows.build([(r, torch.tensor([t[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)]))
-                             for r, t, n in zip(rows, tables, lengths)])
-    assert torch.equal(got.rows, want.rows) and torch.equal(got.offsets, want.offsets)
-    assert torch.equal(got.slots, want.slots)
+    per_row = [[t[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)] for t, n in zip(tables, lengths)]
+    assert got.rows.tolist() == rows
+    assert got.slots.tolist() == [s for row in per_row for s in row]
+    assert got.offsets.tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
     assert got.slots.dtype == got.offsets.dtype == got.rows.dtype == torch.int64
     empty = DecodeRows.from_tables([], [], [], BLOCK)
     assert empty.slots.numel() == 0 and empty.offsets.tolist() == [0]

@@ -139,8 +139,8 @@ class DecodeRows:
                     block_size: int) -> "DecodeRows":
         """The rows' slots from their block tables and context lengths, in a few tensor ops for all
         rows: positions 0..L-1 of a row sit at table[p // bs] * bs + p % bs. (A tensor a row and a
-        concatenation, as `build` takes them, cost the runner's Python of a 32-row decode step
-        0.77 ms against 0.52 this way; 0.99-1.07 against 0.74-0.87 at 1k-token contexts.)"""
+        concatenation cost the runner's Python of a 32-row decode step 0.77 ms against 0.52 this
+        way; 0.99-1.07 against 0.74-0.87 at 1k-token contexts.)"""
         if not rows:
             return cls(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
                        torch.zeros(1, dtype=torch.long))
@@ -153,13 +153,6 @@ class DecodeRows:
         offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
         torch.cumsum(lens, 0, out=offsets[1:])
         return cls(torch.tensor(rows, dtype=torch.long), slots[keep], offsets)
-
-    @classmethod
-    def build(cls, items: list[tuple[int, torch.Tensor]]) -> "DecodeRows":
-        """items: (row, ctx_slots) of every decode row (CPU tensors)."""
-        lengths = torch.tensor([0] + [s.numel() for _, s in items])
-        return cls(torch.tensor([r for r, _ in items], dtype=torch.long),
-                   torch.cat([s for _, s in items]), lengths.cumsum(0))
 
 
 def _check_float_cache(kc: torch.Tensor) -> None:
