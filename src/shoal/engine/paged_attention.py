@@ -137,21 +137,17 @@ class DecodeRows:
     @classmethod
     def from_tables(cls, rows: list[int], tables: list[list[int]], lengths: list[int],
                     block_size: int) -> "DecodeRows":
-        """The rows' slots from their block tables and context lengths, in a few tensor ops for all
-        rows: positions 0..L-1 of a row sit at table[p // bs] * bs + p % bs. (A tensor a row and a
-        concatenation cost the runner's Python of a 32-row decode step 0.77 ms against 0.52 this
-        way; 0.99-1.07 against 0.74-0.87 at 1k-token contexts.)"""
+        """Position p of a row at table[p // bs] * bs + p % bs, for all rows in a few tensor ops (a
+        tensor a row cost a 32-row step's Python 0.77 ms against 0.52: docs/benchmarks.md)."""
         if not rows:
-            return cls(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                       torch.zeros(1, dtype=torch.long))
+            return cls(*(torch.zeros(n, dtype=torch.long) for n in (0, 0, 1)))
         nb = [-(-n // block_size) for n in lengths]
         width = max(nb)
         padded = torch.tensor([t[:k] + [0] * (width - k) for t, k in zip(tables, nb)], dtype=torch.long)
         slots = (padded[:, :, None] * block_size + torch.arange(block_size)).view(len(rows), -1)  # (B, width * bs)
         lens = torch.tensor(lengths, dtype=torch.long)
         keep = torch.arange(width * block_size)[None, :] < lens[:, None]
-        offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
-        torch.cumsum(lens, 0, out=offsets[1:])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
         return cls(torch.tensor(rows, dtype=torch.long), slots[keep], offsets)
 
 
