@@ -243,10 +243,10 @@ class LLMEngine:
                 self._append(seq, res)
         outs = []
         for req in touched.values():
-            out = self.outputs.request_output(req)
+            out = self.outputs.request_output(req)  # (None: not done, best_of ranks at the end)
             if out is not None:
                 outs.append(out)
-            if req.all_done:
+            if out is not None and out.finished:
                 self.requests.pop(req.request_id, None)
                 for s in req.seqs:
                     self._seq_req.pop(s.seq_id, None)
