@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from shoal import kernels
 from shoal.lora.grouping import MIN_ROWS, lora_deltas
 from shoal.lora.layers import LoRALinear, LoRAMapping, apply_lora
 from tests.lora import pair
@@ -142,6 +143,32 @@ def test_apply_lora_keeps_parameters_and_state_dict():
     assert model.model.layers[1].mlp.down_proj.lora_b_stacked.shape == (3, 4, 64)
     with pytest.raises(ValueError, match="already applied"):
         apply_lora(model, 3, 4)
+
+
+@pytest.mark.skipif(not kernels.enabled(), reason="the slot-major layout is the CPU kernel's")
+def test_apply_lora_lays_each_slot_out_as_one_run_for_the_cpu_kernel():
+    """Where the CPU kernel reads the slots, a lone layer's slot s is [A B] in one row of one
+    buffer (`slot_major_`), views that set_lora writes through; the deltas are those of the
+    separate buffers (the Semantics loop)."""
+    _, model = pair("llama")
+    mapping = apply_lora(model, 3, 4)
+    down = model.model.layers[1].mlp.down_proj  # (96 -> 64), not part of a fused projection
+    a, b = down.lora_a_stacked, down.lora_b_stacked
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    assert a.stride() == b.stride()[:1] + (96, 1) and a.stride(0) == 4 * (96 + 64)
+    assert b.storage_offset() == a.storage_offset() + 4 * 96  # B right after A, slot by slot
+    g = torch.Generator().manual_seed(3)
+    for slot in (0, 2):
+        down.set_lora(slot, torch.randn(3, 96, generator=g), torch.randn(64, 3, generator=g), 0.5)
+    x = torch.randn(6, 96, generator=g)
+    mapping.set([0, 2, -1, 2, 0, 0])
+    with torch.no_grad():
+        got = down(x)
+        want = x @ down.weight.T + (down.bias if down.bias is not None else 0)
+        for n, s in enumerate([0, 2, -1, 2, 0, 0]):
+            if s >= 0:
+                want[n] += down.scaling[s] * (x[n] @ a[s].T) @ b[s]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_apply_lora_target_subset_and_unknown():

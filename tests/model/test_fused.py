@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from shoal import kernels
 from shoal.finetune.lora_train import apply_trainable_lora
 from shoal.lora.layers import apply_lora, default_targets
 from shoal.model.fused import fuse_projections
@@ -82,10 +83,14 @@ def test_a_trainers_lora_on_a_fused_model_takes_the_unfused_path():
 
 
 @pytest.mark.parametrize("slots", [[-1] * 3 + [0] * 5 + [1] * 20 + [0] * 2, [1, 0, -1, 1, 0, 0, 1, 1]])
-def test_lora_group_serves_a_fused_projections_parts_with_one_shrink(slots, monkeypatch):
-    """Packed (engine) inputs: the parts of fused q/k/v and gate/up share one A buffer
-    (`LoRAGroup`) and give the per-layer results; runs in place and tiles both exercised."""
+@pytest.mark.parametrize("kernel", [True, False])
+def test_lora_group_serves_a_fused_projections_parts_with_one_shrink(slots, kernel, monkeypatch):
+    """Packed (engine) inputs: the parts of fused q/k/v and gate/up share one buffer
+    (`LoRAGroup`: their A rows, or where the CPU kernel reads them all their slots slot-major)
+    and give the per-layer results; the kernel, and PyTorch's runs in place and tiles, exercised."""
     monkeypatch.setattr("shoal.lora.grouping.LONG_RUN", 16)
+    if not kernel:  # PyTorch's products (on a slot-major group: each part from its own views)
+        monkeypatch.setattr("shoal.lora.grouping.kernels.usable", lambda *t: False)
     _, model = pair("llama")
     plain = copy.deepcopy(model)
     fuse_projections(model)
@@ -113,9 +118,17 @@ def test_lora_group_serves_a_fused_projections_parts_with_one_shrink(slots, monk
     attn = model.model.layers[0].self_attn
     group = attn.q_proj.lora_group
     assert group is not None and group.layers == (attn.q_proj, attn.k_proj, attn.v_proj)
-    assert attn.v_proj.lora_a_stacked.untyped_storage().data_ptr() == group.a.untyped_storage().data_ptr()
-    r = attn.q_proj.lora_a_stacked.shape[1]
-    assert torch.equal(group.a[1, 2 * r:2 * r + 3], attn.v_proj.lora_a_stacked[1, :3])  # set_lora wrote through
+    r, hid = attn.q_proj.lora_a_stacked.shape[1:]
+    if group.a is not None:  # one A buffer, the parts' rows in order
+        assert attn.v_proj.lora_a_stacked.untyped_storage().data_ptr() == group.a.untyped_storage().data_ptr()
+        assert torch.equal(group.a[1, 2 * r:2 * r + 3], attn.v_proj.lora_a_stacked[1, :3])  # set_lora wrote through
+    else:  # slot-major: slot s's row is [A_q B_q A_k B_k A_v B_v]
+        assert kernels.enabled()
+        off = r * (2 * hid + attn.q_proj.out_features + attn.k_proj.out_features)
+        v_a = group.slots[1, off:off + r * hid].view(r, hid)
+        v_b = group.slots[1, off + r * hid:off + r * (hid + attn.v_proj.out_features)].view(r, -1)
+        assert torch.equal(v_a[:3], attn.v_proj.lora_a_stacked[1, :3]) and v_a[:3].abs().sum() > 0
+        assert torch.equal(v_b[:3], attn.v_proj.lora_b_stacked[1, :3]) and v_b[:3].abs().sum() > 0
     assert model.model.layers[0].mlp.up_proj.lora_group is not None
     for plain_out, fused_out in zip(*outs):  # (the fused MLP's SiLU may be the CPU kernel's)
         torch.testing.assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-4)

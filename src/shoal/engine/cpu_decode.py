@@ -241,15 +241,9 @@ def _lora_table(model: Transformer) -> tuple | None:
                 row += [0, 0, 0, 0]
                 continue
             layers = [p for p, _ in lora]
-            g = layers[0].lora_group
             q8 = layers[0].quantized  # int8 slots: with their rows' scales
-            if g is not None and g.layers == tuple(layers):  # one A buffer: its row views
-                r = g.a.shape[1] // len(layers)
-                as_ = [g.a[:, i * r:(i + 1) * r] for i in range(len(layers))]
-                asc = [g.a_qscale[:, i * r:(i + 1) * r] for i in range(len(layers))] if q8 else None
-            else:
-                as_ = [p.lora_a_stacked for p in layers]
-                asc = [p.lora_a_qscale for p in layers] if q8 else None
+            as_ = [p.lora_a_stacked for p in layers]  # (a group's: views of its one buffer)
+            asc = [p.lora_a_qscale for p in layers] if q8 else None
             dts |= {a.dtype for a in as_}
             if len({a.stride(0) for a in as_}) > 1 or any(a.dtype not in _DTW for a in as_):
                 return None

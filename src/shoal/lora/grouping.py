@@ -155,25 +155,28 @@ def add_grouped_(x2: torch.Tensor, ys: list[torch.Tensor], layers: list, a: torc
     if not any(live):
         return  # no adapter in the batch targets these layers
     min_rows, dtype, k = layers[0].mapping.min_rows, ys[0].dtype, x2.shape[1]
-    q8 = a.dtype == torch.int8  # int8 slots (`LoRALinear`): the kernel's only
-    if (q8 or a.dtype in (torch.float32, torch.bfloat16)) and a.is_cpu and kernels.usable(x2, *ys):
+    a0 = layers[0].lora_a_stacked
+    q8 = a0.dtype == torch.int8  # int8 slots (`LoRALinear`): the kernel's only
+    if (q8 or a0.dtype in (torch.float32, torch.bfloat16)) and a0.is_cpu and kernels.usable(x2, *ys):
         # CPU: every adapter token in one kernel call, its slot's weights read in place (no
         # tiles, padding or gathers); each row computed alone (batch invariant by construction)
         on = tuple(i for i, live_i in enumerate(live) if live_i)
-        key = (on, a.data_ptr(), *(layers[i].lora_b_stacked.data_ptr() for i in on))
+        key = (on, *(t.data_ptr() for i in on for t in (layers[i].lora_a_stacked, layers[i].lora_b_stacked)))
         plan = layers[0].bgmv.get(key)
         if plan is None:  # made once per layer group (the slot buffers are written in place)
-            r = a.shape[1] // len(layers)
-            asc = _a_qscale(layers) if q8 else None
+            asc = [layers[i].lora_a_qscale for i in on] if q8 else None
             plan = layers[0].bgmv[key] = kernels.BGMVLayers(
-                [a[:, i * r:(i + 1) * r] for i in on], [layers[i].lora_b_stacked for i in on],
-                [layers[i].scale_f32 for i in on], [layers[i].rank_t for i in on],
-                [asc[:, i * r:(i + 1) * r] for i in on] if q8 else None,
+                [layers[i].lora_a_stacked for i in on], [layers[i].lora_b_stacked for i in on],
+                [layers[i].scale_f32 for i in on], [layers[i].rank_t for i in on], asc,
                 [layers[i].lora_b_qscale for i in on] if q8 else None)
         plan(x2, layers[0].mapping.slot_tensor(), [ys[i] for i in on], accumulate=True)
         return
     if q8:
         raise RuntimeError("int8 LoRA slots are read by the CPU kernels only (lora_dtype int8)")
+    if a is None:  # slot-major slots (`slot_major_`): no stacked A, each layer from its own views
+        for layer, y in zip(layers, ys):
+            add_grouped_(x2, [y], [layer], layer.lora_a_stacked, g)
+        return
     # 1) runs: each run's rows of x in place, its slot's weights as views
     for s, rows in g.runs:
         bs = [layer.lora_b_stacked[s:s + 1] if layer.ranks[s] else None for layer in layers]
@@ -235,10 +238,29 @@ def add_indexed_(x2: torch.Tensor, ys: list[torch.Tensor], layers: list, a: torc
         y.add_(torch.bmm(xi, layer.lora_b_stacked.index_select(0, s))[:, 0].to(y.dtype))
 
 
-def _a_qscale(layers: list) -> torch.Tensor:
-    """The int8 A rows' scales of layers fed one input, laid out as their A buffer's rows."""
-    g = layers[0].lora_group
-    return g.a_qscale if g is not None and g.layers == tuple(layers) else layers[0].lora_a_qscale
+def slot_major_(layers: list) -> torch.Tensor:
+    """Lay the A and B slots of `layers` (fed one input, in this order) out slot by slot: one
+    (max_loras, total) buffer whose row s is slot s's [A_1 B_1 A_2 B_2 ...], the order in which
+    the CPU kernel reads a token's weights (`kernels.lora_bgmv`: per layer the shrink, then the
+    expand), so each token's slot is one run of memory instead of 2 x len(layers) runs in as many
+    buffers. Each layer's `lora_a_stacked` and `lora_b_stacked` become views of it (set_lora
+    writes through); the values and the kernel's arithmetic are unchanged. Returns the buffer.
+    Measured (AMD EPYC Zen 4, 2 threads; 30 layers x 4 groups, rank 8, 32 tokens each on its own
+    slot, 64 MB read between steps, both layouts in one process, 40 steps each, three runs):
+    median 8.68-8.82 -> 7.84-8.09 ms; [A_1 A_2 .. | B_1 B_2 ..] instead: 8.70-9.14 -> 8.38-8.94.
+    """
+    first = layers[0].lora_a_stacked
+    n, r = first.shape[:2]
+    total = sum(r * (layer.in_features + layer.out_features) for layer in layers)
+    buf = first.new_zeros(n, total)
+    off = 0
+    for layer in layers:
+        for name, width in (("lora_a_stacked", layer.in_features), ("lora_b_stacked", layer.out_features)):
+            view = buf.as_strided((n, r, width), (total, width, 1), off)  # (max_loras, max_rank, width)
+            view.copy_(getattr(layer, name))
+            setattr(layer, name, view)
+            off += r * width
+    return buf
 
 
 class LoRAGroup:
@@ -249,9 +271,16 @@ class LoRAGroup:
     tiles over 30 layers: 26.8 -> 23.0 ms; a 4 x 128-token prefill: 50.6 -> 43.9 ms (LoRA only).
     """
 
-    def __init__(self, layers: list) -> None:
+    def __init__(self, layers: list, slot_major: bool = False) -> None:
         first = layers[0].lora_a_stacked
         n, r, k = first.shape
+        self.layers = tuple(layers)
+        for layer in layers:
+            layer.lora_group = self
+        if slot_major:  # the CPU kernel's layout (`slot_major_`): no stacked A; a kernel call serves all
+            self.a = self.a_qscale = None
+            self.slots = slot_major_(layers)
+            return
         self.a = first.new_zeros(n, len(layers) * r, k)
         q8 = first.dtype == torch.int8  # and A's row scales likewise (`LoRALinear`)
         self.a_qscale = layers[0].lora_a_qscale.new_zeros(n, len(layers) * r) if q8 else None
@@ -261,14 +290,12 @@ class LoRAGroup:
             if q8:
                 self.a_qscale[:, i * r:(i + 1) * r].copy_(layer.lora_a_qscale)
                 layer.lora_a_qscale = self.a_qscale[:, i * r:(i + 1) * r]
-            layer.lora_group = self
-        self.layers = tuple(layers)
 
     def add_(self, x: torch.Tensor, ys: list[torch.Tensor]) -> None:
         """ys[i] (..., out_i) += layers[i]'s delta; x (..., in) their common input."""
         mapping = self.layers[0].mapping
         lead = tuple(x.shape[:-1])
-        if mapping.graph_index is not None:
+        if mapping.graph_index is not None and self.a is not None:
             add_indexed_(x, ys, list(self.layers), self.a, mapping.graph_index)
         elif mapping.grouped and lead == mapping.shape and len(lead) == 1:
             add_grouped_(x, ys, list(self.layers), self.a, mapping.groups())

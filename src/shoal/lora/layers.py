@@ -14,8 +14,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from .. import kernels
 from ..model.layers import linear
-from .grouping import TILE_CAP, GroupPlan, LoRAGroup, add_grouped_, add_indexed_
+from .grouping import TILE_CAP, GroupPlan, LoRAGroup, add_grouped_, add_indexed_, slot_major_
 
 # A step's plan: for each slot in the batch, the tokens of x (flattened to (N, in)) it owns,
 # as a contiguous slice when the slot's tokens are adjacent, else as an index tensor.
@@ -339,10 +340,20 @@ def apply_lora(model: nn.Module, max_loras: int, max_rank: int,
         layer = LoRALinear(getattr(parent, child), mapping, dtype=dtype, device=device)
         setattr(parent, child, layer)
         mapping.layers[path] = layer
-    # parts of a fused projection (`shoal.model.fused`) that all got LoRA share one A buffer
+    # parts of a fused projection (`shoal.model.fused`) that all got LoRA share one A buffer;
+    # where the CPU kernel reads the slots, every group's (and lone layer's) slots slot-major
+    first = next(iter(mapping.layers.values()), None)
+    slot_major = (first is not None and first.lora_a_stacked.device.type == "cpu"
+                  and first.lora_a_stacked.dtype in (torch.float32, torch.bfloat16) and kernels.enabled())
+    grouped = set()
     for m in model.modules():
         for parts in getattr(m, "fused_parts", lambda: [])():
             wrapped = [p for p in parts if isinstance(p, LoRALinear) and p.mapping is mapping]
             if len(wrapped) > 1:
-                LoRAGroup(wrapped)
+                LoRAGroup(wrapped, slot_major)
+                grouped.update(map(id, wrapped))
+    if slot_major:
+        for layer in mapping.layers.values():
+            if id(layer) not in grouped:
+                slot_major_([layer])
     return mapping
