@@ -326,3 +326,31 @@ def test_sample_rows_with_top_k_and_top_p_keeps_what_the_sorted_filter_keeps(dty
     got = {kernels.sample_rows(flat, torch.tensor([0]), torch.ones(1), torch.tensor([q], dtype=torch.float64),
                                None, [3], None).item() for q in (0.0, 0.4, 0.8, 0.99)}
     assert got == {0, 1, 2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sample_rows_cuts_flat_rows_and_tiny_weights_as_the_sorted_filter(dtype):
+    """Cuts inside a bucket of thousands of tokens (flat rows, as a random model's or a high
+    temperature's: groups of it taken whole, one sorted; bf16 makes many ties) and among weights
+    too small for exact sums (walked token by token): the sorted filter's kept set, and the
+    inverse CDF over it, u from 0 to nearly 1."""
+    from shoal.engine.sampler import _top_k_top_p
+
+    v = 6000
+    g = torch.Generator().manual_seed(11)
+    flat = torch.randn(8, v, generator=g) * 0.05
+    tiny = torch.full((4, v), -40.0)  # e^-40 ~ 2^-58: the cut among these (ties: the lowest ids)
+    tiny[:, torch.randperm(v, generator=g)[:50]] = torch.randn(50, generator=g)
+    x = torch.cat([flat, tiny]).to(dtype)
+    n = x.shape[0]
+    u = torch.tensor([0.0, 0.37, 0.999, 0.5, 0.81, 0.05, 0.62, 0.9999, 0.3, 0.7, 0.0, 0.95], dtype=torch.float64)
+    temps = torch.tensor([0.7, 1.0, 2.0, 0.7, 1.3, 0.7, 1.0, 0.7, 1.0, 1.0, 0.7, 2.0])
+    ks = [0, 0, 0, 2500, 1000, 4000, 0, 300, 60, 120, 51, 500]
+    ps = [0.95, 0.5, 0.9, 1.0, 0.8, 0.97, 0.999, 0.6, 1.0, 1.0, 1.0, 0.99]
+    tok = kernels.sample_rows(x, torch.arange(n), temps.float(), u, None, ks, ps)
+    for i in range(n):
+        kept = _top_k_top_p((x[i].float() / temps[i])[None], [ks[i] or v], [ps[i]])[0]
+        w = torch.softmax(kept.double(), -1)
+        cdf = w.cumsum(0)
+        want = int(torch.searchsorted(cdf, u[i] * cdf[-1], right=True))
+        assert tok[i].item() == want, i
