@@ -251,9 +251,13 @@ int64_t sample_filtered(const T* x, int64_t v, float t, double u, const Masked& 
       k = _mm512_mask_mov_epi32(k, none, _mm512_set1_epi32(kKeys));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys.data() + j0), _mm512_cvtepi32_epi16(k));
     }
-    for (int64_t j = 0; j < j0; ++j) {
-      ++sc.cnt[keys[j]];
-      sc.mass[keys[j]] += w[j];
+    if (k < v) {
+      for (int64_t j = 0; j < j0; ++j) {
+        ++sc.cnt[keys[j]];
+        sc.mass[keys[j]] += w[j];
+      }
+    } else {  // (no top_k: the counts are not read)
+      for (int64_t j = 0; j < j0; ++j) sc.mass[keys[j]] += w[j];
     }
   }
 #endif
