@@ -8,6 +8,8 @@
 #include "widen.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <cpuid.h>
+
 namespace shoal::lora {
 
 template <typename TW>
@@ -73,18 +75,33 @@ inline __m512i pairs32(const int8_t* p, __mmask32 m) {
   return _mm512_permutex2var_epi16(_mm512_castps_si512(lo), odd, _mm512_castps_si512(hi));
 }
 
-// The next block's slot weights are prefetched by the pair bodies: into L2 on Xeons with AMX,
-// into L1 elsewhere. 32 tokens on 32 slots, 30 layers of the four groups from memory, in-process
-// timing, us a layer, alternated three times (Xeon with AMX, 2 threads): bf16 slots 252-267 into
-// L1, 221-232 into L2; int8 slots 169-171 into L1, 163-169 into L2; two lines a step into L2
-// instead of one (bf16): 254-261. On an AMD EPYC Zen 5 the other way: the adapters' cost in a
-// 32-row decode step of the engine (`bench/lora_dtype_steps.py`'s workload, alternated three
-// times), bf16 slots 4.47-4.77 ms into L2, 3.85-4.22 into L1, 3.87-4.72 non-temporal.
+// The next block's slot weights are prefetched by the bodies: into L2 on Xeons with AMX and on
+// AMD Zen 4 (CPUID family 0x19), into L1 elsewhere. 32 tokens on 32 slots, 30 layers of the four
+// groups from memory, in-process timing, us a layer, alternated three times (Xeon with AMX, 2
+// threads): bf16 slots 252-267 into L1, 221-232 into L2; int8 slots 169-171 into L1, 163-169 into
+// L2; two lines a step into L2 instead of one (bf16): 254-261. On an AMD EPYC Zen 5 the other
+// way: the adapters' cost in a 32-row decode step of the engine (`bench/lora_dtype_steps.py`'s
+// workload, alternated three times), bf16 slots 4.47-4.77 ms into L2, 3.85-4.22 into L1,
+// 3.87-4.72 non-temporal. On a Zen 4 (slots slot-major) the first way again: the four LoRA calls
+// of that step, builds alternated twice, bf16 slots 6.55-6.71 ms into L1, 5.19-5.34 into L2.
+inline bool slot_prefetch_l2() {
 #if SHOAL_AMX
-constexpr auto kHint = _MM_HINT_T1;
+  return true;
 #else
-constexpr auto kHint = _MM_HINT_T0;
+  unsigned a, b, c, d;
+  if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541u) return false;  // "Auth"(enticAMD)
+  __get_cpuid(1, &a, &b, &c, &d);
+  const unsigned family = ((a >> 8) & 0xf) == 0xf ? 0xf + ((a >> 20) & 0xff) : (a >> 8) & 0xf;
+  return family == 0x19;
 #endif
+}
+inline const bool kSlotL2 = slot_prefetch_l2();
+inline void prefetch_slot(const char* p) {
+  if (kSlotL2)
+    _mm_prefetch(p, _MM_HINT_T1);
+  else
+    _mm_prefetch(p, _MM_HINT_T0);
+}
 
 // Xeons with AMX: `shrink_bf`'s bits by FMAs (see FlushDenormals), each pair of weights widened
 // to its two fp32 values: int8 slots straight from the bytes (as bf16 pairs they cost 5 port-5
@@ -117,7 +134,7 @@ inline void shrink_fma(const bf16_t* const* xr, const TW* a, int64_t k, float sc
     for (int64_t e0 = 0; e0 < k; e0 += 32) {
       const __mmask32 m = k - e0 >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (k - e0)) - 1);
       for (int j = 0; j < RG; ++j)
-        if (p < pa_end) _mm_prefetch(p, kHint), p += 64;
+        if (p < pa_end) prefetch_slot(p), p += 64;
       __m512 xo[NB], xe[NB];  // lane l: x[e0 + 2l + 1], x[e0 + 2l]
       for (int t = 0; t < NB; ++t) pair_halves(xr[t] + e0, m, xo[t], xe[t]);
       for (int j = 0; j < RG; ++j) {
@@ -149,7 +166,7 @@ inline void shrink_bf(const bf16_t* const* xr, const TW* a, int64_t k, float sca
     for (; e0 < e1; e0 += 32) {
       const __mmask32 m = k - e0 >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (k - e0)) - 1);
       for (int j = 0; j < RG; ++j)
-        if (p < pa_end) _mm_prefetch(p, kHint), p += 64;
+        if (p < pa_end) prefetch_slot(p), p += 64;
       __m512i xv[NB];
       for (int t = 0; t < NB; ++t)
         xv[t] = decltype(whole)::value ? _mm512_loadu_si512(xr[t] + e0) : _mm512_maskz_loadu_epi16(m, xr[t] + e0);
@@ -195,7 +212,7 @@ inline void expand_bf(const float* c, int64_t rank, const bf16_t* b, int64_t w, 
     auto ranks = [&](auto whole) {
       for (int64_t r = 0; r < rank; ++r) {
         for (int u = 0; u < U; ++u)
-          if (pb < pb_end) _mm_prefetch(pb, kHint), pb += 64;
+          if (pb < pb_end) prefetch_slot(pb), pb += 64;
         __m512 cr[NB];
         for (int t = 0; t < NB; ++t) cr[t] = _mm512_set1_ps(c[t * rank + r]);
         for (int u = 0; u < U; ++u) {
@@ -243,7 +260,7 @@ inline void shrink_fp(const float* xf, int64_t kp, const TW* a, int64_t k, float
   for (int64_t e0 = 0; e0 < k; e0 += 16) {
     const __mmask16 m = tail16(k - e0);
     for (int j = 0; j < (RG + 1) / 2; ++j)
-      if (pa < pa_end) _mm_prefetch(pa, _MM_HINT_T0), pa += 64;
+      if (pa < pa_end) prefetch_slot(pa), pa += 64;
     __m512 xv[NB];
     for (int t = 0; t < NB; ++t) xv[t] = _mm512_loadu_ps(xf + t * kp + e0);
     for (int j = 0; j < RG; ++j) {
@@ -268,7 +285,7 @@ inline void expand_fp(const float* c, int64_t rank, const TW* b, int64_t w, T* c
       for (int u = 0; u < EU; ++u) acc[t][u] = _mm512_setzero_ps();
     for (int64_t r = 0; r < rank; ++r) {
       for (int u = 0; u < EU / 2; ++u)
-        if (pb < pb_end) _mm_prefetch(pb, _MM_HINT_T0), pb += 64;
+        if (pb < pb_end) prefetch_slot(pb), pb += 64;
       __m512 cr[NB];
       for (int t = 0; t < NB; ++t) cr[t] = _mm512_set1_ps(c[t * rank + r]);
       for (int u = 0; u < EU; ++u) {
