@@ -48,7 +48,7 @@ constexpr int kPrefetch = 8;  // keys ahead
 template <typename TC>
 inline void prefetch_row(const TC* p) {  // one key or value row: 64 elements
   const char* c = reinterpret_cast<const char*>(p);
-  for (int b = 0; b < 64 * static_cast<int>(sizeof(TC)); b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+  for (int b = 0; b < 64 * static_cast<int>(sizeof(TC)); b += 64) prefetch_kv(c + b);
 }
 
 template <typename TC, int G>

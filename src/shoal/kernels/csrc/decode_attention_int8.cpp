@@ -59,11 +59,11 @@ void attend_i8(const float* qf, const int8_t* kbase, const int8_t* vbase, const 
     if (j == 0)
       for (int64_t s = 0; s < kAhead8 && s < len; ++s) {
         for (int z = 0; z < D / 64; ++z) {
-          _mm_prefetch(reinterpret_cast<const char*>(kbase + slots[s] * D + 64 * z), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(vbase + slots[s] * D + 64 * z), _MM_HINT_T0);
+          prefetch_kv(reinterpret_cast<const char*>(kbase + slots[s] * D + 64 * z));
+          prefetch_kv(reinterpret_cast<const char*>(vbase + slots[s] * D + 64 * z));
         }
-        _mm_prefetch(reinterpret_cast<const char*>(ksb + slots[s]), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(vsb + slots[s]), _MM_HINT_T0);
+        prefetch_kv(reinterpret_cast<const char*>(ksb + slots[s]));
+        prefetch_kv(reinterpret_cast<const char*>(vsb + slots[s]));
       }
     for (int64_t s0 = 0; s0 < len; s0 += 16) {
       const int n = len - s0 < 16 ? static_cast<int>(len - s0) : 16;
@@ -73,12 +73,12 @@ void attend_i8(const float* qf, const int8_t* kbase, const int8_t* vbase, const 
         if (i < n) {
           if (j == 0 && s0 + i + kAhead8 < len) {  // this key's row and value row, kAhead8 keys ahead
             for (int z = 0; z < D / 64; ++z) {
-              _mm_prefetch(reinterpret_cast<const char*>(kbase + slots[s0 + i + kAhead8] * D + 64 * z), _MM_HINT_T0);
-              _mm_prefetch(reinterpret_cast<const char*>(vbase + slots[s0 + i + kAhead8] * D + 64 * z), _MM_HINT_T0);
+              prefetch_kv(reinterpret_cast<const char*>(kbase + slots[s0 + i + kAhead8] * D + 64 * z));
+              prefetch_kv(reinterpret_cast<const char*>(vbase + slots[s0 + i + kAhead8] * D + 64 * z));
             }
             if ((i & 15) == 0) {  // and their scales' lines (16 slots a line within a block)
-              _mm_prefetch(reinterpret_cast<const char*>(ksb + slots[s0 + i + kAhead8]), _MM_HINT_T0);
-              _mm_prefetch(reinterpret_cast<const char*>(vsb + slots[s0 + i + kAhead8]), _MM_HINT_T0);
+              prefetch_kv(reinterpret_cast<const char*>(ksb + slots[s0 + i + kAhead8]));
+              prefetch_kv(reinterpret_cast<const char*>(vsb + slots[s0 + i + kAhead8]));
             }
           }
           __m512i d2 = _mm512_setzero_si512();

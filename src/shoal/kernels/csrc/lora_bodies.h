@@ -8,8 +8,6 @@
 #include "widen.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <cpuid.h>
-
 namespace shoal::lora {
 
 template <typename TW>
@@ -84,18 +82,7 @@ inline __m512i pairs32(const int8_t* p, __mmask32 m) {
 // workload, alternated three times), bf16 slots 4.47-4.77 ms into L2, 3.85-4.22 into L1,
 // 3.87-4.72 non-temporal. On a Zen 4 (slots slot-major) the first way again: the four LoRA calls
 // of that step, builds alternated twice, bf16 slots 6.55-6.71 ms into L1, 5.19-5.34 into L2.
-inline bool slot_prefetch_l2() {
-#if SHOAL_AMX
-  return true;
-#else
-  unsigned a, b, c, d;
-  if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541u) return false;  // "Auth"(enticAMD)
-  __get_cpuid(1, &a, &b, &c, &d);
-  const unsigned family = ((a >> 8) & 0xf) == 0xf ? 0xf + ((a >> 20) & 0xff) : (a >> 8) & 0xf;
-  return family == 0x19;
-#endif
-}
-inline const bool kSlotL2 = slot_prefetch_l2();
+inline const bool kSlotL2 = SHOAL_AMX || kFetchL2;
 inline void prefetch_slot(const char* p) {
   if (kSlotL2)
     _mm_prefetch(p, _MM_HINT_T1);

@@ -47,6 +47,24 @@ struct TileConfig {  // LDTILECFG's 64-byte operand (palette 1)
 }  // namespace shoal
 #endif
 
+#if SHOAL_AVX2
+#include <cpuid.h>
+
+namespace shoal {
+// AMD's CPUID family (0x19: Zen 3 and Zen 4, 0x1a: Zen 5), 0 on other vendors
+inline unsigned amd_family() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541u) return 0;  // "Auth"(enticAMD)
+  __get_cpuid(1, &a, &b, &c, &d);
+  return ((a >> 8) & 0xf) == 0xf ? 0xf + ((a >> 20) & 0xff) : (a >> 8) & 0xf;
+}
+// The memory-bound kernels' reads ahead (the LoRA slots, decode attention's keys and values) go
+// into L2 on AMD Zen 4 (family 0x19 with AVX-512), where into L1 they ran slower (lora_bodies.h,
+// attention.cpp); into L1 elsewhere unless said
+inline const bool kFetchL2 = amd_family() == 0x19;
+}  // namespace shoal
+#endif
+
 namespace shoal {
 #if SHOAL_AVX512
 // acc + a.lo * b.lo + a.hi * b.hi in each 32-bit lane of bf16 pairs: VDPBF16PS (AVX512-BF16),
