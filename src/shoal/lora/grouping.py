@@ -269,6 +269,9 @@ class LoRAGroup:
     layer's `lora_a_stacked` a view of its rows, so one shrink product serves them all
     (`add_grouped_`). Made by `shoal.lora.layers.apply_lora`. Measured for 32 one-row decode
     tiles over 30 layers: 26.8 -> 23.0 ms; a 4 x 128-token prefill: 50.6 -> 43.9 ms (LoRA only).
+    `slot_major` (where the CPU kernel reads the slots): all their A and B slots in one buffer
+    slot by slot instead (`slot_major_`, `self.slots`), `self.a` None: the kernel takes each
+    layer's views in one call, the PyTorch paths serve the parts one by one.
     """
 
     def __init__(self, layers: list, slot_major: bool = False) -> None:
