@@ -121,7 +121,6 @@ inline bool kept_at(const std::vector<float>& w, int64_t j, int cut, float wc, i
 }
 
 inline double block_kept(const std::vector<float>& w, int64_t e0, int cut, float wc, int64_t jc) {
-  double s = 0.0;
 #if SHOAL_AVX512
   const __m512i next = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(cut + 1) << kShift));
   const __m512i lo = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(cut) << kShift));
@@ -134,7 +133,7 @@ inline double block_kept(const std::vector<float>& w, int64_t e0, int cut, float
     const __m512i b = _mm512_castps_si512(f);
     const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j)), lane);
     const __mmask16 in_cut = _mm512_cmpge_epu32_mask(b, lo) & _mm512_cmplt_epu32_mask(b, next);
-    const __mmask16 keep = (_mm512_cmpge_epu32_mask(b, next) & ~in_cut) |
+    const __mmask16 keep = _mm512_cmpge_epu32_mask(b, next) |
                            (in_cut & (_mm512_cmp_ps_mask(f, wcv, _CMP_GT_OQ) |
                                       (_mm512_cmp_ps_mask(f, wcv, _CMP_EQ_OQ) & _mm512_cmple_epi32_mask(idx, jcv))));
     a0 = _mm512_mask_add_pd(a0, static_cast<__mmask8>(keep), a0, _mm512_cvtps_pd(_mm512_castps512_ps256(f)));
@@ -142,10 +141,12 @@ inline double block_kept(const std::vector<float>& w, int64_t e0, int cut, float
                             _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1))));
   }
   return _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
-#endif
+#else
+  double s = 0.0;
   for (int64_t j = e0; j < e0 + 256; ++j)
     if (kept_at(w, j, cut, wc, jc)) s += w[j];
   return s;
+#endif
 }
 
 inline int64_t draw_exact(const std::vector<float>& w, int cut, float wc, int64_t jc, double target) {
