@@ -30,7 +30,7 @@ SOURCES = sorted(CSRC.glob("*.cpp"))  # elementwise, attention (+ decode_attenti
 # plus a product rounds as PyTorch's separate ops do
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
          "-shared", "-fPIC", "-std=c++17"]
-ABI = 14  # shoal_kernels_abi() of the source this module's signatures describe
+ABI = 15  # shoal_kernels_abi() of the source this module's signatures describe
 
 _reason = "not loaded yet"
 
@@ -47,6 +47,7 @@ SIGNATURES = {  # argument types of each entry point (all return int: 0 = done, 
     "shoal_silu_mul": [ci, vp, i64, i64, i64, vp],
     "shoal_lora_bgmv": [ci, ci, vp, i64, i64, i64, vp, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp, ci, vp, vp],
     "shoal_lora_int8": [],
+    "shoal_fetch_l2": [ci, ci],
     "shoal_dot2_check": [i64, vp, vp, vp, vp, vp],
     "shoal_bf16_round": [i64, vp, vp],
     "shoal_amx_ready": [],

@@ -48,3 +48,12 @@ def decode_profile(on: bool) -> dict[str, float]:
     n = library().shoal_decode_profile(int(on), ctypes.addressof(out))
     _check(n == len(DECODE_STAGES), "decode_profile: stages")
     return {**{s: out[i] * 1e-9 for i, s in enumerate(DECODE_STAGES)}, "calls": out[n]}
+
+
+def fetch_l2(kv: bool | None = None, slots: bool | None = None) -> tuple[bool, bool] | None:
+    """Where the memory-bound kernels read ahead, for benchmarks that compare the levels on one CPU:
+    decode attention's keys and values (`kv`) and the LoRA slots (`slots`), True = into L2, False =
+    into L1, None = unchanged. Returns the levels in effect, or None in a build without AVX2."""
+    _check(library() is not None, "fetch_l2: the kernels did not build")
+    got = library().shoal_fetch_l2(-1 if kv is None else int(kv), -1 if slots is None else int(slots))
+    return None if got < 0 else (bool(got & 1), bool(got & 2))

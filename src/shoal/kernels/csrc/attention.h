@@ -49,12 +49,12 @@ inline void store_lanes(float* p, __mmask16 k, __m512 v) {
     _mm512_mask_storeu_ps(p, k, v);
 }
 
-// a line of keys or values read ahead by decode attention: into L2 on AMD Zen 4 (`kFetchL2`), into
+// a line of keys or values read ahead by decode attention: into L2 on AMD Zen 4 (`fetch_kv_l2`), into
 // L1 elsewhere. A 32-row decode step's attention (SmolLM2-135M, 30 layers, bf16 cache, the
 // one-call decode's timer, builds alternated twice), Zen 4: 6.29-6.45 ms into L1, 5.11-5.22 into
 // L2 (16 keys ahead 5.19-5.40, 32 ahead 4.78-5.16)
 inline void prefetch_kv(const void* p) {
-  if (kFetchL2)
+  if (fetch_kv_l2)
     _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
   else
     _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);

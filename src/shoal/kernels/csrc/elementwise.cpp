@@ -266,7 +266,7 @@ void silu_mul_impl(const T* y, int64_t ys, int64_t n, int64_t m, T* out) {
 
 extern "C" {
 
-int shoal_kernels_abi() { return 14; }
+int shoal_kernels_abi() { return 15; }
 
 // For tests: n fp32 values -> bf16 by the vector rounding the kernels' epilogues use (`to_bf16`;
 // n % 16 == 0). Returns 1 without AVX-512.

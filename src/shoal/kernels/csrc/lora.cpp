@@ -316,6 +316,20 @@ int shoal_dot2_check(int64_t n, const uint32_t* a, const uint32_t* b, const floa
 #endif
 }
 
+// Where the memory-bound kernels read ahead (widen.h): kv for decode attention's keys and values,
+// slots for the LoRA slots, each 1 = L2, 0 = L1, < 0 = unchanged. Returns the levels in effect,
+// kv + 2 * slots, or -1 in a build without AVX2 (no reads ahead).
+int shoal_fetch_l2(int kv, int slots) {
+#if SHOAL_AVX2
+  if (kv >= 0) fetch_kv_l2 = kv;
+  if (slots >= 0) fetch_slot_l2 = slots;
+  return fetch_kv_l2 + 2 * fetch_slot_l2;
+#else
+  (void)kv, (void)slots;
+  return -1;
+#endif
+}
+
 // 1 when this build's LoRA kernel takes int8 slots (dtw 2)
 int shoal_lora_int8() {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)

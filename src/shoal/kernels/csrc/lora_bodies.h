@@ -82,9 +82,9 @@ inline __m512i pairs32(const int8_t* p, __mmask32 m) {
 // workload, alternated three times), bf16 slots 4.47-4.77 ms into L2, 3.85-4.22 into L1,
 // 3.87-4.72 non-temporal. On a Zen 4 (slots slot-major) the first way again: the four LoRA calls
 // of that step, builds alternated twice, bf16 slots 6.55-6.71 ms into L1, 5.19-5.34 into L2.
-inline const bool kSlotL2 = SHOAL_AMX || kFetchL2;
+inline bool fetch_slot_l2 = SHOAL_AMX || amd_family() == 0x19;
 inline void prefetch_slot(const char* p) {
-  if (kSlotL2)
+  if (fetch_slot_l2)
     _mm_prefetch(p, _MM_HINT_T1);
   else
     _mm_prefetch(p, _MM_HINT_T0);

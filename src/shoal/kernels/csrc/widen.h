@@ -60,8 +60,9 @@ inline unsigned amd_family() {
 }
 // The memory-bound kernels' reads ahead (the LoRA slots, decode attention's keys and values) go
 // into L2 on AMD Zen 4 (family 0x19 with AVX-512), where into L1 they ran slower (lora_bodies.h,
-// attention.cpp); into L1 elsewhere unless said
-inline const bool kFetchL2 = amd_family() == 0x19;
+// attention.cpp); into L1 elsewhere unless said. Set at run time by `shoal_fetch_l2` (benchmarks
+// compare the levels on one CPU in one process).
+inline bool fetch_kv_l2 = amd_family() == 0x19;
 }  // namespace shoal
 #endif
 
