@@ -237,5 +237,22 @@ def test_decode_rows_from_block_tables_match_per_row_slots():
     assert got.slots.tolist() == [s for row in per_row for s in row]
     assert got.offsets.tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
     assert got.slots.dtype == got.offsets.dtype == got.rows.dtype == torch.int64
+    assert got.last.tolist() == [row[-1] for row in per_row]
     empty = DecodeRows.from_tables([], [], [], BLOCK)
     assert empty.slots.numel() == 0 and empty.offsets.tolist() == [0]
+    if kernels.library() is None:
+        return
+    # the kernel (`kernels.table_slots`, with the cache's size): the same slots, offsets and last
+    # slots, checked against the cache
+    fast = DecodeRows.from_tables(rows, tables, lengths, BLOCK, 160 * BLOCK)
+    for name in ("rows", "slots", "offsets", "last"):
+        assert torch.equal(getattr(fast, name), getattr(got, name)), name
+    assert fast.checked == 160 * BLOCK and got.checked == 0
+    top = max(t[j] for t, n in zip(tables, lengths) for j in range(-(-n // BLOCK)))  # the last block read
+    DecodeRows.from_tables(rows, tables, lengths, BLOCK, (top + 1) * BLOCK)
+    with pytest.raises(ValueError, match="outside the cache's"):  # that block past the cache
+        DecodeRows.from_tables(rows, tables, lengths, BLOCK, top * BLOCK)
+    with pytest.raises(ValueError, match="longer than its block table"):
+        DecodeRows.from_tables(rows[:1], [tables[2][:1]], [BLOCK + 1], BLOCK, 160 * BLOCK)
+    with pytest.raises(ValueError, match="< 1"):
+        DecodeRows.from_tables(rows[:1], [tables[0]], [0], BLOCK, 160 * BLOCK)

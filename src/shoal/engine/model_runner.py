@@ -181,9 +181,9 @@ class ModelRunner:
                 s.ctx_slots = s.ctx_slots.to(self.device)
         buckets, decode_rows = [], None
         if by_table:  # CPU: one kernel call a layer, in place
-            decode_rows = DecodeRows.from_tables(list(range(n_decode)), tables, lengths, self.block_size)
-            # each decode row's new token goes to its last slot
-            slot_chunks.insert(0, decode_rows.slots[decode_rows.offsets[1:] - 1])
+            decode_rows = DecodeRows.from_tables(list(range(n_decode)), tables, lengths, self.block_size,
+                                                 self.cache.k.shape[2])
+            slot_chunks.insert(0, decode_rows.last)  # each decode row's new token goes to its last slot
         else:  # on a GPU all decode rows form one bucket (its kernels do not promise row invariance)
             buckets = build_decode_buckets(decode_items, self.window, self.device,
                                            single=self.device.type == "cuda")

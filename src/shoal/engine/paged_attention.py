@@ -133,14 +133,21 @@ class DecodeRows:
     rows: torch.Tensor  # (B,) int64: their rows in the flat batch
     slots: torch.Tensor  # (sum of context lengths,) int64
     offsets: torch.Tensor  # (B + 1,) int64
+    last: torch.Tensor | None = None  # (B,) int64: each row's last slot (its new token's)
+    checked: int = 0  # the cache size (slots) every slot was checked against, 0 = not checked
 
     @classmethod
     def from_tables(cls, rows: list[int], tables: list[list[int]], lengths: list[int],
-                    block_size: int) -> "DecodeRows":
-        """Position p of a row at table[p // bs] * bs + p % bs, for all rows in a few tensor ops (a
-        tensor a row cost a 32-row step's Python 0.77 ms against 0.52: docs/benchmarks.md)."""
+                    block_size: int, num_slots: int = 0) -> "DecodeRows":
+        """Position p of a row at table[p // bs] * bs + p % bs. With `num_slots` and the kernels
+        built: in one kernel call (`kernels.table_slots`, which also checks the slots against the
+        cache's `num_slots`); else in a few tensor ops (a tensor a row cost a 32-row step's Python
+        0.77 ms against 0.52: docs/benchmarks.md)."""
         if not rows:
-            return cls(*(torch.zeros(n, dtype=torch.long) for n in (0, 0, 1)))
+            return cls(*(torch.zeros(n, dtype=torch.long) for n in (0, 0, 1)), torch.zeros(0, dtype=torch.long))
+        if num_slots and kernels.enabled() and kernels.library() is not None:
+            slots, offsets, last = kernels.table_slots(tables, lengths, block_size, num_slots)
+            return cls(torch.tensor(rows, dtype=torch.long), slots, offsets, last, num_slots)
         nb = [-(-n // block_size) for n in lengths]
         width = max(nb)
         padded = torch.tensor([t[:k] + [0] * (width - k) for t, k in zip(tables, nb)], dtype=torch.long)
@@ -148,7 +155,8 @@ class DecodeRows:
         lens = torch.tensor(lengths, dtype=torch.long)
         keep = torch.arange(width * block_size)[None, :] < lens[:, None]
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
-        return cls(torch.tensor(rows, dtype=torch.long), slots[keep], offsets)
+        flat = slots[keep]
+        return cls(torch.tensor(rows, dtype=torch.long), flat, offsets, flat[offsets[1:] - 1])
 
 
 def _check_float_cache(kc: torch.Tensor) -> None:
@@ -193,7 +201,8 @@ class PagedAttention:
         self.decode = decode or []
         self.decode_rows = decode_rows  # decode rows for the CPU kernel (instead of `decode`)
         n_slots = cache.k.shape[2]  # the kernels read raw memory: slots are checked once a step
-        for t in (slot_mapping, decode_rows.slots if decode_rows is not None else None):
+        checked = decode_rows is not None and decode_rows.checked == n_slots
+        for t in (slot_mapping, decode_rows.slots if decode_rows is not None and not checked else None):
             if t is not None and t.numel() and t.device.type == "cpu":
                 if not 0 <= int(t.min()) <= int(t.max()) < n_slots:
                     raise ValueError(f"slots: outside the cache's {n_slots} slots")

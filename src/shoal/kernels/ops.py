@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+from array import array
 
 import torch
 
@@ -165,6 +166,33 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rows: 
         _DTC[kc.dtype], kc.data_ptr(), vc.data_ptr(), kc.shape[1], slots.data_ptr(),
         offsets.data_ptr(), int(window or 0), d ** -0.5, out.data_ptr(), out.stride(0), kp, vp)
     _check(rc == 0, "decode_attention: unsupported (an int8 cache needs head size 64 or 128, <= 8 heads a group)")
+
+
+def table_slots(tables: list[list[int]], lengths: list[int], block_size: int,
+                num_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode rows' key slots from their block tables: row r's position p is in slot
+    tables[r][p // block_size] * block_size + p % block_size. Returns slots (sum of lengths,),
+    offsets (B + 1,) (row r's slots at slots[offsets[r]:offsets[r + 1]]) and each row's last slot
+    (B,), all int64. Raises ValueError for a length < 1 or past its table, or a slot outside
+    [0, num_slots). (A 32-row step's tensor ops for this took 0.1-0.4 ms, 256 rows ~0.8 ms.)"""
+    flat, counts = array("q"), array("q")
+    for t in tables:  # (array: ~10x cheaper than torch.tensor on nested lists)
+        flat.extend(t)
+        counts.append(len(t))
+    b = len(tables)
+    _check(len(lengths) == b, "table_slots: one length a table")
+    lens = array("q", lengths)
+    slots = torch.empty(sum(lengths), dtype=torch.int64)
+    offsets = torch.empty(b + 1, dtype=torch.int64)
+    last = torch.empty(b, dtype=torch.int64)
+    rc = library().shoal_table_slots(flat.buffer_info()[0], counts.buffer_info()[0], lens.buffer_info()[0], b,
+                                     block_size, num_slots,
+                                     slots.data_ptr(), offsets.data_ptr(), last.data_ptr())
+    if rc == 1:
+        raise ValueError("decode rows: a context length < 1 or longer than its block table")
+    if rc == 2:
+        raise ValueError(f"slots: outside the cache's {num_slots} slots")
+    return slots, offsets, last
 
 
 def prefill_attention_ready(q: torch.Tensor, kc: torch.Tensor) -> bool:

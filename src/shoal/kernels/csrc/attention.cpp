@@ -394,4 +394,31 @@ int shoal_decode_attention(int dtq, const void* q, int64_t qs, const int64_t* ro
   return 0;
 }
 
+// The decode rows' key slots from their block tables (`DecodeRows.from_tables`): row r's table is
+// nblk[r] blocks of `blocks`, following the rows before it; its position p lies in slot
+// table[p / bs] * bs + p % bs. Writes slots (sum of lengths,) in row and position order, offsets
+// (b + 1,) and, when not null, last (b,) = each row's last slot. Returns 1 when a row's length
+// exceeds its table (or is < 1), 2 when a slot falls outside [0, num_slots); nothing is read past
+// the tables.
+int shoal_table_slots(const int64_t* blocks, const int64_t* nblk, const int64_t* lengths, int64_t b, int64_t bs,
+                      int64_t num_slots, int64_t* slots, int64_t* offsets, int64_t* last) {
+  int64_t at = 0, bo = 0;
+  offsets[0] = 0;
+  for (int64_t r = 0; r < b; ++r) {
+    const int64_t n = lengths[r], full = n / bs, tail = n % bs;
+    if (n < 1 || nblk[r] < full + (tail > 0)) return 1;
+    const int64_t* t = blocks + bo;
+    for (int64_t j = 0; j < full + (tail > 0); ++j)
+      if (t[j] < 0 || t[j] >= num_slots / bs) return 2;
+    int64_t* o = slots + at;
+    for (int64_t j = 0; j < full; ++j)  // whole blocks: bs consecutive slots each
+      for (int64_t i = 0; i < bs; ++i) o[j * bs + i] = t[j] * bs + i;
+    for (int64_t i = 0; i < tail; ++i) o[full * bs + i] = t[full] * bs + i;
+    at += n, bo += nblk[r];
+    offsets[r + 1] = at;
+    if (last) last[r] = o[n - 1];
+  }
+  return 0;
+}
+
 }  // extern "C"
