@@ -2,8 +2,9 @@
 concurrent streaming clients (the official AsyncOpenAI client), in one run. The server runs as
 its own process (`shoal serve`), as in deployment; the clients run in this one.
 
-Reports output tok/s of both and their ratio (target >= 0.9x), and the time the API layer adds
-per request: client-observed latency minus the engine's own time for that request (p50/p99).
+Reports output tok/s of both and their ratio (target >= 0.9x), the CPU seconds of the offline
+run, of the server and of the clients over HTTP (on a small box the clients' parsing takes cores
+from the server), and the time the API layer adds per request: client-observed latency minus the engine's own time for that request (p50/p99).
 Usage: python bench/api_throughput.py --clients 32 --out 64 --threads 2
 """
 
@@ -31,6 +32,16 @@ def free_port() -> int:
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(int(q * len(xs)), len(xs) - 1)]
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process (this one when pid is None), all its threads."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -61,9 +72,9 @@ def main() -> None:
     # 1) offline
     llm = LLM(cfg, loaded=loaded)
     llm.generate(prompts[:2], SamplingParams(max_tokens=2))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     llm.generate(prompts, params)
-    offline_s = time.perf_counter() - t0
+    offline_s, offline_cpu = time.perf_counter() - t0, cpu_seconds() - c0
     del llm
 
     # 2) through HTTP: a `shoal serve` process, N streaming clients here
@@ -102,7 +113,9 @@ def main() -> None:
         await client.close()
         return time.perf_counter() - t, res
 
+    s0, c0 = cpu_seconds(server.pid), cpu_seconds()
     http_s, _ = asyncio.run(run_clients())
+    server_cpu, client_cpu = cpu_seconds(server.pid) - s0, cpu_seconds() - c0
 
     # 3) the API layer's own cost per request: one request at a time, HTTP vs engine alone
     # (a plain HTTP client, so the openai client's own parsing is not counted as the server's)
@@ -136,12 +149,15 @@ def main() -> None:
               "ratio": offline_s / http_s, "added_ms_p50": 1e3 * pct(added, 0.5),
               "added_ms_p99": 1e3 * pct(added, 0.99),
               "server_api_ms_p50": 1e3 * pct(server_api, 0.5),
-              "server_api_ms_p99": 1e3 * pct(server_api, 0.99)}
+              "server_api_ms_p99": 1e3 * pct(server_api, 0.99),
+              "cpu_s": {"offline": offline_cpu, "server": server_cpu, "clients": client_cpu}}
     print(f"offline {result['offline_tok_s']:.1f} tok/s; HTTP ({args.clients} streaming clients) "
           f"{result['http_tok_s']:.1f} tok/s; ratio {result['ratio']:.2f}x; API layer adds "
           f"p50 {result['added_ms_p50']:.1f} ms, p99 {result['added_ms_p99']:.1f} ms per request "
           f"as the client sees it; {result['server_api_ms_p50']:.2f} / "
           f"{result['server_api_ms_p99']:.2f} ms measured in the server (server-timing)")
+    print(f"CPU seconds: offline {offline_cpu:.2f}; over HTTP the server {server_cpu:.2f} and the clients "
+          f"{client_cpu:.2f} (the workload's {tokens} tokens each way)")
     print(json.dumps(result))
 
 

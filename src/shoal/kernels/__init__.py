@@ -12,10 +12,9 @@ layers call them where `usable`; without a compiler everything runs on PyTorch o
 
 from .build import library, reason
 from .ops import (BGMVLayers, cache_write, decode_attention, disabled, enabled, lora_bgmv, lora_int8_ready,
-                  prefill_attention,
-                  prefill_attention_ready, rms_norm, rope_, row_stats, sample_rows, set_enabled, silu_mul, table_slots,
-                  usable)
+                  prefill_attention, prefill_attention_ready, release_omp_pool, rms_norm, rope_, row_stats,
+                  sample_rows, set_enabled, silu_mul, table_slots, usable)
 
 __all__ = ["library", "reason", "usable", "enabled", "set_enabled", "disabled", "rms_norm", "rope_",
            "cache_write", "decode_attention", "prefill_attention", "prefill_attention_ready", "silu_mul", "lora_bgmv", "lora_int8_ready",
-           "BGMVLayers", "row_stats", "sample_rows", "table_slots"]
+           "BGMVLayers", "release_omp_pool", "row_stats", "sample_rows", "table_slots"]

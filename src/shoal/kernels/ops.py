@@ -44,6 +44,15 @@ def disabled():
         _enabled = prev
 
 
+def release_omp_pool() -> bool:
+    """End the calling thread's OpenMP worker threads (`shoal_omp_release`): for a thread that has
+    handed the model's work to another one (`AsyncEngine`), whose parallel regions would otherwise
+    barely spin while this thread's idle pool counts against the CPUs. True when they were
+    released; False without the kernels or without OpenMP 5.0's pause in the runtime."""
+    lib = library()
+    return lib is not None and lib.shoal_omp_release() == 0
+
+
 def _check(ok: bool, what: str) -> None:
     """The kernels read and write raw memory: a layout they do not expect must not reach them
     (a real check, kept under `python -O`)."""

@@ -264,9 +264,20 @@ void silu_mul_impl(const T* y, int64_t ys, int64_t n, int64_t m, T* out) {
 }
 }  // namespace
 
+// OpenMP 5.0's pause (weak: a runtime without it leaves it null and the library still loads)
+extern "C" int omp_pause_resource_all(int kind) __attribute__((weak));
+
 extern "C" {
 
 int shoal_kernels_abi() { return 15; }
+
+// Ends the calling thread's OpenMP worker threads (omp_pause_soft); they start again at its next
+// parallel region. libgomp keeps a pool of workers for each thread that ever opened a parallel
+// region, and while the process holds more of them than there are CPUs every barrier spins only
+// ~100 times before sleeping on a futex: a model loaded on one thread and served from another
+// (`AsyncEngine`) left two pools, and decode ran 0.63x as fast (2 threads on 2 cores, ~23,000
+// context switches a second). Returns 0, or -1 when the runtime has no pause.
+int shoal_omp_release() { return omp_pause_resource_all ? omp_pause_resource_all(1 /* omp_pause_soft */) : -1; }
 
 // For tests: n fp32 values -> bf16 by the vector rounding the kernels' epilogues use (`to_bf16`;
 // n % 16 == 0). Returns 1 without AVX-512.
