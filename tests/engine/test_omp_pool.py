@@ -18,8 +18,9 @@ pytestmark = pytest.mark.skipif(kernels.library() is None or (os.cpu_count() or 
                                 reason="needs the kernels and 2 CPUs (a parallel region of 2 threads)")
 
 
-def tasks() -> int:
-    return len(os.listdir("/proc/self/task"))
+def tasks() -> set[str]:
+    """This process's thread ids."""
+    return set(os.listdir("/proc/self/task"))
 
 
 def on_new_thread(fn):
@@ -44,14 +45,14 @@ def test_release_ends_the_callers_workers_and_they_come_back_on_demand():
     def run():
         n0 = tasks()
         kernels.row_stats(x)  # a parallel region of 2: this thread's pool gets a worker
-        n1 = tasks()
+        workers = tasks() - n0
         released = kernels.release_omp_pool()
-        n2 = tasks()
+        left = workers & tasks()
         arg = kernels.row_stats(x)[0]  # the next region starts a worker again
-        return n0, n1, released, n2, tasks(), arg
+        return len(workers), released, left, len(tasks() - n0), arg
 
-    n0, n1, released, n2, n3, arg = on_new_thread(run)
-    assert (n1, released, n2, n3) == (n0 + 1, True, n0, n0 + 1)
+    n_workers, released, left, n_again, arg = on_new_thread(run)
+    assert (n_workers, released, left, n_again) == (1, True, set(), 1)
     assert torch.equal(arg, x.argmax(dim=-1))
 
 
@@ -59,12 +60,13 @@ def test_async_engine_ends_the_workers_of_the_thread_that_built_it(tiny_llama):
     x = torch.randn(64, 4096)
 
     def run():
-        kernels.row_stats(x)  # this thread has a pool, as a server's main thread after loading
         n0 = tasks()
+        kernels.row_stats(x)  # this thread has a pool, as a server's main thread after loading
+        workers = tasks() - n0
         eng = AsyncEngine(EngineConfig(model="tiny", block_size=8, num_kv_blocks=64), loaded=tiny_llama)
-        n1 = tasks()
+        left = workers & tasks()
         eng.shutdown()
-        return n0, n1
+        return workers, left
 
-    n0, n1 = on_new_thread(run)
-    assert n1 == n0 - 1 + 1  # its worker gone, the engine's loop thread started
+    workers, left = on_new_thread(run)
+    assert len(workers) == 1 and left == set()  # its worker gone

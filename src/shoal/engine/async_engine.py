@@ -82,8 +82,15 @@ class AsyncEngine:
                     self._deliver(rid, e)
                     self.engine.abort(rid)
                 continue
+            # one wake-up of each event loop a step for all its streams' outputs (a call each cost
+            # the loop a self-pipe write and a wake-up per request per step)
+            batches: dict[asyncio.AbstractEventLoop, list] = {}
             for out in outputs:
-                self._deliver(out.request_id, out)
+                target = self._streams.get(out.request_id)
+                if target is not None:
+                    batches.setdefault(target[0], []).append((target[1], out))
+            for loop, items in batches.items():
+                loop.call_soon_threadsafe(_put_all, items)
 
     def _deliver(self, request_id: str, item) -> None:
         target = self._streams.get(request_id)
@@ -154,3 +161,9 @@ class AsyncEngine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=5)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    """On the event loop: each output into its stream's queue."""
+    for q, out in items:
+        q.put_nowait(out)

@@ -8,6 +8,7 @@ call with the token counts before the last byte (or, cut short, with what was ge
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -81,6 +82,14 @@ async def merged_streams(engine: AsyncEngine, prompts: list, params: SamplingPar
                          adapter: str | None, base_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, RequestOutput) as each request makes progress; all are aborted if the
     consumer goes away."""
+    if len(prompts) == 1:  # (most requests: no task and queue between the stream and its reader)
+        try:
+            async with contextlib.aclosing(engine.generate(prompts[0], params, f"{base_id}-0", adapter)) as outs:
+                async for out in outs:
+                    yield 0, out
+        except ValueError as e:
+            raise from_value_error(e) from e
+        return
     q: asyncio.Queue = asyncio.Queue()
     done = object()
 
