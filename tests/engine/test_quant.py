@@ -168,6 +168,23 @@ def tiny_tied(tmp_path_factory, tiny_tokenizer_dir):
     return load_dir(str(path), dtype="float32")
 
 
+def test_a_quantized_model_is_left_alone_by_the_next_engine(tiny_llama):
+    """Engines built on one model: the second finds it quantized and touches nothing (the first
+    keeps the addresses of its tensors), another mode is refused, and both answer alike."""
+    loaded = fresh(tiny_llama)
+    first = LLM(EngineConfig(model="tiny", quantization="int8", block_size=8, num_kv_blocks=64), loaded=loaded)
+    tensors = {n: t.data_ptr() for n, t in [*loaded.model.named_parameters(), *loaded.model.named_buffers()]}
+    assert quantize_model(loaded.model, "int8") == 0
+    second = LLM(EngineConfig(model="tiny", quantization="int8", block_size=8, num_kv_blocks=64), loaded=loaded)
+    assert {n: t.data_ptr() for n, t in [*loaded.model.named_parameters(), *loaded.model.named_buffers()]} == tensors
+    with pytest.raises(ValueError, match="quantization: the model is already quantized"):
+        quantize_model(loaded.model, "q4")
+    ps = prompts(4, seed=9)
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    a = [o.outputs[0].token_ids for o in first.generate(ps, params)]
+    assert a == [o.outputs[0].token_ids for o in second.generate(ps, params)]
+
+
 def test_tied_embedding_reads_the_lm_head_int8_rows(tiny_tied):
     loaded = fresh(tiny_tied)
     model = loaded.model

@@ -4,6 +4,14 @@ A sequence's `block_table` lists its blocks; token `pos` lives in slot
 `block_table[pos // block_size] * block_size + pos % block_size`. Full, computed blocks are
 hashed by (adapter, parent hash, tokens) so identical prefixes under the same adapter share KV.
 Pure Python bookkeeping: the model runner owns the tensors and performs the recorded copies.
+
+With `path_keys` (a batch-invariant engine on CPU) a block's key also says how many of its
+positions a prompt chunk computed when a decode step computed the rest: the two paths round
+differently (decode and prefill attention are different kernels), so a block a decode wrote holds
+other bits than a prompt's prefill of the same tokens would. A chat's second turn, whose prompt
+holds the first turn's answer, then reuses only what its own prefill would have computed, and
+gives the tokens it gives alone (measured: reusing the answer's blocks changed 2 of 6 second
+turns' tokens and every one's logprobs).
 """
 
 from __future__ import annotations
@@ -22,19 +30,21 @@ class Block:
         self.block_id = block_id
         self.ref_count = 0
         self.hash: int | None = None
-        self.key: tuple | None = None  # (adapter, parent hash, tokens): guards against collisions
+        self.key: tuple | None = None  # (adapter, parent hash, tokens, path): guards against collisions
 
 
 class BlockManager:
     """Hands out KV blocks to sequences; reuses cached prefixes; copy-on-write after forks."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 path_keys: bool = False):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks and block_size must be positive, got "
                              f"{num_blocks}, {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.path_keys = path_keys  # keys tell prefill-computed positions from decoded ones
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[int, int] = {}  # content hash -> block id (free or in use)
@@ -66,9 +76,15 @@ class BlockManager:
 
     # ---- prefix cache -----------------------------------------------------------------------
 
-    @staticmethod
-    def _key(adapter: str | None, parent: int | None, tokens: list[int]) -> tuple:
-        return (adapter, parent, tuple(tokens))
+    def _key(self, seq: Sequence, i: int, parent: int | None) -> tuple:
+        """Block i of seq: (adapter, parent hash, tokens, path). path: None when a prompt chunk
+        computes all its positions, else (with `path_keys`) how many it computes before decode
+        steps compute the rest (a sequence's positions past its prompt are always decoded)."""
+        bs = self.block_size
+        path = None
+        if self.path_keys and (i + 1) * bs > seq.num_prompt_tokens:
+            path = max(0, seq.num_prompt_tokens - i * bs)
+        return (seq.adapter, parent, tuple(seq.token_ids[i * bs:(i + 1) * bs]), path)
 
     def _cache_hits(self, seq: Sequence) -> list[int]:
         """Block ids caching the leading full blocks of token_ids[:-1] (the last token is always
@@ -77,7 +93,7 @@ class BlockManager:
             return []
         bs, hits, parent = self.block_size, [], None
         for i in range((seq.num_tokens - 1) // bs):
-            key = self._key(seq.adapter, parent, seq.token_ids[i * bs:(i + 1) * bs])
+            key = self._key(seq, i, parent)
             parent = hash(key)
             block_id = self._cached.get(parent)
             if block_id is None or self.blocks[block_id].key != key:
@@ -180,7 +196,7 @@ class BlockManager:
         parent = self.blocks[table[start - 1]].hash if start > 0 else None
         for i in range(start, num_full):
             block = self.blocks[table[i]]
-            block.key = self._key(seq.adapter, parent, seq.token_ids[i * bs:(i + 1) * bs])
+            block.key = self._key(seq, i, parent)
             block.hash = parent = hash(block.key)
             self._cached[parent] = block.block_id
 

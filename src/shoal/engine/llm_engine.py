@@ -90,7 +90,11 @@ class LLMEngine:
         per_block = PagedKVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads,
                                                  mc.head_dim, kv_dtype)
         num_blocks = config.num_kv_blocks or max(config.kv_cache_memory // per_block, 1)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        # a batch-invariant CPU engine recomputes and reuses KV only by the path that wrote it
+        # (prefill or decode: `BlockManager`'s path_keys, `Scheduler.chunk`)
+        exact = config.batch_invariant and p.device.type == "cpu"
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                          path_keys=exact)
         self.scheduler = Scheduler(config, self.block_manager)
         self.lora = None
         if config.enable_lora:
@@ -212,6 +216,11 @@ class LLMEngine:
         for seq_id, (p0, logits) in result.prompt_logits.items():
             req = self._seq_req[seq_id]
             seq = req.seqs[0]
+            skip = len(req.prompt_logprobs) - (p0 + 1)  # positions recorded before a preemption
+            if skip >= logits.shape[0]:
+                continue
+            if skip > 0:
+                p0, logits = p0 + skip, logits[skip:]
             nxt = seq.token_ids[p0 + 1:p0 + 1 + logits.shape[0]]
             for tok, (lp, top) in zip(nxt, prompt_logprobs(logits, nxt, seq.params.prompt_logprobs)):
                 req.prompt_logprobs.append((tok, lp, top))

@@ -4,6 +4,13 @@ Iteration-level continuous batching with chunked prefill (as vLLM V1): running s
 oldest first, then waiting ones FCFS, all within one token budget. When KV blocks run out the
 newest running sequence is preempted and later recomputed. It never advances
 `num_computed_tokens` (the engine does, then calls `block_manager.commit`); no torch here.
+
+Recompute: by default a preempted sequence's prompt and generated tokens are computed again as
+one prompt. With a block manager of `path_keys` (a batch-invariant engine on CPU) its prompt is,
+but its generated tokens go through decode steps again, one a step (`chunk`), as they did the
+first time: prefill and decode round differently, and a prompt-style recompute changed later
+greedy tokens (2 of 23 requests in a run with a 40-block cache). The catch-up costs that
+sequence one step a generated token, in the batch with the others.
 """
 
 from __future__ import annotations
@@ -82,11 +89,11 @@ class Scheduler:
             budget = max_num_batched_tokens
             for seq in running, oldest first:          # 1) decodes and prefill chunks
                 while not can_append(seq): preempt(newest running not yet scheduled)
-                append_slot(seq); schedule min(seq.num_uncomputed, budget) tokens
+                append_slot(seq); schedule chunk(seq, budget) tokens
             if nothing was preempted:                  # 2) admissions, FCFS
                 for seq in waiting while room and budget:
                     skip if it would exceed max_loras adapters; stop if not can_allocate
-                    allocate(seq); schedule min(seq.num_uncomputed, budget) tokens
+                    allocate(seq); schedule chunk(seq, budget) tokens
         """
         bm, out = self.block_manager, SchedulerOutput()
         budget = self.max_num_batched_tokens
@@ -108,7 +115,7 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING:
                 continue
             bm.append_slot(seq)
-            n = min(seq.num_uncomputed, budget)
+            n = self.chunk(seq, budget)
             out.scheduled.append((seq, n))
             scheduled.add(seq.seq_id)
             budget -= n
@@ -131,13 +138,22 @@ class Scheduler:
                 self.running.append(seq)
                 if seq.adapter is not None:
                     adapters.add(seq.adapter)
-                n = min(seq.num_uncomputed, budget)
+                n = self.chunk(seq, budget)
                 out.scheduled.append((seq, n))
                 budget -= n
             self.waiting.extendleft(reversed(skipped))
 
         out.copies = bm.take_copies()
         return out
+
+    def chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens seq computes this step: its uncomputed ones within the budget; with `path_keys`,
+        never past the prompt's end in one chunk, and past it one a step (decode rows)."""
+        n = seq.num_uncomputed
+        if self.block_manager.path_keys:
+            done, prompt = seq.num_computed_tokens, seq.num_prompt_tokens
+            n = min(n, prompt - done) if done < prompt else min(n, 1)
+        return min(n, budget)
 
     def preempt(self, seq: Sequence) -> None:
         """Drop seq's KV and put it at the front of the waiting queue (recomputed later)."""

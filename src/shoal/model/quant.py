@@ -252,6 +252,12 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
+def quantized_mode(model: nn.Module) -> str | None:
+    """"q4" or "int8" when `quantize_model` has quantized `model` (any 4-bit layer: q4), else None."""
+    kinds = {m.qweight.dtype for m in model.modules() if isinstance(m, QuantLinear)}
+    return None if not kinds else "q4" if torch.uint8 in kinds else "int8"
+
+
 def quantize_model(model: nn.Module, mode: str = "int8", codes: dict | None = None) -> int:
     """Replace every nn.Linear of `model` (lm_head included) in place by a QuantLinear; returns
     how many were replaced. mode "int8": every one int8; "q4": 4-bit where the shape fits, except
@@ -264,9 +270,20 @@ def quantize_model(model: nn.Module, mode: str = "int8", codes: dict | None = No
     embedding is kept as is (a gather reads only the rows it needs, so int8 would save memory
     but no time). Layers are quantized one at a time, so peak memory stays near the float
     model; the other float tensors are copied so a memory-mapped checkpoint is released.
+
+    A model quantized before in the same mode is left untouched (returns 0): engines built on it
+    earlier hold its tensors' addresses (the one-call decode), and copying them again freed what
+    those engines read (measured: an engine's greedy tokens turned to id 0 after a second engine
+    was built on its model). Another mode raises ValueError.
     """
     if mode not in MODES:
         raise ValueError(f"quantization: must be one of {', '.join(MODES)}, got {mode!r}")
+    have = quantized_mode(model)
+    if have is not None:  # a model shared by engines: quantized once, left as it is after
+        if have != mode:
+            raise ValueError(f"quantization: the model is already quantized ({have}); load it again "
+                             f"for {mode}")
+        return 0
     if mode == "q4" and not amx.packed_ready():
         log.warning("shoal: q4 without Shoal's CPU kernels (x86 with AVX2 and a C++ compiler) dequantizes "
                     "each layer's weight at every call: slow; int8 or bf16 run faster here")

@@ -1,0 +1,118 @@
+"""A batch-invariant CPU engine recomputes and reuses KV only by the path that wrote it: prefill
+and decode round differently, so a block a decode step wrote is never served to a prompt's
+prefill (a chat's second turn gives the tokens and logprobs it gives alone), and a preempted
+sequence's generated tokens go through decode steps again (it gives the tokens and logprobs it
+gives with room to spare). Prompt logprobs are not recorded twice after a preemption."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from shoal.config import EngineConfig
+from shoal.engine.block_manager import BlockManager
+from shoal.engine.llm_engine import LLMEngine
+from shoal.engine.sampling_params import SamplingParams
+from tests.engine.test_block_manager import compute_all, make_seq
+from tests.engine.test_llm_engine import make_llm, prompts
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0)
+
+
+@pytest.mark.parametrize("path_keys", [False, True])
+def test_blocks_a_decode_wrote_serve_only_the_same_path(path_keys):
+    bm = BlockManager(num_blocks=16, block_size=4, path_keys=path_keys)
+    a = make_seq(range(100, 110))  # prompt: 10 tokens (blocks 0, 1 full; block 2 from 8)
+    bm.allocate(a)
+    compute_all(bm, a)
+    for t in range(200, 210):  # 10 decoded tokens (positions 10..19), each computed in turn
+        a.append_token(t)
+        bm.append_slot(a)
+        compute_all(bm, a)
+    # a second turn whose prompt is all of a's 20 tokens and more: its prefill would compute them
+    b = make_seq(a.token_ids + [7, 8, 9], request_id="b")
+    bm.allocate(b)
+    assert b.num_cached_tokens == (8 if path_keys else 20)  # with path keys: the prompt's blocks only
+    # a's own tokens again (a preempted sequence coming back): every full block hits
+    bm.free(a)
+    a.reset_for_recompute()
+    bm.allocate(a)
+    assert a.num_cached_tokens == 16  # (its last token is always left to compute)
+
+
+class Recorder:
+    """Wraps an engine's scheduler: each planned chunk as (computed before, prompt tokens, tokens
+    scheduled, preempted before), and how many sequences were preempted."""
+
+    def __init__(self, engine) -> None:
+        self.chunks: list[tuple[int, int, int, int]] = []
+        self.preempted = 0
+        plan = engine.scheduler.schedule
+
+        def recording():
+            out = plan()
+            self.preempted += len(out.preempted)
+            self.chunks += [(s.num_computed_tokens, s.num_prompt_tokens, n, s.num_preemptions)
+                            for s, n in out.scheduled]
+            return out
+        engine.scheduler.schedule = recording
+
+
+def run(engine, reqs) -> dict:
+    """request id -> [(token ids, token logprobs) per sample] of the finished requests."""
+    outs = {}
+    for rid, p, params in reqs:
+        engine.add_request(rid, p, params)
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                outs[o.request_id] = [(c.token_ids, [lp for _, lp, _ in c.logprobs]) for c in o.outputs]
+    return outs
+
+
+def test_preempted_sequences_replay_their_decodes_one_a_step(tiny_llama):
+    llm = make_llm(tiny_llama, num_kv_blocks=14, max_num_batched_tokens=64)
+    eng = llm.engine
+    assert eng.block_manager.path_keys  # batch-invariant on CPU: the default
+    rec = Recorder(eng)
+    run(eng, [(f"r{i}", p, GREEDY) for i, p in enumerate(prompts(8, seed=2, lo=30, hi=40))])
+    again = [c for c in rec.chunks if c[3]]  # chunks of sequences preempted before
+    replayed = [c for c in again if c[0] >= c[1]]
+    assert rec.preempted and replayed and all(n == 1 for _, _, n, _ in replayed)  # one a step
+    assert all(done + n <= prompt for done, prompt, n, _ in again if done < prompt)  # prefill stops there
+
+
+@pytest.mark.real_model
+def test_second_turns_and_preemption_give_what_they_give_alone(default_home, monkeypatch):
+    monkeypatch.setenv("SHOAL_HOME", str(default_home))
+    engine = LLMEngine(EngineConfig())  # the default model (bf16 where the CPU has the kernels)
+    fresh = LLMEngine(EngineConfig())  # a second engine: nothing cached
+    rng = random.Random(0)
+    turns = []
+    for t in range(4):  # second turns after their first turn on one engine, alone on another
+        p = [rng.randrange(100, 40000) for _ in range(rng.randint(20, 70))]
+        first = run(engine, [(f"a{t}", p, GREEDY)])[f"a{t}"][0][0]
+        b = (f"b{t}", p + first + [rng.randrange(100, 40000) for _ in range(5)], GREEDY)
+        turns.append(b)
+        assert run(engine, [b]) == run(fresh, [b])
+    # a cache so small that sequences are preempted and recomputed, against each alone
+    seeded = SamplingParams(temperature=1.0, seed=5, max_tokens=24, ignore_eos=True, logprobs=0)
+    reqs = turns + [(f"c{i}", [rng.randrange(100, 40000) for _ in range(rng.randint(20, 120))],
+                     seeded if i % 3 == 0 else GREEDY) for i in range(8)]
+    small = LLMEngine(EngineConfig(num_kv_blocks=24, max_num_batched_tokens=128))
+    rec = Recorder(small)
+    got = run(small, reqs)
+    assert rec.preempted > 0
+    assert got == {rid: run(fresh, [(rid, p, params)])[rid] for rid, p, params in reqs}
+
+
+def test_prompt_logprobs_are_recorded_once_through_a_preemption(tiny_llama):
+    ps = prompts(8, seed=4, lo=30, hi=60)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, prompt_logprobs=1)
+    want = make_llm(tiny_llama).generate(ps, params)
+    llm = make_llm(tiny_llama, num_kv_blocks=14, max_num_batched_tokens=64)
+    got = llm.generate(ps, params)
+    for p, g, w in zip(ps, got, want):
+        assert len(g.prompt_logprobs) == len(p)
+        assert g.prompt_logprobs == w.prompt_logprobs and g.outputs[0].token_ids == w.outputs[0].token_ids
