@@ -119,6 +119,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, lora=self.lora,
                                   kv_dtype=kv_dtype, cuda_graphs=config.cuda_graphs,
                                   max_num_seqs=config.max_num_seqs)
+        self.runner.decode_chunks = exact  # (a preempted sequence's generated tokens: decode rows)
         eos = self.tokenizer.stop_token_ids
         self.sampler = Sampler(eos)
         self.outputs = OutputProcessor(self.tokenizer, eos, self.max_model_len)

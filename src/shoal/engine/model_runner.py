@@ -54,6 +54,10 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs  # most rows a step has (sizes the graphs' output)
         self.graphs: DecodeGraphs | None = None  # decode-only steps as graphs (CUDA)
         self.cpu_decode_forward = True  # all-decode CPU steps through `CPUDecodeForward`
+        # a chunk of several generated tokens (a preempted sequence coming back) runs as that many
+        # decode rows, each over its own prefix, as those tokens first ran (`Scheduler.chunk`):
+        # the same bits as one a step, since a layer writes every row's key before any attends
+        self.decode_chunks = False
         self._cpu_decode: CPUDecodeForward | None = None
         if cuda_graphs and self.device.type == "cuda":
             self.use_decode_graphs(capture=True)
@@ -134,8 +138,13 @@ class ModelRunner:
         if self.lora is not None:
             names = {seq.adapter for seq, _ in scheduled if seq.adapter is not None}
             lora_slots = self.lora.prepare(names) if names else {}
-        scheduled = sorted(scheduled, key=lambda sn: (not _is_decode(*sn), lora_slots.get(sn[0].adapter, -1)))
-        n_decode = sum(1 for sn in scheduled if _is_decode(*sn))
+        chunks = self.decode_chunks
+
+        def is_decode(seq: Sequence, n: int) -> bool:  # generated tokens: decode rows
+            return (n == 1 or chunks) and seq.num_computed_tokens >= seq.num_prompt_tokens
+
+        scheduled = sorted(scheduled, key=lambda sn: (not is_decode(*sn), lora_slots.get(sn[0].adapter, -1)))
+        n_decode = sum(n for seq, n in scheduled if is_decode(seq, n))
         ids: list[int] = []
         positions: list[int] = []
         seq_attn: list[SeqAttention] = []
@@ -155,15 +164,16 @@ class ModelRunner:
             q_start = len(ids)
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            if by_table and _is_decode(seq, n):  # (decode rows come first: their new slots below)
-                tables.append(seq.block_table)
-                lengths.append(end)
+            decode = is_decode(seq, n)
+            if by_table and decode:  # (decode rows come first: their new slots below)
+                tables += [seq.block_table] * n
+                lengths += range(start + 1, end + 1)
             else:
                 ctx = self._ctx_slots(seq, end)  # (end,)
                 slot_chunks.append(ctx[start:end])
-                if _is_decode(seq, n):
-                    # a decode row: batched with others of its context-length bucket
-                    decode_items.append((q_start, ctx))
+                if decode:
+                    # decode rows: batched with others of their context-length bucket
+                    decode_items += [(q_start + j, ctx[:start + j + 1]) for j in range(n)]
                 else:  # prompt tokens always take the prefill path, however they were chunked
                     seq_attn.append(SeqAttention(q_start, n, ctx))
             adapters.append((seq.adapter, n))
@@ -207,11 +217,6 @@ class ModelRunner:
             for s, r0, cnt, p0 in prompt_rows
         }
         return StepResult(sample_seqs, logits, prompt_logits)
-
-
-def _is_decode(seq: Sequence, n: int) -> bool:
-    """Is this scheduled chunk one generated token (a decode row), not prompt tokens?"""
-    return n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens
 
 
 def sdpa_backends(device: torch.device):

@@ -7,10 +7,11 @@ newest running sequence is preempted and later recomputed. It never advances
 
 Recompute: by default a preempted sequence's prompt and generated tokens are computed again as
 one prompt. With a block manager of `path_keys` (a batch-invariant engine on CPU) its prompt is,
-but its generated tokens go through decode steps again, one a step (`chunk`), as they did the
-first time: prefill and decode round differently, and a prompt-style recompute changed later
-greedy tokens (2 of 23 requests in a run with a 40-block cache). The catch-up costs that
-sequence one step a generated token, in the batch with the others.
+but its generated tokens are computed as decode rows again, as they were the first time: a chunk
+never spans the prompt's end (`chunk`), and the runner runs a chunk of generated tokens as one
+decode row each (`ModelRunner.decode_chunks`). Prefill and decode round differently: a
+prompt-style recompute changed later greedy tokens (2 of 23 requests in a run with a 40-block
+cache).
 """
 
 from __future__ import annotations
@@ -148,11 +149,10 @@ class Scheduler:
 
     def chunk(self, seq: Sequence, budget: int) -> int:
         """Tokens seq computes this step: its uncomputed ones within the budget; with `path_keys`,
-        never past the prompt's end in one chunk, and past it one a step (decode rows)."""
+        a chunk of prompt tokens stops at the prompt's end (generated ones run as decode rows)."""
         n = seq.num_uncomputed
-        if self.block_manager.path_keys:
-            done, prompt = seq.num_computed_tokens, seq.num_prompt_tokens
-            n = min(n, prompt - done) if done < prompt else min(n, 1)
+        if self.block_manager.path_keys and seq.num_computed_tokens < seq.num_prompt_tokens:
+            n = min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
         return min(n, budget)
 
     def preempt(self, seq: Sequence) -> None:
