@@ -242,6 +242,7 @@ def test_prefix_cache_hits_across_requests(tiny_llama):
     (dict(params=SamplingParams(max_tokens=510)), "max_tokens"),
     (dict(prompt=[VOCAB + 5]), "prompt"),
     (dict(params=SamplingParams(logit_bias={VOCAB + 1: 1.0})), "logit_bias"),
+    (dict(params=SamplingParams(stop_token_ids=[3, VOCAB], min_tokens=2)), "stop_token_ids"),
     (dict(adapter="nope"), "model"),
 ])
 def test_bad_requests_name_the_field(tiny_llama, kwargs, field):
@@ -255,10 +256,20 @@ def test_bad_requests_name_the_field(tiny_llama, kwargs, field):
 @pytest.mark.parametrize("kwargs,field", [
     (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(n=3, best_of=2), "best_of"), (dict(logprobs=21), "logprobs"),
+    (dict(stop=[""]), "stop"), (dict(stop=5), "stop"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    (dict(stop_token_ids=3), "stop_token_ids"),
 ])
 def test_bad_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_none_means_no_stop():
+    """stop=None and stop_token_ids=None (as OpenAI's and vLLM's clients send) mean none; a lone
+    string is one stop sequence."""
+    p = SamplingParams(stop=None, stop_token_ids=None)
+    assert p.stop == [] and p.stop_token_ids == []
+    assert SamplingParams(stop="###").stop == ["###"] and SamplingParams(stop=("a", "b")).stop == ["a", "b"]
 
 
 @pytest.mark.parametrize("pack,cpu_kernels", [(True, True), (False, True), (True, False)])

@@ -163,6 +163,9 @@ class LLMEngine:
                              f"({params.max_tokens}) exceeds max_model_len {self.max_model_len}")
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias: token id {max(params.logit_bias)} is outside the vocabulary")
+        if params.stop_token_ids and max(params.stop_token_ids) >= vocab:
+            raise ValueError(f"stop_token_ids: token id {max(params.stop_token_ids)} is outside the vocabulary "
+                             f"(0..{vocab - 1})")
         total = len(ids) + (params.max_tokens if params.max_tokens is not None
                             else self.max_model_len - len(ids))
         if not self.scheduler.can_fit(min(total, self.max_model_len)):

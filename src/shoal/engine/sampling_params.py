@@ -76,10 +76,22 @@ class SamplingParams:
                     raise ValueError(f"logit_bias: token id {tok!r} is not a non-negative integer")
                 if not -100.0 <= bias <= 100.0:
                     raise ValueError(f"logit_bias: value {bias} for token {tok} is outside [-100, 100]")
+        if self.stop is None:  # (OpenAI's and vLLM's "no stop")
+            self.stop = []
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.stop, (list, tuple)):
+            self.stop = list(self.stop)
+        else:
+            raise ValueError(f"stop: must be a string or a list of strings, got {type(self.stop).__name__}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop: every stop sequence must be a non-empty string")
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        if not isinstance(self.stop_token_ids, (list, tuple)) or any(
+                not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids: must be a list of non-negative token ids, got {self.stop_token_ids!r}")
+        self.stop_token_ids = list(self.stop_token_ids)
         if self.max_tokens is not None and self.max_tokens < 0:
             raise ValueError(f"max_tokens: must be >= 0, got {self.max_tokens}")
         if self.min_tokens < 0:
