@@ -59,12 +59,21 @@ def test_logprobs_and_echo(client):
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == 3 == len(lp.token_logprobs) == len(lp.top_logprobs)
     assert all(len(t) == 2 for t in lp.top_logprobs)
-    assert "".join(lp.tokens) == r.choices[0].text
+    assert spell(lp.tokens) == r.choices[0].text
     e = client.completions.create(model="tiny", prompt="Hello world", max_tokens=2, temperature=0,
                                   logprobs=1, echo=True, extra_body={"ignore_eos": True})
     assert e.choices[0].text.startswith("Hello world")
     assert e.choices[0].logprobs.token_logprobs[0] is None
     assert e.choices[0].logprobs.text_offset[0] == 0
+
+
+def spell(tokens: list[str]) -> str:
+    """The text legacy completion logprob tokens spell: a token written "bytes:\\xNN..." (part of a
+    character) stands for those bytes; an unfinished character reads as U+FFFD, as in the text."""
+    out = b""
+    for t in tokens:
+        out += bytes.fromhex(t[6:].replace("\\x", "")) if t.startswith("bytes:") else t.encode()
+    return out.decode("utf-8", errors="replace")
 
 
 def test_token_array_prompt(client):
@@ -197,3 +206,23 @@ def test_64_concurrent_streams_complete_and_are_billed(server):
     (row,) = store.usage_summary(org)
     assert (row["model"], row["num_requests"], row["completion_tokens"]) == ("tiny", 64, 64 * 6)
     assert row["prompt_tokens"] == sum(u.prompt_tokens for _, u in results)
+
+
+def test_logprobs_of_a_token_holding_part_of_a_character(client, tiny_tokenizer_dir):
+    """A byte-level token that is one byte of a UTF-8 character: chat gives its own bytes (not a
+    replacement character's), legacy completions write it as "bytes:\\xNN" (as OpenAI does)."""
+    from shoal.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_tokenizer_dir)
+    lead = next(i for i in range(tok.vocab_size) if tok.token_bytes(i) == b"\xc3")  # of é, ü, ...
+    bias = {str(lead): 100}
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                       temperature=0, logprobs=True, top_logprobs=1, logit_bias=bias)
+    t = r.choices[0].logprobs.content[0]
+    top = t.top_logprobs[0]  # (from the distribution before the bias: another token)
+    assert t.bytes == [0xC3] and t.token == "\ufffd"
+    assert bytes(top.bytes).decode("utf-8", errors="replace") == top.token
+    c = client.completions.create(model="tiny", prompt="hi", max_tokens=2, temperature=0, logprobs=0,
+                                  logit_bias=bias, extra_body={"ignore_eos": True})
+    lp = c.choices[0].logprobs
+    assert lp.tokens == ["bytes:\\xc3", "bytes:\\xc3"] and lp.text_offset == [0, 0]

@@ -129,3 +129,19 @@ def test_decode_equals_transformers_decode(real_tok, tiny_tokenizer_dir):
             for skip in (False, True):
                 want = tok.hf.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
                 assert tok.decode(ids, skip_special_tokens=skip) == want
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("text", MIXED)
+def test_token_bytes_spell_the_decoded_text(real_tok, text):
+    """Each token's own bytes (a character split across tokens: its parts) join to the decoded
+    text's UTF-8, special tokens included."""
+    ids = real_tok.encode(text) + real_tok.stop_token_ids[:1]
+    assert b"".join(real_tok.token_bytes(i) for i in ids) == real_tok.decode(ids).encode("utf-8")
+
+
+def test_tiny_token_bytes_cover_every_byte(tiny_tokenizer_dir):
+    """A byte-level vocabulary has a token for each of the 256 bytes, and `token_bytes` says which."""
+    tok = Tokenizer.from_dir(tiny_tokenizer_dir)
+    singles = {tok.token_bytes(i) for i in range(tok.vocab_size) if len(tok.token_bytes(i)) == 1}
+    assert singles == {bytes([b]) for b in range(256)}

@@ -9,10 +9,27 @@ until its last byte arrives. Not here: prompt truncation or token accounting (se
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
 REPLACEMENT = "\ufffd"
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's `bytes_to_unicode`), reversed: character -> byte. The
+    printable bytes stand for themselves; the other 68 take the characters from U+0100 on."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    out, extra = {chr(b): b for b in keep}, 0
+    for b in range(256):
+        if b not in keep:
+            out[chr(256 + extra)] = b
+            extra += 1
+    return out
+
+
+_BYTE_OF = _byte_alphabet()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 class TokenizerError(ValueError):
@@ -29,6 +46,9 @@ class Tokenizer:
         # the Rust tokenizer itself: `hf.decode` with clean-up off is this call behind ~4 us of
         # Python argument handling, paid twice per generated token (`IncrementalDetokenizer`)
         self._rust = getattr(hf_tokenizer, "backend_tokenizer", None)
+        decoder = getattr(self._rust, "decoder", None)
+        self._byte_level = "ByteLevel" in repr(decoder)  # (a Sequence of decoders may hold it)
+        self._bytes: dict[int, bytes] = {}  # `token_bytes`, as asked
 
     # ---- loading --------------------------------------------------------------------------
 
@@ -97,6 +117,27 @@ class Tokenizer:
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(list(ids))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes `token_id` adds to decoded text: for a byte-level BPE vocabulary (GPT-2's,
+        SmolLM2's, Llama 3's) its piece mapped back through the byte alphabet, so a token holding
+        part of a UTF-8 character gives those bytes, not a replacement character (OpenAI's logprob
+        `bytes`: clients join a character's tokens by them); a byte-fallback piece (`<0xE2>`) its
+        byte; anything else its decoded text in UTF-8."""
+        got = self._bytes.get(token_id)
+        if got is None:
+            got = self._bytes[token_id] = self._token_bytes(token_id)
+        return got
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        piece = self.hf.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str):
+            if self._byte_level and all(c in _BYTE_OF for c in piece):
+                return bytes(_BYTE_OF[c] for c in piece)
+            m = _BYTE_FALLBACK.fullmatch(piece)
+            if m:
+                return bytes([int(m.group(1), 16)])
+        return self.decode([token_id]).encode("utf-8")
 
     # ---- chat -----------------------------------------------------------------------------
 

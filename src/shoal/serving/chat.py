@@ -51,8 +51,8 @@ class ChatService:
                                param="messages") from None
 
     def _token(self, tid: int, lp: float) -> dict:
-        s = self.tok.decode([tid])
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        # bytes: the token's own (part of a character for some tokens: clients join them by these)
+        return {"token": self.tok.decode([tid]), "logprob": lp, "bytes": list(self.tok.token_bytes(tid))}
 
     def _logprobs(self, entries) -> dict:
         content = []

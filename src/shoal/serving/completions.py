@@ -8,6 +8,7 @@ optional usage chunk and `[DONE]`. `best_of` > `n` cannot stream (as upstream).
 
 from __future__ import annotations
 
+import codecs
 import time
 from collections.abc import AsyncIterator
 
@@ -45,22 +46,30 @@ class CompletionService:
                                prompt_logprobs=lp if (req.echo and lp is not None) else None)
 
     def _token_str(self, tid: int) -> str:
-        return self.tok.decode([tid])
+        """The token's text, or for a token that is part of a UTF-8 character its bytes as
+        "bytes:\\xe2\\x9c" (as OpenAI's legacy completions write them)."""
+        b = self.tok.token_bytes(tid)
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{x:02x}" for x in b)
 
     def _logprobs(self, entries, start_offset: int) -> dict:
-        """OpenAI's completion logprobs from (token, logprob, top) entries (None = no logprob)."""
+        """OpenAI's completion logprobs from (token, logprob, top) entries (None = no logprob).
+        text_offset: where each token starts in the text, in characters (every token holding a
+        part of a character split across tokens starts at that character)."""
         tokens, lps, tops, offsets = [], [], [], []
         off = start_offset
+        chars = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for e in entries:
             if e is None:
                 continue
             tid, lp, top = e
-            s = self._token_str(tid)
-            tokens.append(s)
+            tokens.append(self._token_str(tid))
             lps.append(lp)
             tops.append({self._token_str(t): v for t, v in top.items()} if top is not None else None)
             offsets.append(off)
-            off += len(s)
+            off += len(chars.decode(self.tok.token_bytes(tid)))
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
     def _echo_logprobs(self, out: RequestOutput, c: CompletionOutput) -> dict:
