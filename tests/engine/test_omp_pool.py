@@ -1,6 +1,6 @@
 """OpenMP worker pools: `kernels.release_omp_pool` ends the calling thread's workers, and an
 `AsyncEngine` ends those of the thread that built it (with more pool workers than CPUs, libgomp's
-barriers stop spinning and the engine's decode ran 0.63x as fast: docs/benchmarks.md)."""
+barriers stop spinning and the engine's decode ran 0.70x as fast: docs/benchmarks.md)."""
 
 from __future__ import annotations
 

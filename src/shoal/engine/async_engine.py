@@ -40,7 +40,8 @@ class AsyncEngine:
         # From here on the model's work runs on the loop thread: this thread's OpenMP workers (from
         # loading and building the engine) would only count against the CPUs, and with more
         # workers than CPUs the loop thread's parallel regions stop spinning at their barriers
-        # (measured, 2 threads on 2 cores: decode 0.63x as fast; `kernels.release_omp_pool`)
+        # (measured, 2 threads on 2 cores: decode 0.70x as fast, `bench/engine_thread.py`;
+        # `kernels.release_omp_pool`)
         kernels.release_omp_pool()
 
     @property

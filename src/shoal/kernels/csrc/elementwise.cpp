@@ -275,7 +275,7 @@ int shoal_kernels_abi() { return 15; }
 // parallel region. libgomp keeps a pool of workers for each thread that ever opened a parallel
 // region, and while the process holds more of them than there are CPUs every barrier spins only
 // ~100 times before sleeping on a futex: a model loaded on one thread and served from another
-// (`AsyncEngine`) left two pools, and decode ran 0.63x as fast (2 threads on 2 cores, ~23,000
+// (`AsyncEngine`) left two pools, and decode ran 0.70x as fast (2 threads on 2 cores, ~8,000
 // context switches a second). Returns 0, or -1 when the runtime has no pause.
 int shoal_omp_release() { return omp_pause_resource_all ? omp_pause_resource_all(1 /* omp_pause_soft */) : -1; }
 
