@@ -251,13 +251,13 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
 
 
-@torch.no_grad()
 def quantized_mode(model: nn.Module) -> str | None:
     """"q4" or "int8" when `quantize_model` has quantized `model` (any 4-bit layer: q4), else None."""
     kinds = {m.qweight.dtype for m in model.modules() if isinstance(m, QuantLinear)}
     return None if not kinds else "q4" if torch.uint8 in kinds else "int8"
 
 
+@torch.no_grad()
 def quantize_model(model: nn.Module, mode: str = "int8", codes: dict | None = None) -> int:
     """Replace every nn.Linear of `model` (lm_head included) in place by a QuantLinear; returns
     how many were replaced. mode "int8": every one int8; "q4": 4-bit where the shape fits, except
