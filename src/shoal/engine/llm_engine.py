@@ -78,7 +78,11 @@ class LLMEngine:
         p = next(self.model.parameters())  # dtype and device, read before packing (PackedWeight is meta)
         if config.pack_weights:  # CPU float linears in oneDNN's layout (`shoal.model.packed`)
             bf16 = p.dtype == torch.bfloat16
-            pack_linears(self.model, INVARIANT_K if config.batch_invariant and bf16 else 0)
+            # an fp32 output layer tied to the embedding gets a packed copy when rows must keep
+            # their bits: fp32 CPU GEMMs give a row other bits at other row counts, the packed
+            # product does not (+V x hidden x 4 bytes: 113 MB for SmolLM2-135M)
+            pack_linears(self.model, INVARIANT_K if config.batch_invariant and bf16 else 0,
+                         pack_tied=config.batch_invariant and p.dtype == torch.float32)
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
