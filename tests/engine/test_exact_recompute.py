@@ -1,21 +1,25 @@
 """A batch-invariant CPU engine recomputes and reuses KV only by the path that wrote it: prefill
 and decode round differently, so a block a decode step wrote is never served to a prompt's
 prefill (a chat's second turn gives the tokens and logprobs it gives alone), and a preempted
-sequence's generated tokens go through decode steps again (it gives the tokens and logprobs it
-gives with room to spare). Prompt logprobs are not recorded twice after a preemption."""
+sequence's generated tokens run as decode rows again (it gives the tokens and logprobs it gives
+with room to spare, in each model family, fp32 and bf16). Prompt logprobs are not recorded twice
+after a preemption."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
+import torch
 
 from shoal.config import EngineConfig
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.sampling_params import SamplingParams
+from shoal.model.loader import load_dir
 from tests.engine.test_block_manager import compute_all, make_seq
 from tests.engine.test_llm_engine import make_llm, prompts
+from tests.helpers import hf_tiny_config, save_tiny_hf_dir
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0)
 
@@ -132,3 +136,19 @@ def test_preempted_requests_equal_themselves_with_room(family, request):
     got = run(small, reqs)
     assert rec.preempted > 0 and any(done >= prompt and n > 1 for done, prompt, n, _ in rec.chunks)
     assert got == run(make_llm(loaded).engine, reqs)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "mistral"])  # (mistral: a sliding window of 8)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # (bf16: the kernels' prefill and decode)
+def test_preemption_is_exact_across_families(family, dtype, tmp_path, tiny_tokenizer_dir):
+    torch.manual_seed(0)
+    cfg = hf_tiny_config(family) if family == "mistral" else hf_tiny_config(family, max_position_embeddings=512)
+    save_tiny_hf_dir(cfg, tmp_path, tiny_tokenizer_dir)
+    seeded = SamplingParams(temperature=1.0, seed=7, n=2, max_tokens=16, ignore_eos=True, logprobs=0)
+    reqs = [(f"r{i}", p, seeded if i % 2 else GREEDY) for i, p in enumerate(prompts(10, seed=6, lo=20, hi=50))]
+    small = make_llm(load_dir(str(tmp_path), dtype=dtype), num_kv_blocks=16, max_num_batched_tokens=64).engine
+    rec = Recorder(small)
+    got = run(small, reqs)
+    assert rec.preempted > 0
+    roomy = make_llm(load_dir(str(tmp_path), dtype=dtype)).engine
+    assert got == {rid: run(roomy, [(rid, p, params)])[rid] for rid, p, params in reqs}  # each alone
