@@ -152,3 +152,17 @@ def test_preemption_is_exact_across_families(family, dtype, tmp_path, tiny_token
     assert rec.preempted > 0
     roomy = make_llm(load_dir(str(tmp_path), dtype=dtype)).engine
     assert got == {rid: run(roomy, [(rid, p, params)])[rid] for rid, p, params in reqs}  # each alone
+
+
+def test_prompt_logprobs_are_whole_after_a_prefix_cache_hit(tiny_llama):
+    """A request asking for prompt logprobs (echo with logprobs: scoring a prompt) after another
+    with the same prefix gets every position's, not only the uncached ones."""
+    llm = make_llm(tiny_llama)
+    p = prompts(1, seed=3, lo=40, hi=40)[0]
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
+    llm.generate([p], SamplingParams(temperature=0, max_tokens=2))  # caches the prompt's blocks
+    after = llm.generate([p], params)[0]
+    alone = make_llm(tiny_llama).generate([p], params)[0]
+    assert len(after.prompt_logprobs) == len(p) and after.prompt_logprobs == alone.prompt_logprobs
+    assert llm.generate([p], SamplingParams(temperature=0, max_tokens=2))[0].num_cached_tokens == 32  # still cached
+

@@ -88,8 +88,9 @@ class BlockManager:
 
     def _cache_hits(self, seq: Sequence) -> list[int]:
         """Block ids caching the leading full blocks of token_ids[:-1] (the last token is always
-        left to compute, so its logits exist)."""
-        if not self.enable_prefix_caching:
+        left to compute, so its logits exist). None for a sequence that asks for prompt logprobs:
+        they need the logits of every prompt position (a hit returned only the uncached ones)."""
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         bs, hits, parent = self.block_size, [], None
         for i in range((seq.num_tokens - 1) // bs):
