@@ -294,6 +294,8 @@ def report(results: dict[str, dict], meta: dict, json_path: str | None) -> None:
     """Print the table and one JSON line (date, machine, meta, results); also write it to json_path."""
     print(f"\n{'run':58s} {'tok/s':>8s} {'TTFT p50/p99 ms':>17s} {'ITL p50/p99 ms':>16s}")
     for k, r in results.items():
+        if "tok_s" not in r:  # (another kind of entry: a step-phase split, say; in the JSON only)
+            continue
         lat = (f"{r['ttft_p50_ms']:7.0f}/{r['ttft_p99_ms']:<7.0f}  {r['itl_p50_ms']:6.2f}/{r['itl_p99_ms']:<6.2f}"
                if "ttft_p50_ms" in r else "")
         print(f"{k:58s} {r['tok_s']:8.1f}  {lat}")

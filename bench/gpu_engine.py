@@ -7,7 +7,9 @@ Then, in one process, per shape:
   shoal   256 requests (prompts 64-512 tokens, `--out` tokens each) submitted at once to the
           engine: output tok/s, TTFT and inter-token p50/p99;
   single  one request alone: inter-token p50/p99 (issue 3's batch-1 target is <= 2 ms/token);
-  eager   with --modes graphs,eager: both again with CUDA graphs off (`EngineConfig.cuda_graphs`);
+  modes   with --modes graphs,eager,gather: both again with CUDA graphs off (`cuda_graphs`), or
+          with the gather path's attention and outputs built in the step (`triton_attention`,
+          `async_outputs` off: the engine before they came);
   hf      HF `generate` on the same prompts, static batches of `--hf-batch` (default 256, left
           padded), greedy, the same dtype and device.
 Prints a table and one JSON line. Usage (GPU machine, both shapes):
@@ -47,6 +49,15 @@ SHAPES = {  # transformers LlamaConfig fields (published configs of the two mode
 }
 
 
+# --modes: engine settings per Shoal run (`EngineConfig`)
+MODES = {
+    "graphs": {},  # the defaults: CUDA graphs for decode, Triton attention, async outputs
+    "eager": {"cuda_graphs": False},
+    # the engine before Triton attention and async outputs (gathers + SDPA, outputs in the step)
+    "gather": {"triton_attention": False, "async_outputs": False},
+}
+
+
 def build(shape: str, root: str, tokenizer_dir: str) -> str:
     """A random-weight HF checkpoint of `shape` under root (made once), with the tokenizer."""
     import transformers
@@ -80,9 +91,11 @@ def main() -> None:
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "shoal-gpu-bench"))
     ap.add_argument("--tokenizer-dir", default=None, help="default: the converted default model's")
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--modes", default="graphs", help="Shoal runs: graphs, eager or both (comma separated)")
+    ap.add_argument("--modes", default="graphs", help="Shoal runs, comma separated: " + ", ".join(MODES))
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="sample at this temperature on both sides (0 = greedy; OpenAI's default is 1)")
+    ap.add_argument("--phases", action="store_true",
+                    help="then time each step's parts (`step_phases.probe`) at all requests and at one")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     T = args.temperature
@@ -103,13 +116,15 @@ def main() -> None:
         path = build(shape, args.work, tokenizer_dir)
         prompts = make_prompts(args.requests, 64, 512, 2, 49152)
         warm = [[t ^ 1 for t in p] for p in prompts]  # same lengths, different tokens
-        for graphs in [m == "graphs" for m in args.modes.split(",")]:
+        for mode in args.modes.split(","):
+            if mode not in MODES:
+                raise SystemExit(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
             cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device,
                                max_num_seqs=args.requests, max_num_batched_tokens=args.max_batched_tokens,
                                kv_cache_memory=int(args.kv_cache_gb * 2**30) if cuda else 256 << 20,
-                               cuda_graphs=graphs)
+                               **MODES[mode])
             engine = LLMEngine(cfg, load_dir(path, dtype=dtype, device=args.device))
-            name = f"{shape} shoal" + ("" if graphs else " eager")
+            name = f"{shape} shoal" + ("" if mode == "graphs" else f" {mode}")
             run_shoal(engine, make_prompts(4, 16, 16, 9, 49152), 4, sync=sync)  # warm-up
             # a first pass over prompts of the same lengths (other tokens: no prefix-cache hits
             # in the measured pass) captures the graphs its buckets need; reported apart
@@ -119,6 +134,13 @@ def main() -> None:
             results[f"{name}, {args.requests} requests"]["first_pass_s"] = first["seconds"]
             run_shoal(engine, warm[:1], args.out, sync=sync, temperature=T)
             results[f"{name}, 1 request"] = run_shoal(engine, prompts[:1], args.out, sync=sync, temperature=T)
+            if args.phases:
+                from step_phases import probe
+
+                for k, ps in ((f"{name}, {args.requests} requests, phases", prompts),
+                              (f"{name}, 1 request, phases", prompts[:1])):
+                    results[k] = probe(engine, ps, args.out, sync)
+                    print(k, json.dumps(results[k]), flush=True)
             graphs_held = engine.runner.graphs
             results[f"{name}, 1 request"]["graphs"] = len(graphs_held.graphs) if graphs_held else 0
             for k in (f"{name}, {args.requests} requests", f"{name}, 1 request"):

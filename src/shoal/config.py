@@ -72,6 +72,15 @@ class EngineConfig:
     """On CUDA, run decode-only steps as captured graphs, one per (batch, context) bucket and
     with or without LoRA work, captured the first time each is needed; steps with a prefill
     chunk run eagerly. Off = eager kernels always."""
+    triton_attention: bool = True
+    """On CUDA (with Triton, which PyTorch's CUDA builds ship), attention by Triton kernels that
+    read the paged KV cache in place: all decode rows of a step in one launch a layer, all
+    prefill chunks in another (`shoal.engine.triton_attention`). Off = gathers + SDPA."""
+    async_outputs: bool | None = None
+    """Build a step's outputs (deltas, detokenized text already in hand) during the next step's
+    device work: `LLMEngine.step` then returns the previous step's outputs, one step later. None
+    = on for CUDA (the host would otherwise wait on the GPU and the GPU on the host), off on the
+    CPU (nothing to overlap: the forward runs on the same cores)."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; None = leave torch's setting."""
     kv_cache_dtype: str = "auto"

@@ -30,3 +30,9 @@ def tiny_llama(tmp_path_factory, tiny_tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory, tiny_tokenizer_dir):
     return _tiny(tmp_path_factory, tiny_tokenizer_dir, "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory, tiny_tokenizer_dir):
+    """Mistral: a sliding window of 8 positions."""
+    return _tiny(tmp_path_factory, tiny_tokenizer_dir, "mistral")

@@ -143,18 +143,26 @@ def test_sdpa_backends_limit_cuda_steps_to_the_efficient_kernel():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graphs_give_the_reference_tokens(tiny_tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("graphs,triton", [(True, True), (False, True), (True, False), (False, False)])
+def test_cuda_graphs_give_the_reference_tokens(tiny_tokenizer_dir, tmp_path, graphs, triton):
     """On a GPU, fp32: captured graphs (13 rows, padded to 16) give the reference loop's
-    tokens, as the eager kernels do. (The same check as a probe on an H200, with a tiny random
-    model of the SmolLM2 vocabulary: 13/13 in fp32 and bf16, graphs on and off.)"""
+    tokens, as the eager kernels do; with the Triton attention kernels (the default) and the
+    gather path; also with chunked prefill and preemption (a 16-block cache). (The same check as
+    a probe on an H200, with a tiny random model of the SmolLM2 vocabulary: 13/13 in fp32 and
+    bf16, graphs on and off.)"""
+    from shoal.engine.triton_attention import available
+
     torch.manual_seed(0)
     save_tiny_hf_dir(hf_tiny_config("llama", max_position_embeddings=512), tmp_path / "m", tiny_tokenizer_dir)
     ps = prompts(13, seed=5)
-    for graphs in (True, False):
-        loaded = load_dir(str(tmp_path / "m"), dtype="float32", device="cuda")
-        llm = make_llm(loaded, device="cuda", cuda_graphs=graphs)
+    loaded = load_dir(str(tmp_path / "m"), dtype="float32", device="cuda")
+    want = [ref(loaded.model, p) for p in ps]
+    for kw in ({}, {"num_kv_blocks": 16, "max_num_batched_tokens": 24}):
+        llm = make_llm(loaded, device="cuda", cuda_graphs=graphs, triton_attention=triton, **kw)
         assert (llm.engine.runner.graphs is not None) == graphs
+        assert llm.engine.runner.triton_attention == (triton and available())
+        assert llm.engine.async_outputs  # the CUDA default
         outs = llm.generate(ps, GREEDY)
-        assert [o.outputs[0].token_ids for o in outs] == [ref(loaded.model, p) for p in ps]
+        assert [o.outputs[0].token_ids for o in outs] == want
         if graphs:
             assert llm.engine.runner.graphs.graphs  # captured

@@ -33,6 +33,7 @@ import bisect
 import torch
 
 from .paged_attention import DecodeBucket, PagedAttention, PagedKVCache
+from .triton_attention import TritonAttention
 
 BATCH_GRID = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
@@ -55,7 +56,8 @@ class DecodeGraphs:
     """Runs decode-only steps through captured graphs (or the same function eagerly)."""
 
     def __init__(self, model, cache: PagedKVCache, num_heads: int, num_kv_heads: int,
-                 window: int | None, capture: bool, max_rows: int, lora_mapping=None) -> None:
+                 window: int | None, capture: bool, max_rows: int, lora_mapping=None,
+                 triton_attention: bool = False) -> None:
         self.model, self.cache = model, cache
         self.num_heads, self.num_kv_heads, self.window = num_heads, num_kv_heads, window
         self.capture = capture
@@ -63,6 +65,7 @@ class DecodeGraphs:
         self.device = cache.k.device
         self.max_rows = batch_bucket(max_rows)
         self.mapping = lora_mapping  # the LoRA layers' mapping (`shoal.lora.layers`), or None
+        self.triton_attention = triton_attention  # attention by `TritonAttention` (block tables in place)
         # (rows, context slots, with LoRA) -> (graph or None, its input buffer)
         self.graphs: dict[tuple[int, int, bool], tuple[object, torch.Tensor]] = {}
         self.pool = None  # the graphs' shared memory pool (CUDA)
@@ -121,6 +124,10 @@ class DecodeGraphs:
         slot = tables.gather(1, (p // bs)[:, None]).squeeze(1) * bs + p % bs  # (Bp,) new K/V slot
         slot = torch.where(valid, slot, self.cache.scratch_slot)
         length = torch.where(valid, pos + 1, 1)  # (Bp,) context length
+        if self.triton_attention:  # the kernel reads each row's blocks in place, up to its length
+            ctx = TritonAttention(self.cache, slot, self.num_heads, self.num_kv_heads, self.window,
+                                  decode=(tables, length))
+            return self.model.compute_logits(self.model(ids, p, ctx))  # (Bp, V) fp32
         k = torch.arange(sb, device=inputs.device)
         allowed = k[None, :] < length[:, None]  # (Bp, Sb)
         if self.window is not None:

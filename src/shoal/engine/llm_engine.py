@@ -122,6 +122,7 @@ class LLMEngine:
             set_batch_invariant(self.model)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, lora=self.lora,
                                   kv_dtype=kv_dtype, cuda_graphs=config.cuda_graphs,
+                                  triton_attention=config.triton_attention,
                                   max_num_seqs=config.max_num_seqs)
         self.runner.decode_chunks = exact  # (a preempted sequence's generated tokens: decode rows)
         eos = self.tokenizer.stop_token_ids
@@ -129,6 +130,8 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer, eos, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._seq_req: dict[int, Request] = {}
+        self.async_outputs = config.async_outputs if config.async_outputs is not None else p.device.type == "cuda"
+        self._deferred: list[Request] = []  # requests the last step touched (async_outputs)
         self._ids = itertools.count()
         release_free_heap()  # what loading, fusing and packing freed
         self._last_trim = time.monotonic()
@@ -203,19 +206,30 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule -> run -> postprocess."""
+        """One iteration: schedule -> run -> sample and check stops -> outputs. With
+        `async_outputs` the outputs returned are the previous step's, built while the device runs
+        this step's forward (launched, not yet waited on)."""
         sched = self.scheduler.schedule()
         if not sched.scheduled:
-            return []
+            return self._outputs(self._take_deferred())
         result = self.runner.run(sched.scheduled, sched.copies)
-        outputs = self._postprocess(sched, result)
+        if self.async_outputs:
+            outputs = self._outputs(self._take_deferred())  # overlaps the device's work
+            self._deferred = self._postprocess(sched, result)  # (the sampler waits for the logits)
+        else:
+            outputs = self._outputs(self._postprocess(sched, result))
         now = time.monotonic()
         if now - self._last_trim >= HEAP_TRIM_INTERVAL_S:  # see HEAP_TRIM_INTERVAL_S
             release_free_heap()
             self._last_trim = now
         return outputs
 
-    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+    def _take_deferred(self) -> list[Request]:
+        reqs, self._deferred = self._deferred, []
+        return reqs
+
+    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[Request]:
+        """Account the step's tokens, sample, append and check stops; the requests it touched."""
         touched: dict[str, Request] = {}
         for seq, n in sched.scheduled:
             seq.num_computed_tokens += n
@@ -258,8 +272,15 @@ class LLMEngine:
                 logits = logits[torch.tensor(rows, device=logits.device)]
             for seq, res in zip(seqs, self.sampler(logits, seqs)):
                 self._append(seq, res)
+        return list(touched.values())
+
+    def _outputs(self, touched: list[Request]) -> list[RequestOutput]:
+        """The outputs of the requests a step touched; a finished request is dropped after its
+        last one. Requests aborted since that step report nothing."""
         outs = []
-        for req in touched.values():
+        for req in touched:
+            if self.requests.get(req.request_id) is not req:
+                continue  # aborted meanwhile (async_outputs)
             out = self.outputs.request_output(req)  # (None: not done, best_of ranks at the end)
             if out is not None:
                 outs.append(out)

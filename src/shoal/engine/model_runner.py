@@ -24,6 +24,8 @@ from .cpu_decode import CPUDecodeForward
 from .decode_graphs import DecodeGraphs
 from .paged_attention import DecodeRows, PagedAttention, PagedKVCache, SeqAttention, build_decode_buckets
 from .sequence import Sequence
+from .triton_attention import TritonAttention
+from .triton_attention import available as triton_available
 
 
 @dataclass
@@ -38,7 +40,7 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, lora=None,
                  kv_dtype: torch.dtype | None = None, cuda_graphs: bool = False,
-                 max_num_seqs: int = 256) -> None:
+                 max_num_seqs: int = 256, triton_attention: bool = True) -> None:
         self.model = model
         c = model.config
         p = next(model.parameters())
@@ -59,6 +61,11 @@ class ModelRunner:
         # the same bits as one a step, since a layer writes every row's key before any attends
         self.decode_chunks = False
         self._cpu_decode: CPUDecodeForward | None = None
+        # Triton kernels reading the paged cache in place (`triton_attention`): on CUDA when
+        # Triton is there (the engine's `triton_attention` setting); the tests set it on the
+        # CPU under Triton's interpreter
+        self.triton_attention = (triton_attention and self.device.type == "cuda" and triton_available()
+                                 and self.cache.k.dtype != torch.int8)
         if cuda_graphs and self.device.type == "cuda":
             self.use_decode_graphs(capture=True)
 
@@ -67,7 +74,8 @@ class ModelRunner:
         function, eagerly; any device)."""
         self.graphs = DecodeGraphs(self.model, self.cache, self.num_heads, self.num_kv_heads,
                                    self.window, capture, self.max_num_seqs,
-                                   self.lora.mapping if self.lora is not None else None)
+                                   self.lora.mapping if self.lora is not None else None,
+                                   triton_attention=self.triton_attention)
 
     def _cpu_forward(self, input_ids: torch.Tensor) -> CPUDecodeForward | None:
         """The flat forward for all-decode CPU steps (`cpu_decode`), made on first use; None when
@@ -91,6 +99,13 @@ class ModelRunner:
         nblocks = -(-ctx_len // self.block_size)
         blocks = torch.tensor(seq.block_table[:nblocks])
         return (blocks[:, None] * self.block_size + self._block_offsets).flatten()[:ctx_len]
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        """(end - start,) cache slots of positions start..end-1, on the CPU."""
+        b0 = start // self.block_size
+        blocks = torch.tensor(seq.block_table[b0:-(-end // self.block_size)])
+        slots = (blocks[:, None] * self.block_size + self._block_offsets).flatten()
+        return slots[start - b0 * self.block_size:end - b0 * self.block_size]
 
     def _run_graphed(self, scheduled: list[tuple[Sequence, int]]) -> StepResult | None:
         """A decode-only step through the graphs; None when the step has a prefill chunk."""
@@ -154,10 +169,13 @@ class ModelRunner:
         prompt_rows: list[tuple[Sequence, int, int, int]] = []  # seq, first row, count, first pos
         adapters: list[tuple[str | None, int]] = []  # (adapter, number of tokens)
         decode_items: list[tuple[int, torch.Tensor]] = []
-        # CPU kernel: the decode rows' slots for all rows at once (`DecodeRows.from_tables`)
-        by_table = n_decode > 0 and self._decode_kernel()
+        # CPU kernel: the decode rows' slots for all rows at once (`DecodeRows.from_tables`);
+        # Triton: decode rows by block table and length, prefill chunks likewise (`tri_chunks`)
+        tri = self.triton_attention
+        by_table = n_decode > 0 and (tri or self._decode_kernel())
         tables: list[list[int]] = []
         lengths: list[int] = []
+        tri_chunks: list[tuple[list[int], int, int, int]] = []  # (block table, first row, rows, context)
         for seq, n in scheduled:
             start = seq.num_computed_tokens
             end = start + n
@@ -168,6 +186,9 @@ class ModelRunner:
             if by_table and decode:  # (decode rows come first: their new slots below)
                 tables += [seq.block_table] * n
                 lengths += range(start + 1, end + 1)
+            elif tri:  # a prefill chunk for the Triton kernel: its new slots, no context slots
+                slot_chunks.append(self._slots(seq, start, end))
+                tri_chunks.append((seq.block_table, q_start, n, end))
             else:
                 ctx = self._ctx_slots(seq, end)  # (end,)
                 slot_chunks.append(ctx[start:end])
@@ -190,15 +211,24 @@ class ModelRunner:
             for s in seq_attn:
                 s.ctx_slots = s.ctx_slots.to(self.device)
         buckets, decode_rows = [], None
-        if by_table:  # CPU: one kernel call a layer, in place
+        if tri:  # Triton: each decode row's new token goes to the slot of its last position
+            bs = self.block_size
+            last = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lengths)]
+            slot_chunks.insert(0, torch.tensor(last, dtype=torch.long))
+        elif by_table:  # CPU: one kernel call a layer, in place
             decode_rows = DecodeRows.from_tables(list(range(n_decode)), tables, lengths, self.block_size,
                                                  self.cache.k.shape[2])
             slot_chunks.insert(0, decode_rows.last)  # each decode row's new token goes to its last slot
         else:  # on a GPU all decode rows form one bucket (its kernels do not promise row invariance)
             buckets = build_decode_buckets(decode_items, self.window, self.device,
                                            single=self.device.type == "cuda")
-        ctx = PagedAttention(self.cache, torch.cat(slot_chunks).to(self.device), seq_attn,
-                             self.num_heads, self.num_kv_heads, buckets, self.window, decode_rows)
+        slot_mapping = torch.cat(slot_chunks).to(self.device)  # (N,)
+        if tri:
+            ctx = TritonAttention.build(self.cache, slot_mapping, self.num_heads, self.num_kv_heads, self.window,
+                                        tables, lengths, tri_chunks)
+        else:
+            ctx = PagedAttention(self.cache, slot_mapping, seq_attn, self.num_heads, self.num_kv_heads, buckets,
+                                 self.window, decode_rows)
         if self.lora is not None:
             self._set_lora_mapping(adapters, lora_slots)
         forward = self.model

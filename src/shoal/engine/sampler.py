@@ -180,14 +180,21 @@ class Sampler:
         # changes, so a row's logprob would depend on the batch: measured); on a GPU (whose model
         # math is not row-invariant anyway) in one call: per row it cost 2 launches, 512 for
         # 256 rows, ~40% of a decode step's host time (H200, measured)
+        # `top_lp` (B,): each row's raw argmax logprob, max - logsumexp (a row that keeps its
+        # argmax needs no gather below); on a GPU ids and logprobs come back in one copy
         if fast:
-            tokens, _, lse = kernels.row_stats(raw)
+            tokens, mx, lse = kernels.row_stats(raw)
+            toks, top_lp = tokens.tolist(), (mx - lse).tolist()
         elif dev.type == "cpu":
-            tokens = raw.argmax(dim=-1)
+            mx, tokens = raw.max(dim=-1)
             lse = torch.stack([torch.logsumexp(raw[i], dim=-1) for i in range(B)])  # (B,)
+            toks, top_lp = tokens.tolist(), (mx - lse).tolist()
         else:
-            tokens, lse = raw.argmax(dim=-1), torch.logsumexp(raw, dim=-1)
-        toks = tokens.tolist()
+            mx, tokens = raw.max(dim=-1)
+            lse = torch.logsumexp(raw, dim=-1)
+            both = torch.stack((tokens.double(), (mx - lse).double())).tolist()  # (2, B): ids exact below 2**53
+            toks, top_lp = [int(t) for t in both[0]], both[1]
+        argmax = list(toks)
 
         # 2) rows whose logits the penalties or bias change get a fp32 copy `le` (E, V) with the
         # edits. Masks alone (min_tokens, ignore_eos: a few ids) copy nothing: a greedy row keeps
@@ -239,9 +246,17 @@ class Sampler:
             for i, t in zip(rows, picked):
                 toks[i] = t
 
-        # 4) raw logprobs: logits[tok] - logsumexp
-        tokens = torch.tensor(toks, device=dev)
-        chosen = raw.gather(1, tokens[:, None]).squeeze(1).float() - lse  # (B,)
+        # 4) raw logprobs: logits[tok] - logsumexp (gathered for the rows whose token is not
+        # their argmax: edited or drawn)
+        chosen = top_lp
+        moved = [i for i in range(B) if toks[i] != argmax[i]]
+        if moved:
+            rows_t = torch.tensor(moved, device=dev)
+            tok_t = torch.tensor([toks[i] for i in moved], device=dev)
+            got = (raw[rows_t, tok_t].float() - lse[rows_t]).tolist()  # (M,)
+            chosen = list(top_lp)
+            for i, v in zip(moved, got):
+                chosen[i] = v
         ks = [s.params.logprobs for s in seqs]
         k_max = min(max((k for k in ks if k is not None), default=0), V)
         top_vals = top_ids = None
@@ -253,7 +268,7 @@ class Sampler:
             top_vals, top_ids = dict(zip(want, v.tolist())), dict(zip(want, ix.tolist()))
 
         out = []
-        for i, (tok, lp, k) in enumerate(zip(toks, chosen.tolist(), ks)):
+        for i, (tok, lp, k) in enumerate(zip(toks, chosen, ks)):
             top = None if k is None else (
                 dict(zip(top_ids[i][:k], top_vals[i][:k])) if k else {})
             out.append(SampleResult(tok, lp, top))
