@@ -80,3 +80,15 @@ def test_serve_names_a_bad_lora_dtype(home, capsys, monkeypatch):
     monkeypatch.setenv("SHOAL_LORA_DTYPE", "fp8")  # the variable reaches the engine's config
     assert main(["serve", "--model", "no-such-model"]) == 2
     assert "lora_dtype: must be auto or int8" in capsys.readouterr().err
+
+
+def test_serve_freezes_start_up_objects_out_of_the_collectors_scans():
+    import gc
+
+    from shoal.cli.serve import freeze_startup_objects
+
+    try:
+        frozen = freeze_startup_objects()
+        assert frozen == gc.get_freeze_count() > 1000  # (this process: pytest, torch, transformers)
+    finally:
+        gc.unfreeze()

@@ -145,3 +145,36 @@ def test_tiny_token_bytes_cover_every_byte(tiny_tokenizer_dir):
     tok = Tokenizer.from_dir(tiny_tokenizer_dir)
     singles = {tok.token_bytes(i) for i in range(tok.vocab_size) if len(tok.token_bytes(i)) == 1}
     assert singles == {bytes([b]) for b in range(256)}
+
+
+def _windowed(tok: Tokenizer) -> Tokenizer:
+    """The same tokenizer with the byte fast path off (the windowed decode path)."""
+    slow = Tokenizer(tok.hf)
+    slow.bytes_exact = False
+    return slow
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("skip", [False, True])
+def test_byte_fast_path_equals_windowed_decode(real_tok, skip):
+    """Random ids (split and invalid UTF-8, special tokens): the fast path's text equals the
+    full decode after every id (up to a trailing incomplete char, and an invalid byte it emits
+    as U+FFFD as soon as it is known invalid), and after flush exactly."""
+    import random
+
+    assert real_tok.bytes_exact and real_tok.eos_token_id in real_tok.special_ids
+    slow_tok = _windowed(real_tok)
+    rng = random.Random(7)
+    vocab = real_tok.vocab_size
+    for _ in range(300):
+        ids = [rng.randrange(vocab) if rng.random() < 0.9 else rng.randrange(17) for _ in range(rng.randint(1, 20))]
+        fast, slow = IncrementalDetokenizer(real_tok, skip), IncrementalDetokenizer(slow_tok, skip)
+        assert fast._utf8 is not None and slow._utf8 is None
+        for i, t in enumerate(ids):
+            fast.push(t)
+            slow.push(t)
+            want = real_tok.decode(ids[:i + 1], skip_special_tokens=skip)
+            assert want.startswith(fast.text) and not want[len(fast.text):].strip(REPLACEMENT)  # held: one open char
+        fast.flush()
+        slow.flush()
+        assert fast.text == slow.text == real_tok.decode(ids, skip_special_tokens=skip)

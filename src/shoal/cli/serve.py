@@ -62,6 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"shoal: {args.model} ready in {time.perf_counter() - t0:.1f}s; {mode}; "
           f"{len(workers)} fine-tuning worker(s); OpenAI API at "
           f"http://{settings.host}:{settings.port}/v1", file=sys.stderr)
+    freeze_startup_objects()
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     finally:
@@ -71,6 +72,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             w.wait(timeout=10)
         engine.shutdown()
     return 0
+
+
+def freeze_startup_objects() -> int:
+    """Move everything alive after start-up (the model's modules, the tokenizer, imported
+    modules: ~450k objects with SmolLM2-135M) out of the garbage collector's scans; returns how
+    many. A full collection over them took ~140 ms (measured, 2-core Xeon), and it stalls the
+    engine loop, every stream with it, whenever enough new objects have piled up; the objects
+    made while serving are collected as before."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def start_workers(settings, args) -> list:
