@@ -8,8 +8,8 @@ Then, in one process, per shape:
           engine: output tok/s, TTFT and inter-token p50/p99;
   single  one request alone: inter-token p50/p99 (issue 3's batch-1 target is <= 2 ms/token);
   modes   with --modes graphs,eager,gather: both again with CUDA graphs off (`cuda_graphs`), or
-          with the gather path's attention and outputs built in the step (`triton_attention`,
-          `async_outputs` off: the engine before they came);
+          with gathers + SDPA and PyTorch's elementwise ops, outputs built in the step
+          (`triton_kernels`, `async_outputs` off: the engine before they came);
   hf      HF `generate` on the same prompts, static batches of `--hf-batch` (default 256, left
           padded), greedy, the same dtype and device.
 Prints a table and one JSON line. Usage (GPU machine, both shapes):
@@ -54,7 +54,7 @@ MODES = {
     "graphs": {},  # the defaults: CUDA graphs for decode, Triton attention, async outputs
     "eager": {"cuda_graphs": False},
     # the engine before Triton attention and async outputs (gathers + SDPA, outputs in the step)
-    "gather": {"triton_attention": False, "async_outputs": False},
+    "gather": {"triton_kernels": False, "async_outputs": False},
 }
 
 

@@ -72,10 +72,12 @@ class EngineConfig:
     """On CUDA, run decode-only steps as captured graphs, one per (batch, context) bucket and
     with or without LoRA work, captured the first time each is needed; steps with a prefill
     chunk run eagerly. Off = eager kernels always."""
-    triton_attention: bool = True
-    """On CUDA (with Triton, which PyTorch's CUDA builds ship), attention by Triton kernels that
-    read the paged KV cache in place: all decode rows of a step in one launch a layer, all
-    prefill chunks in another (`shoal.engine.triton_attention`). Off = gathers + SDPA."""
+    triton_kernels: bool = True
+    """On CUDA (with Triton, which PyTorch's CUDA builds ship): attention by Triton kernels that
+    read the paged KV cache in place, all decode rows of a step in one launch a layer and all
+    prefill chunks in another (`shoal.engine.triton_attention`), and one fused kernel each for
+    RMSNorm (+ residual), RoPE and SiLU-and-multiply (`shoal.model.layers.gpu_ops`). Off =
+    gathers + SDPA and PyTorch ops."""
     async_outputs: bool | None = None
     """Build a step's outputs (deltas, detokenized text already in hand) during the next step's
     device work: `LLMEngine.step` then returns the previous step's outputs, one step later. None

@@ -158,7 +158,7 @@ def test_cuda_graphs_give_the_reference_tokens(tiny_tokenizer_dir, tmp_path, gra
     loaded = load_dir(str(tmp_path / "m"), dtype="float32", device="cuda")
     want = [ref(loaded.model, p) for p in ps]
     for kw in ({}, {"num_kv_blocks": 16, "max_num_batched_tokens": 24}):
-        llm = make_llm(loaded, device="cuda", cuda_graphs=graphs, triton_attention=triton, **kw)
+        llm = make_llm(loaded, device="cuda", cuda_graphs=graphs, triton_kernels=triton, **kw)
         assert (llm.engine.runner.graphs is not None) == graphs
         assert llm.engine.runner.triton_attention == (triton and available())
         assert llm.engine.async_outputs  # the CUDA default

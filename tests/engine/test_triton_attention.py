@@ -12,7 +12,7 @@ from shoal.engine.triton_attention import TritonAttention, pad_tables
 from tests.engine.test_llm_engine import GREEDY, make_llm, prompts, ref
 from tests.kernels.triton_interp import interpreted
 
-kern = interpreted("shoal.kernels.triton_decode", "shoal.kernels.triton_prefill")
+kern = interpreted("shoal.kernels.triton_decode", "shoal.kernels.triton_prefill", "shoal.kernels.triton_elementwise")
 
 
 def triton_llm(loaded, graphs: bool = False, **kw):
@@ -64,3 +64,52 @@ def test_prefix_cache_hit_and_sliding_window(kern, tiny_llama, tiny_mistral):
 def test_pad_tables():
     t = pad_tables([[3, 1], [], [7, 8, 9]], "cpu")
     assert t.tolist() == [[3, 1, 0], [0, 0, 0], [7, 8, 9]] and str(t.dtype) == "torch.int32"
+
+
+def test_fused_elementwise_kernels_in_the_engine(kern, tiny_llama, tiny_mistral, monkeypatch):
+    """`gpu_ops` (RMSNorm + residual, RoPE, SiLU-and-multiply as Triton kernels) with the
+    Triton attention, the CPU kernels off: the reference tokens (computed before, with PyTorch
+    ops); with `triton_kernels` off the engine's modules skip them."""
+    from shoal import kernels
+    from shoal.model import layers
+
+    ps = prompts(4, seed=44, lo=5, hi=30)
+    models = (tiny_llama, tiny_mistral)
+    want = [[ref(m.model, p) for p in ps] for m in models]
+    calls = []
+    for name in ("rms_norm", "rope_", "silu_mul"):
+        f = getattr(layers._triton_elementwise(), name)
+        monkeypatch.setattr(layers._triton_elementwise(), name,
+                            lambda *a, _f=f, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    monkeypatch.setattr(layers, "TRITON_ON_CPU", True)
+    with kernels.disabled():
+        for m, w in zip(models, want):
+            outs = triton_llm(m, graphs=True, max_num_batched_tokens=16).generate(ps, GREEDY)
+            assert [o.outputs[0].token_ids for o in outs] == w
+        assert {"rms_norm", "rope_", "silu_mul"} <= set(calls)
+        calls.clear()
+        llm = triton_llm(tiny_llama, triton_kernels=False)
+        llm.engine.runner.triton_attention = False
+        assert [o.outputs[0].token_ids for o in llm.generate(ps, GREEDY)] == want[0]
+        assert not calls
+    layers.set_triton_ops(tiny_llama.model, True)  # (the shared fixture model, as found)
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_mistral"])
+def test_fused_elementwise_kernels_keep_the_models_hidden_states(kern, family, request, monkeypatch):
+    """The forward with `gpu_ops` equals the PyTorch ops' to fp32 rounding (tokens alone would
+    miss a wrong rotation: a tiny random model's greedy picks rarely depend on it)."""
+    import torch
+
+    from shoal import kernels
+    from shoal.model import layers
+    from shoal.model.fused import fuse_projections
+
+    model = request.getfixturevalue(family).model
+    fuse_projections(model)  # (as the engine runs it: q|k|v and gate|up fused, RoPE in place)
+    ids = torch.tensor([prompts(1, seed=45, lo=40, hi=40)[0]])
+    with kernels.disabled(), torch.no_grad():
+        want = model(ids)
+        monkeypatch.setattr(layers, "TRITON_ON_CPU", True)
+        got = model(ids)
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()

@@ -19,7 +19,7 @@ from .. import kernels
 from ..config import EngineConfig
 from ..model.fused import fuse_projections, fused_part_ids
 from ..model.loader import LoadedModel, resolve_dtype
-from ..model.layers import linear
+from ..model.layers import linear, set_triton_ops
 from ..model.packed import native_bf16_cpu, pack_linears
 from ..model.row_classes import INVARIANT_ROWS, PREFILL_ROWS, amx_class_consistent
 from .block_manager import BlockManager
@@ -120,9 +120,10 @@ class LLMEngine:
             self.lora.mapping.grouped = True  # packed batches: one tiled product per layer
         if config.batch_invariant:
             set_batch_invariant(self.model)
+        set_triton_ops(self.model, config.triton_kernels)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, lora=self.lora,
                                   kv_dtype=kv_dtype, cuda_graphs=config.cuda_graphs,
-                                  triton_attention=config.triton_attention,
+                                  triton_attention=config.triton_kernels,
                                   max_num_seqs=config.max_num_seqs)
         self.runner.decode_chunks = exact  # (a preempted sequence's generated tokens: decode rows)
         eos = self.tokenizer.stop_token_ids

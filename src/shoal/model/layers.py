@@ -9,6 +9,7 @@ the reference path, `(N,)` packed tokens for the engine.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,6 +21,36 @@ from . import row_classes
 from .config import ModelConfig
 from .packed import PackedWeight
 from .row_classes import INVARIANT_ROWS  # noqa: F401  (re-exported: the engine and tests use it)
+
+
+TRITON_ON_CPU = False  # tests: take the Triton paths on CPU tensors (under Triton's interpreter)
+
+
+@functools.cache
+def _triton_elementwise():
+    """`shoal.kernels.triton_elementwise`, or None without Triton (CPU installs)."""
+    try:
+        from ..kernels import triton_elementwise
+    except ImportError:
+        return None
+    return triton_elementwise
+
+
+def gpu_ops(module: nn.Module, x: torch.Tensor):
+    """The fused Triton kernels for `module`'s elementwise steps on x, or None: on CUDA, when
+    Triton is there and the module's `triton_ops` is on (the engine's `triton_kernels`). One
+    kernel each for RMSNorm (with the residual add), RoPE on q and k, SiLU-and-multiply: a
+    one-token decode layer ran ~30 kernels, ~12 with these."""
+    if not (module.triton_ops and (x.is_cuda or TRITON_ON_CPU)):
+        return None
+    return _triton_elementwise()
+
+
+def set_triton_ops(model: nn.Module, on: bool) -> None:
+    """Turn `gpu_ops` on or off for every module of the model that has them."""
+    for m in model.modules():
+        if hasattr(type(m), "triton_ops"):
+            m.triton_ops = on
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -107,6 +138,8 @@ def head_logits(head: nn.Module, x: torch.Tensor, fp32: bool = True) -> torch.Te
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, computed in fp32 like the reference implementations."""
 
+    triton_ops: bool = True  # `gpu_ops`
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -115,6 +148,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype and kernels.usable(x, self.weight):
             return kernels.rms_norm(x, self.weight, self.eps)[0]  # the same steps, one call
+        if x.dtype == self.weight.dtype and (tk := gpu_ops(self, x)) is not None:
+            return tk.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps)[0].view(x.shape)
         # normalize in fp32, round to the input dtype, then scale (HF's order, one fused op)
         y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
         return self.weight * y.to(x.dtype)
@@ -124,6 +159,10 @@ class RMSNorm(nn.Module):
         on CPU (the sum rounded to x's dtype first, as `residual + x` is)."""
         if x.dtype == residual.dtype == self.weight.dtype and kernels.usable(x, residual, self.weight):
             return kernels.rms_norm(x, self.weight, self.eps, residual)
+        if x.dtype == residual.dtype == self.weight.dtype and (tk := gpu_ops(self, x)) is not None:
+            k = x.shape[-1]
+            y, h = tk.rms_norm(x.reshape(-1, k), self.weight, self.eps, residual.reshape(-1, k))
+            return y.view(x.shape), h.view(x.shape)
         h = residual + x
         return self(h), h
 
@@ -200,6 +239,8 @@ class LlamaAttention(nn.Module):
     """q/k/v/o projections + RoPE; the attention math is done by `ctx.attend`. With `fused_qkv`
     set (`shoal.model.fused`), q/k/v come from one product and RoPE runs once over q and k."""
 
+    triton_ops: bool = True  # `gpu_ops`
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         h, d = config.hidden_size, config.head_dim
@@ -225,6 +266,9 @@ class LlamaAttention(nn.Module):
             if y.is_contiguous() and cos.dtype == y.dtype and kernels.usable(y, cos, sin):
                 rows = y.view(-1, y.shape[-1])[:, :(h + hkv) * d].view(-1, h + hkv, d)
                 kernels.rope_(rows, cos, sin)  # in place in y (so in qk): apply_rope's bits
+            elif y.is_contiguous() and cos.dtype == y.dtype and (tk := gpu_ops(self, y)) is not None:
+                rows = y.view(-1, y.shape[-1])[:, :(h + hkv) * d].view(-1, h + hkv, d)
+                tk.rope_(rows, cos.reshape(-1, d), sin.reshape(-1, d))  # in place, one kernel
             else:
                 qk = apply_rope(qk, cos, sin)
             v = y[..., (h + hkv) * d:].view(*lead, hkv, d)
@@ -260,6 +304,8 @@ class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); with `fused_gate_up` set (`shoal.model.fused`), gate and up
     come from one product."""
 
+    triton_ops: bool = True  # `gpu_ops`
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         h, i, b = config.hidden_size, config.intermediate_size, config.mlp_bias
@@ -279,6 +325,8 @@ class SwiGLU(nn.Module):
             i = self.gate_proj.out_features
             if kernels.usable(y):
                 return self.down_proj(kernels.silu_mul(y))  # (..., I), one call
+            if y.is_contiguous() and (tk := gpu_ops(self, y)) is not None:
+                return self.down_proj(tk.silu_mul(y.view(-1, 2 * i)).view(*y.shape[:-1], i))
             return self.down_proj(F.silu(y[..., :i]) * y[..., i:])
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
