@@ -76,10 +76,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def freeze_startup_objects() -> int:
     """Move everything alive after start-up (the model's modules, the tokenizer, imported
-    modules: ~450k objects with SmolLM2-135M) out of the garbage collector's scans; returns how
-    many. A full collection over them took ~140 ms (measured, 2-core Xeon), and it stalls the
-    engine loop, every stream with it, whenever enough new objects have piled up; the objects
-    made while serving are collected as before."""
+    modules: ~450k tracked objects in a process holding an engine and transformers) out of the
+    garbage collector's scans; returns how many. A full collection over them took ~140 ms
+    (measured, 2-core Xeon), and it stalls the engine loop, every stream with it, whenever enough
+    new objects have piled up; the objects made while serving are collected as before."""
     import gc
 
     gc.collect()

@@ -12,8 +12,10 @@ one int64 buffer, refreshed by one host-to-device copy per step:
     [ token ids (Bp) | positions (Bp) | LoRA slots (Bp), with adapters | block tables (Bp, Sb / bs) ]
 
 Everything else is computed inside the graph from it: each new token's cache slot (from its
-block table), the context slots, and the additive mask (keys at positions < length, and within
-the sliding window). Padding rows carry position -1: they write their key/value to the cache's
+block table) and each row's context length; with Triton (the CUDA default) the attention kernel
+reads each row's blocks in place up to its length (`TritonAttention`: Sb only sizes the tables),
+else the context slots and the additive mask (keys at positions < length, and within the sliding
+window) for a gather + SDPA. Padding rows carry position -1: they write their key/value to the cache's
 scratch slot (`PagedKVCache.scratch_slot`, never handed to a sequence) and attend over one key.
 Graphs are captured lazily, the first time a bucket is needed, into one shared memory pool, and
 all write their logits into one (max rows, V) buffer: a graph keeps no memory of its own beyond

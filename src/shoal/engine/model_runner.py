@@ -6,7 +6,8 @@ slot index; then one forward runs every sequence (prefill chunks and decodes tog
 are computed only for rows that sample (a sequence whose chunk reaches its last token) and for
 prompt positions whose logprobs were asked for. The step's index tensors are built on the CPU
 and moved to the device in a few copies (on a GPU, one small copy per sequence cost more than
-the step's kernels). On CUDA, decode-only steps replay captured graphs (`decode_graphs`).
+the step's kernels). On CUDA, decode-only steps replay captured graphs (`decode_graphs`), and
+attention reads the cache in place through Triton kernels (`triton_attention`).
 No sampling or scheduling here.
 """
 
@@ -62,7 +63,7 @@ class ModelRunner:
         self.decode_chunks = False
         self._cpu_decode: CPUDecodeForward | None = None
         # Triton kernels reading the paged cache in place (`triton_attention`): on CUDA when
-        # Triton is there (the engine's `triton_attention` setting); the tests set it on the
+        # Triton is there (the engine's `triton_kernels` setting); the tests set it on the
         # CPU under Triton's interpreter
         self.triton_attention = (triton_attention and self.device.type == "cuda" and triton_available()
                                  and self.cache.k.dtype != torch.int8)
