@@ -354,3 +354,16 @@ def test_sample_rows_cuts_flat_rows_and_tiny_weights_as_the_sorted_filter(dtype)
         cdf = w.cumsum(0)
         want = int(torch.searchsorted(cdf, u[i] * cdf[-1], right=True))
         assert tok[i].item() == want, i
+
+
+def test_usable_looks_at_the_tensors_before_building_the_library(monkeypatch):
+    """A GPU engine asks `usable` about its (CUDA) tensors: the answer is no without building
+    the CPU kernels (a compiler run on a machine that may lack one)."""
+    import shoal.kernels.ops as ops
+
+    def no_build():
+        raise AssertionError("library() was called")
+
+    monkeypatch.setattr(ops, "library", no_build)
+    assert not ops.usable(torch.empty(2, 2, device="meta"))  # (meta: not a CPU tensor, like CUDA ones)
+    assert not ops.usable(torch.zeros(2, dtype=torch.int64))  # a dtype the kernels do not take

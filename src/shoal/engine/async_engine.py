@@ -41,8 +41,10 @@ class AsyncEngine:
         # loading and building the engine) would only count against the CPUs, and with more
         # workers than CPUs the loop thread's parallel regions stop spinning at their barriers
         # (measured, 2 threads on 2 cores: decode 0.70x as fast, `bench/engine_thread.py`;
-        # `kernels.release_omp_pool`)
-        kernels.release_omp_pool()
+        # `kernels.release_omp_pool`; a GPU engine's model work is not on the CPU: it keeps its
+        # pool, and never builds the CPU kernels)
+        if self.engine.runner.device.type == "cpu":
+            kernels.release_omp_pool()
 
     @property
     def tokenizer(self):

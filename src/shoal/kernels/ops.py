@@ -72,15 +72,15 @@ def _scales(kc: torch.Tensor, ks: torch.Tensor | None, vs: torch.Tensor | None) 
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    if not _enabled or library() is None:
+    if not _enabled:
         return False
+    for t in tensors:  # (is_cpu: cheaper than building t.device; this runs ~6 times a layer)
+        if not t.is_cpu or t.dtype not in _DT:
+            return False  # (before `library()`: a GPU engine never builds the CPU kernels)
     if torch.is_grad_enabled():
         if any(t.requires_grad for t in tensors):
             return False
-    for t in tensors:  # (is_cpu: cheaper than building t.device; this runs ~6 times a layer)
-        if not t.is_cpu or t.dtype not in _DT:
-            return False
-    return True
+    return library() is not None
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
