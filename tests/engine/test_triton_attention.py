@@ -9,6 +9,7 @@ import pytest
 
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.triton_attention import TritonAttention, pad_tables
+from tests.engine.test_engine_lora import setup  # noqa: F401  (module fixture)
 from tests.engine.test_llm_engine import GREEDY, make_llm, prompts, ref
 from tests.kernels.triton_interp import interpreted
 
@@ -113,3 +114,28 @@ def test_fused_elementwise_kernels_keep_the_models_hidden_states(kern, family, r
         monkeypatch.setattr(layers, "TRITON_ON_CPU", True)
         got = model(ids)
     assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_adapters_through_the_triton_path(kern, setup, monkeypatch):  # noqa: F811
+    """Base and five adapters mixed, through the Triton attention and fused kernels (mixed steps
+    and the decode graphs' function): per row the tokens of that adapter merged into the base."""
+    from shoal import kernels
+    from shoal.engine.sampling_params import SamplingParams
+    from shoal.model import layers
+    from shoal.model.generate import generate
+    from tests.engine.test_engine_lora import engine as lora_engine
+
+    root, paths, merged = setup
+    llm = lora_engine(root, paths, max_loras=4, max_cpu_loras=5)
+    runner = llm.engine.runner
+    runner.triton_attention, runner.cpu_decode_forward = True, False
+    runner.use_decode_graphs(capture=False)
+    names = [None, "ad0", "ad1", "ad2", "ad3", "ad4"]
+    ps = prompts(len(names), seed=46)
+    stops = llm.engine.tokenizer.stop_token_ids
+    want = [generate(merged[n], p, 8, stop_token_ids=stops) for p, n in zip(ps, names)]
+    monkeypatch.setattr(layers, "TRITON_ON_CPU", True)
+    with kernels.disabled():
+        outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=8), adapter=names)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert any(lora for _, _, lora in runner.graphs.graphs)
