@@ -139,3 +139,24 @@ def test_adapters_through_the_triton_path(kern, setup, monkeypatch):  # noqa: F8
         outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=8), adapter=names)
     assert [o.outputs[0].token_ids for o in outs] == want
     assert any(lora for _, _, lora in runner.graphs.graphs)
+
+
+def test_shapes_past_the_kernels_limits_keep_the_pytorch_ops(kern, tiny_llama, monkeypatch):
+    """A hidden size past `rms_norm`'s limit takes PyTorch's ops (no error mid-forward); a head
+    size past the attention kernels' keeps the gather path."""
+    import torch
+
+    from shoal import kernels
+    from shoal.engine.triton_attention import supports
+    from shoal.model import layers
+
+    assert supports(64) and supports(256) and not supports(512)
+    tk = layers._triton_elementwise()
+    calls = []
+    monkeypatch.setattr(tk, "rms_norm", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(tk, "MAX_HIDDEN", 32)  # the tiny model's hidden size is 64
+    monkeypatch.setattr(layers, "TRITON_ON_CPU", True)
+    ids = torch.tensor([prompts(1, seed=47, lo=9, hi=9)[0]])
+    with kernels.disabled(), torch.no_grad():
+        out = tiny_llama.model(ids)
+    assert not calls and torch.isfinite(out).all()

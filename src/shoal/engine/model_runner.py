@@ -27,6 +27,7 @@ from .paged_attention import DecodeRows, PagedAttention, PagedKVCache, SeqAttent
 from .sequence import Sequence
 from .triton_attention import TritonAttention
 from .triton_attention import available as triton_available
+from .triton_attention import supports as triton_supports
 
 
 @dataclass
@@ -66,7 +67,7 @@ class ModelRunner:
         # Triton is there (the engine's `triton_kernels` setting); the tests set it on the
         # CPU under Triton's interpreter
         self.triton_attention = (triton_attention and self.device.type == "cuda" and triton_available()
-                                 and self.cache.k.dtype != torch.int8)
+                                 and self.cache.k.dtype != torch.int8 and triton_supports(c.head_dim))
         if cuda_graphs and self.device.type == "cuda":
             self.use_decode_graphs(capture=True)
 

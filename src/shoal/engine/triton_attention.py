@@ -33,6 +33,14 @@ def available() -> bool:
     return True
 
 
+MAX_HEAD_DIM = 256  # both kernels' limit (`triton_decode.MAX_HEAD_DIM`, `triton_prefill`'s check)
+
+
+def supports(head_dim: int) -> bool:
+    """Can the kernels take this head size? (Else the engine keeps the gather path.)"""
+    return 1 <= head_dim <= MAX_HEAD_DIM
+
+
 def pad_tables(tables: list[list[int]], device, width: int | None = None) -> torch.Tensor:
     """(R, width) int32 block tables, zero padded (a kernel never reads past a row's length)."""
     w = width or max((len(t) for t in tables), default=1) or 1

@@ -148,7 +148,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype and kernels.usable(x, self.weight):
             return kernels.rms_norm(x, self.weight, self.eps)[0]  # the same steps, one call
-        if x.dtype == self.weight.dtype and (tk := gpu_ops(self, x)) is not None:
+        if x.dtype == self.weight.dtype and (tk := gpu_ops(self, x)) is not None and x.shape[-1] <= tk.MAX_HIDDEN:
             return tk.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps)[0].view(x.shape)
         # normalize in fp32, round to the input dtype, then scale (HF's order, one fused op)
         y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
@@ -159,7 +159,8 @@ class RMSNorm(nn.Module):
         on CPU (the sum rounded to x's dtype first, as `residual + x` is)."""
         if x.dtype == residual.dtype == self.weight.dtype and kernels.usable(x, residual, self.weight):
             return kernels.rms_norm(x, self.weight, self.eps, residual)
-        if x.dtype == residual.dtype == self.weight.dtype and (tk := gpu_ops(self, x)) is not None:
+        if (x.dtype == residual.dtype == self.weight.dtype and (tk := gpu_ops(self, x)) is not None
+                and x.shape[-1] <= tk.MAX_HIDDEN):
             k = x.shape[-1]
             y, h = tk.rms_norm(x.reshape(-1, k), self.weight, self.eps, residual.reshape(-1, k))
             return y.view(x.shape), h.view(x.shape)
@@ -266,7 +267,8 @@ class LlamaAttention(nn.Module):
             if y.is_contiguous() and cos.dtype == y.dtype and kernels.usable(y, cos, sin):
                 rows = y.view(-1, y.shape[-1])[:, :(h + hkv) * d].view(-1, h + hkv, d)
                 kernels.rope_(rows, cos, sin)  # in place in y (so in qk): apply_rope's bits
-            elif y.is_contiguous() and cos.dtype == y.dtype and (tk := gpu_ops(self, y)) is not None:
+            elif (y.is_contiguous() and cos.dtype == y.dtype and (tk := gpu_ops(self, y)) is not None
+                  and d <= tk.MAX_HEAD_DIM):
                 rows = y.view(-1, y.shape[-1])[:, :(h + hkv) * d].view(-1, h + hkv, d)
                 tk.rope_(rows, cos.reshape(-1, d), sin.reshape(-1, d))  # in place, one kernel
             else:
