@@ -89,6 +89,6 @@ def test_serve_freezes_start_up_objects_out_of_the_collectors_scans():
 
     try:
         frozen = freeze_startup_objects()
-        assert frozen == gc.get_freeze_count() > 1000  # (this process: pytest, torch, transformers)
+        assert frozen > 1000 and gc.get_freeze_count() > 1000  # (this process: pytest, torch, transformers)
     finally:
         gc.unfreeze()
