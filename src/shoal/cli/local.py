@@ -38,7 +38,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     while engine.has_unfinished():
         for out in engine.step():
             c = out.outputs[0]
-            n, reason = len(c.token_ids), c.finish_reason
+            n, reason = c.num_tokens, c.finish_reason
             sys.stdout.write(c.text_delta)
             sys.stdout.flush()
     sys.stdout.write("\n")

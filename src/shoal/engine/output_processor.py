@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
-from .outputs import CompletionOutput, RequestOutput, TokenLogprob
+from .outputs import CompletionOutput, Prefix, RequestOutput, TokenLogprob
 from .sampling_params import SamplingParams
 from .sequence import Sequence
 
@@ -108,18 +108,19 @@ class OutputProcessor:
             visible -= self._held_back(st.text, p.stop)
         delta = st.text[st.sent_chars:visible] if visible > st.sent_chars else ""
         st.sent_chars = max(st.sent_chars, visible)
-        gen = seq.generated_ids  # (a new list: the slices below are the output's own)
-        tok_delta = gen[st.sent_tokens:]
-        st.sent_tokens = len(gen)
+        ids, p0, n = seq.token_ids, seq.num_prompt_tokens, seq.num_tokens
+        tok_delta = ids[p0 + st.sent_tokens:n]  # (new lists: the output's own)
+        st.sent_tokens = n - p0
         lps = seq.logprobs if p.logprobs is not None else None
         lp_delta = None
         if lps is not None:
             lp_delta = lps[st.sent_logprobs:]
             st.sent_logprobs = len(lps)
+        # the totals as prefixes of the sequence's own lists (they only grow): copied if read
         return CompletionOutput(
-            index=index, text=st.text, token_ids=gen, finish_reason=seq.finish_reason,
+            index=index, text=st.text, _token_ids=Prefix(ids, p0, n), finish_reason=seq.finish_reason,
             stop_reason=st.stop_reason, cumulative_logprob=seq.cumulative_logprob,
-            logprobs=list(lps) if lps is not None else None, text_delta=delta,
+            _logprobs=Prefix(lps, 0, len(lps)) if lps is not None else None, text_delta=delta,
             token_ids_delta=tok_delta, logprobs_delta=lp_delta,
         )
 

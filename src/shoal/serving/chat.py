@@ -82,7 +82,7 @@ class ChatService:
             "logprobs": self._logprobs(c.logprobs or []) if req.logprobs else None,
             "finish_reason": c.finish_reason,
         } for c in out.outputs]
-        ctoks = sum(len(c.token_ids) for c in out.outputs)
+        ctoks = sum(c.num_tokens for c in out.outputs)
         await bill.charge(len(ids), ctoks)
         return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": req.model,
                 "system_fingerprint": FINGERPRINT, "choices": choices,
@@ -108,7 +108,7 @@ class ChatService:
                     if c.index not in started:
                         started.add(c.index)
                         yield chunk(c.index, {"role": "assistant", "content": ""})
-                    ctoks[c.index] = len(c.token_ids)
+                    ctoks[c.index] = c.num_tokens
                     if c.text_delta:
                         bill.mark_first_token()
                         lp = self._logprobs(c.logprobs_delta or []) if req.logprobs else None

@@ -50,7 +50,7 @@ def tokens_of(outs) -> tuple[int, int]:
     """(prompt tokens, completion tokens) of RequestOutputs (None entries skipped)."""
     outs = [o for o in outs if o is not None]
     return (sum(len(o.prompt_token_ids) for o in outs),
-            sum(len(c.token_ids) for o in outs for c in o.outputs))
+            sum(c.num_tokens for o in outs for c in o.outputs))
 
 
 async def run_all(engine: AsyncEngine, prompts: list, params: SamplingParams, adapter: str | None,

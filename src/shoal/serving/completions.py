@@ -105,7 +105,7 @@ class CompletionService:
             ptext = p if isinstance(p, str) else self.tok.decode(p)
             ptoks += len(out.prompt_token_ids)
             for c in out.outputs:
-                ctoks += len(c.token_ids)
+                ctoks += c.num_tokens
                 choices.append(self._choice(i, n, out, c, ptext, req))
         await bill.charge(ptoks, ctoks)
         return {"id": cid, "object": "text_completion", "created": int(time.time()),
@@ -133,7 +133,7 @@ class CompletionService:
                         p = prompts[i]
                         text = (p if isinstance(p, str) else self.tok.decode(p)) + text
                     started.add(key)
-                    ctoks[key] = len(c.token_ids)
+                    ctoks[key] = c.num_tokens
                     if key in finished or (not text and not c.finished):
                         continue
                     if c.finished:

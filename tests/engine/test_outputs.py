@@ -1,0 +1,35 @@
+"""Request outputs hold their totals (token ids, logprobs) as prefixes of the sequence's lists,
+copied only when read: an output taken mid-stream keeps what it had then, whatever the engine
+appends later."""
+
+from __future__ import annotations
+
+from shoal.engine.outputs import Prefix
+from shoal.engine.sampling_params import SamplingParams
+from tests.engine.test_llm_engine import make_llm, prompts
+
+
+def test_totals_stay_as_they_were_when_the_output_was_made(tiny_llama):
+    eng = make_llm(tiny_llama).engine
+    eng.add_request("a", prompts(1, seed=50)[0], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                                 logprobs=1))
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()
+    assert len(outs) == 12
+    first, last = outs[0].outputs[0], outs[-1].outputs[0]
+    assert isinstance(first._token_ids, Prefix) and isinstance(first._logprobs, Prefix)  # not copied yet
+    assert first.num_tokens == 1 and len(first.token_ids) == 1 and len(first.logprobs) == 1
+    assert isinstance(first._token_ids, list)  # copied on first read, then kept
+    assert last.token_ids[:1] == first.token_ids and last.num_tokens == 12 == len(last.logprobs)
+    assert [o.outputs[0].num_tokens for o in outs] == list(range(1, 13))
+    # the deltas spell the totals
+    assert sum((o.outputs[0].token_ids_delta for o in outs), []) == last.token_ids
+    assert outs[5].outputs[0] == outs[5].outputs[0] and outs[5].outputs[0] != outs[6].outputs[0]
+
+
+def test_prefix_reads_its_span_only():
+    src = [1, 2, 3]
+    p = Prefix(src, 1, 3)
+    src += [4, 5]
+    assert p.get() == [2, 3] and p == [2, 3] and p == Prefix(src, 1, 3) and repr(p) == "[2, 3]"
