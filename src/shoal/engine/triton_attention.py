@@ -41,12 +41,12 @@ def supports(head_dim: int) -> bool:
     return 1 <= head_dim <= MAX_HEAD_DIM
 
 
-def pad_tables(tables: list[list[int]], device, width: int | None = None) -> torch.Tensor:
-    """(R, width) int32 block tables, zero padded (a kernel never reads past a row's length)."""
-    w = width or max((len(t) for t in tables), default=1) or 1
+def pad_tables(tables: list[list[int]], device) -> torch.Tensor:
+    """(R, longest table) int32 block tables, zero padded (a kernel never reads past a row's length)."""
+    w = max((len(t) for t in tables), default=1) or 1
     flat = [0] * (len(tables) * w)
     for i, t in enumerate(tables):
-        flat[i * w:i * w + len(t)] = t[:w]
+        flat[i * w:i * w + len(t)] = t
     return torch.tensor(flat, dtype=torch.int32).view(len(tables), w).to(device, non_blocking=True)
 
 
