@@ -29,7 +29,7 @@ def probe(engine, prompts, out_tokens: int, sync=None) -> dict:
     sync = sync or (lambda: None)
     clock = time.perf_counter
     cur: dict[str, float] = {}
-    runner_run, schedule, sampler = engine.runner.run, engine.scheduler.schedule, engine.sampler
+    runner_run, schedule, sample = engine.runner.run, engine.scheduler.schedule, engine.sampler.sample
 
     def timed_schedule():
         t = clock()
@@ -49,12 +49,12 @@ def probe(engine, prompts, out_tokens: int, sync=None) -> dict:
 
     def timed_sampler(logits, seqs):
         t = clock()
-        out = sampler(logits, seqs)
+        out = sample(logits, seqs)
         sync()
         cur["sample"] = cur.get("sample", 0.0) + clock() - t
         return out
 
-    engine.scheduler.schedule, engine.runner.run, engine.sampler = timed_schedule, timed_run, timed_sampler
+    engine.scheduler.schedule, engine.runner.run, engine.sampler.sample = timed_schedule, timed_run, timed_sampler
     steps: list[dict] = []
     try:
         for i, p in enumerate(prompts):
@@ -70,7 +70,8 @@ def probe(engine, prompts, out_tokens: int, sync=None) -> dict:
                 cur["rest"] = total - sum(cur.get(k, 0.0) for k in ("schedule", "run_host", "run_wait", "sample"))
                 steps.append(dict(cur))
     finally:
-        engine.scheduler.schedule, engine.runner.run, engine.sampler = schedule, runner_run, sampler
+        engine.scheduler.schedule, engine.runner.run = schedule, runner_run
+        del engine.sampler.sample  # (the instance's wrapper: the method shows again)
     out: dict[str, dict] = {}
     for kind in ("decode", "prefill"):
         group = [s for s in steps if s["prefill"] == (kind == "prefill")]

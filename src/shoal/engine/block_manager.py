@@ -157,6 +157,20 @@ class BlockManager:
         missing = max(0, self.num_blocks_for(seq.num_tokens) - len(seq.block_table))
         return shared + missing <= len(self._free)
 
+    def try_append(self, seq: Sequence) -> bool:
+        """`append_slot(seq)` if `can_append(seq)`; whether it did. A decode row whose new token
+        falls in its last block, held by it alone, returns at once (the scheduler's common case:
+        each running row, every step)."""
+        table, n = seq.block_table, len(seq.token_ids)
+        last = len(table) - 1
+        if (last >= 0 and seq.num_computed_tokens // self.block_size == last
+                and n <= (last + 1) * self.block_size and self.blocks[table[last]].ref_count == 1):
+            return True  # nothing to write outside the last block, nothing to copy
+        if not self.can_append(seq):
+            return False
+        self.append_slot(seq)
+        return True
+
     def append_slot(self, seq: Sequence) -> None:
         """Make the table cover all of seq's tokens, copying shared blocks it will write into.
 
@@ -190,7 +204,9 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs, table = self.block_size, seq.block_table
-        num_full = min(seq.num_computed_tokens, seq.num_tokens, len(table) * bs) // bs
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids), len(table) * bs) // bs
+        if num_full == 0 or self.blocks[table[num_full - 1]].hash is not None:
+            return  # no block filled since the last call (a decode row's common case)
         start = num_full
         while start > 0 and self.blocks[table[start - 1]].hash is None:
             start -= 1

@@ -233,12 +233,13 @@ class LLMEngine:
     def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[Request]:
         """Account the step's tokens, sample, append and check stops; the requests it touched."""
         touched: dict[str, Request] = {}
+        seq_req, commit = self._seq_req, self.block_manager.commit
         for seq, n in sched.scheduled:
             seq.num_computed_tokens += n
-            self.block_manager.commit(seq)
-            touched[seq.request_id] = self._seq_req[seq.seq_id]
+            commit(seq)
+            touched[seq.request_id] = seq_req[seq.seq_id]
         for seq_id, (p0, logits) in result.prompt_logits.items():
-            req = self._seq_req[seq_id]
+            req = seq_req[seq_id]
             seq = req.seqs[0]
             skip = len(req.prompt_logprobs) - (p0 + 1)  # positions recorded before a preemption
             if skip >= logits.shape[0]:
@@ -248,33 +249,44 @@ class LLMEngine:
             nxt = seq.token_ids[p0 + 1:p0 + 1 + logits.shape[0]]
             for tok, (lp, top) in zip(nxt, prompt_logprobs(logits, nxt, seq.params.prompt_logprobs)):
                 req.prompt_logprobs.append((tok, lp, top))
-        # rows that sample; a best_of>1 parent first forks, and every sample draws from its row
+        seqs = result.sample_seqs
+        rows = None  # row i of the logits samples seqs[i], unless a parent forks or a row drops out
+        for seq in seqs:
+            p = seq.params
+            if p.best_of > 1 or p.max_tokens == 0:
+                rows, seqs = self._families(result.sample_seqs)
+                break
+        if seqs:
+            logits = result.sample_logits  # (B, V); gathered only when rows fork or drop out
+            if rows is not None and rows != list(range(logits.shape[0])):
+                logits = logits[torch.tensor(rows, device=logits.device)]
+            self._append(seqs, *self.sampler.sample(logits, seqs))
+        return list(touched.values())
+
+    def _families(self, sample_seqs: list[Sequence]) -> tuple[list[int], list[Sequence]]:
+        """(logits row, sequence) pairs of a step whose rows fork or drop out: a best_of>1 parent
+        forks into its samples, each drawing from its row; a prompt-only row (max_tokens 0: echo,
+        logprobs) finishes every sample empty."""
         rows: list[int] = []
         seqs: list[Sequence] = []
-        for i, seq in enumerate(result.sample_seqs):
-            req = self._seq_req[seq.seq_id]
+        for i, seq in enumerate(sample_seqs):
             family = [seq]
             if seq.needs_fork:
+                req = self._seq_req[seq.seq_id]
                 seq.forked = True
                 children = [seq.fork(k) for k in range(1, seq.params.best_of)]
                 for c in children:
                     self._attach(req, c)
                 self.scheduler.fork(seq, children)
                 family += children
-            if seq.params.max_tokens == 0:  # prompt only (echo/logprobs): every sample is empty
+            if seq.params.max_tokens == 0:
                 for s in family:
                     s.finish_reason = "length"
                     self.scheduler.finish(s)
                 continue
             rows += [i] * len(family)
             seqs += family
-        if seqs:
-            logits = result.sample_logits  # (B, V); gathered only when rows fork or drop out
-            if rows != list(range(logits.shape[0])):
-                logits = logits[torch.tensor(rows, device=logits.device)]
-            for seq, res in zip(seqs, self.sampler(logits, seqs)):
-                self._append(seq, res)
-        return list(touched.values())
+        return rows, seqs
 
     def _outputs(self, touched: list[Request]) -> list[RequestOutput]:
         """The outputs of the requests a step touched; a finished request is dropped after its
@@ -292,16 +304,19 @@ class LLMEngine:
                     self._seq_req.pop(s.seq_id, None)
         return outs
 
-    def _append(self, seq: Sequence, res) -> None:
-        req = self._seq_req[seq.seq_id]
-        seq.append_token(res.token_id)
-        seq.cumulative_logprob += res.logprob
-        if seq.params.logprobs is not None:
-            seq.logprobs.append((res.token_id, res.logprob, res.top_logprobs or {}))
-        reason = self.outputs.check_stop(seq, req.states[seq.seq_id], res.token_id)
-        if reason is not None:
-            seq.finish_reason = reason
-            self.scheduler.finish(seq)
+    def _append(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float],
+                tops: list[dict[int, float] | None]) -> None:
+        """Each sequence's sampled token appended and its stops checked (per row per step: plain)."""
+        seq_req, check_stop = self._seq_req, self.outputs.check_stop
+        for seq, tok, lp, top in zip(seqs, tokens, logprobs, tops):
+            seq.token_ids.append(tok)
+            seq.cumulative_logprob += lp
+            if seq.params.logprobs is not None:
+                seq.logprobs.append((tok, lp, top or {}))
+            reason = check_stop(seq, seq_req[seq.seq_id].states[seq.seq_id], tok)
+            if reason is not None:
+                seq.finish_reason = reason
+                self.scheduler.finish(seq)
 
 
 def _check_int8_kv(config: EngineConfig, mc, dtype: torch.dtype) -> None:

@@ -156,12 +156,15 @@ class ModelRunner:
             names = {seq.adapter for seq, _ in scheduled if seq.adapter is not None}
             lora_slots = self.lora.prepare(names) if names else {}
         chunks = self.decode_chunks
-
-        def is_decode(seq: Sequence, n: int) -> bool:  # generated tokens: decode rows
-            return (n == 1 or chunks) and seq.num_computed_tokens >= seq.num_prompt_tokens
-
-        scheduled = sorted(scheduled, key=lambda sn: (not is_decode(*sn), lora_slots.get(sn[0].adapter, -1)))
-        n_decode = sum(n for seq, n in scheduled if is_decode(seq, n))
+        # (sequence, tokens, decode?): generated tokens run as decode rows; decode rows first,
+        # then by slot (the order kept where it already is: every row a decode and no adapter)
+        rows = [(seq, n, (n == 1 or chunks) and seq.num_computed_tokens >= seq.num_prompt_tokens)
+                for seq, n in scheduled]
+        if lora_slots:
+            rows.sort(key=lambda r: (not r[2], lora_slots.get(r[0].adapter, -1)))
+        elif not all(r[2] for r in rows):
+            rows = [r for r in rows if r[2]] + [r for r in rows if not r[2]]
+        n_decode = sum(n for _, n, decode in rows if decode)
         ids: list[int] = []
         positions: list[int] = []
         seq_attn: list[SeqAttention] = []
@@ -178,16 +181,23 @@ class ModelRunner:
         tables: list[list[int]] = []
         lengths: list[int] = []
         tri_chunks: list[tuple[list[int], int, int, int]] = []  # (block table, first row, rows, context)
-        for seq, n in scheduled:
+        for seq, n, decode in rows:
             start = seq.num_computed_tokens
             end = start + n
             q_start = len(ids)
-            ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            decode = is_decode(seq, n)
+            if n == 1:  # (per row per step: the common case kept plain)
+                ids.append(seq.token_ids[start])
+                positions.append(start)
+            else:
+                ids.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
             if by_table and decode:  # (decode rows come first: their new slots below)
-                tables += [seq.block_table] * n
-                lengths += range(start + 1, end + 1)
+                if n == 1:
+                    tables.append(seq.block_table)
+                    lengths.append(end)
+                else:
+                    tables += [seq.block_table] * n
+                    lengths += range(start + 1, end + 1)
             elif tri:  # a prefill chunk for the Triton kernel: its new slots, no context slots
                 slot_chunks.append(self._slots(seq, start, end))
                 tri_chunks.append((seq.block_table, q_start, n, end))
@@ -200,10 +210,10 @@ class ModelRunner:
                 else:  # prompt tokens always take the prefill path, however they were chunked
                     seq_attn.append(SeqAttention(q_start, n, ctx))
             adapters.append((seq.adapter, n))
-            if end == seq.num_tokens:  # the chunk reaches the last known token: it samples
+            if end == len(seq.token_ids):  # the chunk reaches the last known token: it samples
                 sample_rows.append(q_start + n - 1)
                 sample_seqs.append(seq)
-            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+            if start < seq.num_prompt_tokens - 1 and seq.params.prompt_logprobs is not None:
                 # logits at positions start..min(end, prompt_len-1)-1 predict prompt tokens
                 cnt = min(end, seq.num_prompt_tokens - 1) - start
                 prompt_rows.append((seq, q_start, cnt, start))

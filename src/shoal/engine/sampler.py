@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
+from .sampling_params import GREEDY_BELOW
 from .sequence import Sequence
 
 _NEG_INF = float("-inf")
@@ -115,18 +116,19 @@ class Sampler:
 
     def _banned(self, s: Sequence, V: int) -> list[int]:
         """Token ids the eos/stop masks set to -inf for this row now."""
-        banned = set()
-        if s.num_generated < s.params.min_tokens:
-            banned.update(self.eos_token_ids, s.params.stop_token_ids)
-        if s.params.ignore_eos:
-            banned.update(self.eos_token_ids)
-        return [t for t in banned if t < V]
+        p = s.params
+        if p.min_tokens and s.num_generated < p.min_tokens:
+            return [t for t in {*self.eos_token_ids, *p.stop_token_ids} if t < V]
+        if p.ignore_eos:
+            return [t for t in self.eos_token_ids if t < V]
+        return []
 
     @staticmethod
     def _shifts(s: Sequence, V: int) -> bool:
         """Whether penalties or logit_bias change this row's logits now."""
         p = s.params
-        return bool(p.needs_penalties and s.num_generated) or any(t < V for t in p.logit_bias or ())
+        return bool(p.needs_penalties and s.num_generated) or bool(
+            p.logit_bias and any(t < V for t in p.logit_bias))
 
     def _edit_(self, l: torch.Tensor, seqs: list[Sequence]) -> None:
         """Steps 2-5 on l (B, V) fp32, in place."""
@@ -169,6 +171,12 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
         """One SampleResult per row of `logits` (B, V); row i belongs to seqs[i]."""
+        return [SampleResult(*r) for r in zip(*self.sample(logits, seqs))]
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]
+               ) -> tuple[list[int], list[float], list[dict[int, float] | None]]:
+        """`__call__`'s results as columns (the engine's per-step call: no object a row):
+        token ids, their raw logprobs, and the top alternatives (None where not asked for)."""
         B, V = logits.shape
         if len(seqs) != B:
             raise ValueError(f"logits has {B} rows but {len(seqs)} sequences were given")
@@ -200,15 +208,31 @@ class Sampler:
         # edits. Masks alone (min_tokens, ignore_eos: a few ids) copy nothing: a greedy row keeps
         # its raw argmax unless that is masked (then it is copied); a sampled row's draw skips
         # the ids (`kernels.sample_rows`; copied where the kernels do not run)
+        # (one pass a row, plain: a row with no penalty, bias or min_tokens reads four fields)
         edit: list[int] = []
         masks: dict[int, list[int]] = {}  # row -> ids its draw skips
+        sampled: list[int] = []  # rows that draw (not greedy)
+        ks: list[int | None] = []  # rows' `logprobs`
+        eos = [t for t in self.eos_token_ids if t < V]
         for i, s in enumerate(seqs):
-            if self._shifts(s, V):
-                edit.append(i)
-            elif ban := self._banned(s, V):
-                if (toks[i] in ban) if s.params.greedy else not fast:
+            p = s.params
+            ks.append(p.logprobs)
+            greedy = p.temperature < GREEDY_BELOW
+            if not greedy:
+                sampled.append(i)
+            if p.presence_penalty or p.frequency_penalty or p.logit_bias or p.min_tokens:
+                if self._shifts(s, V):
                     edit.append(i)
-                elif not s.params.greedy:
+                    continue
+                ban = self._banned(s, V)
+            elif p.ignore_eos:
+                ban = eos
+            else:
+                continue
+            if ban:
+                if (toks[i] in ban) if greedy else not fast:
+                    edit.append(i)
+                elif not greedy:
                     masks[i] = ban
         le = None
         if edit:
@@ -227,10 +251,9 @@ class Sampler:
         # copy, `_top_k_top_p`)
         drawn: dict[bool, list[int]] = {False: [], True: []}  # edited? -> rows
         us: dict[int, float] = {}
-        for i, s in enumerate(seqs):
+        for i in sampled:
+            s = seqs[i]
             p = s.params
-            if p.greedy:
-                continue
             if s.generator is None:
                 s.generator = make_generator(p.seed, s.sample_index)
             us[i] = float(self._u.uniform_(generator=s.generator))
@@ -249,7 +272,7 @@ class Sampler:
         # 4) raw logprobs: logits[tok] - logsumexp (gathered for the rows whose token is not
         # their argmax: edited or drawn)
         chosen = top_lp
-        moved = [i for i in range(B) if toks[i] != argmax[i]]
+        moved = [i for i in range(B) if toks[i] != argmax[i]] if edit or sampled else []
         if moved:
             rows_t = torch.tensor(moved, device=dev)
             tok_t = torch.tensor([toks[i] for i in moved], device=dev)
@@ -257,7 +280,6 @@ class Sampler:
             chosen = list(top_lp)
             for i, v in zip(moved, got):
                 chosen[i] = v
-        ks = [s.params.logprobs for s in seqs]
         k_max = min(max((k for k in ks if k is not None), default=0), V)
         top_vals = top_ids = None
         if k_max:
@@ -267,12 +289,11 @@ class Sampler:
             v = v - lse[rows, None]
             top_vals, top_ids = dict(zip(want, v.tolist())), dict(zip(want, ix.tolist()))
 
-        out = []
-        for i, (tok, lp, k) in enumerate(zip(toks, chosen, ks)):
-            top = None if k is None else (
-                dict(zip(top_ids[i][:k], top_vals[i][:k])) if k else {})
-            out.append(SampleResult(tok, lp, top))
-        return out
+        tops: list[dict[int, float] | None] = [None] * B
+        for i, k in enumerate(ks):
+            if k is not None:
+                tops[i] = dict(zip(top_ids[i][:k], top_vals[i][:k])) if k else {}
+        return toks, chosen, tops
 
     @staticmethod
     def _draw(src: torch.Tensor, rows: list[int], temps: list[float], us: list[float],
