@@ -55,6 +55,8 @@ MODES = {
     "eager": {"cuda_graphs": False},
     # the engine before Triton attention and async outputs (gathers + SDPA, outputs in the step)
     "gather": {"triton_kernels": False, "async_outputs": False},
+    # the defaults plus decode steps launched before the last one lands (`engine.decode_ahead`)
+    "ahead": {"async_scheduling": True},
 }
 
 

@@ -83,6 +83,12 @@ class EngineConfig:
     device work: `LLMEngine.step` then returns the previous step's outputs, one step later. None
     = on for CUDA (the host would otherwise wait on the GPU and the GPU on the host), off on the
     CPU (nothing to overlap: the forward runs on the same cores)."""
+    async_scheduling: bool = False
+    """Launch a decode step whose rows need nothing from the host before the last step's tokens
+    are back, its inputs read on the device, and land the last one (append, stop checks,
+    outputs) while it runs (`engine.decode_ahead`); the same tokens. For a GPU, where the
+    host's bookkeeping then overlaps the device's work; off by default until measured there
+    (on a CPU the forward and the bookkeeping share the cores: nothing to gain)."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; None = leave torch's setting."""
     kv_cache_dtype: str = "auto"

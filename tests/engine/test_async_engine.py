@@ -15,10 +15,11 @@ from tests.engine.test_llm_engine import STOPS, prompts
 from shoal.model.generate import generate
 
 
-@pytest.fixture
-def engine(tiny_llama):
+@pytest.fixture(params=[False, True], ids=["sync", "async_scheduling"])
+def engine(tiny_llama, request):
+    """Also with `async_scheduling` (`engine.decode_ahead`): flights through the loop thread."""
     eng = AsyncEngine(EngineConfig(model="tiny", block_size=8, num_kv_blocks=256,
-                                   max_num_batched_tokens=128), loaded=tiny_llama)
+                                   max_num_batched_tokens=128, async_scheduling=request.param), loaded=tiny_llama)
     yield eng
     eng.shutdown()
 

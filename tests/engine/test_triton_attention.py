@@ -49,6 +49,20 @@ def test_mixed_steps_and_chunked_prefill_give_reference_tokens(kern, tiny_llama,
         assert llm.engine.runner.graphs.graphs  # decode-only steps took the graphs' function
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_flights_feed_the_graphs_and_the_triton_path(kern, tiny_llama, graphs):
+    """`async_scheduling` with the CUDA path's sampling: chained steps read each row's token from
+    the step in flight (into the graphs' inputs, or the eager step's ids): the reference tokens."""
+    ps = prompts(5, seed=45, lo=5, hi=30)
+    llm = triton_llm(tiny_llama, graphs=graphs, max_num_batched_tokens=64, async_scheduling=True)
+    llm.engine.ahead.device_ops = True
+    outs = llm.generate(ps, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == [ref(tiny_llama.model, p) for p in ps]
+    assert llm.engine.ahead.chains >= 5
+    if graphs:
+        assert llm.engine.runner.graphs.graphs
+
+
 def test_prefix_cache_hit_and_sliding_window(kern, tiny_llama, tiny_mistral):
     llm = triton_llm(tiny_llama)
     shared = prompts(1, seed=42, lo=30, hi=30)[0]

@@ -35,7 +35,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
                        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                        lora_dtype=args.lora_dtype,
-                       pack_weights=not args.no_pack_weights, cuda_graphs=not args.no_cuda_graphs)
+                       pack_weights=not args.no_pack_weights, cuda_graphs=not args.no_cuda_graphs,
+                       async_scheduling=args.async_scheduling)
     t0 = time.perf_counter()
     engine = AsyncEngine(cfg)
     for spec in args.lora or []:
@@ -126,6 +127,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="keep plain weights (no oneDNN packing): " + h["pack_weights"])
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="eager kernels on CUDA: " + h["cuda_graphs"])
+    p.add_argument("--async-scheduling", action="store_true", help=h["async_scheduling"])
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: robust when other work shares the CPU)")
     p.add_argument("--max-num-seqs", type=int, default=64, help=h["max_num_seqs"])

@@ -151,11 +151,14 @@ class BlockManager:
         end = min(len(seq.block_table), self.num_blocks_for(seq.num_tokens))
         return range(seq.num_computed_tokens // self.block_size, end)
 
-    def can_append(self, seq: Sequence) -> bool:
+    def append_cost(self, seq: Sequence) -> int:
+        """Free blocks `append_slot(seq)` would take: copies of shared blocks it writes, new ones."""
         shared = sum(1 for i in self._to_write(seq)
                      if self.blocks[seq.block_table[i]].ref_count > 1)
-        missing = max(0, self.num_blocks_for(seq.num_tokens) - len(seq.block_table))
-        return shared + missing <= len(self._free)
+        return shared + max(0, self.num_blocks_for(seq.num_tokens) - len(seq.block_table))
+
+    def can_append(self, seq: Sequence) -> bool:
+        return self.append_cost(seq) <= len(self._free)
 
     def try_append(self, seq: Sequence) -> bool:
         """`append_slot(seq)` if `can_append(seq)`; whether it did. A decode row whose new token

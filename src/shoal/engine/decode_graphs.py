@@ -75,9 +75,11 @@ class DecodeGraphs:
         self.out: torch.Tensor | None = None  # (max rows, V) fp32 logits, every graph's output
 
     def run(self, ids: list[int], positions: list[int], tables: list[list[int]],
-            lora_slots: list[int] | None = None) -> torch.Tensor:
+            lora_slots: list[int] | None = None, fed: tuple | None = None) -> torch.Tensor:
         """Logits (B, V) fp32 for B decode rows: token ids, their positions, block tables, and
-        with adapters in the step each row's LoRA slot (-1 = base; resident in its slot)."""
+        with adapters in the step each row's LoRA slot (-1 = base; resident in its slot). `fed`:
+        (Feed, rows, their rows in its tokens): those rows' ids come from a step still on the
+        device (`decode_ahead`)."""
         b = len(ids)
         lora = lora_slots is not None
         if lora and self.mapping is None:
@@ -108,7 +110,9 @@ class DecodeGraphs:
         if entry is None:
             entry = self.graphs[key] = self._build(*key)
         graph, inputs = entry
-        inputs.copy_(host)
+        inputs.copy_(host, non_blocking=True)  # (`device_copy`: a blocking copy waits for the queue)
+        if fed is not None:  # (ids are inputs[:b])
+            fed[0].apply(inputs, fed[1], fed[2])
         if graph is None:  # eager: the same function, run now
             self._step(inputs, *key)
         else:

@@ -23,6 +23,7 @@ from ..model.layers import linear, set_triton_ops
 from ..model.packed import native_bf16_cpu, pack_linears
 from ..model.row_classes import INVARIANT_ROWS, PREFILL_ROWS, amx_class_consistent
 from .block_manager import BlockManager
+from .decode_ahead import DecodeAhead
 from .heap import HEAP_TRIM_INTERVAL_S, release_free_heap
 from ..lora.grouping import MIN_ROWS
 from .model_runner import ModelRunner, StepResult
@@ -134,6 +135,7 @@ class LLMEngine:
         self._seq_req: dict[int, Request] = {}
         self.async_outputs = config.async_outputs if config.async_outputs is not None else p.device.type == "cuda"
         self._deferred: list[Request] = []  # requests the last step touched (async_outputs)
+        self.ahead = DecodeAhead(self) if config.async_scheduling else None
         self._ids = itertools.count()
         release_free_heap()  # what loading, fusing and packing freed
         self._last_trim = time.monotonic()
@@ -210,16 +212,23 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule -> run -> sample and check stops -> outputs. With
         `async_outputs` the outputs returned are the previous step's, built while the device runs
-        this step's forward (launched, not yet waited on)."""
-        sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            return self._outputs(self._take_deferred())
-        result = self.runner.run(sched.scheduled, sched.copies)
-        if self.async_outputs:
-            outputs = self._outputs(self._take_deferred())  # overlaps the device's work
-            self._deferred = self._postprocess(sched, result)  # (the sampler waits for the logits)
+        this step's forward (launched, not yet waited on); with `async_scheduling` a decode step
+        may be launched before the previous one lands (`decode_ahead`)."""
+        ahead = self.ahead
+        if ahead is not None and ahead.flight is not None:  # chain the next step, land this one
+            outputs = self._outputs(self._take_deferred() + ahead.step())
         else:
-            outputs = self._outputs(self._postprocess(sched, result))
+            sched = self.scheduler.schedule()
+            if not sched.scheduled:
+                return self._outputs(self._take_deferred())
+            result = self.runner.run(sched.scheduled, sched.copies)
+            if ahead is not None and ahead.take_off(sched, result):
+                outputs = self._outputs(self._take_deferred())
+            elif self.async_outputs:
+                outputs = self._outputs(self._take_deferred())  # overlaps the device's work
+                self._deferred = self._postprocess(sched, result)  # (the sampler waits for the logits)
+            else:
+                outputs = self._outputs(self._postprocess(sched, result))
         now = time.monotonic()
         if now - self._last_trim >= HEAP_TRIM_INTERVAL_S:  # see HEAP_TRIM_INTERVAL_S
             release_free_heap()

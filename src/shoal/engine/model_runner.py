@@ -22,7 +22,9 @@ from .. import kernels
 from ..model.row_classes import step_rows
 from ..model.transformer import Transformer
 from .cpu_decode import CPUDecodeForward
+from .decode_ahead import Feed
 from .decode_graphs import DecodeGraphs
+from .device_copy import to_device
 from .paged_attention import DecodeRows, PagedAttention, PagedKVCache, SeqAttention, build_decode_buckets
 from .sequence import Sequence
 from .triton_attention import TritonAttention
@@ -109,16 +111,19 @@ class ModelRunner:
         slots = (blocks[:, None] * self.block_size + self._block_offsets).flatten()
         return slots[start - b0 * self.block_size:end - b0 * self.block_size]
 
-    def _run_graphed(self, scheduled: list[tuple[Sequence, int]]) -> StepResult | None:
+    def _run_graphed(self, scheduled: list[tuple[Sequence, int]], feed: Feed | None) -> StepResult | None:
         """A decode-only step through the graphs; None when the step has a prefill chunk."""
         ids, positions, tables = [], [], []
         for seq, n in scheduled:
             pos = seq.num_computed_tokens
-            if n != 1 or pos < seq.num_prompt_tokens or pos + 1 != seq.num_tokens:
+            if n != 1 or pos < seq.num_prompt_tokens or pos + 1 != len(seq.token_ids):
                 return None
             ids.append(seq.token_ids[pos])
             positions.append(pos)
             tables.append(seq.block_table)
+        fed = None
+        if feed is not None:
+            fed = (feed, *feed.pairs(range(len(scheduled)), [seq for seq, _ in scheduled]))
         lora_slots = None
         if self.lora is not None:
             names = {seq.adapter for seq, _ in scheduled if seq.adapter is not None}
@@ -128,7 +133,7 @@ class ModelRunner:
                               for seq, _ in scheduled]
             else:  # base only: the LoRA layers add nothing (nor capture any work)
                 self.lora.clear_mapping()
-        logits = self.graphs.run(ids, positions, tables, lora_slots)  # (B, V)
+        logits = self.graphs.run(ids, positions, tables, lora_slots, fed)  # (B, V)
         return StepResult([seq for seq, _ in scheduled], logits, {})
 
     def _set_lora_mapping(self, adapters: list[tuple[str | None, int]], slots: dict[str, int]) -> None:
@@ -137,15 +142,19 @@ class ModelRunner:
         counts = torch.tensor([n for _, n in adapters])
         self.lora.set_mapping(per_seq.repeat_interleave(counts))  # (N,) sorted by slot
 
-    def run(self, scheduled: list[tuple[Sequence, int]], copies: list[tuple[int, int]] = ()) -> StepResult:
-        """Run one step over `scheduled` (sequence, tokens to compute from num_computed_tokens)."""
+    def run(self, scheduled: list[tuple[Sequence, int]], copies: list[tuple[int, int]] = (),
+            feed: Feed | None = None) -> StepResult:
+        """Run one step over `scheduled` (sequence, tokens to compute from num_computed_tokens).
+        With `feed`, the listed sequences' last tokens (placeholders in `token_ids`) are read
+        from a step still on the device (`decode_ahead`)."""
         with torch.inference_mode(), sdpa_backends(self.device):
-            return self._run(scheduled, copies)
+            return self._run(scheduled, copies, feed)
 
-    def _run(self, scheduled: list[tuple[Sequence, int]], copies: list[tuple[int, int]]) -> StepResult:
+    def _run(self, scheduled: list[tuple[Sequence, int]], copies: list[tuple[int, int]],
+             feed: Feed | None = None) -> StepResult:
         self.cache.copy_blocks(list(copies))
         if self.graphs is not None:
-            result = self._run_graphed(scheduled)
+            result = self._run_graphed(scheduled, feed)
             if result is not None:
                 return result
         # decode rows first, then prefill chunks (bf16 CPU products take them in different row
@@ -217,8 +226,10 @@ class ModelRunner:
                 # logits at positions start..min(end, prompt_len-1)-1 predict prompt tokens
                 cnt = min(end, seq.num_prompt_tokens - 1) - start
                 prompt_rows.append((seq, q_start, cnt, start))
-        input_ids = torch.tensor(ids, device=self.device)  # (N,)
-        pos = torch.tensor(positions, device=self.device)  # (N,)
+        input_ids = to_device(ids, self.device)  # (N,)
+        if feed is not None:  # (a fed row is a decode row of one token: it samples)
+            feed.apply(input_ids, *feed.pairs(sample_rows, sample_seqs))
+        pos = to_device(positions, self.device)  # (N,)
         if self.device.type != "cpu":
             for s in seq_attn:
                 s.ctx_slots = s.ctx_slots.to(self.device)
@@ -234,7 +245,7 @@ class ModelRunner:
         else:  # on a GPU all decode rows form one bucket (its kernels do not promise row invariance)
             buckets = build_decode_buckets(decode_items, self.window, self.device,
                                            single=self.device.type == "cuda")
-        slot_mapping = torch.cat(slot_chunks).to(self.device)  # (N,)
+        slot_mapping = torch.cat(slot_chunks).to(self.device, non_blocking=True)  # (N,)
         if tri:
             ctx = TritonAttention.build(self.cache, slot_mapping, self.num_heads, self.num_kv_heads, self.window,
                                         tables, lengths, tri_chunks)
@@ -253,7 +264,7 @@ class ModelRunner:
         logits = None
         if sample_rows:
             # (B, V) in the head's dtype: the sampler reads bf16 as it is
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)], fp32=False)
+            logits = self.model.compute_logits(hidden[to_device(sample_rows, self.device)], fp32=False)
         prompt_logits = {
             s.seq_id: (p0, self.model.compute_logits(hidden[r0:r0 + cnt]))
             for s, r0, cnt, p0 in prompt_rows

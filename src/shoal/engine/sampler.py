@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
+from .device_copy import to_device
 from .sampling_params import GREEDY_BELOW
 from .sequence import Sequence
 
@@ -306,10 +307,18 @@ class Sampler:
             return kernels.sample_rows(src, torch.tensor(rows), torch.tensor(temps, dtype=torch.float32),
                                        torch.tensor(us, dtype=torch.float64), masks, top_k, top_p).tolist()
         assert not any(masks), "masked rows are copied and edited where the kernels do not run"
-        x = src[torch.tensor(rows, device=dev)].float() / torch.tensor(temps, device=dev)[:, None]
-        if any(k < x.shape[1] for k in top_k) or any(p < 1.0 for p in top_p):
-            x = _top_k_top_p(x, top_k, top_p)
-        return _inverse_cdf(x, torch.tensor(us, dtype=torch.float64, device=dev)).tolist()
+        return draw_rows(src, rows, temps, us, top_k, top_p).tolist()
+
+
+def draw_rows(src: torch.Tensor, rows: list[int], temps: list[float], us: list[float], top_k: list[int],
+              top_p: list[float]) -> torch.Tensor:
+    """The listed rows of src (*, V) drawn in PyTorch ops on its device (no host sync): (S,)
+    token ids, each row tempered, cut to its top_k / top_p, then its inverse CDF at u."""
+    dev = src.device
+    x = src[to_device(rows, dev)].float() / to_device(temps, dev)[:, None]
+    if any(k < x.shape[1] for k in top_k) or any(p < 1.0 for p in top_p):
+        x = _top_k_top_p(x, top_k, top_p)
+    return _inverse_cdf(x, to_device(us, dev, torch.float64))
 
 
 def _inverse_cdf(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -332,10 +341,10 @@ def _top_k_top_p(l: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch
     dev = l.device
     sl, idx = l.sort(dim=-1, descending=True, stable=True)  # (S, V)
     rank = torch.arange(V, device=dev)
-    k = torch.tensor(top_k, device=dev)
+    k = to_device(top_k, dev)
     sl = sl.masked_fill(rank[None, :] >= k[:, None], _NEG_INF)
-    p = torch.tensor(top_p, device=dev)
-    if (p < 1.0).any():
+    p = to_device(top_p, dev)
+    if any(v < 1.0 for v in top_p):  # (on the host: `(p < 1).any()` would wait for the device)
         probs = torch.softmax(sl, dim=-1)  # (S, V), descending
         before = probs.cumsum(dim=-1) - probs  # mass of the strictly better tokens
         drop = (before >= p[:, None]) & (p[:, None] < 1.0)

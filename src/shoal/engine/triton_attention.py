@@ -79,11 +79,13 @@ class TritonAttention:
         dev = cache.k.device
         decode = prefill = None
         if decode_tables:
-            decode = (pad_tables(decode_tables, dev), torch.tensor(decode_lengths, dtype=torch.int32).to(dev))
+            lengths = torch.tensor(decode_lengths, dtype=torch.int32).to(dev, non_blocking=True)
+            decode = (pad_tables(decode_tables, dev), lengths)
         if chunks:
-            meta = torch.tensor([[c[1], c[2], c[3]] for c in chunks], dtype=torch.int32).t().contiguous().to(dev)
+            meta = torch.tensor([[c[1], c[2], c[3]] for c in chunks], dtype=torch.int32).t().contiguous().to(
+                dev, non_blocking=True)
             prefill = (pad_tables([c[0] for c in chunks], dev), meta[0], meta[1], meta[2],
-                       prefill_tiles([c[2] for c in chunks]).to(dev))
+                       prefill_tiles([c[2] for c in chunks]).to(dev, non_blocking=True))
         return cls(cache, slot_mapping, num_heads, num_kv_heads, window, decode, prefill)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

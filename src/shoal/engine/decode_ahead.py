@@ -1,0 +1,275 @@
+"""Decode steps launched before the last step's tokens are back on the host (async scheduling).
+
+A synchronous step waits for its logits, samples, appends the tokens and checks stops before the
+next step can be planned, so the device idles while the host does a step's bookkeeping and the
+host idles while the device runs the forward. Here (as vLLM V1's async scheduling) a decode step
+whose rows need nothing from the host is *launched*: its tokens are sampled on the device and
+copied back without waiting (a `Flight`). The next call then *chains* the following step at once,
+each row's input read on the device from the tokens still in flight (a `Feed`; its `token_ids`
+hold a placeholder meanwhile), and only then *lands* the first: waits for its tokens, appends
+them, checks stops and builds outputs while the device runs the chained step.
+
+Semantics (what the engine does with `EngineConfig.async_scheduling`):
+
+    take_off(step): every row of a planned and run step samples, and each row's sampling needs
+        nothing the device lacks (greedy, or temperature / top_k / top_p with the row's uniform
+        number drawn now from its own generator; ignore_eos masks; no penalties, logit_bias,
+        min_tokens still to reach, top logprobs, prompt logprobs or forks): count the rows'
+        tokens computed, sample on the device, keep the step in flight instead of landing it.
+    step() with a flight F:
+        chain: if nothing waits to be admitted, every running sequence is in F, and the KV cache
+            has room: for each running sequence of F that F's token cannot finish by length,
+            append a placeholder, make room for it, run one decode row fed by F's token, and
+            launch its sampling (flight G)
+        land F: wait for F's tokens; each sequence still running takes its token (in place of
+            its placeholder), registers its full blocks in the prefix cache, appends, checks
+            stops (a sequence F finished wastes its row of G, which G's landing skips)
+        outputs of the requests F touched; G is now in flight
+
+The tokens are those of the synchronous engine: the same sampling, the same draws in the same
+order per sequence (a greedy row's argmax, a sampled row's inverse CDF at its own next uniform
+number), on the CPU by the same kernels (`Sampler.sample`; nothing overlaps there: the forward
+runs on the same cores). A step that needs the host (admissions, preemption, forks, penalties)
+runs synchronously after the flight has landed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .device_copy import to_device
+from .sampler import draw_rows, make_generator
+from .sampling_params import GREEDY_BELOW
+from .sequence import SequenceStatus
+
+if TYPE_CHECKING:
+    from .llm_engine import LLMEngine
+    from .output_processor import Request
+    from .sampler import Sampler
+    from .scheduler import SchedulerOutput
+    from .model_runner import StepResult
+    from .sequence import Sequence
+
+PLACEHOLDER = 0  # a sequence's last token while the step that samples it is in flight
+_RUNNING = SequenceStatus.RUNNING
+
+
+@dataclass
+class Feed:
+    """Tokens a step in flight sampled, as the next step's inputs: `tokens` (R,) int64 on the
+    model's device; `src` maps a fed sequence's id to its row of `tokens`."""
+
+    tokens: torch.Tensor
+    src: dict[int, int]
+
+    def pairs(self, rows, seqs: list[Sequence]) -> tuple[list[int], list[int]]:
+        """(dst, src): the flat rows among `rows` whose sequence is fed, and their rows in `tokens`."""
+        dst, src = [], []
+        for r, s in zip(rows, seqs):
+            j = self.src.get(s.seq_id)
+            if j is not None:
+                dst.append(r)
+                src.append(j)
+        return dst, src
+
+    def apply(self, ids: torch.Tensor, dst: list[int], src: list[int]) -> None:
+        """ids[dst[j]] = tokens[src[j]], on the device (no host sync)."""
+        n = len(dst)
+        if n == 0:
+            return
+        if dst[-1] == n - 1 and src == dst:  # rows 0..n-1 from rows 0..n-1 (the usual chain)
+            ids[:n].copy_(self.tokens[:n])
+            return
+        idx = torch.tensor(dst + src, dtype=torch.long).to(ids.device, non_blocking=True)
+        ids.index_copy_(0, idx[:n], self.tokens.index_select(0, idx[n:]))
+
+
+class Launched:
+    """One step's sampled tokens (B,) on the device and, once `result()` is asked for, on the
+    host with their raw logprobs."""
+
+    def __init__(self, tokens: torch.Tensor, host: torch.Tensor | None = None, event=None,
+                 lists: tuple[list[int], list[float]] | None = None) -> None:
+        self.tokens = tokens  # (B,) int64
+        self._host, self._event, self._lists = host, event, lists  # (2, B) fp64: ids, logprobs
+
+    def result(self) -> tuple[list[int], list[float]]:
+        if self._lists is None:
+            if self._event is not None:
+                self._event.synchronize()  # the copy was queued after the step's sampling
+            ids, lps = self._host.tolist()
+            self._lists = [int(t) for t in ids], lps  # (ids exact in fp64 below 2**53)
+        return self._lists
+
+
+def launch_sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence], device_ops: bool,
+                  host: torch.Tensor | None = None) -> Launched:
+    """Sample each row of logits (B, V) without waiting for the device. `device_ops`: in PyTorch
+    ops on the logits' device (a CUDA step; the tokens copied into `host`, a pinned fp64 buffer
+    of >= 2B, behind an event); else `sampler.sample` (the CPU's kernels: the same bits as a
+    synchronous step)."""
+    if not device_ops:
+        toks, lps, _ = sampler.sample(logits, seqs)
+        return Launched(torch.tensor(toks, dtype=torch.long), lists=(toks, lps))
+    with torch.inference_mode():  # (the logits are the runner's inference tensors)
+        return _launch_on_device(sampler, logits, seqs, host)
+
+
+def _launch_on_device(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence],
+                      host: torch.Tensor | None) -> Launched:
+    B, V = logits.shape
+    dev = logits.device
+    x = logits.float()  # (B, V); the raw logits (a graph's fp32 output is masked in place below)
+    lse = torch.logsumexp(x, dim=-1)  # (B,)
+    ignore = [i for i, s in enumerate(seqs) if s.params.ignore_eos]
+    eos = [t for t in sampler.eos_token_ids if t < V]
+    if ignore and eos:  # (the raw logprob of a kept token is unchanged by the mask)
+        x[to_device(ignore, dev)[:, None], to_device(eos, dev)[None, :]] = float("-inf")
+    tokens = x.argmax(dim=-1)  # (B,) the greedy rows' answer
+    sampled = [i for i, s in enumerate(seqs) if s.params.temperature >= GREEDY_BELOW]
+    if sampled:
+        us = []
+        for i in sampled:  # one uniform number a row from its own generator, as `Sampler.sample`
+            s = seqs[i]
+            if s.generator is None:
+                s.generator = make_generator(s.params.seed, s.sample_index)
+            us.append(float(sampler._u.uniform_(generator=s.generator)))
+        ps = [seqs[i].params for i in sampled]
+        picked = draw_rows(x, sampled, [p.temperature for p in ps], us,
+                           [min(p.top_k, V) or V for p in ps], [p.top_p for p in ps])
+        tokens[to_device(sampled, dev)] = picked
+    chosen = x.gather(1, tokens[:, None]).squeeze(1) - lse  # (B,) raw logprobs
+    pair = torch.stack((tokens.double(), chosen.double()))  # (2, B)
+    if dev.type != "cuda":
+        return Launched(tokens, pair)
+    out = host[:2 * B].view(2, B)  # (contiguous: a strided destination would copy in two hops)
+    out.copy_(pair, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return Launched(tokens, out, event)
+
+
+@dataclass
+class Flight:
+    """A launched step: its plan, the sequence of each sampled row, its tokens."""
+
+    scheduled: list[tuple[Sequence, int]]
+    seqs: list[Sequence]
+    launched: Launched
+    feed: Feed | None  # what it read from the flight before it (its placeholders' sequences)
+
+
+class DecodeAhead:
+    """The engine's flights (see the module's Semantics)."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.flight: Flight | None = None
+        dev = next(engine.model.parameters()).device
+        self.device_ops = dev.type == "cuda"
+        self._host: list[torch.Tensor] = []  # two pinned (2 x max rows,) buffers, used in turn
+        self._turn = 0
+        self.launches = self.chains = 0  # counters (tests, benchmarks)
+
+    def eligible(self, seq: Sequence, pending: int) -> bool:
+        """Whether seq's next draw needs nothing but its logits (with `pending` tokens of it
+        still in flight)."""
+        p = seq.params
+        return not (p.presence_penalty or p.frequency_penalty or p.logit_bias or p.logprobs
+                    or p.prompt_logprobs is not None or p.max_tokens == 0
+                    or (p.best_of > 1 and not seq.forked)
+                    or (p.min_tokens and len(seq.token_ids) + pending - seq.num_prompt_tokens < p.min_tokens))
+
+    def take_off(self, sched: SchedulerOutput, result: StepResult) -> bool:
+        """Launch a step just run instead of landing it, if it may fly."""
+        seqs = result.sample_seqs
+        if result.prompt_logits or result.sample_logits is None or len(seqs) != len(sched.scheduled):
+            return False
+        for s in seqs:
+            if not self.eligible(s, 0):
+                return False
+        for seq, n in sched.scheduled:
+            seq.num_computed_tokens += n
+        self.flight = Flight(sched.scheduled, seqs, self._launch(result.sample_logits, seqs), None)
+        self.launches += 1
+        return True
+
+    def step(self) -> list[Request]:
+        """Chain the next step if it may fly, land the one in flight; the requests it touched."""
+        cur, self.flight = self.flight, None
+        nxt = self._chain(cur)
+        touched = self._land(cur, nxt)
+        self.flight = nxt
+        return touched
+
+    def _launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> Launched:
+        host = None
+        if self.device_ops and logits.device.type == "cuda":
+            b = logits.shape[0]
+            if not self._host or self._host[0].shape[0] < 2 * b:
+                self._host = [torch.empty(2 * max(b, self.engine.config.max_num_seqs), dtype=torch.float64,
+                                          pin_memory=True) for _ in range(2)]
+            host, self._turn = self._host[self._turn], 1 - self._turn
+        return launch_sample(self.engine.sampler, logits, seqs, self.device_ops, host)
+
+    def _chain(self, cur: Flight) -> Flight | None:
+        eng = self.engine
+        sch, bm = eng.scheduler, eng.block_manager
+        if sch.waiting:
+            return None  # admissions: the scheduler plans the next step
+        rows: list[tuple[int, Sequence]] = []
+        live = 0
+        for i, s in enumerate(cur.seqs):
+            if s.status is not _RUNNING:
+                continue  # aborted, or finished by an earlier flight
+            live += 1
+            p, after = s.params, len(s.token_ids) + 1  # its tokens once cur lands
+            if (p.max_tokens is not None and after - s.num_prompt_tokens >= p.max_tokens) or after >= eng.max_model_len:
+                continue  # cur's token ends it by length
+            if not self.eligible(s, 1):
+                return None
+            rows.append((i, s))
+        if not rows or live != len(sch.running):
+            return None  # nothing to chain, or a running sequence outside this flight
+        for _, s in rows:
+            s.token_ids.append(PLACEHOLDER)
+        if sum(bm.append_cost(s) for _, s in rows) > bm.num_free_blocks:
+            for _, s in rows:
+                s.token_ids.pop()
+            return None  # the scheduler will preempt
+        for _, s in rows:
+            bm.try_append(s)
+        scheduled = [(s, 1) for _, s in rows]
+        feed = Feed(cur.launched.tokens, {s.seq_id: i for i, s in rows})
+        result = eng.runner.run(scheduled, bm.take_copies(), feed)
+        for _, s in rows:
+            s.num_computed_tokens += 1
+        self.chains += 1
+        return Flight(scheduled, result.sample_seqs, self._launch(result.sample_logits, result.sample_seqs), feed)
+
+    def _land(self, cur: Flight, nxt: Flight | None) -> list[Request]:
+        eng = self.engine
+        toks, lps = cur.launched.result()
+        held = nxt.feed.src if nxt is not None else {}
+        commit, seq_req = eng.block_manager.commit, eng._seq_req
+        live, ltoks, llps = [], [], []
+        touched: dict[str, Request] = {}
+        for seq, tok, lp in zip(cur.seqs, toks, lps):
+            if seq.status is not _RUNNING:
+                continue  # aborted, or finished by the flight before: a wasted row
+            if seq.seq_id in held:  # its placeholder: the real token while its blocks register
+                seq.token_ids[-1] = tok
+                commit(seq)
+                seq.token_ids.pop()  # (`_append` puts it back)
+            else:
+                commit(seq)
+            live.append(seq)
+            ltoks.append(tok)
+            llps.append(lp)
+            req = seq_req[seq.seq_id]
+            touched[req.request_id] = req
+        eng._append(live, ltoks, llps, [None] * len(live))
+        return list(touched.values())

@@ -1,0 +1,191 @@
+"""`async_scheduling` (`engine.decode_ahead`): decode steps launched before the last one lands.
+Forced on here on the CPU: every stream is the synchronous engine's, token for token, with
+steps actually chained; aborts, admissions and a short KV cache in the middle of flights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shoal import kernels
+from shoal.engine.sampling_params import SamplingParams
+from tests.engine.test_async_outputs import run as run_workload
+from tests.engine.test_llm_engine import check_abort_mid_stream, make_llm, prompts
+
+
+def flying_workload() -> list[tuple[list[int], SamplingParams]]:
+    """Rows that may fly (greedy; seeded temperature, top_k, top_p; ignore_eos; stop strings and
+    ids; n samples; logprobs 0) and a few that may not (top logprobs, penalties, min_tokens)."""
+    ps = prompts(14, seed=41, lo=3, hi=40)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=17, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=7, max_tokens=15, top_p=0.9, ignore_eos=True),
+        SamplingParams(temperature=0.7, seed=8, max_tokens=12, top_k=5, stop=["e", "ab"]),
+        SamplingParams(temperature=0.0, max_tokens=9, stop_token_ids=[5, 9], logprobs=0),
+        SamplingParams(temperature=1.0, seed=9, n=2, max_tokens=10, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=1),
+        SamplingParams(temperature=1.0, seed=10, max_tokens=16, ignore_eos=True),
+    ]
+    late = [SamplingParams(temperature=1.0, seed=11, max_tokens=8, logprobs=3),
+            SamplingParams(temperature=0.0, max_tokens=8, presence_penalty=0.5),
+            SamplingParams(temperature=1.0, seed=12, max_tokens=12, min_tokens=5, ignore_eos=True)]
+    return [(p, params[i % len(params)]) for i, p in enumerate(ps[:11])] + list(zip(ps[11:], late))
+
+
+def drive(llm, work, add_after: int | None = None) -> dict:
+    """Per request its streamed deltas and final outputs; with `add_after`, the last 3 requests
+    join after that many steps (while others are in flight)."""
+    eng = llm.engine
+    first = work if add_after is None else work[:-3]
+    for i, (p, sp) in enumerate(first):
+        eng.add_request(f"w{i}", p, sp)
+    seen: dict[str, dict] = {}
+    step = 0
+    while eng.has_unfinished() or (add_after is not None and step <= add_after):
+        step += 1
+        if step == add_after:
+            for i, (p, sp) in enumerate(work[-3:], start=len(first)):
+                eng.add_request(f"w{i}", p, sp)
+        for out in eng.step():
+            got = seen.setdefault(out.request_id, {})
+            for c in out.outputs:
+                text, toks, lps = got.get(c.index, ("", [], []))
+                got[c.index] = (text + c.text_delta, toks + c.token_ids_delta, lps + (c.logprobs_delta or []))
+            if out.finished:
+                got["final"] = [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason,
+                                 c.cumulative_logprob, c.logprobs) for c in out.outputs]
+    return seen
+
+
+def check_idle(eng) -> None:
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    assert not eng.requests and not eng.scheduler.running and not eng.scheduler.waiting
+
+
+@pytest.mark.parametrize("add_after", [None, 5])
+def test_flights_stream_what_the_synchronous_engine_streams(tiny_llama, add_after):
+    """Without `add_after` the rows that may fly alone; with it the 3 that may not join in the
+    middle of flights (which land, then the steps run synchronously until those are done)."""
+    work = flying_workload()
+    if add_after is None:
+        work = work[:-3]
+    want = drive(make_llm(tiny_llama, max_num_batched_tokens=64), work, add_after)
+    llm = make_llm(tiny_llama, max_num_batched_tokens=64, async_scheduling=True)
+    got = drive(llm, work, add_after)
+    assert got == want  # every delta, text, token, logprob, finish and stop reason
+    assert len(got) == len(work) and all("final" in v for v in got.values())
+    ahead = llm.engine.ahead
+    assert ahead.launches >= (1 if add_after is None else 2) and ahead.chains >= 5  # steps flew, chained
+    check_idle(llm.engine)
+
+
+def test_the_mixed_workload_of_deferred_outputs_too(tiny_llama):
+    """Best_of > n, stop strings, top logprobs, min_tokens: the same streams (most rows land
+    synchronously), with and without deferred outputs."""
+    want, _ = run_workload(make_llm(tiny_llama, max_num_batched_tokens=64))
+    for deferred in (False, True):
+        llm = make_llm(tiny_llama, max_num_batched_tokens=64, async_scheduling=True, async_outputs=deferred)
+        got, _ = run_workload(llm)
+        assert got == want
+        check_idle(llm.engine)
+
+
+def test_a_short_kv_cache_lands_and_preempts_as_the_synchronous_engine(tiny_llama):
+    """24 blocks of 8 for 8 requests of up to 40 + 30 tokens: chains stop where a row would need
+    a block the cache lacks, the scheduler preempts; the same tokens."""
+    ps = prompts(8, seed=42, lo=10, hi=40)
+    sp = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    kw = dict(num_kv_blocks=24, max_num_batched_tokens=64)
+    want = [o.outputs[0].token_ids for o in make_llm(tiny_llama, **kw).generate(ps, sp)]
+    llm = make_llm(tiny_llama, async_scheduling=True, **kw)
+    assert [o.outputs[0].token_ids for o in llm.generate(ps, sp)] == want
+    assert llm.engine.ahead.chains > 0
+    check_idle(llm.engine)
+
+
+def test_abort_in_flight_frees_every_block_and_serves_on(tiny_llama):
+    llm = make_llm(tiny_llama, async_scheduling=True)
+    check_abort_mid_stream(llm, steps=4)
+    eng = llm.engine
+    eng.add_request("a", prompts(1, seed=43)[0], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    eng.add_request("b", prompts(1, seed=44)[0], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    assert eng.ahead.flight is not None  # "a" and "b" decode in flight
+    assert eng.abort("a")
+    rest = []
+    while eng.has_unfinished():
+        rest += eng.step()
+    assert {o.request_id for o in rest} == {"b"} and rest[-1].finished
+    assert len(rest[-1].outputs[0].token_ids) == 6
+    check_idle(eng)
+
+
+def test_device_sampling_gives_the_synchronous_tokens(tiny_llama):
+    """The CUDA path's sampling (PyTorch ops on the logits' device, the tokens copied back behind
+    an event) run on the CPU: with the CPU kernels off the synchronous sampler runs the same ops,
+    so the same tokens; logprobs to rounding (a batched logsumexp against one a row)."""
+    work = [w for w in flying_workload() if w[1].logprobs is None and not w[1].presence_penalty]
+    with kernels.disabled():
+        want = drive(make_llm(tiny_llama, max_num_batched_tokens=64), work)
+        llm = make_llm(tiny_llama, max_num_batched_tokens=64, async_scheduling=True)
+        llm.engine.ahead.device_ops = True
+        got = drive(llm, work)
+    assert llm.engine.ahead.chains >= 10
+    assert got.keys() == want.keys()
+    for rid, w in want.items():
+        g = got[rid]
+        for (gi, gt, gtoks, gfin, gstop, gcum, _), (wi, wt, wtoks, wfin, wstop, wcum, _) in zip(g["final"], w["final"]):
+            assert (gi, gt, gtoks, gfin, gstop) == (wi, wt, wtoks, wfin, wstop), rid
+            assert gcum == pytest.approx(wcum, abs=1e-4)
+    check_idle(llm.engine)
+
+
+def test_feed_reads_rows_from_the_tokens_in_flight():
+    from shoal.engine.decode_ahead import Feed
+
+    class S:
+        def __init__(self, i):
+            self.seq_id = i
+
+    tokens = torch.tensor([40, 41, 42, 43])
+    feed = Feed(tokens, {10: 0, 11: 1, 12: 2})
+    ids = torch.zeros(3, dtype=torch.long)
+    feed.apply(ids, *feed.pairs(range(3), [S(10), S(11), S(12)]))  # rows in order: one copy
+    assert ids.tolist() == [40, 41, 42]
+    feed = Feed(tokens, {10: 3, 12: 1})
+    ids = torch.full((4,), 7, dtype=torch.long)
+    dst, src = feed.pairs([0, 2, 3], [S(12), S(11), S(10)])
+    assert (dst, src) == ([0, 3], [1, 3])
+    feed.apply(ids, dst, src)
+    assert ids.tolist() == [41, 7, 7, 43]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("graphs", [True, False])
+def test_flights_on_a_gpu_give_the_synchronous_tokens(tiny_tokenizer_dir, tmp_path, graphs):
+    """On a GPU (fp32, tiny model): greedy rows the reference loop's tokens, seeded rows the
+    synchronous engine's, through chained steps (graphs fed from the step in flight), also with
+    a short KV cache."""
+    from shoal.model.loader import load_dir
+    from tests.engine.test_llm_engine import GREEDY, ref
+    from tests.helpers import hf_tiny_config, save_tiny_hf_dir
+
+    torch.manual_seed(0)
+    save_tiny_hf_dir(hf_tiny_config("llama", max_position_embeddings=512), tmp_path / "m", tiny_tokenizer_dir)
+    loaded = load_dir(str(tmp_path / "m"), dtype="float32", device="cuda")
+    ps = prompts(13, seed=46)
+    want = [ref(loaded.model, p) for p in ps]
+    work = [w for w in flying_workload() if w[1].logprobs is None and not w[1].presence_penalty]
+    seeded = drive(make_llm(loaded, device="cuda", cuda_graphs=graphs, max_num_batched_tokens=64), work)
+    for kw in ({}, {"num_kv_blocks": 16, "max_num_batched_tokens": 24}):
+        llm = make_llm(loaded, device="cuda", cuda_graphs=graphs, async_scheduling=True, **kw)
+        assert llm.engine.ahead.device_ops
+        assert [o.outputs[0].token_ids for o in llm.generate(ps, GREEDY)] == want
+        assert llm.engine.ahead.chains > 0
+        check_idle(llm.engine)
+    llm = make_llm(loaded, device="cuda", cuda_graphs=graphs, async_scheduling=True, max_num_batched_tokens=64)
+    got = drive(llm, work)
+    for rid, w in seeded.items():
+        assert [c[:5] for c in got[rid]["final"]] == [c[:5] for c in w["final"]], rid
