@@ -83,7 +83,7 @@ class Feed:
         if dst[-1] == n - 1 and src == dst:  # rows 0..n-1 from rows 0..n-1 (the usual chain)
             ids[:n].copy_(self.tokens[:n])
             return
-        idx = torch.tensor(dst + src, dtype=torch.long).to(ids.device, non_blocking=True)
+        idx = to_device(dst + src, ids.device, torch.long)
         ids.index_copy_(0, idx[:n], self.tokens.index_select(0, idx[n:]))
 
 
@@ -236,7 +236,8 @@ class DecodeAhead:
             return None  # nothing to chain, or a running sequence outside this flight
         for _, s in rows:
             s.token_ids.append(PLACEHOLDER)
-        if sum(bm.append_cost(s) for _, s in rows) > bm.num_free_blocks:
+        free = bm.num_free_blocks  # (a row's one new token takes at most one block: a new or a copied one)
+        if len(rows) > free and sum(bm.append_cost(s) for _, s in rows) > free:
             for _, s in rows:
                 s.token_ids.pop()
             return None  # the scheduler will preempt

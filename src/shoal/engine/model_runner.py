@@ -24,7 +24,7 @@ from ..model.transformer import Transformer
 from .cpu_decode import CPUDecodeForward
 from .decode_ahead import Feed
 from .decode_graphs import DecodeGraphs
-from .device_copy import to_device
+from .device_copy import move, to_device
 from .paged_attention import DecodeRows, PagedAttention, PagedKVCache, SeqAttention, build_decode_buckets
 from .sequence import Sequence
 from .triton_attention import TritonAttention
@@ -245,7 +245,7 @@ class ModelRunner:
         else:  # on a GPU all decode rows form one bucket (its kernels do not promise row invariance)
             buckets = build_decode_buckets(decode_items, self.window, self.device,
                                            single=self.device.type == "cuda")
-        slot_mapping = torch.cat(slot_chunks).to(self.device, non_blocking=True)  # (N,)
+        slot_mapping = move(torch.cat(slot_chunks), self.device)  # (N,)
         if tri:
             ctx = TritonAttention.build(self.cache, slot_mapping, self.num_heads, self.num_kv_heads, self.window,
                                         tables, lengths, tri_chunks)

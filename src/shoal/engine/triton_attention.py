@@ -22,6 +22,8 @@ import functools
 
 import torch
 
+from .device_copy import move, to_device
+
 
 @functools.cache
 def available() -> bool:
@@ -47,7 +49,7 @@ def pad_tables(tables: list[list[int]], device) -> torch.Tensor:
     flat = [0] * (len(tables) * w)
     for i, t in enumerate(tables):
         flat[i * w:i * w + len(t)] = t
-    return torch.tensor(flat, dtype=torch.int32).view(len(tables), w).to(device, non_blocking=True)
+    return move(torch.tensor(flat, dtype=torch.int32).view(len(tables), w), torch.device(device))
 
 
 class TritonAttention:
@@ -79,13 +81,12 @@ class TritonAttention:
         dev = cache.k.device
         decode = prefill = None
         if decode_tables:
-            lengths = torch.tensor(decode_lengths, dtype=torch.int32).to(dev, non_blocking=True)
+            lengths = to_device(decode_lengths, dev, torch.int32)
             decode = (pad_tables(decode_tables, dev), lengths)
         if chunks:
-            meta = torch.tensor([[c[1], c[2], c[3]] for c in chunks], dtype=torch.int32).t().contiguous().to(
-                dev, non_blocking=True)
+            meta = move(torch.tensor([[c[1], c[2], c[3]] for c in chunks], dtype=torch.int32).t().contiguous(), dev)
             prefill = (pad_tables([c[0] for c in chunks], dev), meta[0], meta[1], meta[2],
-                       prefill_tiles([c[2] for c in chunks]).to(dev, non_blocking=True))
+                       move(prefill_tiles([c[2] for c in chunks]), dev))
         return cls(cache, slot_mapping, num_heads, num_kv_heads, window, decode, prefill)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
