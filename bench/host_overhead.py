@@ -8,6 +8,7 @@ shrinks and these stay (issue 3's 256-request target needs them small), so they 
 here, on the CPU, where they run the same code.
 
     python bench/host_overhead.py [--rows 32,256] [--steps 100] [--temperature 0] [--top-p 1]
+        [--async-scheduling]
 
 No baseline runs beside it (HF `generate` has no scheduler or detokenizer to compare); the
 numbers are for comparing Shoal's commits with each other.
@@ -26,13 +27,15 @@ import time
 import torch
 
 
-def measure(path: str, rows: int, steps: int, temperature: float, top_p: float) -> dict[str, float]:
+def measure(path: str, rows: int, steps: int, temperature: float, top_p: float,
+            async_scheduling: bool = False) -> dict[str, float]:
     from shoal.config import EngineConfig
     from shoal.engine.llm_engine import LLMEngine
     from shoal.engine.sampling_params import SamplingParams
     from shoal.model.loader import load_dir
 
-    cfg = EngineConfig(model=path, dtype="bfloat16", device="cpu", max_num_seqs=rows, max_num_batched_tokens=8192)
+    cfg = EngineConfig(model=path, dtype="bfloat16", device="cpu", max_num_seqs=rows, max_num_batched_tokens=8192,
+                       async_scheduling=async_scheduling)
     engine = LLMEngine(cfg, load_dir(path, dtype=torch.bfloat16, device="cpu"))
     rng = random.Random(0)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=steps + 16, ignore_eos=True)
@@ -52,7 +55,10 @@ def measure(path: str, rows: int, steps: int, temperature: float, top_p: float) 
 
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
     engine.runner.run = timed("run", engine.runner.run)
-    engine._postprocess = timed("postprocess", engine._postprocess)
+    if engine.ahead is not None:  # flights: a landing appends and checks stops (sampled at launch)
+        engine.ahead._land = timed("postprocess", engine.ahead._land)
+    else:
+        engine._postprocess = timed("postprocess", engine._postprocess)
     engine._outputs = timed("outputs", engine._outputs)
     if hasattr(engine.sampler, "sample"):
         engine.sampler.sample = timed("sampler", engine.sampler.sample)
@@ -62,8 +68,9 @@ def measure(path: str, rows: int, steps: int, temperature: float, top_p: float) 
         t = time.perf_counter()
         engine.step()
         spent["step"].append(time.perf_counter() - t)
-    ms = {k: statistics.median(v) * 1e3 for k, v in spent.items()}
-    ms["postprocess"] -= ms["sampler"]  # (the sampler runs inside the postprocess)
+    ms = {k: statistics.median(v) * 1e3 if v else 0.0 for k, v in spent.items()}  # (flights: no schedule)
+    if engine.ahead is None:
+        ms["postprocess"] -= ms["sampler"]  # (the sampler runs inside the postprocess)
     return ms
 
 
@@ -74,6 +81,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="decode steps in flight (`engine.decode_ahead`): chained and landed, not scheduled")
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "shoal-gpu-bench"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,12 +96,13 @@ def main() -> None:
     print(f"{'rows':>5s} {'step ms':>8s} {'schedule':>9s} {'run':>7s} {'sampler':>8s} {'postprocess':>12s}"
           f" {'outputs':>8s} {'us a row (schedule, postprocess, outputs)':>42s}")
     for rows in (int(r) for r in args.rows.split(",")):
-        ms = measure(path, rows, args.steps, args.temperature, args.top_p)
+        ms = measure(path, rows, args.steps, args.temperature, args.top_p, args.async_scheduling)
         results[rows] = ms
         per_row = (ms["schedule"] + ms["postprocess"] + ms["outputs"]) / rows * 1e3
         print(f"{rows:5d} {ms['step']:8.2f} {ms['schedule']:9.2f} {ms['run']:7.2f} {ms['sampler']:8.2f}"
               f" {ms['postprocess']:12.2f} {ms['outputs']:8.2f} {per_row:42.1f}")
     print(json.dumps({"threads": args.threads, "temperature": args.temperature, "top_p": args.top_p,
+                      "async_scheduling": args.async_scheduling,
                       "steps": args.steps, "ms": results}))
 
 
