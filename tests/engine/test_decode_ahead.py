@@ -189,3 +189,22 @@ def test_flights_on_a_gpu_give_the_synchronous_tokens(tiny_tokenizer_dir, tmp_pa
     got = drive(llm, work)
     for rid, w in seeded.items():
         assert [c[:5] for c in got[rid]["final"]] == [c[:5] for c in w["final"]], rid
+
+
+@pytest.mark.parametrize("invariant", [True, False])
+def test_flights_register_the_prefix_blocks_the_synchronous_engine_does(tiny_llama, invariant):
+    """A second turn (the first's prompt and answer, and more) after a first run in flight hits
+    the same cached blocks as after a synchronous run, and gives the same tokens; without the
+    batch-invariant mode blocks that decode steps filled are reused too."""
+    p = prompts(1, seed=47, lo=21, hi=21)[0]
+    sp = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    seen = []
+    for flights in (False, True):
+        llm = make_llm(tiny_llama, async_scheduling=flights, batch_invariant=invariant)
+        first = llm.generate([p], sp)[0].outputs[0].token_ids
+        second = llm.generate([p + first + [5, 6]], SamplingParams(temperature=0.0, max_tokens=8))[0]
+        seen.append((first, second.num_cached_tokens, second.outputs[0].token_ids))
+        if flights:
+            assert llm.engine.ahead.chains > 20
+    assert seen[0] == seen[1]
+    assert seen[0][1] >= (16 if invariant else 48)  # whole blocks of 8: the prompt's, then the answer's

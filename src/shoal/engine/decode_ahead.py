@@ -255,17 +255,23 @@ class DecodeAhead:
         eng = self.engine
         toks, lps = cur.launched.result()
         held = nxt.feed.src if nxt is not None else {}
-        commit, seq_req = eng.block_manager.commit, eng._seq_req
+        bm, seq_req, chained = eng.block_manager, eng._seq_req, cur.feed
+        commit, bs = bm.commit, bm.block_size
         live, ltoks, llps = [], [], []
         touched: dict[str, Request] = {}
         for seq, tok, lp in zip(cur.seqs, toks, lps):
             if seq.status is not _RUNNING:
                 continue  # aborted, or finished by the flight before: a wasted row
+            # blocks to register: after a take-off any (a prompt chunk may have filled several);
+            # after a chain only the block of the one position computed since the last landing
+            # (the chained row's: the length counts its placeholder), when it is a block's last
+            fills = chained is None or len(seq.token_ids) % bs == 0
             if seq.seq_id in held:  # its placeholder: the real token while its blocks register
-                seq.token_ids[-1] = tok
-                commit(seq)
-                seq.token_ids.pop()  # (`_append` puts it back)
-            else:
+                if fills:
+                    seq.token_ids[-1] = tok
+                    commit(seq)
+                seq.token_ids.pop()  # (`_append` puts the token back)
+            elif fills:
                 commit(seq)
             live.append(seq)
             ltoks.append(tok)
