@@ -8,7 +8,7 @@ shrinks and these stay (issue 3's 256-request target needs them small), so they 
 here, on the CPU, where they run the same code.
 
     python bench/host_overhead.py [--rows 32,256] [--steps 100] [--temperature 0] [--top-p 1]
-        [--async-scheduling]
+        [--async-scheduling] [--final-only]
 
 No baseline runs beside it (HF `generate` has no scheduler or detokenizer to compare); the
 numbers are for comparing Shoal's commits with each other.
@@ -28,7 +28,7 @@ import torch
 
 
 def measure(path: str, rows: int, steps: int, temperature: float, top_p: float,
-            async_scheduling: bool = False) -> dict[str, float]:
+            async_scheduling: bool = False, final_only: bool = False) -> dict[str, float]:
     from shoal.config import EngineConfig
     from shoal.engine.llm_engine import LLMEngine
     from shoal.engine.sampling_params import SamplingParams
@@ -40,7 +40,7 @@ def measure(path: str, rows: int, steps: int, temperature: float, top_p: float,
     rng = random.Random(0)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=steps + 16, ignore_eos=True)
     for i in range(rows):
-        engine.add_request(f"r{i}", [rng.randrange(100, 40000) for _ in range(64)], params)
+        engine.add_request(f"r{i}", [rng.randrange(100, 40000) for _ in range(64)], params, final_only=final_only)
     for _ in range(8):  # the prompts' prefill and a few decode steps
         engine.step()
     spent: dict[str, list[float]] = {k: [] for k in ("schedule", "run", "sampler", "postprocess", "outputs", "step")}
@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--final-only", action="store_true",
+                    help="requests report only their finished output (as `LLM.generate`'s): no outputs a step")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="decode steps in flight (`engine.decode_ahead`): chained and landed, not scheduled")
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "shoal-gpu-bench"))
@@ -96,13 +98,13 @@ def main() -> None:
     print(f"{'rows':>5s} {'step ms':>8s} {'schedule':>9s} {'run':>7s} {'sampler':>8s} {'postprocess':>12s}"
           f" {'outputs':>8s} {'us a row (schedule, postprocess, outputs)':>42s}")
     for rows in (int(r) for r in args.rows.split(",")):
-        ms = measure(path, rows, args.steps, args.temperature, args.top_p, args.async_scheduling)
+        ms = measure(path, rows, args.steps, args.temperature, args.top_p, args.async_scheduling, args.final_only)
         results[rows] = ms
         per_row = (ms["schedule"] + ms["postprocess"] + ms["outputs"]) / rows * 1e3
         print(f"{rows:5d} {ms['step']:8.2f} {ms['schedule']:9.2f} {ms['run']:7.2f} {ms['sampler']:8.2f}"
               f" {ms['postprocess']:12.2f} {ms['outputs']:8.2f} {per_row:42.1f}")
     print(json.dumps({"threads": args.threads, "temperature": args.temperature, "top_p": args.top_p,
-                      "async_scheduling": args.async_scheduling,
+                      "async_scheduling": args.async_scheduling, "final_only": args.final_only,
                       "steps": args.steps, "ms": results}))
 
 

@@ -33,3 +33,33 @@ def test_prefix_reads_its_span_only():
     p = Prefix(src, 1, 3)
     src += [4, 5]
     assert p.get() == [2, 3] and p == [2, 3] and p == Prefix(src, 1, 3) and repr(p) == "[2, 3]"
+
+
+def test_final_only_requests_report_once_what_a_stream_ends_with(tiny_llama):
+    """`final_only` (`LLM.generate`, evaluations): one output, when finished, equal to the last
+    output of the same request streamed; streamed requests beside it report every step."""
+    ps = prompts(3, seed=51)
+    params = [SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, logprobs=1),
+              SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=7, stop=["e"]),
+              SamplingParams(temperature=1.0, seed=4, n=2, best_of=3, max_tokens=5)]
+
+    def run(final_only: bool) -> dict:
+        eng = make_llm(tiny_llama).engine
+        for i, (p, sp) in enumerate(zip(ps, params)):
+            eng.add_request(f"f{i}", p, sp, final_only=final_only)
+        eng.add_request("streamed", ps[0], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+        seen: dict[str, list] = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                seen.setdefault(o.request_id, []).append(o)
+        return seen
+
+    streamed, final = run(False), run(True)
+    assert len(final["streamed"]) == len(streamed["streamed"]) == 6
+    for i in range(3):
+        assert len(final[f"f{i}"]) == 1 and final[f"f{i}"][0].finished
+        got, want = final[f"f{i}"][0], streamed[f"f{i}"][-1]
+        for g, w in zip(got.outputs, want.outputs, strict=True):
+            assert (g.index, g.text, g.token_ids, g.finish_reason, g.stop_reason, g.cumulative_logprob, g.logprobs) == (
+                w.index, w.text, w.token_ids, w.finish_reason, w.stop_reason, w.cumulative_logprob, w.logprobs)
+            assert g.text_delta == g.text and g.token_ids_delta == g.token_ids  # all of it at once

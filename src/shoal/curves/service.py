@@ -111,7 +111,7 @@ async def exact_match_errors(engine, holdout: bytes, models: list[str | None],
         n = len(tok.encode(ref, add_special_tokens=False)) + max_tokens_extra
         params = SamplingParams(temperature=0.0, max_tokens=n)
         last = None
-        async for out in engine.generate(prompt, params, f"curve-{adapter}-{i}", adapter):
+        async for out in engine.generate(prompt, params, f"curve-{adapter}-{i}", adapter, final_only=True):
             last = out
         return _norm(last.outputs[0].text) == _norm(ref)
 

@@ -111,9 +111,10 @@ class AsyncEngine:
     # ---- public API -------------------------------------------------------------------------
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None,
-                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, adapter: str | None = None,
+                       final_only: bool = False) -> AsyncIterator[RequestOutput]:
         """Stream RequestOutputs for one request; ValueError (naming the field) for bad input.
+        `final_only`: only the finished output (no output built or delivered each step).
 
         Close the stream when leaving early (`async with contextlib.aclosing(...)`, or a server
         cancelling the task): that aborts the request at once."""
@@ -122,7 +123,7 @@ class AsyncEngine:
         self._streams[rid] = (asyncio.get_running_loop(), q)
         finished = False
         try:
-            await self._call(lambda: self.engine.add_request(rid, prompt, params, adapter))
+            await self._call(lambda: self.engine.add_request(rid, prompt, params, adapter, final_only))
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):

@@ -45,7 +45,8 @@ class LLM:
         adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
         if len(params) != n or len(adapters) != n:
             raise ValueError("sampling_params/adapter: give one, or one per prompt")
-        ids = [self.engine.add_request(None, p, sp, a) for p, sp, a in zip(prompts, params, adapters)]
+        ids = [self.engine.add_request(None, p, sp, a, final_only=True)  # (no stream read here)
+               for p, sp, a in zip(prompts, params, adapters)]
         order = {rid: i for i, rid in enumerate(ids)}
         results: list[RequestOutput | None] = [None] * n
         while self.engine.has_unfinished():

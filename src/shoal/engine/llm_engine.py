@@ -143,14 +143,15 @@ class LLMEngine:
     # ---- requests ---------------------------------------------------------------------------
 
     def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams,
-                    adapter: str | None = None) -> str:
-        """Queue a request; raises ValueError naming the bad field. Returns its id."""
+                    adapter: str | None = None, final_only: bool = False) -> str:
+        """Queue a request; raises ValueError naming the bad field. Returns its id. `final_only`:
+        `step` returns its output once, finished (no per-step outputs to build)."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request_id: {request_id!r} is already running")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         self._validate(ids, params, adapter)
-        req = Request(request_id, ids, params, adapter)
+        req = Request(request_id, ids, params, adapter, final_only=final_only)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         seq = Sequence(request_id, ids, params, adapter=adapter, sample_index=0)
@@ -304,6 +305,8 @@ class LLMEngine:
         for req in touched:
             if self.requests.get(req.request_id) is not req:
                 continue  # aborted meanwhile (async_outputs)
+            if req.final_only and not req.all_done:
+                continue
             out = self.outputs.request_output(req)  # (None: not done, best_of ranks at the end)
             if out is not None:
                 outs.append(out)

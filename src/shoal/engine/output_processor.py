@@ -41,6 +41,7 @@ class Request:
     states: dict[int, SeqState] = field(default_factory=dict)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finished: bool = False
+    final_only: bool = False  # report only the finished output (the caller reads no stream)
 
     @property
     def all_done(self) -> bool:
