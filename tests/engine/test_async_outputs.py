@@ -34,14 +34,20 @@ def run(llm) -> tuple[dict, list[int]]:
         step += 1
         for out in eng.step():
             first.setdefault(out.request_id, step)
-            got = seen.setdefault(out.request_id, {})
-            for c in out.outputs:
-                text, toks, lps = got.get(c.index, ("", [], []))
-                got[c.index] = (text + c.text_delta, toks + c.token_ids_delta, lps + (c.logprobs_delta or []))
-            if out.finished:
-                got["final"] = [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason,
-                                 c.cumulative_logprob, c.logprobs) for c in out.outputs]
+            record(seen, out)
     return seen, [first[f"w{i}"] for i in range(len(workload()))]
+
+
+def record(seen: dict[str, dict], out) -> None:
+    """Add one RequestOutput to `seen`: per completion index the deltas joined, and the finished
+    output's totals under "final"."""
+    got = seen.setdefault(out.request_id, {})
+    for c in out.outputs:
+        text, toks, lps = got.get(c.index, ("", [], []))
+        got[c.index] = (text + c.text_delta, toks + c.token_ids_delta, lps + (c.logprobs_delta or []))
+    if out.finished:
+        got["final"] = [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason,
+                         c.cumulative_logprob, c.logprobs) for c in out.outputs]
 
 
 def test_deferred_outputs_stream_the_same_one_step_later(tiny_llama):

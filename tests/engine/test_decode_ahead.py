@@ -9,6 +9,7 @@ import torch
 
 from shoal import kernels
 from shoal.engine.sampling_params import SamplingParams
+from tests.engine.test_async_outputs import record
 from tests.engine.test_async_outputs import run as run_workload
 from tests.engine.test_llm_engine import check_abort_mid_stream, make_llm, prompts
 
@@ -47,13 +48,7 @@ def drive(llm, work, add_after: int | None = None) -> dict:
             for i, (p, sp) in enumerate(work[-3:], start=len(first)):
                 eng.add_request(f"w{i}", p, sp)
         for out in eng.step():
-            got = seen.setdefault(out.request_id, {})
-            for c in out.outputs:
-                text, toks, lps = got.get(c.index, ("", [], []))
-                got[c.index] = (text + c.text_delta, toks + c.token_ids_delta, lps + (c.logprobs_delta or []))
-            if out.finished:
-                got["final"] = [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason,
-                                 c.cumulative_logprob, c.logprobs) for c in out.outputs]
+            record(seen, out)
     return seen
 
 
