@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: the CUDA tests, then the 256-request benchmark (both real shapes,
 # random weights, HF `generate` at batch 256 in the same process, Shoal's defaults and the
-# `gather` and `ahead` modes, the step-phase probe). Logs and JSON go to ${OUT:-.}; ~2.5 minutes on an H200.
+# `gather` and `ahead` modes, the step-phase probe). Logs and JSON go to ${OUT:-.}; ~2.5 minutes on an H200 with two modes, ~3.5 with three.
 # Usage (repo root): TOKENIZER_DIR=DIR bash bench/gpu_check.sh   (DIR: tokenizer.json and
 # tokenizer_config.json of the default model, e.g. $SHOAL_HOME/models/SmolLM2-135M-Instruct)
 set -uo pipefail
@@ -12,6 +12,6 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -p no:cacheprovider -q -m gpu tests/kernels \
   tests/engine/test_decode_graphs.py tests/engine/test_decode_ahead.py tests/lora/test_layers.py > "$out/gpu-tests.log" 2>&1
 tail -3 "$out/gpu-tests.log"
-timeout "${BENCH_TIMEOUT:-300}" python3 bench/gpu_engine.py --device cuda --tokenizer-dir "${TOKENIZER_DIR:?}" \
+timeout "${BENCH_TIMEOUT:-420}" python3 bench/gpu_engine.py --device cuda --tokenizer-dir "${TOKENIZER_DIR:?}" \
   --modes "${MODES:-graphs,ahead,gather}" --phases --json "$out/gpu-bench.json" > "$out/gpu-bench.log" 2>&1
 grep -E "^(smollm2|llama)-[^{]*(requests|request|batch 256) \{" "$out/gpu-bench.log" | cut -c1-200

@@ -127,16 +127,23 @@ def main() -> None:
                                **MODES[mode])
             engine = LLMEngine(cfg, load_dir(path, dtype=dtype, device=args.device))
             name = f"{shape} shoal" + ("" if mode == "graphs" else f" {mode}")
-            run_shoal(engine, make_prompts(4, 16, 16, 9, 49152), 4, sync=sync)  # warm-up
+            # a step's outputs are host values, so its tokens are done when it returns; the other
+            # modes synchronize after each step (their GPU is idle by then: their sampler waited),
+            # a step in flight must not be waited for (that would serialize the flights)
+            ssync = None if cfg.async_scheduling else sync
+            run_shoal(engine, make_prompts(4, 16, 16, 9, 49152), 4, sync=ssync)  # warm-up
             # a first pass over prompts of the same lengths (other tokens: no prefix-cache hits
             # in the measured pass) captures the graphs its buckets need; reported apart
-            first = run_shoal(engine, warm, args.out, sync=sync, temperature=T)
-            results[f"{name}, {args.requests} requests"] = run_shoal(engine, prompts, args.out, sync=sync,
+            first = run_shoal(engine, warm, args.out, sync=ssync, temperature=T)
+            results[f"{name}, {args.requests} requests"] = run_shoal(engine, prompts, args.out, sync=ssync,
                                                                      temperature=T)
             results[f"{name}, {args.requests} requests"]["first_pass_s"] = first["seconds"]
-            run_shoal(engine, warm[:1], args.out, sync=sync, temperature=T)
-            results[f"{name}, 1 request"] = run_shoal(engine, prompts[:1], args.out, sync=sync, temperature=T)
-            if args.phases:
+            run_shoal(engine, warm[:1], args.out, sync=ssync, temperature=T)
+            results[f"{name}, 1 request"] = run_shoal(engine, prompts[:1], args.out, sync=ssync, temperature=T)
+            if cfg.async_scheduling:
+                results[f"{name}, 1 request"]["flights"] = {"launches": engine.ahead.launches,
+                                                            "chains": engine.ahead.chains}
+            if args.phases and not cfg.async_scheduling:  # (the probe waits after each forward)
                 from step_phases import probe
 
                 for k, ps in ((f"{name}, {args.requests} requests, phases", prompts),
