@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: the CUDA tests, then the 256-request benchmark (both real shapes,
 # random weights, HF `generate` at batch 256 in the same process, Shoal's defaults and the
-# `gather` and `ahead` modes, the step-phase probe). Logs and JSON go to ${OUT:-.}; ~2.5 minutes on an H200 with two modes, ~3.5 with three.
+# `gather` and `ahead` modes, the step-phase probe). Logs and JSON go to ${OUT:-.}; ~2.5 minutes on an H200 with two modes (three: not timed yet).
 # Usage (repo root): TOKENIZER_DIR=DIR bash bench/gpu_check.sh   (DIR: tokenizer.json and
 # tokenizer_config.json of the default model, e.g. $SHOAL_HOME/models/SmolLM2-135M-Instruct)
 set -uo pipefail
