@@ -67,6 +67,22 @@ def test_mixed_adapter_batch_equals_merged_weights(setup):
     assert differs > 0  # the adapters really change the output
 
 
+def test_adapter_rows_in_flight_equal_merged_weights(setup):
+    """`async_scheduling`: chained steps of base and adapter rows (each row's slot as in a
+    synchronous step) give each adapter's merged-weights tokens; with 2 slots for 5 adapters the
+    steps that must swap slots run synchronously."""
+    root, paths, merged = setup
+    names = [None, "ad0", "ad1", "ad2", "ad3", "ad4"] * 2
+    ps = prompts(len(names), seed=32)
+    sp = SamplingParams(temperature=0.0, max_tokens=12)
+    for kw in ({}, {"max_loras": 2, "max_cpu_loras": 2}):
+        llm = engine(root, paths, async_scheduling=True, **kw)
+        outs = llm.generate(ps, sp, adapter=names)
+        for p, name, out in zip(ps, names, outs):
+            assert out.outputs[0].token_ids == generate(merged[name], p, 12, stop_token_ids=STOPS), (kw, name)
+        assert llm.engine.ahead.chains > 0
+
+
 def test_two_slots_serve_five_adapters(setup):
     root, paths, merged = setup
     llm = engine(root, paths, max_loras=2, max_cpu_loras=2)
