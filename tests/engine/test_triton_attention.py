@@ -76,6 +76,27 @@ def test_prefix_cache_hit_and_sliding_window(kern, tiny_llama, tiny_mistral):
     assert [o.outputs[0].token_ids for o in outs] == [ref(tiny_mistral.model, p, 10) for p in ps]
 
 
+def test_chunk_slots_are_each_positions_slot():
+    """Short chunks in the shared array, long ones as tensors, in order after the lead."""
+    import random
+
+    import torch
+
+    from shoal.engine.triton_attention import chunk_slots
+
+    rng = random.Random(0)
+    bs = 8
+    chunks = []
+    for length in (1, 1, 3, 200, 5, 64, 1, 130, 9):
+        start = rng.randrange(0, 40)
+        end = start + length
+        chunks.append(([rng.randrange(1000) for _ in range(-(-end // bs))], start, end))
+    want = [7, 9] + [t[p // bs] * bs + p % bs for t, s, e in chunks for p in range(s, e)]
+    got = chunk_slots([7, 9], chunks, bs)
+    assert got.dtype == torch.long and got.tolist() == want
+    assert chunk_slots([], [], bs).tolist() == [] and chunk_slots([4], [], bs).tolist() == [4]
+
+
 def test_pad_tables():
     t = pad_tables([[3, 1], [], [7, 8, 9]], "cpu")
     assert t.tolist() == [[3, 1, 0], [0, 0, 0], [7, 8, 9]] and str(t.dtype) == "torch.int32"

@@ -27,7 +27,7 @@ from .decode_graphs import DecodeGraphs
 from .device_copy import move, to_device
 from .paged_attention import DecodeRows, PagedAttention, PagedKVCache, SeqAttention, build_decode_buckets
 from .sequence import Sequence
-from .triton_attention import TritonAttention
+from .triton_attention import TritonAttention, chunk_slots
 from .triton_attention import available as triton_available
 from .triton_attention import supports as triton_supports
 
@@ -103,13 +103,6 @@ class ModelRunner:
         nblocks = -(-ctx_len // self.block_size)
         blocks = torch.tensor(seq.block_table[:nblocks])
         return (blocks[:, None] * self.block_size + self._block_offsets).flatten()[:ctx_len]
-
-    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        """(end - start,) cache slots of positions start..end-1, on the CPU."""
-        b0 = start // self.block_size
-        blocks = torch.tensor(seq.block_table[b0:-(-end // self.block_size)])
-        slots = (blocks[:, None] * self.block_size + self._block_offsets).flatten()
-        return slots[start - b0 * self.block_size:end - b0 * self.block_size]
 
     def _run_graphed(self, scheduled: list[tuple[Sequence, int]], feed: Feed | None) -> StepResult | None:
         """A decode-only step through the graphs; None when the step has a prefill chunk."""
@@ -190,6 +183,7 @@ class ModelRunner:
         tables: list[list[int]] = []
         lengths: list[int] = []
         tri_chunks: list[tuple[list[int], int, int, int]] = []  # (block table, first row, rows, context)
+        tri_slots: list[tuple[list[int], int, int]] = []  # (block table, start, end): the chunks' new slots
         for seq, n, decode in rows:
             start = seq.num_computed_tokens
             end = start + n
@@ -208,7 +202,7 @@ class ModelRunner:
                     tables += [seq.block_table] * n
                     lengths += range(start + 1, end + 1)
             elif tri:  # a prefill chunk for the Triton kernel: its new slots, no context slots
-                slot_chunks.append(self._slots(seq, start, end))
+                tri_slots.append((seq.block_table, start, end))
                 tri_chunks.append((seq.block_table, q_start, n, end))
             else:
                 ctx = self._ctx_slots(seq, end)  # (end,)
@@ -237,7 +231,7 @@ class ModelRunner:
         if tri:  # Triton: each decode row's new token goes to the slot of its last position
             bs = self.block_size
             last = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lengths)]
-            slot_chunks.insert(0, torch.tensor(last, dtype=torch.long))
+            slot_chunks.append(chunk_slots(last, tri_slots, bs))  # (then the chunks' new slots)
         elif by_table:  # CPU: one kernel call a layer, in place
             decode_rows = DecodeRows.from_tables(list(range(n_decode)), tables, lengths, self.block_size,
                                                  self.cache.k.shape[2])

@@ -19,6 +19,7 @@ Decode rows come first in the step's rows (`ModelRunner` orders them so).
 from __future__ import annotations
 
 import functools
+from array import array
 
 import torch
 
@@ -41,6 +42,37 @@ MAX_HEAD_DIM = 256  # both kernels' limit (`triton_decode.MAX_HEAD_DIM`, `triton
 def supports(head_dim: int) -> bool:
     """Can the kernels take this head size? (Else the engine keeps the gather path.)"""
     return 1 <= head_dim <= MAX_HEAD_DIM
+
+
+SHORT_CHUNK_BLOCKS = 8  # chunks over at most this many blocks: their slots in the shared array
+
+
+def chunk_slots(lead: list[int], chunks: list[tuple[list[int], int, int]], block_size: int) -> torch.Tensor:
+    """(len(lead) + sum of chunk lengths,) int64 on the CPU: `lead` (the decode rows' new slots),
+    then for each (block table, start, end) the cache slots of positions start..end-1 (position p
+    at table[p // bs] * bs + p % bs). Short chunks go into one int64 array a block run at a time,
+    long ones as a tensor each (2-core EPYC: 256 one-token chunks 2.9 ms as a tensor each, 0.12
+    ms so; 28 chunks of 64-512 tokens 0.40 ms as tensors, 0.48 in the array)."""
+    bs, parts, flat = block_size, [], array("q", lead)
+    for table, start, end in chunks:
+        b0, b1 = start // bs, -(-end // bs)
+        if b1 - b0 > SHORT_CHUNK_BLOCKS:  # (a long prompt chunk: a few tensor ops, not a loop)
+            if flat:
+                parts.append(torch.frombuffer(flat, dtype=torch.long))
+                flat = array("q")
+            blocks = torch.tensor(table[b0:b1], dtype=torch.long)
+            parts.append((blocks[:, None] * bs + torch.arange(bs)).flatten()[start - b0 * bs:end - b0 * bs])
+            continue
+        p = start
+        while p < end:  # one run of positions per block
+            b, off = divmod(p, bs)
+            n = min(bs - off, end - p)
+            first = table[b] * bs + off
+            flat.extend(range(first, first + n))
+            p += n
+    if flat or not parts:
+        parts.append(torch.frombuffer(flat, dtype=torch.long) if flat else torch.zeros(0, dtype=torch.long))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def pad_tables(tables: list[list[int]], device) -> torch.Tensor:
