@@ -82,6 +82,37 @@ def test_serve_names_a_bad_lora_dtype(home, capsys, monkeypatch):
     assert "lora_dtype: must be auto or int8" in capsys.readouterr().err
 
 
+def test_serve_sizes_the_batch_for_its_device():
+    """Unset flags take the device's defaults (a CPU's small batches, a GPU's wide ones and its
+    KV cache from free memory); set flags win, 0 included (the engine's config then refuses it)."""
+    from shoal.cli import build_parser
+    from shoal.cli.serve import batch_defaults
+
+    parse = build_parser().parse_args
+    assert batch_defaults(parse(["serve"])) == {"max_num_seqs": 64, "max_num_batched_tokens": 512,
+                                                "kv_cache_memory": 256 * 2**20}
+    assert batch_defaults(parse(["serve", "--device", "cuda"])) == {
+        "max_num_seqs": 256, "max_num_batched_tokens": 8192, "kv_cache_memory": None}
+    got = batch_defaults(parse(["serve", "--device", "cuda:1", "--kv-cache-mb", "512", "--max-num-seqs", "0"]))
+    assert got == {"max_num_seqs": 0, "max_num_batched_tokens": 8192, "kv_cache_memory": 512 * 2**20}
+
+
+def test_kv_cache_budget_takes_half_the_free_gpu_memory(monkeypatch):
+    import torch
+
+    from shoal.config import EngineConfig
+    from shoal.engine.llm_engine import kv_cache_budget
+
+    assert kv_cache_budget(torch.device("cpu")) == 256 * 2**20
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
+    assert kv_cache_budget(torch.device("cuda")) == 5 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 80 * 2**30))
+    assert kv_cache_budget(torch.device("cuda")) == 64 * 2**20  # (a floor: some cache, a clear OOM later)
+    assert EngineConfig(kv_cache_memory=None).kv_cache_memory is None
+    with pytest.raises(ValueError, match="kv_cache_memory"):
+        EngineConfig(kv_cache_memory=0)
+
+
 def test_serve_freezes_start_up_objects_out_of_the_collectors_scans():
     import gc
 

@@ -32,8 +32,10 @@ class EngineConfig:
     """Longest prompt + completion; None = the model's context length."""
     block_size: int = 16
     """Tokens per KV-cache block."""
-    kv_cache_memory: int = 256 * 2**20
-    """Bytes for the KV cache (split into blocks)."""
+    kv_cache_memory: int | None = 256 * 2**20
+    """Bytes for the KV cache (split into blocks). None: on CUDA half the device memory free once
+    the model is loaded (the rest for activations, the logits and the decode graphs), on a CPU
+    256 MiB (`engine.llm_engine.kv_cache_budget`)."""
     num_kv_blocks: int | None = None
     """Exact number of KV blocks (overrides kv_cache_memory; tests use it to force preemption)."""
     enable_prefix_caching: bool = True
@@ -120,7 +122,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory",
                      "max_loras", "max_lora_rank", "max_cpu_loras"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len: must be positive, got {self.max_model_len}")

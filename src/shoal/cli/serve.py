@@ -28,9 +28,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"host: refusing to serve on {settings.host} without API keys (open mode "
                          f"is for loopback only); create one: shoal keys create --org NAME")
     torch.set_num_threads(args.threads)
+    sized = batch_defaults(args)
     cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_mb * 2**20,
+                       max_num_seqs=sized["max_num_seqs"], max_num_batched_tokens=sized["max_num_batched_tokens"],
+                       max_model_len=args.max_model_len, kv_cache_memory=sized["kv_cache_memory"],
                        enable_lora=not args.no_lora, max_loras=args.max_loras,
                        max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
                        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
@@ -73,6 +74,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
             w.wait(timeout=10)
         engine.shutdown()
     return 0
+
+
+# the batch's size where the flags leave it: (max_num_seqs, max_num_batched_tokens, KV MiB or None)
+BATCH_DEFAULTS = {
+    "cpu": (64, 512, 256),
+    # a GPU runs 256 rows and 8,192-token prefill steps as cheaply as a few (the H200 benchmark's
+    # settings); KV: half the memory free once the model is loaded (`kv_cache_budget`)
+    "cuda": (256, 8192, None),
+}
+
+
+def batch_defaults(args: argparse.Namespace) -> dict:
+    """max_num_seqs, max_num_batched_tokens and kv_cache_memory (bytes, None = the engine's
+    share of free GPU memory): the flags, else the device's defaults."""
+    seqs, tokens, kv_mb = BATCH_DEFAULTS["cuda" if str(args.device).startswith("cuda") else "cpu"]
+    kv_mb = args.kv_cache_mb if args.kv_cache_mb is not None else kv_mb
+    return {"max_num_seqs": args.max_num_seqs if args.max_num_seqs is not None else seqs,
+            "max_num_batched_tokens": args.max_num_batched_tokens if args.max_num_batched_tokens is not None else tokens,
+            "kv_cache_memory": kv_mb * 2**20 if kv_mb is not None else None}
 
 
 def freeze_startup_objects() -> int:
@@ -130,10 +150,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--async-scheduling", action="store_true", help=h["async_scheduling"])
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: robust when other work shares the CPU)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help=h["max_num_seqs"])
-    p.add_argument("--max-num-batched-tokens", type=int, default=512, help=h["max_num_batched_tokens"])
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help=h["max_num_seqs"] + " (default 64 on a CPU, 256 on CUDA)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help=h["max_num_batched_tokens"] + " (default 512 on a CPU, 8192 on CUDA)")
     p.add_argument("--max-model-len", type=int, default=None, help=h["max_model_len"])
-    p.add_argument("--kv-cache-mb", type=int, default=256, help="MiB for the KV cache")
+    p.add_argument("--kv-cache-mb", type=int, default=None,
+                   help="MiB for the KV cache (default 256 on a CPU; on CUDA half the memory free "
+                        "once the model is loaded)")
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="serve a PEFT adapter to every org (repeatable)")
     p.add_argument("--no-lora", action="store_true", help="serve the base model only")

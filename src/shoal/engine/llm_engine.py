@@ -95,7 +95,8 @@ class LLMEngine:
             kv_dtype = p.dtype if config.kv_cache_dtype == "auto" else resolve_dtype(config.kv_cache_dtype)
         per_block = PagedKVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads,
                                                  mc.head_dim, kv_dtype)
-        num_blocks = config.num_kv_blocks or max(config.kv_cache_memory // per_block, 1)
+        budget = config.kv_cache_memory if config.kv_cache_memory is not None else kv_cache_budget(p.device)
+        num_blocks = config.num_kv_blocks or max(budget // per_block, 1)
         # a batch-invariant CPU engine recomputes and reuses KV only by the path that wrote it
         # (prefill or decode: `BlockManager`'s path_keys, `Scheduler.chunk`)
         exact = config.batch_invariant and p.device.type == "cpu"
@@ -329,6 +330,15 @@ class LLMEngine:
             if reason is not None:
                 seq.finish_reason = reason
                 self.scheduler.finish(seq)
+
+
+def kv_cache_budget(device: torch.device) -> int:
+    """`EngineConfig.kv_cache_memory=None`: on CUDA half the memory free now (after the weights),
+    on a CPU 256 MiB."""
+    if device.type != "cuda":
+        return 256 * 2**20
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(free // 2, 64 * 2**20)
 
 
 def _check_int8_kv(config: EngineConfig, mc, dtype: torch.dtype) -> None:
