@@ -101,7 +101,7 @@ def test_kv_cache_budget_takes_half_the_free_gpu_memory(monkeypatch):
     import torch
 
     from shoal.config import EngineConfig
-    from shoal.engine.llm_engine import kv_cache_budget
+    from shoal.engine.preflight import kv_cache_budget
 
     assert kv_cache_budget(torch.device("cpu")) == 256 * 2**20
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))

@@ -35,7 +35,7 @@ class EngineConfig:
     kv_cache_memory: int | None = 256 * 2**20
     """Bytes for the KV cache (split into blocks). None: on CUDA half the device memory free once
     the model is loaded (the rest for activations, the logits and the decode graphs), on a CPU
-    256 MiB (`engine.llm_engine.kv_cache_budget`)."""
+    256 MiB (`engine.preflight.kv_cache_budget`)."""
     num_kv_blocks: int | None = None
     """Exact number of KV blocks (overrides kv_cache_memory; tests use it to force preemption)."""
     enable_prefix_caching: bool = True
