@@ -102,3 +102,64 @@ def test_cancelled_task_aborts_its_request(engine):
     stats = asyncio.run(main())
     assert stats["running"] + stats["waiting"] == 0
     assert stats["free_blocks"] == total
+
+
+class _Bill:
+    """The two calls `run_all` makes on the API's Bill, recorded."""
+
+    def __init__(self) -> None:
+        self.charged: list[tuple[int, int]] = []
+        self.engine_s = None
+
+    def charge_nowait(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.charged.append((prompt_tokens, completion_tokens))
+
+
+def test_non_streamed_requests_are_final_only_and_billed_when_cut_short(engine, tiny_llama):
+    """The server's non-streamed path (`serving.common.run_all`) asks the engine for final outputs
+    only; its answers equal the streamed ones, and a request cancelled midway is billed the
+    tokens generated so far (its prompt, and each sample's tokens), with its blocks freed."""
+    from shoal.serving.common import run_all
+
+    total = engine.engine.block_manager.num_free_blocks
+    ps = prompts(3, seed=23)
+    short = SamplingParams(temperature=0.0, max_tokens=6)
+    long = SamplingParams(temperature=1.0, n=2, max_tokens=400, ignore_eos=True, seed=4)
+    seen: list = []
+    add = engine.engine.add_request
+
+    def spy(rid, prompt, params, adapter=None, final_only=False):
+        seen.append(final_only)
+        return add(rid, prompt, params, adapter, final_only)
+
+    async def main():
+        outs = await run_all(engine, ps, short, None, "short")
+        bill = _Bill()
+        engine.engine.add_request = spy
+        task = asyncio.create_task(run_all(engine, ps[:2], long, None, "long", bill))
+        try:
+            for _ in range(200):  # until both requests have generated something
+                await asyncio.sleep(0.02)
+                reqs = [engine.engine.requests.get(f"long-{i}") for i in range(2)]
+                if all(r is not None and r.tokens()[1] >= 4 for r in reqs):
+                    break
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            engine.engine.add_request = add
+        for _ in range(50):  # the aborts are queued for the loop thread
+            stats = await engine.stats()
+            if stats["running"] + stats["waiting"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        return outs, bill, stats
+
+    outs, bill, stats = asyncio.run(main())
+    for p, out in zip(ps, outs):
+        assert out.finished and out.outputs[0].token_ids == generate(tiny_llama.model, p, 6, stop_token_ids=STOPS)
+    assert seen == [True, True]
+    ((p_tok, c_tok),) = bill.charged
+    assert p_tok == len(ps[0]) + len(ps[1])
+    assert 4 * 2 <= c_tok < 400 * 2 * 2  # two requests of two samples each, cut short
+    assert stats["running"] + stats["waiting"] == 0 and stats["free_blocks"] == total

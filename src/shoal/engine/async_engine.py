@@ -112,18 +112,26 @@ class AsyncEngine:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None, adapter: str | None = None,
-                       final_only: bool = False) -> AsyncIterator[RequestOutput]:
+                       final_only: bool = False,
+                       on_cancel: Callable[[int, int], None] | None = None) -> AsyncIterator[RequestOutput]:
         """Stream RequestOutputs for one request; ValueError (naming the field) for bad input.
         `final_only`: only the finished output (no output built or delivered each step).
 
         Close the stream when leaving early (`async with contextlib.aclosing(...)`, or a server
-        cancelling the task): that aborts the request at once."""
+        cancelling the task): that aborts the request at once, and `on_cancel(prompt tokens,
+        tokens generated so far)` is called (a final-only caller has seen no output to count)."""
         rid = request_id or f"req-{next(self._ids)}"
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), q)
         finished = False
+        req = None  # the engine's Request, for its counts if cut short
+
+        def add():
+            self.engine.add_request(rid, prompt, params, adapter, final_only)
+            return self.engine.requests[rid]
+
         try:
-            await self._call(lambda: self.engine.add_request(rid, prompt, params, adapter, final_only))
+            req = await self._call(add)
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
@@ -137,6 +145,9 @@ class AsyncEngine:
             if not finished:  # queued, not awaited: this also runs while being cancelled
                 self._commands.put((lambda: self.engine.abort(rid), cf.Future()))
                 self._wake.set()
+                if on_cancel is not None and req is not None:
+                    # read across threads: the counts are ints and list lengths, a step old at worst
+                    on_cancel(*req.tokens())
 
     async def abort(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks now."""

@@ -43,6 +43,11 @@ class Request:
     finished: bool = False
     final_only: bool = False  # report only the finished output (the caller reads no stream)
 
+    def tokens(self) -> tuple[int, int]:
+        """(prompt tokens, tokens generated so far by all its samples): what a request cut
+        short is billed."""
+        return len(self.prompt_ids), sum(s.num_generated for s in self.seqs)
+
     @property
     def all_done(self) -> bool:
         if len(self.seqs) != self.params.best_of:

@@ -56,11 +56,14 @@ def tokens_of(outs) -> tuple[int, int]:
 async def run_all(engine: AsyncEngine, prompts: list, params: SamplingParams, adapter: str | None,
                   base_id: str, bill=None) -> list[RequestOutput]:
     """Run every prompt as its own engine request, concurrently; final outputs in order.
-    Cancelled midway, it bills what was generated so far."""
+    The engine builds no output until a request finishes (`final_only`); cancelled midway, this
+    bills what was generated so far (the engine's counts of the requests cut short)."""
     latest: list[RequestOutput | None] = [None] * len(prompts)
+    cut: list[tuple[int, int]] = []  # (prompt, generated) of requests cancelled before finishing
 
     async def run(i: int, p) -> RequestOutput:
-        async for out in engine.generate(p, params, f"{base_id}-{i}", adapter):
+        async for out in engine.generate(p, params, f"{base_id}-{i}", adapter, final_only=True,
+                                         on_cancel=lambda pt, ct: cut.append((pt, ct))):
             latest[i] = out
         return latest[i]
 
@@ -74,7 +77,8 @@ async def run_all(engine: AsyncEngine, prompts: list, params: SamplingParams, ad
         raise from_value_error(e, {"prompt": "prompt"}) from None
     except asyncio.CancelledError:
         if bill is not None:
-            bill.charge_nowait(*tokens_of(latest))
+            done_p, done_c = tokens_of(latest)
+            bill.charge_nowait(done_p + sum(p for p, _ in cut), done_c + sum(c for _, c in cut))
         raise
 
 
