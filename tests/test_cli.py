@@ -80,6 +80,10 @@ def test_serve_names_a_bad_lora_dtype(home, capsys, monkeypatch):
     monkeypatch.setenv("SHOAL_LORA_DTYPE", "fp8")  # the variable reaches the engine's config
     assert main(["serve", "--model", "no-such-model"]) == 2
     assert "lora_dtype: must be auto or int8" in capsys.readouterr().err
+    # --speculative-tokens reaches the engine's config too
+    monkeypatch.delenv("SHOAL_LORA_DTYPE")
+    assert main(["serve", "--model", "no-such-model", "--speculative-tokens", "99"]) == 2
+    assert "speculative_tokens: must be 0..16" in capsys.readouterr().err
 
 
 def test_serve_sizes_the_batch_for_its_device():

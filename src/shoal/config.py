@@ -91,6 +91,14 @@ class EngineConfig:
     outputs) while it runs (`engine.decode_ahead`); the same tokens. For a GPU, where the
     host's bookkeeping then overlaps the device's work; off by default until measured there
     (on a CPU the forward and the bookkeeping share the cores: nothing to gain)."""
+    speculative_tokens: int | None = None
+    """Speculative decoding by prompt lookup (`engine.speculative`): a greedy row proposes up to
+    this many tokens from an earlier occurrence of its last 1-3 tokens in its prompt and output,
+    and the step checks them as extra decode rows; the tokens are the same, more of them a step
+    where the output repeats its context (extraction, summaries, answers quoting a document,
+    code edits). Only in steps of few rows (16 with the drafts). None = 4 on the CPU, where the
+    rows are batch-invariant and a step of a few rows costs about one row's; 0 on a GPU (not
+    measured there yet). 0 = off."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; None = leave torch's setting."""
     kv_cache_dtype: str = "auto"
@@ -128,6 +136,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len: must be positive, got {self.max_model_len}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError(f"num_kv_blocks: must be positive, got {self.num_kv_blocks}")
+        if self.speculative_tokens is not None and not 0 <= self.speculative_tokens <= 16:
+            raise ValueError(f"speculative_tokens: must be 0..16, got {self.speculative_tokens}")
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras: must be >= max_loras ({self.max_loras}), "
                              f"got {self.max_cpu_loras}")

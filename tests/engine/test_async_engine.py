@@ -82,13 +82,15 @@ def test_cancelled_task_aborts_its_request(engine):
     total = engine.engine.block_manager.num_free_blocks
     params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
 
+    started = asyncio.Event()
+
     async def consume():
         async for _ in engine.generate(prompts(1, seed=22)[0], params, request_id="cancel-me"):
-            pass
+            started.set()
 
     async def main():
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.2)
+        await started.wait()  # (a fixed sleep could outlast the whole request)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -21,6 +21,7 @@ from tests.helpers import hf_tiny_config, save_tiny_hf_dir
 
 def graphed(llm):
     llm.engine.runner.use_decode_graphs(capture=False)
+    llm.engine.speculative_tokens = 0  # (as on CUDA by default: drafts would run those steps eagerly)
     return llm
 
 

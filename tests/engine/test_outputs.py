@@ -10,7 +10,7 @@ from tests.engine.test_llm_engine import make_llm, prompts
 
 
 def test_totals_stay_as_they_were_when_the_output_was_made(tiny_llama):
-    eng = make_llm(tiny_llama).engine
+    eng = make_llm(tiny_llama, speculative_tokens=0).engine  # (one token a step)
     eng.add_request("a", prompts(1, seed=50)[0], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
                                                                  logprobs=1))
     outs = []

@@ -3,7 +3,8 @@ process, as in tests, do not collide).
 
 Counters: requests by route and status, prompt and completion tokens by model. Histograms:
 request latency by route, time to first token by kind. Gauges read from the engine at scrape
-time: running and waiting sequences, KV-cache use, free KV blocks, resident adapters.
+time: running and waiting sequences, KV-cache use, free KV blocks, resident adapters, draft
+tokens checked and confirmed (speculative decoding; totals since start).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class Metrics:
         self.free_blocks = Gauge("shoal_kv_free_blocks", "Free KV-cache blocks", registry=r)
         self.adapters = Gauge("shoal_resident_adapters", "LoRA adapters registered in the engine",
                               registry=r)
+        self.drafts = Gauge("shoal_draft_tokens", "Draft tokens checked (speculative decoding)", registry=r)
+        self.accepted = Gauge("shoal_accepted_draft_tokens", "Draft tokens confirmed", registry=r)
 
     def count_tokens(self, model: str, prompt: int, completion: int) -> None:
         self.prompt_tokens.labels(model).inc(prompt)
@@ -45,4 +48,6 @@ class Metrics:
         self.kv_usage.set(engine_stats.get("kv_usage", 0.0))
         self.free_blocks.set(engine_stats.get("free_blocks", 0))
         self.adapters.set(engine_stats.get("adapters", 0))
+        self.drafts.set(engine_stats.get("draft_tokens", 0))
+        self.accepted.set(engine_stats.get("accepted_draft_tokens", 0))
         return generate_latest(self.registry)

@@ -37,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                        lora_dtype=args.lora_dtype,
                        pack_weights=not args.no_pack_weights, cuda_graphs=not args.no_cuda_graphs,
-                       async_scheduling=args.async_scheduling)
+                       async_scheduling=args.async_scheduling, speculative_tokens=args.speculative_tokens)
     t0 = time.perf_counter()
     engine = AsyncEngine(cfg)
     for spec in args.lora or []:
@@ -148,6 +148,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="eager kernels on CUDA: " + h["cuda_graphs"])
     p.add_argument("--async-scheduling", action="store_true", help=h["async_scheduling"])
+    p.add_argument("--speculative-tokens", type=int, default=None, metavar="N", help=h["speculative_tokens"])
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: robust when other work shares the CPU)")
     p.add_argument("--max-num-seqs", type=int, default=None,

@@ -169,6 +169,7 @@ class AsyncEngine:
             lora = self.engine.lora
             return {"running": s.num_running, "waiting": s.num_waiting, "kv_usage": bm.usage,
                     "free_blocks": bm.num_free_blocks,
+                    "draft_tokens": self.engine.drafted, "accepted_draft_tokens": self.engine.accepted,
                     "adapters": len(lora.list_adapters()) if lora is not None else 0}
         return await self._call(read)
 

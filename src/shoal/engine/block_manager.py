@@ -146,35 +146,36 @@ class BlockManager:
 
     # ---- decode -----------------------------------------------------------------------------
 
-    def _to_write(self, seq: Sequence) -> range:
-        """Indices of existing table entries that will receive KV for uncomputed tokens."""
-        end = min(len(seq.block_table), self.num_blocks_for(seq.num_tokens))
+    def _to_write(self, seq: Sequence, extra: int = 0) -> range:
+        """Indices of existing table entries that will receive KV for uncomputed tokens (and
+        `extra` positions after them: a step's drafts, `engine.speculative`)."""
+        end = min(len(seq.block_table), self.num_blocks_for(seq.num_tokens + extra))
         return range(seq.num_computed_tokens // self.block_size, end)
 
-    def append_cost(self, seq: Sequence) -> int:
+    def append_cost(self, seq: Sequence, extra: int = 0) -> int:
         """Free blocks `append_slot(seq)` would take: copies of shared blocks it writes, new ones."""
-        shared = sum(1 for i in self._to_write(seq)
+        shared = sum(1 for i in self._to_write(seq, extra)
                      if self.blocks[seq.block_table[i]].ref_count > 1)
-        return shared + max(0, self.num_blocks_for(seq.num_tokens) - len(seq.block_table))
+        return shared + max(0, self.num_blocks_for(seq.num_tokens + extra) - len(seq.block_table))
 
-    def can_append(self, seq: Sequence) -> bool:
-        return self.append_cost(seq) <= len(self._free)
+    def can_append(self, seq: Sequence, extra: int = 0) -> bool:
+        return self.append_cost(seq, extra) <= len(self._free)
 
-    def try_append(self, seq: Sequence) -> bool:
+    def try_append(self, seq: Sequence, extra: int = 0) -> bool:
         """`append_slot(seq)` if `can_append(seq)`; whether it did. A decode row whose new token
         falls in its last block, held by it alone, returns at once (the scheduler's common case:
         each running row, every step)."""
-        table, n = seq.block_table, len(seq.token_ids)
+        table, n = seq.block_table, len(seq.token_ids) + extra
         last = len(table) - 1
         if (last >= 0 and seq.num_computed_tokens // self.block_size == last
                 and n <= (last + 1) * self.block_size and self.blocks[table[last]].ref_count == 1):
             return True  # nothing to write outside the last block, nothing to copy
-        if not self.can_append(seq):
+        if not self.can_append(seq, extra):
             return False
-        self.append_slot(seq)
+        self.append_slot(seq, extra)
         return True
 
-    def append_slot(self, seq: Sequence) -> None:
+    def append_slot(self, seq: Sequence, extra: int = 0) -> None:
         """Make the table cover all of seq's tokens, copying shared blocks it will write into.
 
         Semantics:
@@ -184,14 +185,14 @@ class BlockManager:
             while len(table) * bs < num_tokens: table.append(fresh())
         """
         table = seq.block_table
-        for i in self._to_write(seq):
+        for i in self._to_write(seq, extra):
             old = self.blocks[table[i]]
             if old.ref_count > 1:
                 new = self._take_free()
                 old.ref_count -= 1
                 self._copies.append((old.block_id, new.block_id))
                 table[i] = new.block_id
-        while len(table) * self.block_size < seq.num_tokens:
+        while len(table) * self.block_size < seq.num_tokens + extra:
             table.append(self._take_free().block_id)
 
     def take_copies(self) -> list[tuple[int, int]]:

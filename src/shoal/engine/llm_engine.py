@@ -32,6 +32,7 @@ from .sampler import Sampler, make_generator, prompt_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
+from .speculative import accepted, propose
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -135,6 +136,11 @@ class LLMEngine:
         self.async_outputs = config.async_outputs if config.async_outputs is not None else p.device.type == "cuda"
         self._deferred: list[Request] = []  # requests the last step touched (async_outputs)
         self.ahead = DecodeAhead(self) if config.async_scheduling else None
+        k = config.speculative_tokens  # (not with decode_ahead, whose flights carry one token a row)
+        if k is None:
+            k = 4 if p.device.type == "cpu" else 0
+        self.speculative_tokens = k if self.ahead is None else 0
+        self.drafted = self.accepted = 0  # draft tokens checked, and confirmed, since start
         self._ids = itertools.count()
         release_free_heap()  # what loading, fusing and packing freed
         self._last_trim = time.monotonic()
@@ -218,6 +224,8 @@ class LLMEngine:
         if ahead is not None and ahead.flight is not None:  # chain the next step, land this one
             outputs = self._outputs(self._take_deferred() + ahead.step())
         else:
+            if self.speculative_tokens:
+                propose(self.scheduler.running, self.speculative_tokens, self.max_model_len)
             sched = self.scheduler.schedule()
             if not sched.scheduled:
                 return self._outputs(self._take_deferred())
@@ -243,10 +251,14 @@ class LLMEngine:
         """Account the step's tokens, sample, append and check stops; the requests it touched."""
         touched: dict[str, Request] = {}
         seq_req, commit = self._seq_req, self.block_manager.commit
+        drafted = False
         for seq, n in sched.scheduled:
+            touched[seq.request_id] = seq_req[seq.seq_id]
+            if seq.draft and n > 1:  # accounted once its drafts are checked (`_append_drafted`)
+                drafted = True
+                continue
             seq.num_computed_tokens += n
             commit(seq)
-            touched[seq.request_id] = seq_req[seq.seq_id]
         for seq_id, (p0, logits) in result.prompt_logits.items():
             req = seq_req[seq_id]
             seq = req.seqs[0]
@@ -269,8 +281,40 @@ class LLMEngine:
             logits = result.sample_logits  # (B, V); gathered only when rows fork or drop out
             if rows is not None and rows != list(range(logits.shape[0])):
                 logits = logits[torch.tensor(rows, device=logits.device)]
-            self._append(seqs, *self.sampler.sample(logits, seqs))
+            if drafted:
+                self._append_drafted(seqs, *self.sampler.sample(logits, seqs))
+            else:
+                self._append(seqs, *self.sampler.sample(logits, seqs))
         return list(touched.values())
+
+    def _append_drafted(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float],
+                        tops: list[dict[int, float] | None]) -> None:
+        """`_append` for a step with drafts: a drafting sequence's rows are consecutive (its last
+        token's, then one a draft); the tokens they confirm and the next are appended one by one
+        (`speculative`'s Semantics)."""
+        plain: list[int] = []
+        i = 0
+        while i < len(seqs):
+            seq = seqs[i]
+            d = len(seq.draft)
+            if not d or seq.num_computed_tokens != len(seq.token_ids) - 1:
+                plain.append(i)
+                i += 1
+                continue
+            m = accepted(seq.draft, tokens[i:i + d]) + 1  # tokens appended: confirmed drafts + 1
+            seq.draft = []
+            self.drafted += d
+            self.accepted += m - 1
+            for r in range(i, i + m):  # as m plain steps: a row computed, then its token
+                seq.num_computed_tokens += 1
+                self.block_manager.commit(seq)
+                self._append([seq], [tokens[r]], [logprobs[r]], [tops[r]])
+                if seq.is_finished:
+                    break
+            i += d + 1
+        if plain:
+            self._append([seqs[i] for i in plain], [tokens[i] for i in plain], [logprobs[i] for i in plain],
+                         [tops[i] for i in plain])
 
     def _families(self, sample_seqs: list[Sequence]) -> tuple[list[int], list[Sequence]]:
         """(logits row, sequence) pairs of a step whose rows fork or drop out: a best_of>1 parent

@@ -160,7 +160,7 @@ class ModelRunner:
         chunks = self.decode_chunks
         # (sequence, tokens, decode?): generated tokens run as decode rows; decode rows first,
         # then by slot (the order kept where it already is: every row a decode and no adapter)
-        rows = [(seq, n, (n == 1 or chunks) and seq.num_computed_tokens >= seq.num_prompt_tokens)
+        rows = [(seq, n, (n == 1 or chunks or bool(seq.draft)) and seq.num_computed_tokens >= seq.num_prompt_tokens)
                 for seq, n in scheduled]
         if lora_slots:
             rows.sort(key=lambda r: (not r[2], lora_slots.get(r[0].adapter, -1)))
@@ -193,6 +193,8 @@ class ModelRunner:
                 positions.append(start)
             else:
                 ids.extend(seq.token_ids[start:end])
+                if end > len(seq.token_ids):  # drafts after the last token (`speculative`)
+                    ids.extend(seq.draft[:end - len(seq.token_ids)])
                 positions.extend(range(start, end))
             if by_table and decode:  # (decode rows come first: their new slots below)
                 if n == 1:
@@ -216,6 +218,10 @@ class ModelRunner:
             if end == len(seq.token_ids):  # the chunk reaches the last known token: it samples
                 sample_rows.append(q_start + n - 1)
                 sample_seqs.append(seq)
+            elif end > len(seq.token_ids):  # drafts: the last known token's row and theirs sample
+                first = q_start + len(seq.token_ids) - 1 - start
+                sample_rows.extend(range(first, q_start + n))
+                sample_seqs.extend([seq] * (q_start + n - first))
             if start < seq.num_prompt_tokens - 1 and seq.params.prompt_logprobs is not None:
                 # logits at positions start..min(end, prompt_len-1)-1 predict prompt tokens
                 cnt = min(end, seq.num_prompt_tokens - 1) - start

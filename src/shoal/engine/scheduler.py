@@ -129,6 +129,11 @@ class Scheduler:
                 n = min(n, seq.num_prompt_tokens - seq.num_computed_tokens)  # as `chunk`
             if n > budget:
                 n = budget
+            if seq.draft:  # drafts to check after the last token (`speculative`): room or none
+                if n + len(seq.draft) <= budget and bm.try_append(seq, len(seq.draft)):
+                    n += len(seq.draft)
+                else:
+                    seq.draft = []
             plan.append((seq, n))
             scheduled.add(seq.seq_id)
             budget -= n

@@ -53,6 +53,8 @@ class Sequence:
         self.logprobs: list = []  # per generated token: (token_logprob, {top id: logprob})
         self.prompt_logprobs: list | None = None
         self.forked = False  # True once a best_of>1 parent has been forked into its samples
+        self.draft: list[int] = []  # tokens proposed to check after the last one this step
+        self.lookup = None  # its n-gram index (`speculative.PromptLookup`), made when first needed
 
     # ---- sizes ------------------------------------------------------------------------------
 
@@ -114,6 +116,7 @@ class Sequence:
         self.block_table = []
         self.status = SequenceStatus.WAITING
         self.num_preemptions += 1
+        self.draft = []
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, req={self.request_id!r}, tokens={self.num_tokens}, "

@@ -1,0 +1,94 @@
+"""Speculative decoding by prompt lookup: a greedy row proposes the tokens that followed the latest
+earlier occurrence of its last few tokens in its own prompt and output (as llama.cpp's lookup
+decoding, vLLM's `ngram` method and HF's `prompt_lookup_num_tokens`), and the step checks them.
+
+Semantics (one step, a sequence of L tokens whose last one is not yet computed, drafts d_1..d_k):
+    rows: positions L-1, L, ..., L-1+k with tokens t_{L-1}, d_1, ..., d_k, each a decode row
+    y_j = the row's token as the sampler picks it without drafts (greedy: the argmax, after
+          logit_bias and the ignore_eos mask)
+    accepted j: the longest prefix with y_0 = d_1, ..., y_{j-1} = d_j
+    appended: y_0..y_j, one at a time with the usual stop checks (a stop ends the run there)
+    computed: L + j tokens (the rows of rejected drafts wrote KV past the sequence's length; the
+              next step's rows overwrite it before anything reads it)
+A row's logits do not depend on the other rows on the CPU (batch-invariant kernels), so row j
+computes what a step of the plain engine would at that position once d_1..d_j are right: the
+tokens, logprobs and finish reasons are the ones the engine gives without drafts, only sooner.
+
+Who drafts: greedy sequences of n = best_of = 1 without presence/frequency penalties and past
+min_tokens (their logits at row j would depend on the drafts before it), decoding (not a prompt
+chunk), in steps whose rows stay few (`rows_room`): on a CPU a decode step of a few rows costs
+about one row's (the weights are read once for all), while in large batches the extra rows would
+cost compute that the drafts that fail do not repay.
+"""
+
+from __future__ import annotations
+
+from .sampler import GREEDY_BELOW
+from .sequence import Sequence
+
+N_MAX, N_MIN = 3, 1  # the n-grams matched, longest first
+ROWS = 16  # a step drafts only while its decode rows and drafts stay within this many
+
+
+class PromptLookup:
+    """One sequence's n-gram index: for each n, n tokens -> where the tokens after their latest
+    occurrence start (only occurrences with a token after them, so never the sequence's own
+    last n tokens)."""
+
+    __slots__ = ("index", "upto")
+
+    def __init__(self) -> None:
+        self.index: list[dict] = [{} for _ in range(N_MAX + 1)]  # index[n]: key -> start
+        self.upto = 1  # continuations starting before this position are indexed
+
+    def draft(self, tokens: list[int], k: int) -> list[int]:
+        """Up to k tokens to propose after `tokens` (empty when no n-gram recurs)."""
+        end = len(tokens)
+        index = self.index
+        for e in range(self.upto, end):  # new continuation starts: e - 1 is a known token
+            for n in range(N_MIN, min(N_MAX, e) + 1):
+                index[n][tuple(tokens[e - n:e])] = e
+        self.upto = max(self.upto, end)
+        for n in range(min(N_MAX, end), N_MIN - 1, -1):
+            e = index[n].get(tuple(tokens[end - n:]))
+            if e is not None:
+                return tokens[e:e + k]
+        return []
+
+
+def can_draft(seq: Sequence) -> bool:
+    """Whether seq's drafts can be checked exactly (see the module's Semantics)."""
+    p = seq.params
+    return (p.temperature < GREEDY_BELOW and p.best_of == 1 and not p.presence_penalty
+            and not p.frequency_penalty and p.min_tokens <= seq.num_generated
+            and seq.num_computed_tokens == len(seq.token_ids) - 1
+            and seq.num_computed_tokens >= seq.num_prompt_tokens)
+
+
+def propose(running: list[Sequence], k: int, max_model_len: int) -> None:
+    """Set `draft` on the running sequences that can draft, within `ROWS` rows for the step."""
+    room = ROWS - len(running)
+    for seq in running:
+        seq.draft = []
+        if room <= 0 or not can_draft(seq):
+            continue
+        p = seq.params
+        # the run appended is at most draft + 1 tokens: within max_tokens and max_model_len
+        left = max_model_len - len(seq.token_ids) - 1
+        if p.max_tokens is not None:
+            left = min(left, p.max_tokens - seq.num_generated - 1)
+        want = min(k, left, room)
+        if want <= 0:
+            continue
+        if seq.lookup is None:
+            seq.lookup = PromptLookup()
+        seq.draft = seq.lookup.draft(seq.token_ids, want)
+        room -= len(seq.draft)
+
+
+def accepted(draft: list[int], tokens: list[int]) -> int:
+    """j: how many drafts the rows' tokens confirm (tokens[i] is row i's, drafts start at row 1)."""
+    j = 0
+    while j < len(draft) and tokens[j] == draft[j]:
+        j += 1
+    return j

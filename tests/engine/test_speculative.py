@@ -1,0 +1,156 @@
+"""Speculative decoding by prompt lookup (`engine.speculative`): drafts come from the sequence's own
+earlier n-grams, and an engine that checks them gives exactly the tokens, text, logprobs and
+finish reasons of one that does not, in fewer steps; with preemption, prefix caching, aborts
+and adapters too."""
+
+from __future__ import annotations
+
+import pytest
+
+from shoal.config import EngineConfig
+from shoal.engine.sampling_params import SamplingParams
+from shoal.engine.sequence import Sequence
+from shoal.engine.speculative import ROWS, PromptLookup, accepted, can_draft, propose
+from tests.engine.test_llm_engine import make_llm, prompts, ref
+
+
+def test_lookup_proposes_what_followed_the_latest_longest_match():
+    look = PromptLookup()
+    #         0  1  2  3  4  5  6  7  8  9
+    tokens = [5, 6, 7, 1, 2, 6, 7, 3, 4, 6, 7]
+    # the last 3 tokens (4, 6, 7) never occurred before; (6, 7) did, latest at 5-6: then 3, 4, 6, 7
+    assert look.draft(tokens, 3) == [3, 4, 6]
+    assert look.draft(tokens, 8) == [3, 4, 6, 7]  # (its continuation ends at the sequence's end)
+    tokens += [3]  # (7, 3) recurs at 6-7; (6, 7, 3) at 5-7: the longest wins, the same place
+    assert look.draft(tokens, 2) == [4, 6]
+    assert PromptLookup().draft([1, 2, 3, 4], 4) == []  # nothing recurs
+    assert PromptLookup().draft([9, 9], 3) == [9]  # a unigram: 9 followed by 9
+
+
+def _decoding(params: SamplingParams, prompt=(1, 2, 3, 1, 2), generated=(3,)) -> Sequence:
+    seq = Sequence("r", list(prompt), params)
+    seq.token_ids += list(generated)
+    seq.num_computed_tokens = len(seq.token_ids) - 1
+    return seq
+
+
+def test_who_drafts_and_how_much():
+    greedy = SamplingParams(temperature=0.0, max_tokens=50)
+    assert can_draft(_decoding(greedy))
+    for p in (SamplingParams(temperature=0.7), SamplingParams(temperature=0.0, n=2),
+              SamplingParams(temperature=0.0, presence_penalty=0.5),
+              SamplingParams(temperature=0.0, frequency_penalty=0.5),
+              SamplingParams(temperature=0.0, min_tokens=3)):  # (1 generated: the mask still holds)
+        assert not can_draft(_decoding(p)), p
+    prefill = _decoding(greedy)
+    prefill.num_computed_tokens = 2  # a prompt chunk is still to run
+    assert not can_draft(prefill)
+    # max_tokens: the run appended (drafts + 1) stays within it; 2 generated of 4 -> 1 draft
+    seq = _decoding(SamplingParams(temperature=0.0, max_tokens=4), generated=(3, 1))
+    propose([seq], 4, 100)
+    assert seq.draft == [2]
+    seq = _decoding(greedy)
+    propose([seq], 4, len(seq.token_ids) + 2)  # max_model_len leaves room for 2 tokens: 1 draft
+    assert seq.draft == [1]
+    # a step's rows: running sequences plus drafts stay within ROWS
+    many = [_decoding(greedy, prompt=(1, 2, 3, 1, 2, 3, 1, 2)) for _ in range(ROWS - 2)]
+    propose(many, 4, 100)
+    assert sum(len(s.draft) for s in many) == 2 and many[0].draft == [1, 2]
+    propose([_decoding(greedy)] * ROWS, 4, 100)
+    assert accepted([4, 5, 6], [4, 5, 9, 1]) == 2 and accepted([4], [3, 4]) == 0
+
+
+def _run(llm, work):
+    """Drive the engine: rid -> (final CompletionOutputs, each output's concatenated deltas)."""
+    eng = llm.engine
+    for rid, p, params in work:
+        eng.add_request(rid, p, params)
+    finals, deltas, steps = {}, {}, 0
+    while eng.has_unfinished():
+        steps += 1
+        for out in eng.step():
+            for c in out.outputs:
+                deltas.setdefault((out.request_id, c.index), []).extend(c.token_ids_delta)
+            if out.finished:
+                finals[out.request_id] = out.outputs
+    return finals, deltas, steps
+
+
+def _same(a, b):
+    for rid in a:
+        for x, y in zip(a[rid], b[rid], strict=True):
+            assert (x.token_ids, x.text, x.finish_reason, x.logprobs) == \
+                (y.token_ids, y.text, y.finish_reason, y.logprobs), rid
+            assert x.cumulative_logprob == y.cumulative_logprob, rid
+
+
+def test_drafting_engine_gives_the_plain_engines_outputs_in_fewer_steps(tiny_llama):
+    ps = prompts(8, seed=60, lo=10, hi=50)
+    plain = make_llm(tiny_llama, speculative_tokens=0)
+    # a stop string from the middle of a plain greedy answer (matched across tokens)
+    text = plain.generate([ps[2]], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))[0].outputs[0].text
+    work = [
+        ("long", ps[0], SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)),
+        ("eos", ps[1], SamplingParams(temperature=0.0, max_tokens=60)),
+        ("stop", ps[2], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=[text[20:23]])),
+        ("logprobs", ps[3], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2)),
+        ("bias", ps[4], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logit_bias={7: 3.0})),
+        ("seeded", ps[5], SamplingParams(temperature=1.0, max_tokens=30, seed=3, ignore_eos=True)),
+        ("penalty", ps[6], SamplingParams(temperature=0.0, max_tokens=30, presence_penalty=0.8)),
+        ("min", ps[7], SamplingParams(temperature=0.0, max_tokens=30, min_tokens=10)),
+        ("n2", ps[0], SamplingParams(temperature=0.9, n=2, seed=5, max_tokens=20)),
+    ]
+    want, _, plain_steps = _run(plain, work)
+    fast = make_llm(tiny_llama)  # drafts by default on the CPU
+    assert fast.engine.speculative_tokens == 4
+    got, deltas, steps = _run(fast, work)
+    _same(want, got)
+    for (rid, i), d in deltas.items():  # a step may deliver several tokens; the deltas add up
+        assert d == got[rid][i].token_ids
+    assert got["stop"][0].finish_reason == "stop" and text[20:23] not in got["stop"][0].text
+    assert fast.engine.accepted > 0 and fast.engine.drafted >= fast.engine.accepted
+    assert steps < plain_steps
+    assert fast.engine.block_manager.num_free_blocks == 512
+
+
+def test_drafts_under_preemption_prefix_caching_and_a_small_model_len(tiny_llama):
+    ps = prompts(6, seed=61, lo=20, hi=60)
+    greedy = SamplingParams(temperature=0.0, max_tokens=40)
+    want = [ref(tiny_llama.model, p, 40) for p in ps]
+    small = make_llm(tiny_llama, num_kv_blocks=20, max_num_batched_tokens=64)  # preempts
+    assert [o.outputs[0].token_ids for o in small.generate(ps, greedy)] == want
+    assert small.engine.accepted > 0 and small.engine.block_manager.num_free_blocks == 20
+    # a second turn over the first's answer hits the blocks a plain run registers (batch-invariant
+    # mode: the prompt's; without it the answer's too)
+    for invariant in (True, False):
+        turns = []
+        for k in (4, 0):
+            llm = make_llm(tiny_llama, speculative_tokens=k, batch_invariant=invariant)
+            first = llm.generate([ps[0]], greedy)[0].outputs[0].token_ids
+            again = llm.generate([ps[0] + first + [5, 6]], SamplingParams(temperature=0.0, max_tokens=8))[0]
+            turns.append((first, again.num_cached_tokens, again.outputs[0].token_ids))
+        assert turns[0] == turns[1]
+        assert turns[0][1] >= (48 if invariant else (len(ps[0]) + len(turns[0][0])) // 8 * 8)
+    # max_model_len bounds the drafts: the answers end where the plain engine's do
+    tight = make_llm(tiny_llama, max_model_len=70)
+    plain = make_llm(tiny_llama, max_model_len=70, speculative_tokens=0)
+    p = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=None)  # up to max_model_len
+    a, b = tight.generate(ps, p), plain.generate(ps, p)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    ends = [len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in a]
+    assert ends == [70] * len(ps) and {o.outputs[0].finish_reason for o in a} == {"length"}
+
+
+def test_abort_mid_draft_frees_every_block(tiny_llama):
+    llm = make_llm(tiny_llama)
+    eng = llm.engine
+    eng.add_request("a", prompts(1, seed=62)[0], SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
+    while eng.drafted == 0:
+        eng.step()
+    assert eng.abort("a") and not eng.has_unfinished()
+    assert eng.block_manager.num_free_blocks == 512
+
+
+def test_speculative_tokens_is_checked():
+    with pytest.raises(ValueError, match="speculative_tokens"):
+        EngineConfig(model="tiny", speculative_tokens=-1)
