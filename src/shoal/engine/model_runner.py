@@ -160,8 +160,9 @@ class ModelRunner:
         chunks = self.decode_chunks
         # (sequence, tokens, decode?): generated tokens run as decode rows; decode rows first,
         # then by slot (the order kept where it already is: every row a decode and no adapter)
-        rows = [(seq, n, (n == 1 or chunks or bool(seq.draft)) and seq.num_computed_tokens >= seq.num_prompt_tokens)
-                for seq, n in scheduled]
+        # (a sequence's drafts, `speculative`, are decode rows too)
+        rows = [(seq, n, (n == 1 or chunks or bool(seq.draft))
+                 and seq.num_computed_tokens >= seq.num_prompt_tokens) for seq, n in scheduled]
         if lora_slots:
             rows.sort(key=lambda r: (not r[2], lora_slots.get(r[0].adapter, -1)))
         elif not all(r[2] for r in rows):
