@@ -92,7 +92,7 @@ class EngineConfig:
     host's bookkeeping then overlaps the device's work; off by default until measured there
     (on a CPU the forward and the bookkeeping share the cores: nothing to gain)."""
     speculative_tokens: int | None = None
-    """Speculative decoding by prompt lookup (`engine.speculative`): a greedy row proposes up to
+    """Speculative decoding by prompt lookup (`engine.speculative`): a row proposes up to
     this many tokens from an earlier occurrence of its last 1-3 tokens in its prompt and output,
     and the step checks them as extra decode rows; the tokens are the same, more of them a step
     where the output repeats its context (extraction, summaries, answers quoting a document,

@@ -37,7 +37,8 @@ def _decoding(params: SamplingParams, prompt=(1, 2, 3, 1, 2), generated=(3,)) ->
 def test_who_drafts_and_how_much():
     greedy = SamplingParams(temperature=0.0, max_tokens=50)
     assert can_draft(_decoding(greedy))
-    for p in (SamplingParams(temperature=0.7), SamplingParams(temperature=0.0, n=2),
+    assert can_draft(_decoding(SamplingParams(temperature=0.7, top_p=0.9)))  # sampled rows too
+    for p in (SamplingParams(temperature=0.0, n=2),
               SamplingParams(temperature=0.0, presence_penalty=0.5),
               SamplingParams(temperature=0.0, frequency_penalty=0.5),
               SamplingParams(temperature=0.0, min_tokens=3)):  # (1 generated: the mask still holds)
@@ -111,6 +112,23 @@ def test_drafting_engine_gives_the_plain_engines_outputs_in_fewer_steps(tiny_lla
     assert fast.engine.accepted > 0 and fast.engine.drafted >= fast.engine.accepted
     assert steps < plain_steps
     assert fast.engine.block_manager.num_free_blocks == 512
+
+
+def test_sampled_rows_draft_and_keep_their_seeded_tokens(tiny_llama):
+    """A sampled row's draft is confirmed when its own draw picks it; a rejected row's number is
+    taken back, so a seeded request gives the plain engine's tokens, and later ones too."""
+    ps = prompts(5, seed=63, lo=10, hi=40)
+    work = [(f"s{i}", p, SamplingParams(temperature=t, top_p=tp, top_k=tk, seed=10 + i, max_tokens=50,
+                                        ignore_eos=True, logprobs=1 if i == 0 else None))
+            for i, (p, t, tp, tk) in enumerate(zip(ps, (0.3, 0.6, 1.0, 0.3, 0.8), (1.0, 0.9, 1.0, 0.5, 1.0),
+                                                     (0, 0, 20, 0, 5)))]
+    want, _, _ = _run(make_llm(tiny_llama, speculative_tokens=0), work)
+    fast = make_llm(tiny_llama)
+    got, _, _ = _run(fast, work)
+    _same(want, got)
+    eng = fast.engine
+    assert eng.accepted > 0 and eng.drafted > eng.accepted  # confirmed drafts, and rewound rows
+    assert sum(len(o[0].token_ids) for o in got.values()) == 5 * 50
 
 
 def test_drafts_under_preemption_prefix_caching_and_a_small_model_len(tiny_llama):

@@ -282,16 +282,21 @@ class LLMEngine:
             if rows is not None and rows != list(range(logits.shape[0])):
                 logits = logits[torch.tensor(rows, device=logits.device)]
             if drafted:
-                self._append_drafted(seqs, *self.sampler.sample(logits, seqs))
+                # a sampled drafting row's generator, as it was: its rows each draw a number, but
+                # only the rows whose tokens are kept may have (`_append_drafted` rewinds)
+                states = {s.seq_id: s.generator.get_state() for s, _ in sched.scheduled
+                          if s.draft and not s.params.greedy}
+                self._append_drafted(seqs, *self.sampler.sample(logits, seqs), states)
             else:
                 self._append(seqs, *self.sampler.sample(logits, seqs))
         return list(touched.values())
 
     def _append_drafted(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float],
-                        tops: list[dict[int, float] | None]) -> None:
+                        tops: list[dict[int, float] | None], states: dict) -> None:
         """`_append` for a step with drafts: a drafting sequence's rows are consecutive (its last
         token's, then one a draft); the tokens they confirm and the next are appended one by one
-        (`speculative`'s Semantics)."""
+        (`speculative`'s Semantics). A sampled row's generator is left as m plain steps would
+        leave it: `states` (seq id -> its state before the step) rewound, m numbers drawn."""
         plain: list[int] = []
         i = 0
         while i < len(seqs):
@@ -305,6 +310,10 @@ class LLMEngine:
             seq.draft = []
             self.drafted += d
             self.accepted += m - 1
+            if m <= d and seq.seq_id in states:  # the rejected rows' draws are taken back
+                seq.generator.set_state(states[seq.seq_id])
+                for _ in range(m):
+                    self.sampler.draw_uniform(seq.generator)
             for r in range(i, i + m):  # as m plain steps: a row computed, then its token
                 seq.num_computed_tokens += 1
                 self.block_manager.commit(seq)

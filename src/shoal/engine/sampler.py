@@ -170,6 +170,10 @@ class Sampler:
 
     # ---- steps 6-7: pick ------------------------------------------------------------------------
 
+    def draw_uniform(self, generator: torch.Generator) -> float:
+        """A sampled row's number for its draw (one from its generator, in [0, 1))."""
+        return float(self._u.uniform_(generator=generator))
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
         """One SampleResult per row of `logits` (B, V); row i belongs to seqs[i]."""
         return [SampleResult(*r) for r in zip(*self.sample(logits, seqs))]
@@ -257,7 +261,7 @@ class Sampler:
             p = s.params
             if s.generator is None:
                 s.generator = make_generator(p.seed, s.sample_index)
-            us[i] = float(self._u.uniform_(generator=s.generator))
+            us[i] = self.draw_uniform(s.generator)
             drawn[i in at].append(i)
         for edited, rows in drawn.items():
             if not rows:

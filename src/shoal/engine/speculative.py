@@ -5,25 +5,29 @@ decoding, vLLM's `ngram` method and HF's `prompt_lookup_num_tokens`), and the st
 Semantics (one step, a sequence of L tokens whose last one is not yet computed, drafts d_1..d_k):
     rows: positions L-1, L, ..., L-1+k with tokens t_{L-1}, d_1, ..., d_k, each a decode row
     y_j = the row's token as the sampler picks it without drafts (greedy: the argmax, after
-          logit_bias and the ignore_eos mask)
+          logit_bias and the ignore_eos mask; sampled: its draw at the row's own uniform number,
+          the (j+1)-th the sequence's generator gives this step)
     accepted j: the longest prefix with y_0 = d_1, ..., y_{j-1} = d_j
     appended: y_0..y_j, one at a time with the usual stop checks (a stop ends the run there)
     computed: L + j tokens (the rows of rejected drafts wrote KV past the sequence's length; the
               next step's rows overwrite it before anything reads it)
+    generator: as after j + 1 draws (a sampled row's state is rewound and j + 1 numbers drawn)
 A row's logits do not depend on the other rows on the CPU (batch-invariant kernels), so row j
 computes what a step of the plain engine would at that position once d_1..d_j are right: the
-tokens, logprobs and finish reasons are the ones the engine gives without drafts, only sooner.
+tokens, logprobs and finish reasons are the ones the engine gives without drafts, only sooner;
+a seeded request's too, since each kept token used the number a plain step would have (a draft
+is confirmed when the row's own draw picks it: as likely as the model gives it, so sampled rows
+at high temperatures confirm fewer).
 
-Who drafts: greedy sequences of n = best_of = 1 without presence/frequency penalties and past
+Who drafts: sequences of n = best_of = 1 without presence/frequency penalties and past
 min_tokens (their logits at row j would depend on the drafts before it), decoding (not a prompt
-chunk), in steps whose rows stay few (`rows_room`): on a CPU a decode step of a few rows costs
+chunk), in steps whose rows stay few (`ROWS`): on a CPU a decode step of a few rows costs
 about one row's (the weights are read once for all), while in large batches the extra rows would
 cost compute that the drafts that fail do not repay.
 """
 
 from __future__ import annotations
 
-from .sampler import GREEDY_BELOW
 from .sequence import Sequence
 
 N_MAX, N_MIN = 3, 1  # the n-grams matched, longest first
@@ -59,7 +63,7 @@ class PromptLookup:
 def can_draft(seq: Sequence) -> bool:
     """Whether seq's drafts can be checked exactly (see the module's Semantics)."""
     p = seq.params
-    return (p.temperature < GREEDY_BELOW and p.best_of == 1 and not p.presence_penalty
+    return (p.best_of == 1 and not p.presence_penalty
             and not p.frequency_penalty and p.min_tokens <= seq.num_generated
             and seq.num_computed_tokens == len(seq.token_ids) - 1
             and seq.num_computed_tokens >= seq.num_prompt_tokens)
