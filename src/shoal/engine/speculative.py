@@ -1,4 +1,4 @@
-"""Speculative decoding by prompt lookup: a greedy row proposes the tokens that followed the latest
+"""Speculative decoding by prompt lookup: a row proposes the tokens that followed the latest
 earlier occurrence of its last few tokens in its own prompt and output (as llama.cpp's lookup
 decoding, vLLM's `ngram` method and HF's `prompt_lookup_num_tokens`), and the step checks them.
 
