@@ -1,7 +1,7 @@
 """Speculative decoding by prompt lookup (`shoal.engine.speculative`) on one stream: output tok/s
-with drafts (`speculative_tokens`, default 4 on the CPU) and without (0), on the same engine,
+with drafts (`speculative_tokens`, default 8 on the CPU) and without (0), on the same engine,
 against HF transformers `generate` (greedy, batch 1) plain and with its own prompt lookup
-(`prompt_lookup_num_tokens`), in the same run. Checks that Shoal's tokens are the same either
+(`prompt_lookup_num_tokens`, the same number of tokens), in the same run. Checks that Shoal's tokens are the same either
 way and prints the tokens a step and the drafts confirmed.
 
 Workloads (the default model's chat template; greedy, up to `--out` tokens):
@@ -13,7 +13,7 @@ Workloads (the default model's chat template; greedy, up to `--out` tokens):
   code       a Python function from a one-line description (little to copy)
   4 streams  summarize, qa, extract and code at once (Shoal only)
 
-    python bench/speculative.py [--threads 2] [--out 128] [--tokens 4] [--skip-hf] [--json F]
+    python bench/speculative.py [--threads 2] [--out 128] [--tokens 8] [--skip-hf] [--json F]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--model", default="SmolLM2-135M-Instruct")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=int, default=128)
-    ap.add_argument("--tokens", type=int, default=4, help="speculative_tokens with drafts")
+    ap.add_argument("--tokens", type=int, default=8, help="speculative_tokens with drafts")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

@@ -96,9 +96,10 @@ class EngineConfig:
     this many tokens from an earlier occurrence of its last 1-3 tokens in its prompt and output,
     and the step checks them as extra decode rows; the tokens are the same, more of them a step
     where the output repeats its context (extraction, summaries, answers quoting a document,
-    code edits). Only in steps of few rows (16 with the drafts). None = 4 on the CPU, where the
-    rows are batch-invariant and a step of a few rows costs about one row's; 0 on a GPU (not
-    measured there yet). 0 = off."""
+    code edits). A sequence's drafts grow by 2 after a run all confirmed and shrink by 1 after a
+    miss, within 1..this; only in steps of few rows (32 with the drafts). None = 8 on the CPU,
+    where the rows are batch-invariant and a step of a few rows costs about one row's; 0 on a GPU
+    (not measured there yet). 0 = off."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; None = leave torch's setting."""
     kv_cache_dtype: str = "auto"

@@ -15,7 +15,7 @@ from tests.engine.test_llm_engine import make_llm, prompts, ref
 
 
 def test_lookup_proposes_what_followed_the_latest_longest_match():
-    look = PromptLookup()
+    look = PromptLookup(4)
     #         0  1  2  3  4  5  6  7  8  9
     tokens = [5, 6, 7, 1, 2, 6, 7, 3, 4, 6, 7]
     # the last 3 tokens (4, 6, 7) never occurred before; (6, 7) did, latest at 5-6: then 3, 4, 6, 7
@@ -23,8 +23,8 @@ def test_lookup_proposes_what_followed_the_latest_longest_match():
     assert look.draft(tokens, 8) == [3, 4, 6, 7]  # (its continuation ends at the sequence's end)
     tokens += [3]  # (7, 3) recurs at 6-7; (6, 7, 3) at 5-7: the longest wins, the same place
     assert look.draft(tokens, 2) == [4, 6]
-    assert PromptLookup().draft([1, 2, 3, 4], 4) == []  # nothing recurs
-    assert PromptLookup().draft([9, 9], 3) == [9]  # a unigram: 9 followed by 9
+    assert PromptLookup(4).draft([1, 2, 3, 4], 4) == []  # nothing recurs
+    assert PromptLookup(4).draft([9, 9], 3) == [9]  # a unigram: 9 followed by 9
 
 
 def _decoding(params: SamplingParams, prompt=(1, 2, 3, 1, 2), generated=(3,)) -> Sequence:
@@ -59,6 +59,19 @@ def test_who_drafts_and_how_much():
     assert sum(len(s.draft) for s in many) == 2 and many[0].draft == [1, 2]
     propose([_decoding(greedy)] * ROWS, 4, 100)
     assert accepted([4, 5, 6], [4, 5, 9, 1]) == 2 and accepted([4], [3, 4]) == 0
+    # a sequence's draft size: 1 fewer after a miss (not below 1), 2 more after a full run (up to k)
+    seq = _decoding(greedy, prompt=(1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2))
+    propose([seq], 8, 100)
+    assert seq.draft == [4, 5, 6, 7, 8, 9, 1, 2]
+    look = seq.lookup
+    for drafted, confirmed, size in ((8, 2, 7), (7, 0, 6), (6, 6, 8), (8, 8, 8)):
+        look.checked(drafted, confirmed, 8)
+        assert look.size == size
+    look.size = 1
+    look.checked(1, 0, 8)
+    assert look.size == 1
+    propose([seq], 8, 100)
+    assert seq.draft == [4]
 
 
 def _run(llm, work):
@@ -103,7 +116,7 @@ def test_drafting_engine_gives_the_plain_engines_outputs_in_fewer_steps(tiny_lla
     ]
     want, _, plain_steps = _run(plain, work)
     fast = make_llm(tiny_llama)  # drafts by default on the CPU
-    assert fast.engine.speculative_tokens == 4
+    assert fast.engine.speculative_tokens == 8
     got, deltas, steps = _run(fast, work)
     _same(want, got)
     for (rid, i), d in deltas.items():  # a step may deliver several tokens; the deltas add up

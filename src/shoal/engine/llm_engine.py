@@ -138,7 +138,7 @@ class LLMEngine:
         self.ahead = DecodeAhead(self) if config.async_scheduling else None
         k = config.speculative_tokens  # (not with decode_ahead, whose flights carry one token a row)
         if k is None:
-            k = 4 if p.device.type == "cpu" else 0
+            k = 8 if p.device.type == "cpu" else 0
         self.speculative_tokens = k if self.ahead is None else 0
         self.drafted = self.accepted = 0  # draft tokens checked, and confirmed, since start
         self._ids = itertools.count()
@@ -308,6 +308,7 @@ class LLMEngine:
                 continue
             m = accepted(seq.draft, tokens[i:i + d]) + 1  # tokens appended: confirmed drafts + 1
             seq.draft = []
+            seq.lookup.checked(d, m - 1, self.speculative_tokens)
             self.drafted += d
             self.accepted += m - 1
             if m <= d and seq.seq_id in states:  # the rejected rows' draws are taken back

@@ -23,7 +23,9 @@ Who drafts: sequences of n = best_of = 1 without presence/frequency penalties an
 min_tokens (their logits at row j would depend on the drafts before it), decoding (not a prompt
 chunk), in steps whose rows stay few (`ROWS`): on a CPU a decode step of a few rows costs
 about one row's (the weights are read once for all), while in large batches the extra rows would
-cost compute that the drafts that fail do not repay.
+cost compute that the drafts that fail do not repay. How many: a sequence's `size`, 2 more after
+a run all confirmed and 1 fewer after a miss, within 1..k (HF's assisted generation adapts its
+drafts the same way), so a stream whose drafts miss leaves the step's rows to the others.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from __future__ import annotations
 from .sequence import Sequence
 
 N_MAX, N_MIN = 3, 1  # the n-grams matched, longest first
-ROWS = 16  # a step drafts only while its decode rows and drafts stay within this many
+ROWS = 32  # a step drafts only while its decode rows and drafts stay within this many
 
 
 class PromptLookup:
@@ -39,11 +41,16 @@ class PromptLookup:
     occurrence start (only occurrences with a token after them, so never the sequence's own
     last n tokens)."""
 
-    __slots__ = ("index", "upto")
+    __slots__ = ("index", "upto", "size")
 
-    def __init__(self) -> None:
+    def __init__(self, size: int) -> None:
         self.index: list[dict] = [{} for _ in range(N_MAX + 1)]  # index[n]: key -> start
         self.upto = 1  # continuations starting before this position are indexed
+        self.size = size  # drafts to propose next: 2 more after a run all confirmed, 1 fewer after a miss
+
+    def checked(self, drafted: int, confirmed: int, k: int) -> None:
+        """Adapt `size` to how the last drafts fared (at most k, at least 1)."""
+        self.size = min(k, self.size + 2) if confirmed == drafted else max(1, self.size - 1)
 
     def draft(self, tokens: list[int], k: int) -> list[int]:
         """Up to k tokens to propose after `tokens` (empty when no n-gram recurs)."""
@@ -81,11 +88,11 @@ def propose(running: list[Sequence], k: int, max_model_len: int) -> None:
         left = max_model_len - len(seq.token_ids) - 1
         if p.max_tokens is not None:
             left = min(left, p.max_tokens - seq.num_generated - 1)
-        want = min(k, left, room)
+        if seq.lookup is None:
+            seq.lookup = PromptLookup(k)
+        want = min(seq.lookup.size, k, left, room)
         if want <= 0:
             continue
-        if seq.lookup is None:
-            seq.lookup = PromptLookup()
         seq.draft = seq.lookup.draft(seq.token_ids, want)
         room -= len(seq.draft)
 
