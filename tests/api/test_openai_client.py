@@ -102,6 +102,30 @@ def test_streaming_with_usage(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+def test_streams_of_drafted_tokens_spell_the_plain_answer(client, server):
+    """With prompt-lookup drafts (on by default on the CPU) a chunk may carry several tokens; the
+    streamed text and logprobs add up to the non-streamed answer's, tokens holding part of a
+    character included (their logprobs come with the next chunk that has text)."""
+    engine = server[1].engine
+    kw = dict(model="tiny", prompt="Hello Hello Hello", max_tokens=40, temperature=0, logprobs=1,
+              extra_body={"ignore_eos": True})
+    before = engine.accepted
+    full = client.completions.create(**kw).choices[0]
+    chunks = [c for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert engine.accepted > before  # drafts were confirmed
+    assert "".join(c.choices[0].text for c in chunks) == full.text
+    assert sum((c.choices[0].logprobs.tokens for c in chunks), []) == full.logprobs.tokens
+    assert sum((c.choices[0].logprobs.token_logprobs for c in chunks), []) == full.logprobs.token_logprobs
+    assert any(len(c.choices[0].logprobs.tokens) > 1 for c in chunks)  # several tokens in one chunk
+    msgs = [{"role": "user", "content": "Hello Hello Hello"}]
+    kw = dict(model="tiny", messages=msgs, max_tokens=40, temperature=0, logprobs=True, top_logprobs=1)
+    full = client.chat.completions.create(**kw).choices[0]
+    chunks = [c for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.message.content
+    streamed = sum((c.choices[0].logprobs.content for c in chunks if c.choices[0].logprobs), [])
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in full.logprobs.content]
+
+
 def test_chat_and_chat_stream(client):
     msgs = [{"role": "system", "content": "terse"}, {"role": "user", "content": "Hi there"}]
     r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0,

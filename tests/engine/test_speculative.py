@@ -38,8 +38,11 @@ def test_who_drafts_and_how_much():
     greedy = SamplingParams(temperature=0.0, max_tokens=50)
     assert can_draft(_decoding(greedy))
     assert can_draft(_decoding(SamplingParams(temperature=0.7, top_p=0.9)))  # sampled rows too
-    for p in (SamplingParams(temperature=0.0, n=2),
-              SamplingParams(temperature=0.0, presence_penalty=0.5),
+    parent = _decoding(SamplingParams(temperature=0.7, n=2))
+    assert not can_draft(parent)  # not forked yet (its samples, once they are, draft alone)
+    parent.forked = True
+    assert can_draft(parent)
+    for p in (SamplingParams(temperature=0.0, presence_penalty=0.5),
               SamplingParams(temperature=0.0, frequency_penalty=0.5),
               SamplingParams(temperature=0.0, min_tokens=3)):  # (1 generated: the mask still holds)
         assert not can_draft(_decoding(p)), p
@@ -113,6 +116,7 @@ def test_drafting_engine_gives_the_plain_engines_outputs_in_fewer_steps(tiny_lla
         ("penalty", ps[6], SamplingParams(temperature=0.0, max_tokens=30, presence_penalty=0.8)),
         ("min", ps[7], SamplingParams(temperature=0.0, max_tokens=30, min_tokens=10)),
         ("n2", ps[0], SamplingParams(temperature=0.9, n=2, seed=5, max_tokens=20)),
+        ("best", ps[3], SamplingParams(temperature=0.4, n=2, best_of=3, seed=6, max_tokens=30, ignore_eos=True)),
     ]
     want, _, plain_steps = _run(plain, work)
     fast = make_llm(tiny_llama)  # drafts by default on the CPU

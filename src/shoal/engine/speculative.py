@@ -19,7 +19,8 @@ a seeded request's too, since each kept token used the number a plain step would
 is confirmed when the row's own draw picks it: as likely as the model gives it, so sampled rows
 at high temperatures confirm fewer).
 
-Who drafts: sequences of n = best_of = 1 without presence/frequency penalties and past
+Who drafts: sequences (each sample of an n / best_of request alone, once forked) without
+presence/frequency penalties and past
 min_tokens (their logits at row j would depend on the drafts before it), decoding (not a prompt
 chunk), in steps whose rows stay few (`ROWS`): on a CPU a decode step of a few rows costs
 about one row's (the weights are read once for all), while in large batches the extra rows would
@@ -70,7 +71,7 @@ class PromptLookup:
 def can_draft(seq: Sequence) -> bool:
     """Whether seq's drafts can be checked exactly (see the module's Semantics)."""
     p = seq.params
-    return (p.best_of == 1 and not p.presence_penalty
+    return (not seq.needs_fork and not p.presence_penalty
             and not p.frequency_penalty and p.min_tokens <= seq.num_generated
             and seq.num_computed_tokens == len(seq.token_ids) - 1
             and seq.num_computed_tokens >= seq.num_prompt_tokens)

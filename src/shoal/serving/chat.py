@@ -102,6 +102,7 @@ class ChatService:
         started: set[int] = set()
         finished: set[int] = set()
         ctoks: dict[int, int] = {}
+        held: dict[int, list] = {}  # logprobs of tokens whose text is not out yet
         try:
             async for _, out in merged_streams(self.engine, [ids], params, adapter, cid):
                 for c in out.outputs:
@@ -109,13 +110,16 @@ class ChatService:
                         started.add(c.index)
                         yield chunk(c.index, {"role": "assistant", "content": ""})
                     ctoks[c.index] = c.num_tokens
-                    if c.text_delta:
+                    if req.logprobs and c.logprobs_delta and c.index not in finished:
+                        held.setdefault(c.index, []).extend(c.logprobs_delta)
+                    if c.text_delta:  # with the logprobs of every token since the last chunk
                         bill.mark_first_token()
-                        lp = self._logprobs(c.logprobs_delta or []) if req.logprobs else None
+                        lp = self._logprobs(held.pop(c.index, [])) if req.logprobs else None
                         yield chunk(c.index, {"content": c.text_delta}, logprobs=lp)
                     if c.finished and c.index not in finished:
                         finished.add(c.index)
-                        yield chunk(c.index, {}, c.finish_reason)
+                        rest = held.pop(c.index, None)  # tokens that added no text (e.g. a stop token)
+                        yield chunk(c.index, {}, c.finish_reason, self._logprobs(rest) if rest else None)
             await bill.charge(len(ids), sum(ctoks.values()))
             if include_usage:
                 yield sse({**base, "choices": [], "usage": usage(len(ids), sum(ctoks.values()))})

@@ -123,6 +123,7 @@ class CompletionService:
         ctoks: dict[tuple[int, int], int] = {}
         started: set[tuple[int, int]] = set()
         finished: set[tuple[int, int]] = set()
+        held: dict[tuple[int, int], list] = {}  # logprobs of tokens whose text is not out yet
         try:
             async for i, out in merged_streams(self.engine, prompts, params, adapter, cid):
                 ptoks[i] = len(out.prompt_token_ids)
@@ -134,14 +135,18 @@ class CompletionService:
                         text = (p if isinstance(p, str) else self.tok.decode(p)) + text
                     started.add(key)
                     ctoks[key] = c.num_tokens
-                    if key in finished or (not text and not c.finished):
+                    if key in finished:
+                        continue
+                    if req.logprobs is not None and c.logprobs_delta:
+                        held.setdefault(key, []).extend(c.logprobs_delta)
+                    if not text and not c.finished:  # (a token holding part of a character)
                         continue
                     if c.finished:
                         finished.add(key)
                     bill.mark_first_token()
                     lp = None
-                    if req.logprobs is not None:
-                        lp = self._logprobs(c.logprobs_delta or [], 0)
+                    if req.logprobs is not None:  # every token since the last chunk
+                        lp = self._logprobs(held.pop(key, []), 0)
                     yield sse({**base, "choices": [{"text": text, "index": i * n + c.index,
                                                     "logprobs": lp,
                                                     "finish_reason": c.finish_reason}]})
