@@ -10,7 +10,7 @@ import pytest
 from shoal.config import EngineConfig
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.sequence import Sequence
-from shoal.engine.speculative import ROWS, PromptLookup, accepted, can_draft, propose
+from shoal.engine.speculative import ROWS, PromptLookup, accepted, can_draft, drafted_rows, propose
 from tests.engine.test_llm_engine import make_llm, prompts, ref
 
 
@@ -44,8 +44,13 @@ def test_who_drafts_and_how_much():
     assert can_draft(parent)
     for p in (SamplingParams(temperature=0.0, presence_penalty=0.5),
               SamplingParams(temperature=0.0, frequency_penalty=0.5),
-              SamplingParams(temperature=0.0, min_tokens=3)):  # (1 generated: the mask still holds)
-        assert not can_draft(_decoding(p)), p
+              SamplingParams(temperature=0.0, min_tokens=3)):  # their draft rows see the drafts
+        assert can_draft(_decoding(p)), p
+    seq = _decoding(SamplingParams(temperature=0.0, min_tokens=3, frequency_penalty=0.5))
+    seq.draft = [1, 2]
+    rows = drafted_rows([seq, seq, seq])
+    assert rows[0] is seq and [(r.num_generated, r.generated_ids) for r in rows[1:]] == [(2, [3, 1]), (3, [3, 1, 2])]
+    assert rows[2].params is seq.params and rows[2].generator is seq.generator
     prefill = _decoding(greedy)
     prefill.num_computed_tokens = 2  # a prompt chunk is still to run
     assert not can_draft(prefill)
@@ -75,6 +80,35 @@ def test_who_drafts_and_how_much():
     assert look.size == 1
     propose([seq], 8, 100)
     assert seq.draft == [4]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_draft_row_samples_as_the_sequence_would_with_the_drafts_appended(temperature):
+    """The sampler on a step's rows (`drafted_rows`) gives row j what a plain step gives the
+    sequence once d_1..d_j are appended: penalties count the drafts, min_tokens' mask lifts after
+    them, and sampled rows take the generator's numbers in order."""
+    import torch
+
+    from shoal.engine.sampler import Sampler, make_generator
+
+    V, eos = 40, 0
+    params = SamplingParams(temperature=temperature, seed=1, frequency_penalty=1.5, presence_penalty=0.7,
+                            min_tokens=3, logprobs=2, max_tokens=50)
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(2)) * 0.5
+    logits[:, eos] += 3.0  # eos is the argmax wherever min_tokens lets it be
+    draft = [7, 7, 9]
+    logits[1:, 7] += 3.4  # the drafted token is strong: how often it was generated decides
+    seq = _decoding(params, prompt=(5, 6, 7, 9), generated=(7,))  # 1 generated: eos masked below 3
+    seq.generator = make_generator(1, 0)
+    seq.draft = list(draft)
+    got = Sampler([eos]).sample(logits, drafted_rows([seq] * 4))
+    g = make_generator(1, 0)
+    for j in range(4):
+        plain = _decoding(params, prompt=(5, 6, 7, 9), generated=(7, *draft[:j]))
+        plain.generator = g  # (one generator through the plain steps)
+        want = Sampler([eos]).sample(logits[j:j + 1], [plain])
+        assert (got[0][j], got[1][j], got[2][j]) == (want[0][0], want[1][0], want[2][0]), j
+    assert torch.equal(seq.generator.get_state(), g.get_state())  # the same numbers were drawn
 
 
 def _run(llm, work):
@@ -116,6 +150,8 @@ def test_drafting_engine_gives_the_plain_engines_outputs_in_fewer_steps(tiny_lla
         ("penalty", ps[6], SamplingParams(temperature=0.0, max_tokens=30, presence_penalty=0.8)),
         ("min", ps[7], SamplingParams(temperature=0.0, max_tokens=30, min_tokens=10)),
         ("n2", ps[0], SamplingParams(temperature=0.9, n=2, seed=5, max_tokens=20)),
+        ("freq", ps[4], SamplingParams(temperature=0.7, seed=9, max_tokens=40, frequency_penalty=0.4,
+                                       presence_penalty=0.2, ignore_eos=True)),
         ("best", ps[3], SamplingParams(temperature=0.4, n=2, best_of=3, seed=6, max_tokens=30, ignore_eos=True)),
     ]
     want, _, plain_steps = _run(plain, work)

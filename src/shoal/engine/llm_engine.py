@@ -32,7 +32,7 @@ from .sampler import Sampler, make_generator, prompt_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
-from .speculative import accepted, propose
+from .speculative import accepted, drafted_rows, propose
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -286,7 +286,7 @@ class LLMEngine:
                 # only the rows whose tokens are kept may have (`_append_drafted` rewinds)
                 states = {s.seq_id: s.generator.get_state() for s, _ in sched.scheduled
                           if s.draft and not s.params.greedy}
-                self._append_drafted(seqs, *self.sampler.sample(logits, seqs), states)
+                self._append_drafted(seqs, *self.sampler.sample(logits, drafted_rows(seqs)), states)
             else:
                 self._append(seqs, *self.sampler.sample(logits, seqs))
         return list(touched.values())

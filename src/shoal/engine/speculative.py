@@ -4,9 +4,10 @@ decoding, vLLM's `ngram` method and HF's `prompt_lookup_num_tokens`), and the st
 
 Semantics (one step, a sequence of L tokens whose last one is not yet computed, drafts d_1..d_k):
     rows: positions L-1, L, ..., L-1+k with tokens t_{L-1}, d_1, ..., d_k, each a decode row
-    y_j = the row's token as the sampler picks it without drafts (greedy: the argmax, after
-          logit_bias and the ignore_eos mask; sampled: its draw at the row's own uniform number,
-          the (j+1)-th the sequence's generator gives this step)
+    y_j = the row's token as the sampler picks it without drafts, for the sequence with d_1..d_j
+          appended (`DraftRow`: penalties count them, min_tokens' mask sees them; greedy: the
+          argmax; sampled: its draw at the row's own uniform number, the (j+1)-th the
+          sequence's generator gives this step)
     accepted j: the longest prefix with y_0 = d_1, ..., y_{j-1} = d_j
     appended: y_0..y_j, one at a time with the usual stop checks (a stop ends the run there)
     computed: L + j tokens (the rows of rejected drafts wrote KV past the sequence's length; the
@@ -19,10 +20,8 @@ a seeded request's too, since each kept token used the number a plain step would
 is confirmed when the row's own draw picks it: as likely as the model gives it, so sampled rows
 at high temperatures confirm fewer).
 
-Who drafts: sequences (each sample of an n / best_of request alone, once forked) without
-presence/frequency penalties and past
-min_tokens (their logits at row j would depend on the drafts before it), decoding (not a prompt
-chunk), in steps whose rows stay few (`ROWS`): on a CPU a decode step of a few rows costs
+Who drafts: decoding sequences (not a prompt chunk; each sample of an n / best_of request
+alone, once forked), in steps whose rows stay few (`ROWS`): on a CPU a decode step of a few rows costs
 about one row's (the weights are read once for all), while in large batches the extra rows would
 cost compute that the drafts that fail do not repay. How many: a sequence's `size`, 2 more after
 a run all confirmed and 1 fewer after a miss, within 1..k (HF's assisted generation adapts its
@@ -69,12 +68,59 @@ class PromptLookup:
 
 
 def can_draft(seq: Sequence) -> bool:
-    """Whether seq's drafts can be checked exactly (see the module's Semantics)."""
-    p = seq.params
-    return (not seq.needs_fork and not p.presence_penalty
-            and not p.frequency_penalty and p.min_tokens <= seq.num_generated
-            and seq.num_computed_tokens == len(seq.token_ids) - 1
+    """Whether seq can draft this step: decoding, and not a parent about to fork."""
+    return (not seq.needs_fork and seq.num_computed_tokens == len(seq.token_ids) - 1
             and seq.num_computed_tokens >= seq.num_prompt_tokens)
+
+
+class DraftRow:
+    """What the sampler reads of a sequence at its j-th draft row (j >= 1): the sequence as it
+    will be once its first j drafts are appended, so penalties count them and min_tokens' mask
+    sees them; its generator is the sequence's."""
+
+    __slots__ = ("seq", "j")
+
+    def __init__(self, seq: Sequence, j: int) -> None:
+        self.seq, self.j = seq, j
+
+    @property
+    def params(self):
+        return self.seq.params
+
+    @property
+    def sample_index(self) -> int:
+        return self.seq.sample_index
+
+    @property
+    def generator(self):
+        return self.seq.generator
+
+    @generator.setter
+    def generator(self, g) -> None:
+        self.seq.generator = g
+
+    @property
+    def num_generated(self) -> int:
+        return self.seq.num_generated + self.j
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return self.seq.generated_ids + self.seq.draft[:self.j]
+
+
+def drafted_rows(seqs: list[Sequence]) -> list:
+    """The sampler's rows for a step's sequences (a drafting one: its last token's row, then a
+    `DraftRow` a draft)."""
+    rows: list = []
+    i = 0
+    while i < len(seqs):
+        seq = seqs[i]
+        rows.append(seq)
+        if seq.draft and seq.num_computed_tokens == len(seq.token_ids) - 1:
+            rows += [DraftRow(seq, j) for j in range(1, len(seq.draft) + 1)]
+            i += len(seq.draft)
+        i += 1
+    return rows
 
 
 def propose(running: list[Sequence], k: int, max_model_len: int) -> None:
