@@ -10,7 +10,10 @@ Workloads (each sized by flags so a 2-core box finishes in minutes):
   prefill  8 prompts of 512 tokens, one output token each: prompt tokens/s (HF at batch 1).
 Shoal reports output tok/s, TTFT and inter-token latency p50/p99; HF runs static batches (1 and
 `--hf-batch`, padded) in fp32 and bf16. Prints a table and one JSON line; peak RSS is read after
-Shoal's runs, before any baseline loads. Usage:
+Shoal's runs, before any baseline loads. Shoal runs with the engine's defaults, so on a CPU
+small batches decode with prompt-lookup drafts (`--speculative-tokens 0`: without; the single
+workload's random prompt makes the model repeat itself, easy drafts: `bench/speculative.py`
+measures them on chat prompts). Usage:
   python bench/engine_throughput.py --workloads single,streams --threads 2
 """
 
@@ -159,6 +162,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="sample at this temperature (both sides; 0 = greedy). OpenAI's default is 1")
     ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling")
+    ap.add_argument("--speculative-tokens", type=int, default=None,
+                    help="EngineConfig.speculative_tokens (default: the engine's, 8 on CPU; 0 = no drafts)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     sample = {"temperature": args.temperature, "top_p": args.top_p}
@@ -173,6 +178,7 @@ def main() -> None:
                        max_loras=max(args.adapters, 1), max_cpu_loras=max(args.adapters, 1),
                        max_lora_rank=8, quantization=args.quantization,
                        kv_cache_dtype=args.kv_cache_dtype, lora_dtype=args.lora_dtype,
+                       speculative_tokens=args.speculative_tokens,
                        **({"kv_cache_memory": args.kv_cache_mb * 2**20} if args.kv_cache_mb else {}))
     loaded = load_for_engine(cfg)
     vocab = loaded.config.vocab_size
