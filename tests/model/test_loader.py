@@ -165,3 +165,29 @@ def test_sharded_checkpoint(tmp_path, tiny_tokenizer_dir):
     x = torch.tensor([[3, 4, 5]])
     with torch.no_grad():
         assert (hf(x).logits - ours.model.logits(x)).abs().max().item() <= 1e-4
+
+
+def test_loading_and_serving_do_not_import_torch_dynamo(tiny_hf_dir):
+    """The model is built on the meta device, where ops go through torch's reference ops, whose
+    first use imports torch._dynamo (and Triton where installed: ~150 MB of RSS, the issue's
+    memory target's margin). Loading a model and running an engine step must not (fresh process)."""
+    import subprocess
+    import sys
+
+    _, path = tiny_hf_dir
+    code = (
+        "import sys\n"
+        "from shoal.config import EngineConfig\n"
+        "from shoal.engine.llm_engine import LLMEngine\n"
+        "from shoal.engine.sampling_params import SamplingParams\n"
+        "from shoal.model.loader import load_dir\n"
+        f"m = load_dir({str(path)!r}, dtype='float32')\n"
+        "e = LLMEngine(EngineConfig(model='tiny', num_kv_blocks=64, block_size=8), m)\n"
+        "e.add_request('a', [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=3))\n"
+        "while e.has_unfinished():\n"
+        "    e.step()\n"
+        "print(sorted(k for k in sys.modules if k == 'torch._dynamo' or k.startswith('triton')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -32,10 +32,18 @@ class LlamaBlock(nn.Module):
         return h + self.mlp(x)
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """An embedding whose weight is left uninitialised: the model is built on the meta device
+    and every weight is then loaded (`weights.build_model`). nn.Embedding's own init (normal_)
+    on the meta device went through torch's reference ops, which import torch._dynamo and Triton
+    where it is installed: ~150 MB of RSS a process for nothing."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class LlamaBackbone(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = _embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaBlock(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
@@ -68,8 +76,8 @@ class GPT2Block(nn.Module):
 class GPT2Backbone(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.wte = _embedding(config.vocab_size, config.hidden_size)
+        self.wpe = _embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
 
