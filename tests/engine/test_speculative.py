@@ -11,6 +11,9 @@ from shoal.config import EngineConfig
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.sequence import Sequence
 from shoal.engine.speculative import ROWS, PromptLookup, accepted, can_draft, drafted_rows, propose
+from shoal.model.generate import generate
+from tests.engine.test_engine_lora import engine as lora_engine
+from tests.engine.test_engine_lora import setup  # noqa: F401  (module fixture)
 from tests.engine.test_llm_engine import make_llm, prompts, ref
 
 
@@ -210,6 +213,21 @@ def test_drafts_under_preemption_prefix_caching_and_a_small_model_len(tiny_llama
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
     ends = [len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in a]
     assert ends == [70] * len(ps) and {o.outputs[0].finish_reason for o in a} == {"length"}
+
+
+def test_adapter_rows_draft_with_their_adapters(setup):
+    """Draft rows of requests on LoRA adapters run with their adapter's slot: the tokens are
+    those of the plain engine (and of each adapter merged into the base)."""
+    root, paths, merged = setup
+    names = [None, "ad0", "ad1", "ad2", "ad3", "ad4"]
+    ps = prompts(len(names), seed=64, lo=10, hi=40)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    fast = lora_engine(root, paths)
+    got = [o.outputs[0].token_ids for o in fast.generate(ps, params, adapter=names)]
+    plain = lora_engine(root, paths, speculative_tokens=0).generate(ps, params, adapter=names)
+    assert got == [o.outputs[0].token_ids for o in plain]
+    assert got[1] == generate(merged["ad0"], ps[1], 40)
+    assert fast.engine.accepted > 0
 
 
 def test_abort_mid_draft_frees_every_block(tiny_llama):
