@@ -21,9 +21,9 @@ is confirmed when the row's own draw picks it: as likely as the model gives it, 
 at high temperatures confirm fewer).
 
 Who drafts: decoding sequences (not a prompt chunk; each sample of an n / best_of request
-alone, once forked), in steps whose rows stay few (`ROWS`): on a CPU a decode step of a few rows costs
-about one row's (the weights are read once for all), while in large batches the extra rows would
-cost compute that the drafts that fail do not repay. How many: a sequence's `size`, 2 more after
+alone, once forked), in steps whose rows stay few (`ROWS`): on a CPU a decode step of a few rows
+costs about one row's (the weights are read once for all), while in large batches the extra rows
+would cost compute that the drafts that fail do not repay. How many: a sequence's `size`, 2 more after
 a run all confirmed and 1 fewer after a miss, within 1..k (HF's assisted generation adapts its
 drafts the same way), so a stream whose drafts miss leaves the step's rows to the others.
 """
@@ -46,7 +46,7 @@ class PromptLookup:
     def __init__(self, size: int) -> None:
         self.index: list[dict] = [{} for _ in range(N_MAX + 1)]  # index[n]: key -> start
         self.upto = 1  # continuations starting before this position are indexed
-        self.size = size  # drafts to propose next: 2 more after a run all confirmed, 1 fewer after a miss
+        self.size = size  # drafts to propose next (`checked` adapts it)
 
     def checked(self, drafted: int, confirmed: int, k: int) -> None:
         """Adapt `size` to how the last drafts fared (at most k, at least 1)."""
