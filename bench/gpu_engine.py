@@ -57,6 +57,10 @@ MODES = {
     "gather": {"triton_kernels": False, "async_outputs": False},
     # the defaults plus decode steps launched before the last one lands (`engine.decode_ahead`)
     "ahead": {"async_scheduling": True},
+    # the defaults plus prompt-lookup drafts (`engine.speculative`; off on CUDA by default, not yet
+    # measured there: steps with drafts run eagerly, outside the graphs; random weights make the
+    # outputs repeat, so its one-request latency is a best case)
+    "drafts": {"speculative_tokens": 8},
 }
 
 
