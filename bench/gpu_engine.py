@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import sys
+import traceback
 
 import torch
 
@@ -84,6 +85,53 @@ def build(shape: str, root: str, tokenizer_dir: str) -> str:
     return path
 
 
+def bench_mode(args, shape: str, path: str, mode: str, prompts: list, warm: list, results: dict) -> None:
+    """One Shoal run of `mode` on one shape: all requests at once, then one alone (and the step
+    phases with --phases); adds its entries to `results` and prints them as they come."""
+    from engine_throughput import make_prompts, run_shoal
+
+    from shoal.config import EngineConfig
+    from shoal.engine.llm_engine import LLMEngine
+    from shoal.model.loader import load_dir
+
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    dtype, T = getattr(torch, args.dtype), args.temperature
+    cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device,
+                       max_num_seqs=args.requests, max_num_batched_tokens=args.max_batched_tokens,
+                       kv_cache_memory=int(args.kv_cache_gb * 2**30) if cuda else 256 << 20,
+                       **MODES[mode])
+    engine = LLMEngine(cfg, load_dir(path, dtype=dtype, device=args.device))
+    name = f"{shape} shoal" + ("" if mode == "graphs" else f" {mode}")
+    # a step's outputs are host values, so its tokens are done when it returns; the other
+    # modes synchronize after each step (their GPU is idle by then: their sampler waited),
+    # a step in flight must not be waited for (that would serialize the flights)
+    ssync = None if cfg.async_scheduling else sync
+    run_shoal(engine, make_prompts(4, 16, 16, 9, 49152), 4, sync=ssync)  # warm-up
+    # a first pass over prompts of the same lengths (other tokens: no prefix-cache hits
+    # in the measured pass) captures the graphs its buckets need; reported apart
+    first = run_shoal(engine, warm, args.out, sync=ssync, temperature=T)
+    results[f"{name}, {args.requests} requests"] = run_shoal(engine, prompts, args.out, sync=ssync,
+                                                             temperature=T)
+    results[f"{name}, {args.requests} requests"]["first_pass_s"] = first["seconds"]
+    run_shoal(engine, warm[:1], args.out, sync=ssync, temperature=T)
+    results[f"{name}, 1 request"] = run_shoal(engine, prompts[:1], args.out, sync=ssync, temperature=T)
+    if cfg.async_scheduling:
+        results[f"{name}, 1 request"]["flights"] = {"launches": engine.ahead.launches,
+                                                    "chains": engine.ahead.chains}
+    if args.phases and not cfg.async_scheduling:  # (the probe waits after each forward)
+        from step_phases import probe
+
+        for k, ps in ((f"{name}, {args.requests} requests, phases", prompts),
+                      (f"{name}, 1 request, phases", prompts[:1])):
+            results[k] = probe(engine, ps, args.out, sync)
+            print(k, json.dumps(results[k]), flush=True)
+    graphs_held = engine.runner.graphs
+    results[f"{name}, 1 request"]["graphs"] = len(graphs_held.graphs) if graphs_held else 0
+    for k in (f"{name}, {args.requests} requests", f"{name}, 1 request"):
+        print(k, json.dumps(results[k]), flush=True)  # as they come (a long run may be cut)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b")
@@ -106,11 +154,8 @@ def main() -> None:
     args = ap.parse_args()
     T = args.temperature
     sys.path.insert(0, os.path.dirname(__file__))
-    from engine_throughput import make_prompts, report, run_hf, run_shoal
+    from engine_throughput import make_prompts, report, run_hf
 
-    from shoal.config import EngineConfig
-    from shoal.engine.llm_engine import LLMEngine
-    from shoal.model.loader import load_dir
     from shoal.model.registry import ModelRegistry
 
     cuda = args.device.startswith("cuda")
@@ -125,40 +170,11 @@ def main() -> None:
         for mode in args.modes.split(","):
             if mode not in MODES:
                 raise SystemExit(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
-            cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device,
-                               max_num_seqs=args.requests, max_num_batched_tokens=args.max_batched_tokens,
-                               kv_cache_memory=int(args.kv_cache_gb * 2**30) if cuda else 256 << 20,
-                               **MODES[mode])
-            engine = LLMEngine(cfg, load_dir(path, dtype=dtype, device=args.device))
-            name = f"{shape} shoal" + ("" if mode == "graphs" else f" {mode}")
-            # a step's outputs are host values, so its tokens are done when it returns; the other
-            # modes synchronize after each step (their GPU is idle by then: their sampler waited),
-            # a step in flight must not be waited for (that would serialize the flights)
-            ssync = None if cfg.async_scheduling else sync
-            run_shoal(engine, make_prompts(4, 16, 16, 9, 49152), 4, sync=ssync)  # warm-up
-            # a first pass over prompts of the same lengths (other tokens: no prefix-cache hits
-            # in the measured pass) captures the graphs its buckets need; reported apart
-            first = run_shoal(engine, warm, args.out, sync=ssync, temperature=T)
-            results[f"{name}, {args.requests} requests"] = run_shoal(engine, prompts, args.out, sync=ssync,
-                                                                     temperature=T)
-            results[f"{name}, {args.requests} requests"]["first_pass_s"] = first["seconds"]
-            run_shoal(engine, warm[:1], args.out, sync=ssync, temperature=T)
-            results[f"{name}, 1 request"] = run_shoal(engine, prompts[:1], args.out, sync=ssync, temperature=T)
-            if cfg.async_scheduling:
-                results[f"{name}, 1 request"]["flights"] = {"launches": engine.ahead.launches,
-                                                            "chains": engine.ahead.chains}
-            if args.phases and not cfg.async_scheduling:  # (the probe waits after each forward)
-                from step_phases import probe
-
-                for k, ps in ((f"{name}, {args.requests} requests, phases", prompts),
-                              (f"{name}, 1 request, phases", prompts[:1])):
-                    results[k] = probe(engine, ps, args.out, sync)
-                    print(k, json.dumps(results[k]), flush=True)
-            graphs_held = engine.runner.graphs
-            results[f"{name}, 1 request"]["graphs"] = len(graphs_held.graphs) if graphs_held else 0
-            for k in (f"{name}, {args.requests} requests", f"{name}, 1 request"):
-                print(k, json.dumps(results[k]), flush=True)  # as they come (a long run may be cut)
-            del engine, graphs_held
+            try:
+                bench_mode(args, shape, path, mode, prompts, warm, results)
+            except Exception:  # one mode failing (say, a first run on a new device) keeps the rest
+                traceback.print_exc()
+                results[f"{shape} shoal {mode}, failed"] = {"error": traceback.format_exc(limit=-3)}
             if cuda:
                 torch.cuda.empty_cache()
         if not args.skip_hf:
