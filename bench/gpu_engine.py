@@ -114,6 +114,7 @@ def bench_mode(args, shape: str, path: str, mode: str, prompts: list, warm: list
     results[f"{name}, {args.requests} requests"] = run_shoal(engine, prompts, args.out, sync=ssync,
                                                              temperature=T)
     results[f"{name}, {args.requests} requests"]["first_pass_s"] = first["seconds"]
+    results[f"{name}, {args.requests} requests"]["step_tokens"] = engine.scheduler.max_num_batched_tokens
     run_shoal(engine, warm[:1], args.out, sync=ssync, temperature=T)
     results[f"{name}, 1 request"] = run_shoal(engine, prompts[:1], args.out, sync=ssync, temperature=T)
     if cfg.async_scheduling:
@@ -141,7 +142,8 @@ def main() -> None:
     ap.add_argument("--out", type=int, default=128)
     ap.add_argument("--hf-batch", type=int, default=256)
     ap.add_argument("--kv-cache-gb", type=float, default=16.0)
-    ap.add_argument("--max-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-batched-tokens", type=int, default=None,
+                    help="tokens a step (default: the engine's, by the model's size on CUDA)")
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "shoal-gpu-bench"))
     ap.add_argument("--tokenizer-dir", default=None, help="default: the converted default model's")
     ap.add_argument("--skip-hf", action="store_true")

@@ -97,7 +97,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--out", type=int, default=128)
-    ap.add_argument("--max-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-batched-tokens", type=int, default=None,
+                    help="tokens a step (default: the engine's, by the model's size on CUDA)")
     ap.add_argument("--kv-cache-gb", type=float, default=16.0)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "shoal-gpu-bench"))
@@ -148,7 +149,7 @@ def main() -> None:
             print(f"\n== {name}: Python functions by own time")
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
     print(json.dumps({"shape": args.shape, "device": args.device, "torch": torch.__version__,
-                      "max_batched_tokens": args.max_batched_tokens, "steps": steps}))
+                      "max_batched_tokens": engine.scheduler.max_num_batched_tokens, "steps": steps}))
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else None
     path = build(args.shape, args.work, args.tokenizer_dir or ModelRegistry().resolve("SmolLM2-135M-Instruct"))
     cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device, max_num_seqs=args.requests,
-                       max_num_batched_tokens=8192, kv_cache_memory=int(args.kv_cache_gb * 2**30), cuda_graphs=cuda)
+                       kv_cache_memory=int(args.kv_cache_gb * 2**30), cuda_graphs=cuda)
     engine = LLMEngine(cfg, load_dir(path, dtype=getattr(torch, args.dtype), device=args.device))
     prompts = make_prompts(args.requests, 64, 512, 2, 49152)
     probe(engine, [[t ^ 1 for t in p] for p in prompts], args.out, sync)  # warm: graphs, kernels

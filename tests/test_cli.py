@@ -87,8 +87,8 @@ def test_serve_names_a_bad_lora_dtype(home, capsys, monkeypatch):
 
 
 def test_serve_sizes_the_batch_for_its_device():
-    """Unset flags take the device's defaults (a CPU's small batches, a GPU's wide ones and its
-    KV cache from free memory); set flags win, 0 included (the engine's config then refuses it)."""
+    """Unset flags take the device's defaults (a CPU's small batches, a GPU's wide ones, its
+    tokens a step by the model and its KV cache from free memory: None, the engine's); set flags win, 0 included (the engine's config then refuses it)."""
     from shoal.cli import build_parser
     from shoal.cli.serve import batch_defaults
 
@@ -96,9 +96,9 @@ def test_serve_sizes_the_batch_for_its_device():
     assert batch_defaults(parse(["serve"])) == {"max_num_seqs": 64, "max_num_batched_tokens": 512,
                                                 "kv_cache_memory": 256 * 2**20}
     assert batch_defaults(parse(["serve", "--device", "cuda"])) == {
-        "max_num_seqs": 256, "max_num_batched_tokens": 8192, "kv_cache_memory": None}
+        "max_num_seqs": 256, "max_num_batched_tokens": None, "kv_cache_memory": None}
     got = batch_defaults(parse(["serve", "--device", "cuda:1", "--kv-cache-mb", "512", "--max-num-seqs", "0"]))
-    assert got == {"max_num_seqs": 0, "max_num_batched_tokens": 8192, "kv_cache_memory": 512 * 2**20}
+    assert got == {"max_num_seqs": 0, "max_num_batched_tokens": None, "kv_cache_memory": 512 * 2**20}
 
 
 def test_kv_cache_budget_takes_half_the_free_gpu_memory(monkeypatch):
@@ -115,6 +115,34 @@ def test_kv_cache_budget_takes_half_the_free_gpu_memory(monkeypatch):
     assert EngineConfig(kv_cache_memory=None).kv_cache_memory is None
     with pytest.raises(ValueError, match="kv_cache_memory"):
         EngineConfig(kv_cache_memory=0)
+
+
+def test_token_budget_by_device_and_model_size():
+    """Tokens a step where none is set: 512 on a CPU; on CUDA 8,192 for ~1B decoder parameters,
+    doubled per halving, at most 32,768 (the shapes of bench/gpu_engine.py); a set value wins."""
+    import torch
+
+    from shoal.config import EngineConfig
+    from shoal.engine.preflight import decoder_parameters, token_budget
+    from shoal.model.config import ModelConfig
+
+    def shape(h, i, layers, heads, kv, family="llama"):
+        return ModelConfig.from_hf({"model_type": family, "vocab_size": 49152, "hidden_size": h,
+                                    "intermediate_size": i, "num_hidden_layers": layers,
+                                    "num_attention_heads": heads, "num_key_value_heads": kv,
+                                    "max_position_embeddings": 2048, "n_inner": i})
+
+    smollm2_135m, smollm2_360m = shape(576, 1536, 30, 9, 3), shape(960, 2560, 32, 15, 5)
+    llama_1b = shape(2048, 8192, 16, 32, 8)
+    assert decoder_parameters(smollm2_135m) == 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)
+    cuda, cpu, auto = torch.device("cuda"), torch.device("cpu"), EngineConfig()
+    assert auto.max_num_batched_tokens is None
+    assert [token_budget(auto, m, cuda) for m in (smollm2_135m, smollm2_360m, llama_1b)] == [32768, 16384, 8192]
+    assert token_budget(auto, shape(4096, 14336, 32, 32, 8), cuda) == 8192  # (an 8B: the floor)
+    assert token_budget(auto, smollm2_135m, cpu) == 512
+    assert token_budget(EngineConfig(max_num_batched_tokens=2048), smollm2_135m, cuda) == 2048
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        EngineConfig(max_num_batched_tokens=0)
 
 
 def test_serve_freezes_start_up_objects_out_of_the_collectors_scans():

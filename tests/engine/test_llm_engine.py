@@ -62,6 +62,8 @@ def test_any_block_size_gives_the_reference_tokens(tiny_llama, block_size):
     ps = prompts(6, seed=21, lo=20, hi=140)
     llm = make_llm(tiny_llama, block_size=block_size, num_kv_blocks=8192 // block_size,
                    max_num_batched_tokens=40)
+    assert llm.engine.scheduler.max_num_batched_tokens == 40  # (the config's; unset: 512 on a CPU)
+    assert make_llm(tiny_llama, max_num_batched_tokens=None).engine.scheduler.max_num_batched_tokens == 512
     for p, out in zip(ps, llm.generate(ps, GREEDY)):
         assert out.outputs[0].token_ids == ref(tiny_llama.model, p)
 

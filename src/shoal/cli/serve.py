@@ -79,9 +79,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # the batch's size where the flags leave it: (max_num_seqs, max_num_batched_tokens, KV MiB or None)
 BATCH_DEFAULTS = {
     "cpu": (64, 512, 256),
-    # a GPU runs 256 rows and 8,192-token prefill steps as cheaply as a few (the H200 benchmark's
-    # settings); KV: half the memory free once the model is loaded (`kv_cache_budget`)
-    "cuda": (256, 8192, None),
+    # a GPU runs 256 rows as cheaply as a few (the H200 benchmark's settings); tokens a step by
+    # the model's size (`token_budget`); KV: half the memory free once the model is loaded
+    # (`kv_cache_budget`)
+    "cuda": (256, None, None),
 }
 
 
@@ -154,7 +155,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help=h["max_num_seqs"] + " (default 64 on a CPU, 256 on CUDA)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help=h["max_num_batched_tokens"] + " (default 512 on a CPU, 8192 on CUDA)")
+                   help=h["max_num_batched_tokens"] + " (default 512 on a CPU; on CUDA 8192-32768 by the model's size)")
     p.add_argument("--max-model-len", type=int, default=None, help=h["max_model_len"])
     p.add_argument("--kv-cache-mb", type=int, default=None,
                    help="MiB for the KV cache (default 256 on a CPU; on CUDA half the memory free "

@@ -27,7 +27,8 @@ from .model_runner import ModelRunner, StepResult
 from .output_processor import OutputProcessor, Request
 from .outputs import RequestOutput
 from .paged_attention import PagedKVCache
-from .preflight import INVARIANT_K, check_int8_kv, check_int8_lora, kv_cache_budget, set_batch_invariant
+from .preflight import (INVARIANT_K, check_int8_kv, check_int8_lora, kv_cache_budget, set_batch_invariant,
+                        token_budget)
 from .sampler import Sampler, make_generator, prompt_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
@@ -101,7 +102,7 @@ class LLMEngine:
         exact = config.batch_invariant and p.device.type == "cpu"
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                           path_keys=exact)
-        self.scheduler = Scheduler(config, self.block_manager)
+        self.scheduler = Scheduler(config, self.block_manager, token_budget(config, mc, p.device))
         self.lora = None
         if config.enable_lora:
             from ..lora.adapter_cache import LoRAManager

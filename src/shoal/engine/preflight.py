@@ -25,6 +25,41 @@ def kv_cache_budget(device: torch.device) -> int:
     return max(free // 2, 64 * 2**20)
 
 
+CPU_TOKEN_BUDGET = 512  # a CPU's step: prompt chunks of 512 tokens keep decode rows' gaps short
+GPU_TOKEN_BUDGET = (8192, 32768)  # a GPU step's tokens: from (models of ~1B+ parameters) to (<= 250M)
+
+
+def decoder_parameters(mc) -> int:
+    """The decoder layers' weights (what each token's products read; embeddings and the output
+    layer aside), from the config: q, k, v, o and the MLP's two (GPT-2) or three matrices."""
+    h, d = mc.hidden_size, mc.head_dim
+    attn = 2 * h * mc.num_heads * d + 2 * h * mc.num_kv_heads * d
+    mlp = (2 if mc.family == "gpt2" else 3) * h * mc.intermediate_size
+    return mc.num_layers * (attn + mlp)
+
+
+def token_budget(config: EngineConfig, mc, device: torch.device) -> int:
+    """`EngineConfig.max_num_batched_tokens`, or where None the device's: 512 on a CPU; on CUDA
+    8,192 tokens a step for a model of ~1B decoder parameters, doubled for each halving of that
+    (rounded down), at most 32,768: SmolLM2-135M 32,768, SmolLM2-360M 16,384, Llama-3.2-1B 8,192.
+
+    Why (H200, bf16, 256 prompts of 64-512 tokens, `bench/gpu_profile.py`): an eager step with
+    prompt chunks cost the SmolLM2-135M shape 23-26 ms whether it held 2,059 or 8,192 prompt
+    tokens (its device work ~6 ms: the rest is the host launching ~12 kernels a layer), the
+    Llama-3.2-1B shape 32-37 ms at 8,192 (its device work most of it). The 256-request workload
+    on the SmolLM2 shape: 30,035 tok/s at 8,192 tokens a step, 51,553 at 16,384, 55,827 at
+    32,768; Llama-3.2-1B 35,246 / 27,554 / 31,888 (no gain: its steps are device-bound)."""
+    if config.max_num_batched_tokens is not None:
+        return config.max_num_batched_tokens
+    if device.type != "cuda":
+        return CPU_TOKEN_BUDGET
+    lo, hi = GPU_TOKEN_BUDGET
+    tokens = lo
+    while tokens < hi and decoder_parameters(mc) * tokens * 2 <= 1e9 * lo:
+        tokens *= 2
+    return tokens
+
+
 def check_int8_kv(config: EngineConfig, mc, dtype: torch.dtype) -> None:
     """An int8 KV cache is read only by the CPU kernels (`kernels.cache_write`,
     `decode_attention`, `prefill_attention`): a bf16 model on a CPU with AVX-512, head size 64 or

@@ -54,9 +54,12 @@ def _age(seq: Sequence) -> tuple[float, int]:
 class Scheduler:
     """Continuous batching over a BlockManager."""
 
-    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager,
+                 max_num_batched_tokens: int | None = None) -> None:
+        """max_num_batched_tokens: the step's token budget as the engine resolved it
+        (`preflight.token_budget`); default the config's, else 512."""
         self.max_num_seqs = config.max_num_seqs
-        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_num_batched_tokens = max_num_batched_tokens or config.max_num_batched_tokens or 512
         self.max_loras = config.max_loras if config.enable_lora else None
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
