@@ -104,10 +104,11 @@ def main() -> None:
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "shoal-gpu-bench"))
     ap.add_argument("--tokenizer-dir", default=None)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--mode", default="graphs", help="engine settings: one of gpu_engine.py's --modes")
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(__file__))
     from engine_throughput import make_prompts
-    from gpu_engine import build
+    from gpu_engine import MODES, build
 
     from shoal.config import EngineConfig
     from shoal.engine.llm_engine import LLMEngine
@@ -115,11 +116,12 @@ def main() -> None:
     from shoal.model.registry import ModelRegistry
 
     cuda = args.device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # (steps in flight, `ahead`, are not waited for: that would serialize them)
+    sync = torch.cuda.synchronize if cuda and args.mode != "ahead" else (lambda: None)
     path = build(args.shape, args.work, args.tokenizer_dir or ModelRegistry().resolve("SmolLM2-135M-Instruct"))
     cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device, max_num_seqs=args.requests,
                        max_num_batched_tokens=args.max_batched_tokens,
-                       kv_cache_memory=int(args.kv_cache_gb * 2**30) if cuda else 256 << 20)
+                       kv_cache_memory=int(args.kv_cache_gb * 2**30) if cuda else 256 << 20, **MODES[args.mode])
     engine = LLMEngine(cfg, load_dir(path, dtype=getattr(torch, args.dtype), device=args.device))
     prompts = make_prompts(args.requests, 64, 512, 2, 49152)
     fresh = lambda x: [[t ^ x for t in p] for p in prompts]  # noqa: E731  (same lengths, new tokens)
@@ -148,7 +150,7 @@ def main() -> None:
         for name, prof in zip(kinds, profs):
             print(f"\n== {name}: Python functions by own time")
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
-    print(json.dumps({"shape": args.shape, "device": args.device, "torch": torch.__version__,
+    print(json.dumps({"shape": args.shape, "mode": args.mode, "device": args.device, "torch": torch.__version__,
                       "max_batched_tokens": engine.scheduler.max_num_batched_tokens, "steps": steps}))
 
 
