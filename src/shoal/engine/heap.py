@@ -1,11 +1,9 @@
 """Giving the C heap's free pages back to the OS after the engine frees memory (glibc's
-`malloc_trim`), and how often the step loop does it; keeping Python's start-up objects out of
-the garbage collector's scans."""
+`malloc_trim`), and how often the step loop does it."""
 
 from __future__ import annotations
 
 import functools
-import gc
 
 
 @functools.lru_cache(maxsize=1)
@@ -35,26 +33,3 @@ def release_free_heap() -> bool:
 # 1355-1379 MB (peak 1453 MB), but a trim takes 2.7 ms (p50; max 10.8 ms), 10% of a one-row
 # decode step. Once a second costs well under 1% of any workload.
 HEAP_TRIM_INTERVAL_S = 1.0
-
-
-_frozen = False
-
-
-def freeze_startup_heap() -> int:
-    """Once a process (the first engine built): collect, then move every object alive now (the
-    imported modules, torch's and transformers' objects, the model's modules: ~270k in a
-    benchmark process) out of the garbage collector's scans (`gc.freeze`); returns how many (0
-    after the first call). Why: a step allocates a few objects a row (outputs, deltas), so the
-    collector runs every few steps, and its full collections walked all of them, inside the step
-    that triggered it: 256 decode rows (2-core Xeon, the tiny model of `bench/host_overhead.py`),
-    `OutputProcessor.request_output` took 8.1 us a call with the collections it triggered, 1.7
-    without. Objects made later are collected as before; an object frozen here that later
-    becomes cyclic garbage is never freed (once a process: bounded). `shoal serve` freezes
-    again after its own start-up (`freeze_startup_objects`)."""
-    global _frozen
-    if _frozen:
-        return 0
-    _frozen = True
-    gc.collect()
-    gc.freeze()
-    return gc.get_freeze_count()

@@ -22,7 +22,7 @@ from ..model.layers import set_triton_ops
 from ..model.packed import native_bf16_cpu, pack_linears
 from .block_manager import BlockManager
 from .decode_ahead import DecodeAhead
-from .heap import HEAP_TRIM_INTERVAL_S, freeze_startup_heap, release_free_heap
+from .heap import HEAP_TRIM_INTERVAL_S, release_free_heap
 from .model_runner import ModelRunner, StepResult
 from .output_processor import OutputProcessor, Request
 from .outputs import RequestOutput
@@ -143,7 +143,6 @@ class LLMEngine:
         self.speculative_tokens = k if self.ahead is None else 0
         self.drafted = self.accepted = 0  # draft tokens checked, and confirmed, since start
         self._ids = itertools.count()
-        freeze_startup_heap()  # (the first engine of a process)
         release_free_heap()  # what loading, fusing and packing freed
         self._last_trim = time.monotonic()
 
