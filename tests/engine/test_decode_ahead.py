@@ -186,6 +186,35 @@ def test_flights_on_a_gpu_give_the_synchronous_tokens(tiny_tokenizer_dir, tmp_pa
         assert [c[:5] for c in got[rid]["final"]] == [c[:5] for c in w["final"]], rid
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_launching_a_step_on_a_gpu_never_waits_for_the_device():
+    """`launch_sample` of greedy, ignore_eos and seeded rows queues its work and its copy without
+    synchronizing (a synchronizing call raises under the sync debug mode), and the tokens it
+    lands equal the synchronous sampler's."""
+    from shoal.engine.decode_ahead import launch_sample
+    from shoal.engine.sampler import Sampler
+    from shoal.engine.sequence import Sequence
+
+    sampler = Sampler([0, 2])
+    seqs = [Sequence(f"s{i}", [5, 6, 7], SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=i,
+                                                        ignore_eos=i % 3 == 0, max_tokens=4))
+            for i in range(6)]
+    logits = torch.randn(6, 64, generator=torch.Generator().manual_seed(3)).cuda()
+    logits[:, 0] += 8.0  # (eos the argmax: the ignore_eos rows must skip it)
+    host = torch.empty(12, dtype=torch.float64).pin_memory()
+    want, _, _ = Sampler([0, 2]).sample(logits.clone(), seqs)
+    for s in seqs:
+        s.generator = None  # (the same draws again)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        launched = launch_sample(sampler, logits, seqs, device_ops=True, host=host)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert launched.result()[0] == want
+
+
 @pytest.mark.parametrize("invariant", [True, False])
 def test_flights_register_the_prefix_blocks_the_synchronous_engine_does(tiny_llama, invariant):
     """A second turn (the first's prompt and answer, and more) after a first run in flight hits
