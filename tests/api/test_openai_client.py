@@ -144,6 +144,34 @@ def test_chat_and_chat_stream(client):
     assert len(finish) == 1 and stream[-1].usage.total_tokens > 0
 
 
+def test_chat_with_a_predicted_output(client, server):
+    """Predicted Outputs: the same answer, sooner where it matches the prediction; usage reports
+    the prediction tokens confirmed and not; a prediction of another type is a 400 naming it."""
+    engine = server[1].engine
+    msgs = [{"role": "user", "content": "Rewrite: the cat sat on the mat"}]
+    kw = dict(model="tiny", messages=msgs, max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**kw)
+    answer = plain.choices[0].message.content
+    assert plain.usage.completion_tokens_details.accepted_prediction_tokens is None  # (none asked)
+    before = engine.accepted
+    r = client.chat.completions.create(prediction={"type": "content", "content": answer}, **kw)
+    assert r.choices[0].message.content == answer
+    details = r.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens > 0 and engine.accepted - before >= details.accepted_prediction_tokens
+    n_pred = len(server[1].tokenizer.encode(answer, add_special_tokens=False))
+    assert details.accepted_prediction_tokens + details.rejected_prediction_tokens == n_pred
+    parts = [{"type": "text", "text": answer[:5]}, {"type": "text", "text": answer[5:]}]
+    stream = list(client.chat.completions.create(prediction={"type": "content", "content": parts}, stream=True,
+                                                 stream_options={"include_usage": True}, **kw))
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == answer
+    assert stream[-1].usage.completion_tokens_details.accepted_prediction_tokens == details.accepted_prediction_tokens
+    for bad, param in (({"type": "text", "content": "x"}, "prediction.type"),
+                       ({"type": "content", "content": [{"type": "image_url"}]}, "prediction.content")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(prediction=bad, **kw)
+        assert e.value.param == param
+
+
 def test_tokenize_and_detokenize(server, auth):
     url = server[0]
     r = httpx.post(f"{url}/v1/tokenize", json={"model": "tiny", "prompt": "Hello world"},

@@ -30,6 +30,25 @@ def test_lookup_proposes_what_followed_the_latest_longest_match():
     assert PromptLookup(4).draft([9, 9], 3) == [9]  # a unigram: 9 followed by 9
 
 
+def test_a_prediction_drafts_first_from_where_the_output_is_in_it():
+    #               0  1  2  3  4  5  6  7  8  9
+    look = PromptLookup(4, [1, 2, 3, 7, 8, 1, 2, 3, 9, 4])
+    # (1, 2, 3) occurs twice in the prediction: the first at or after the cursor (0) wins
+    assert look.draft([5, 5, 1, 2, 3], 3) == [7, 8, 1] and look.from_prediction
+    look.checked(3, 3, 4)
+    assert look.predicted_accepted == 3
+    # five tokens on (7, 8, 1 confirmed, then 2, 3): the second occurrence, past the cursor (3 + 3 + 1)
+    assert look.draft([5, 5, 1, 2, 3, 7, 8, 1, 2, 3], 3) == [9, 4]
+    look.checked(2, 1, 4)
+    assert look.predicted_accepted == 4
+    # no n-gram of the prediction matches: the sequence's own context, as without one
+    look = PromptLookup(4, [1, 2, 3, 7])
+    assert look.draft([6, 6, 5, 6], 2) == [5, 6] and not look.from_prediction
+    look.checked(2, 2, 4)
+    assert look.predicted_accepted == 0  # (drafts from the context do not count)
+    assert PromptLookup(4, [1]).draft([3, 1], 2) == []  # (a one-token prediction: no continuation)
+
+
 def _decoding(params: SamplingParams, prompt=(1, 2, 3, 1, 2), generated=(3,)) -> Sequence:
     seq = Sequence("r", list(prompt), params)
     seq.token_ids += list(generated)
@@ -168,6 +187,36 @@ def test_drafting_engine_gives_the_plain_engines_outputs_in_fewer_steps(tiny_lla
     assert fast.engine.accepted > 0 and fast.engine.drafted >= fast.engine.accepted
     assert steps < plain_steps
     assert fast.engine.block_manager.num_free_blocks == 512
+
+
+def test_a_prediction_gives_the_same_tokens_in_fewer_steps(tiny_llama):
+    """Predicted Outputs: the plain answer as the prediction is confirmed many tokens a step
+    (counted in the output), a wrong one costs nothing but its rows; the tokens, text and
+    logprobs are the plain engine's either way (greedy and seeded)."""
+    ps = prompts(3, seed=63, lo=10, hi=40)
+    plain = make_llm(tiny_llama, speculative_tokens=0)
+    greedy = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=1)
+    seeded = SamplingParams(temperature=0.8, seed=4, max_tokens=48, ignore_eos=True)
+    want, _, plain_steps = _run(plain, [("g", ps[0], greedy), ("s", ps[1], seeded)])
+    answer = want["g"][0].token_ids
+    wrong = [(t * 7 + 3) % 200 + 3 for t in answer]
+
+    def predicted(params, tokens):
+        return SamplingParams(**{**{f: getattr(params, f) for f in params.__slots__}, "prediction": tokens})
+
+    work = [("g", ps[0], predicted(greedy, answer)), ("s", ps[1], predicted(seeded, want["s"][0].token_ids))]
+    got, _, steps = _run(make_llm(tiny_llama, speculative_tokens=8), work)
+    _same(want, got)
+    assert got["g"][0].accepted_prediction_tokens >= len(answer) // 2
+    assert steps < plain_steps // 2
+    got, _, _ = _run(make_llm(tiny_llama, speculative_tokens=8), [("g", ps[0], predicted(greedy, wrong))])
+    _same({"g": want["g"]}, got)
+    assert got["g"][0].accepted_prediction_tokens < len(answer) // 4
+    off, _, _ = _run(plain, [("g", ps[0], predicted(greedy, answer))])  # (no drafts: nothing checked)
+    _same({"g": want["g"]}, off)
+    assert off["g"][0].accepted_prediction_tokens == 0
+    with pytest.raises(ValueError, match="prediction"):
+        SamplingParams(prediction=[1, -2])
 
 
 def test_sampled_rows_draft_and_keep_their_seeded_tokens(tiny_llama):

@@ -71,8 +71,17 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
+class Prediction(BaseModel):
+    """Predicted Outputs: text the answer is expected to largely repeat."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["content"]
+    content: str | list[dict[str, Any]]
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    prediction: Prediction | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False

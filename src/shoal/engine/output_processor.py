@@ -133,9 +133,10 @@ class OutputProcessor:
             lp_total = Prefix(lps, 0, len(lps))
         # the totals as prefixes of the sequence's own lists (they only grow): copied if read.
         # (index, text, _token_ids, finish_reason, stop_reason, cumulative_logprob, _logprobs,
-        # text_delta, token_ids_delta, logprobs_delta)
+        # text_delta, token_ids_delta, logprobs_delta, accepted_prediction_tokens)
         return CompletionOutput(index, text, Prefix(ids, p0, n), seq.finish_reason, st.stop_reason,
-                                seq.cumulative_logprob, lp_total, delta, tok_delta, lp_delta)
+                                seq.cumulative_logprob, lp_total, delta, tok_delta, lp_delta,
+                                seq.lookup.predicted_accepted if p.prediction and seq.lookup else 0)
 
     def request_output(self, req: Request) -> RequestOutput | None:
         """The request's output for this step, or None when nothing is reportable yet."""

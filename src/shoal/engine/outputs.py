@@ -50,6 +50,8 @@ class CompletionOutput:
     text_delta: str = ""
     token_ids_delta: list[int] = field(default_factory=list)
     logprobs_delta: list[TokenLogprob] | None = None
+    accepted_prediction_tokens: int = 0
+    """Predicted Outputs: tokens of the prediction confirmed as drafts (`engine.speculative`)."""
 
     @property
     def token_ids(self) -> list[int]:

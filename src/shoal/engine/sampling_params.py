@@ -53,6 +53,11 @@ class SamplingParams:
     is in the batch."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the text."""
+    prediction: list[int] | None = None
+    """OpenAI's Predicted Outputs: token ids the completion is expected to largely repeat (a file
+    being edited, say). Where the engine drafts (`EngineConfig.speculative_tokens`), a row drafts
+    from them first (`engine.speculative`), so the tokens that match are checked several a step;
+    the tokens, text and logprobs are the same as without it."""
 
     def __post_init__(self) -> None:
         if self.best_of is None:
@@ -98,6 +103,11 @@ class SamplingParams:
             raise ValueError(f"min_tokens: must be >= 0, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens: {self.min_tokens} exceeds max_tokens {self.max_tokens}")
+        if self.prediction is not None:
+            if not isinstance(self.prediction, (list, tuple)) or any(
+                    not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.prediction):
+                raise ValueError("prediction: must be a list of non-negative token ids")
+            self.prediction = list(self.prediction)
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and not 0 <= v <= 20:

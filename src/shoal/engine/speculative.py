@@ -20,6 +20,12 @@ a seeded request's too, since each kept token used the number a plain step would
 is confirmed when the row's own draw picks it: as likely as the model gives it, so sampled rows
 at high temperatures confirm fewer).
 
+Predicted Outputs (`SamplingParams.prediction`): a row drafts from the predicted tokens first:
+where its last 3/2/1 tokens occur in them, the first occurrence at or after where the output
+was last seen in them (the start of the last drafts from them, moved past the ones confirmed;
+else the last occurrence), the predicted tokens after it; else from its own context as above.
+The drafts are checked as any others: the tokens do not change.
+
 Who drafts: decoding sequences (not a prompt chunk; each sample of an n / best_of request
 alone, once forked), in steps whose rows stay few (`ROWS`): on a CPU a decode step of a few rows
 costs about one row's (the weights are read once for all), while in large batches the extra rows
@@ -30,6 +36,8 @@ drafts the same way), so a stream whose drafts miss leaves the step's rows to th
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from .sequence import Sequence
 
 N_MAX, N_MIN = 3, 1  # the n-grams matched, longest first
@@ -39,18 +47,41 @@ ROWS = 32  # a step drafts only while its decode rows and drafts stay within thi
 class PromptLookup:
     """One sequence's n-gram index: for each n, n tokens -> where the tokens after their latest
     occurrence start (only occurrences with a token after them, so never the sequence's own
-    last n tokens)."""
+    last n tokens); and, with a prediction, for each n, n tokens -> every start after them in
+    the predicted tokens, ascending."""
 
-    __slots__ = ("index", "upto", "size")
+    __slots__ = ("index", "upto", "size", "predicted", "ahead", "cursor", "from_prediction",
+                 "predicted_accepted")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, predicted: list[int] | None = None) -> None:
         self.index: list[dict] = [{} for _ in range(N_MAX + 1)]  # index[n]: key -> start
         self.upto = 1  # continuations starting before this position are indexed
         self.size = size  # drafts to propose next (`checked` adapts it)
+        self.predicted = predicted or []
+        self.ahead: list[dict] = [{} for _ in range(N_MAX + 1)]  # ahead[n]: key -> [start, ...]
+        for e in range(1, len(self.predicted)):
+            for n in range(N_MIN, min(N_MAX, e) + 1):
+                self.ahead[n].setdefault(tuple(self.predicted[e - n:e]), []).append(e)
+        self.cursor = 0  # where the output was last seen in the prediction
+        self.from_prediction = False  # the last drafts came from the prediction
+        self.predicted_accepted = 0  # drafts from the prediction confirmed, so far
 
     def checked(self, drafted: int, confirmed: int, k: int) -> None:
         """Adapt `size` to how the last drafts fared (at most k, at least 1)."""
+        if self.from_prediction:  # the output is now past the confirmed drafts and the next token
+            self.predicted_accepted += confirmed
+            self.cursor += confirmed + 1
         self.size = min(k, self.size + 2) if confirmed == drafted else max(1, self.size - 1)
+
+    def _from_prediction(self, tokens: list[int], k: int) -> list[int]:
+        end = len(tokens)
+        for n in range(min(N_MAX, end), N_MIN - 1, -1):
+            starts = self.ahead[n].get(tuple(tokens[end - n:]))
+            if starts:  # the first at or after the cursor (the output moves forward), else the last
+                i = bisect_left(starts, self.cursor)
+                self.cursor = starts[i] if i < len(starts) else starts[-1]
+                return self.predicted[self.cursor:self.cursor + k]
+        return []
 
     def draft(self, tokens: list[int], k: int) -> list[int]:
         """Up to k tokens to propose after `tokens` (empty when no n-gram recurs)."""
@@ -60,6 +91,10 @@ class PromptLookup:
             for n in range(N_MIN, min(N_MAX, e) + 1):
                 index[n][tuple(tokens[e - n:e])] = e
         self.upto = max(self.upto, end)
+        self.from_prediction = False
+        if self.ahead[N_MIN] and (got := self._from_prediction(tokens, k)):
+            self.from_prediction = True
+            return got
         for n in range(min(N_MAX, end), N_MIN - 1, -1):
             e = index[n].get(tuple(tokens[end - n:]))
             if e is not None:
@@ -136,7 +171,7 @@ def propose(running: list[Sequence], k: int, max_model_len: int) -> None:
         if p.max_tokens is not None:
             left = min(left, p.max_tokens - seq.num_generated - 1)
         if seq.lookup is None:
-            seq.lookup = PromptLookup(k)
+            seq.lookup = PromptLookup(k, p.prediction)
         want = min(seq.lookup.size, k, left, room)
         if want <= 0:
             continue

@@ -2,7 +2,9 @@
 
 Text parts of a message are joined; other part types are refused by name. `logprobs` returns
 `{"content": [{token, logprob, bytes, top_logprobs}]}`. Streaming sends the role delta first,
-content deltas, a finish chunk per choice, an optional usage chunk and `[DONE]`.
+content deltas, a finish chunk per choice, an optional usage chunk and `[DONE]`. `prediction`
+(Predicted Outputs) is tokenized and drafted from (`engine.speculative`); usage then reports
+the accepted and rejected prediction tokens.
 """
 
 from __future__ import annotations
@@ -16,23 +18,23 @@ from .common import (FINGERPRINT, merged_streams, new_id, run_all, sampling_para
 from .errors import ServingError
 
 
+def text_of(content, param: str) -> str:
+    """A message's (or a prediction's) content: a string, or its text parts joined."""
+    if not isinstance(content, list):
+        return content or ""
+    texts = []
+    for part in content:
+        if part.get("type") != "text":
+            raise ServingError(400, f"{param}: part type {part.get('type')!r} is not supported (text only)",
+                               param=param)
+        texts.append(part.get("text", ""))
+    return "".join(texts)
+
+
 def message_dicts(messages) -> list[dict]:
     """Request messages -> {"role", "content"} dicts with string content."""
-    out = []
-    for i, m in enumerate(messages):
-        content = m.content
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                if part.get("type") != "text":
-                    raise ServingError(400, f"messages[{i}].content: part type "
-                                       f"{part.get('type')!r} is not supported (text only)",
-                                       param=f"messages[{i}].content")
-                texts.append(part.get("text", ""))
-            content = "".join(texts)
-        role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": content or ""})
-    return out
+    return [{"role": "system" if m.role == "developer" else m.role,
+             "content": text_of(m.content, f"messages[{i}].content")} for i, m in enumerate(messages)]
 
 
 class ChatService:
@@ -66,7 +68,20 @@ class ChatService:
         if req.top_logprobs is not None and not req.logprobs:
             raise ServingError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
         lp = (req.top_logprobs or 0) if req.logprobs else None
-        return sampling_params(req, max_tokens=req.max_completion_tokens or req.max_tokens, logprobs=lp)
+        prediction = None
+        if req.prediction is not None:
+            prediction = self.tok.encode(text_of(req.prediction.content, "prediction.content"),
+                                         add_special_tokens=False)
+        return sampling_params(req, max_tokens=req.max_completion_tokens or req.max_tokens, logprobs=lp,
+                               prediction=prediction)
+
+    @staticmethod
+    def _predicted(params, outputs) -> tuple[int, int] | None:
+        """(accepted, rejected) prediction tokens over the choices; None without a prediction."""
+        if params.prediction is None:
+            return None
+        accepted = sum(c.accepted_prediction_tokens for c in outputs)
+        return accepted, len(params.prediction) * len(outputs) - accepted
 
     async def create(self, req, adapter: str | None, bill) -> dict | AsyncIterator[str]:
         """The response (dict) or its SSE events; `bill` is charged before the last byte."""
@@ -86,7 +101,7 @@ class ChatService:
         await bill.charge(len(ids), ctoks)
         return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": req.model,
                 "system_fingerprint": FINGERPRINT, "choices": choices,
-                "usage": usage(len(ids), ctoks, out.num_cached_tokens)}
+                "usage": usage(len(ids), ctoks, out.num_cached_tokens, self._predicted(params, out.outputs))}
 
     async def _stream(self, req, ids, params, adapter, cid, bill) -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -102,6 +117,7 @@ class ChatService:
         started: set[int] = set()
         finished: set[int] = set()
         ctoks: dict[int, int] = {}
+        last: dict[int, object] = {}  # each choice's latest output (its prediction count)
         held: dict[int, list] = {}  # logprobs of tokens whose text is not out yet
         try:
             async for _, out in merged_streams(self.engine, [ids], params, adapter, cid):
@@ -110,6 +126,7 @@ class ChatService:
                         started.add(c.index)
                         yield chunk(c.index, {"role": "assistant", "content": ""})
                     ctoks[c.index] = c.num_tokens
+                    last[c.index] = c
                     if req.logprobs and c.logprobs_delta and c.index not in finished:
                         held.setdefault(c.index, []).extend(c.logprobs_delta)
                     if c.text_delta:  # with the logprobs of every token since the last chunk
@@ -122,7 +139,8 @@ class ChatService:
                         yield chunk(c.index, {}, c.finish_reason, self._logprobs(rest) if rest else None)
             await bill.charge(len(ids), sum(ctoks.values()))
             if include_usage:
-                yield sse({**base, "choices": [], "usage": usage(len(ids), sum(ctoks.values()))})
+                yield sse({**base, "choices": [], "usage": usage(len(ids), sum(ctoks.values()), 0,
+                                                                 self._predicted(params, list(last.values())))})
             yield sse("[DONE]")
         except Exception as e:
             yield sse_error(e)

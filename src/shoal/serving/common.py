@@ -26,7 +26,8 @@ FINGERPRINT = f"fp_shoal_{SCHEME}"
 
 
 def sampling_params(req, *, max_tokens: int | None, logprobs: int | None,
-                    prompt_logprobs: int | None = None, best_of: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None, best_of: int | None = None,
+                    prediction: list[int] | None = None) -> SamplingParams:
     """SamplingParams from a completion/chat request; a bad value is a 400 naming its field."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     try:
@@ -37,6 +38,7 @@ def sampling_params(req, *, max_tokens: int | None, logprobs: int | None,
             logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()} or None,
             stop=stop, max_tokens=max_tokens, min_tokens=req.min_tokens or 0, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, seed=req.seed, ignore_eos=bool(req.ignore_eos),
+            prediction=prediction,
         )
     except ValueError as e:
         raise from_value_error(e) from None
@@ -136,8 +138,15 @@ def sse_error(e: BaseException) -> str:
                           "param": None, "code": None}})
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0,
+          prediction: tuple[int, int] | None = None) -> dict:
+    """OpenAI's usage object; `prediction`: (accepted, rejected) prediction tokens, for a request
+    with Predicted Outputs (as OpenAI's, the rejected ones are not in `completion_tokens`' text;
+    unlike OpenAI's, they are not billed: completion_tokens counts the tokens generated)."""
+    details = {"reasoning_tokens": 0}
+    if prediction is not None:
+        details["accepted_prediction_tokens"], details["rejected_prediction_tokens"] = prediction
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached},
-            "completion_tokens_details": {"reasoning_tokens": 0}}
+            "completion_tokens_details": details}
