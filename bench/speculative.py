@@ -11,6 +11,10 @@ Workloads (the default model's chat template; greedy, up to `--out` tokens):
   qa         a question answered from a paragraph
   extract    the numbers of a paragraph, with their context
   code       a Python function from a one-line description (little to copy)
+  edit       the paragraph with three misspelt words, to write out corrected (it is in the prompt,
+             misspelt)
+  edit+prediction  the same with the corrected paragraph as OpenAI's Predicted Outputs
+             (`prediction`: drafts from it first); HF has no such input (see `edit` for its lookup)
   4 streams  summarize, qa, extract and code at once (Shoal only)
 
     python bench/speculative.py [--threads 2] [--out 128] [--tokens 8] [--skip-hf] [--json F]
@@ -35,6 +39,8 @@ ASKS = {
     "extract": "List every number in this text, one per line, with the words around it:\n" + PARA,
     "code": "Write a Python function that returns the n-th Fibonacci number, with a docstring and a test.",
 }
+TYPOS = PARA.replace("largest", "largset").replace("located", "locatted").replace("living", "livng")
+EDIT = "Fix the spelling mistakes in this paragraph and write it out again:\n" + TYPOS
 
 
 def run_shoal(engine, prompts, params) -> tuple[float, list[list[int]], int]:
@@ -78,6 +84,9 @@ def main() -> None:
     greedy = SamplingParams(temperature=0.0, max_tokens=args.out)
     for name, ask in ASKS.items():
         work[name] = ([chat(ask)], greedy)
+    work["edit"] = ([chat(EDIT)], greedy)
+    work["edit+prediction"] = ([chat(EDIT)], SamplingParams(temperature=0.0, max_tokens=args.out,
+                                                           prediction=tok.encode(PARA, add_special_tokens=False)))
     work["4 streams"] = ([chat(a) for a in ASKS.values()], greedy)
     run_shoal(engine, work["random"][0], work["random"][1])  # warm-up
     results: dict[str, dict] = {}
@@ -104,7 +113,7 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
             for name, (prompts, params) in work.items():
-                if len(prompts) > 1:
+                if len(prompts) > 1 or params.prediction:
                     continue
                 ids = torch.tensor([prompts[0]])
                 kinds = {"plain": {}} if dtype == torch.float32 else {"plain": {}, "lookup": {

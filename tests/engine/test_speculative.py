@@ -10,7 +10,8 @@ import pytest
 from shoal.config import EngineConfig
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.sequence import Sequence
-from shoal.engine.speculative import ROWS, PromptLookup, accepted, can_draft, drafted_rows, propose
+from shoal.engine.speculative import (ROWS, PromptLookup, accepted, can_draft, draft_limit, drafted_rows,
+                                      propose)
 from shoal.model.generate import generate
 from tests.engine.test_engine_lora import engine as lora_engine
 from tests.engine.test_engine_lora import setup  # noqa: F401  (module fixture)
@@ -47,6 +48,15 @@ def test_a_prediction_drafts_first_from_where_the_output_is_in_it():
     look.checked(2, 2, 4)
     assert look.predicted_accepted == 0  # (drafts from the context do not count)
     assert PromptLookup(4, [1]).draft([3, 1], 2) == []  # (a one-token prediction: no continuation)
+    # a row with a prediction drafts up to 2k (at most 16, or k where k is larger)
+    predicted, plain = SamplingParams(temperature=0.0, prediction=[1, 2]), SamplingParams(temperature=0.0)
+    assert [draft_limit(_decoding(predicted), k) for k in (4, 8, 16)] == [8, 16, 16]
+    assert [draft_limit(_decoding(plain), k) for k in (4, 8, 16)] == [4, 8, 16]
+    seq = _decoding(SamplingParams(temperature=0.0, max_tokens=50, prediction=[0, 1, 2, 3, *range(10, 22)]),
+                    prompt=(1, 2, 3, 1, 2), generated=(3,))
+    seq.lookup = PromptLookup(16, seq.params.prediction)
+    propose([seq], 8, 1000)
+    assert seq.draft == list(range(10, 22))  # (past k = 8: the prediction's rest)
 
 
 def _decoding(params: SamplingParams, prompt=(1, 2, 3, 1, 2), generated=(3,)) -> Sequence:

@@ -33,7 +33,7 @@ from .sampler import Sampler, make_generator, prompt_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
-from .speculative import accepted, drafted_rows, propose
+from .speculative import accepted, draft_limit, drafted_rows, propose
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -309,7 +309,7 @@ class LLMEngine:
                 continue
             m = accepted(seq.draft, tokens[i:i + d]) + 1  # tokens appended: confirmed drafts + 1
             seq.draft = []
-            seq.lookup.checked(d, m - 1, self.speculative_tokens)
+            seq.lookup.checked(d, m - 1, draft_limit(seq, self.speculative_tokens))
             self.drafted += d
             self.accepted += m - 1
             if m <= d and seq.seq_id in states:  # the rejected rows' draws are taken back

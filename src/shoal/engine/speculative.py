@@ -42,6 +42,15 @@ from .sequence import Sequence
 
 N_MAX, N_MIN = 3, 1  # the n-grams matched, longest first
 ROWS = 32  # a step drafts only while its decode rows and drafts stay within this many
+PREDICTED_MAX = 16  # a row with a prediction drafts up to twice the engine's k, at most this many
+
+
+def draft_limit(seq: Sequence, k: int) -> int:
+    """The most drafts seq proposes a step: k, or with a prediction 2k up to PREDICTED_MAX (its
+    runs of confirmed drafts are long: on the default model, a paragraph written out again with
+    its misspellings fixed, the corrected text the prediction, 4.0 tokens a step at k=8 and 5.45
+    with 16, against 3.3 and 4.3 without it; `bench/speculative.py`)."""
+    return min(2 * k, max(k, PREDICTED_MAX)) if seq.params.prediction else k
 
 
 class PromptLookup:
@@ -170,9 +179,10 @@ def propose(running: list[Sequence], k: int, max_model_len: int) -> None:
         left = max_model_len - len(seq.token_ids) - 1
         if p.max_tokens is not None:
             left = min(left, p.max_tokens - seq.num_generated - 1)
+        limit = draft_limit(seq, k)
         if seq.lookup is None:
-            seq.lookup = PromptLookup(k, p.prediction)
-        want = min(seq.lookup.size, k, left, room)
+            seq.lookup = PromptLookup(limit, p.prediction)
+        want = min(seq.lookup.size, limit, left, room)
         if want <= 0:
             continue
         seq.draft = seq.lookup.draft(seq.token_ids, want)
