@@ -43,9 +43,13 @@ def test_n_and_multiple_prompts_index_order(client):
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
 
 
-def test_best_of_returns_n(client):
-    r = client.completions.create(model="tiny", prompt="x", n=1, best_of=3, max_tokens=4, temperature=1)
+def test_best_of_returns_n_and_counts_every_sample(client):
+    """best_of=3, n=1: one choice; usage counts the three samples' tokens (OpenAI: best_of
+    "can quickly consume your token quota"), here 3 x 4 (ignore_eos)."""
+    r = client.completions.create(model="tiny", prompt="x", n=1, best_of=3, max_tokens=4, temperature=1,
+                                  extra_body={"ignore_eos": True})
     assert len(r.choices) == 1
+    assert r.usage.completion_tokens == 12
 
 
 def test_seed_gives_same_text(client):

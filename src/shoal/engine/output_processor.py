@@ -141,6 +141,7 @@ class OutputProcessor:
     def request_output(self, req: Request) -> RequestOutput | None:
         """The request's output for this step, or None when nothing is reportable yet."""
         p = req.params
+        unreturned = 0
         if p.best_of == 1:  # one sample (the common case)
             seq = req.seqs[0]
             outs = [self.completion(req, seq, 0)]
@@ -151,13 +152,14 @@ class OutputProcessor:
                 if not done:
                     return None  # ranking needs every sample finished (OpenAI: best_of never streams)
                 ranked = sorted(req.seqs, key=lambda s: (-(s.cumulative_logprob / max(s.num_generated, 1)),
-                                                         s.sample_index))[: p.n]
-                outs = [self.completion(req, s, i) for i, s in enumerate(ranked)]
+                                                         s.sample_index))
+                outs = [self.completion(req, s, i) for i, s in enumerate(ranked[:p.n])]
+                unreturned = sum(s.num_generated for s in ranked[p.n:])
             else:
                 seqs = sorted(req.seqs, key=lambda s: s.sample_index)
                 outs = [self.completion(req, s, s.sample_index) for s in seqs]
             seq = req.seqs[0] if req.seqs else None
         # (request_id, prompt_token_ids, outputs, finished, prompt_logprobs, num_cached_tokens,
-        # adapter)
+        # adapter, unreturned_tokens)
         return RequestOutput(req.request_id, req.prompt_ids, outs, done, req.prompt_logprobs,
-                             seq.num_cached_tokens if seq is not None else 0, req.adapter)
+                             seq.num_cached_tokens if seq is not None else 0, req.adapter, unreturned)

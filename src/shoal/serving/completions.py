@@ -104,6 +104,7 @@ class CompletionService:
         for i, (p, out) in enumerate(zip(prompts, outs)):
             ptext = p if isinstance(p, str) else self.tok.decode(p)
             ptoks += len(out.prompt_token_ids)
+            ctoks += out.unreturned_tokens  # (best_of's other samples: generated, so counted)
             for c in out.outputs:
                 ctoks += c.num_tokens
                 choices.append(self._choice(i, n, out, c, ptext, req))
