@@ -9,7 +9,8 @@ Then, in one process, per shape:
   single  one request alone: inter-token p50/p99 (issue 3's batch-1 target is <= 2 ms/token);
   modes   with --modes graphs,eager,gather: both again with CUDA graphs off (`cuda_graphs`), or
           with gathers + SDPA and PyTorch's elementwise ops, outputs built in the step
-          (`triton_kernels`, `async_outputs` off: the engine before they came);
+          (`triton_kernels`, `async_outputs` off: the engine before they came); `MODES` lists
+          the others (a mode may be repeated: graphs,frozen,graphs,frozen alternates two);
   hf      HF `generate` on the same prompts, static batches of `--hf-batch` (default 256, left
           padded), greedy, the same dtype and device.
 Prints a table and one JSON line. Usage (GPU machine, both shapes):
@@ -23,6 +24,7 @@ CPU smoke run: python bench/gpu_engine.py --device cpu --shapes tiny --requests 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -62,6 +64,10 @@ MODES = {
     # measured there: steps with drafts run eagerly, outside the graphs; random weights make the
     # outputs repeat, so its one-request latency is a best case)
     "drafts": {"speculative_tokens": 8},
+    # the defaults with the objects alive before the run frozen out of the garbage collector's
+    # scans (`gc.freeze`, as `shoal serve` does after start-up), unfrozen after: whether that
+    # costs or saves a GPU run (twenty-fourth session: slower in the one A/B, order not alternated)
+    "frozen": {},
 }
 
 
@@ -103,6 +109,11 @@ def bench_mode(args, shape: str, path: str, mode: str, prompts: list, warm: list
                        **MODES[mode])
     engine = LLMEngine(cfg, load_dir(path, dtype=dtype, device=args.device))
     name = f"{shape} shoal" + ("" if mode == "graphs" else f" {mode}")
+    while f"{name}, {args.requests} requests" in results:  # (a mode run twice: --modes graphs,frozen,graphs)
+        name += " again"
+    if mode == "frozen":
+        gc.collect()
+        gc.freeze()
     # a step's outputs are host values, so its tokens are done when it returns; the other
     # modes synchronize after each step (their GPU is idle by then: their sampler waited),
     # a step in flight must not be waited for (that would serialize the flights)
@@ -131,6 +142,7 @@ def bench_mode(args, shape: str, path: str, mode: str, prompts: list, warm: list
     results[f"{name}, 1 request"]["graphs"] = len(graphs_held.graphs) if graphs_held else 0
     for k in (f"{name}, {args.requests} requests", f"{name}, 1 request"):
         print(k, json.dumps(results[k]), flush=True)  # as they come (a long run may be cut)
+    gc.unfreeze()
 
 
 def main() -> None:
