@@ -80,8 +80,9 @@ class ChatService:
         """(accepted, rejected) prediction tokens over the choices; None without a prediction."""
         if params.prediction is None:
             return None
-        accepted = sum(c.accepted_prediction_tokens for c in outputs)
-        return accepted, len(params.prediction) * len(outputs) - accepted
+        n = len(params.prediction)  # (a prediction written out twice confirms more than it holds)
+        return (sum(c.accepted_prediction_tokens for c in outputs),
+                sum(max(0, n - c.accepted_prediction_tokens) for c in outputs))
 
     async def create(self, req, adapter: str | None, bill) -> dict | AsyncIterator[str]:
         """The response (dict) or its SSE events; `bill` is charged before the last byte."""
