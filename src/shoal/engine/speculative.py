@@ -180,8 +180,8 @@ def propose(running: list[Sequence], k: int, max_model_len: int) -> None:
         if p.max_tokens is not None:
             left = min(left, p.max_tokens - seq.num_generated - 1)
         limit = draft_limit(seq, k)
-        if seq.lookup is None:
-            seq.lookup = PromptLookup(limit, p.prediction)
+        if seq.lookup is None:  # (a prediction past the context could never be written: not indexed)
+            seq.lookup = PromptLookup(limit, p.prediction[:max_model_len] if p.prediction else None)
         want = min(seq.lookup.size, limit, left, room)
         if want <= 0:
             continue
