@@ -142,7 +142,6 @@ def bench_mode(args, shape: str, path: str, mode: str, prompts: list, warm: list
     results[f"{name}, 1 request"]["graphs"] = len(graphs_held.graphs) if graphs_held else 0
     for k in (f"{name}, {args.requests} requests", f"{name}, 1 request"):
         print(k, json.dumps(results[k]), flush=True)  # as they come (a long run may be cut)
-    gc.unfreeze()
 
 
 def main() -> None:
@@ -189,6 +188,7 @@ def main() -> None:
             except Exception:  # one mode failing (say, a first run on a new device) keeps the rest
                 traceback.print_exc()
                 results[f"{shape} shoal {mode}, failed"] = {"error": traceback.format_exc(limit=-3)}
+            gc.unfreeze()  # (after a `frozen` run, failed or not)
             if cuda:
                 torch.cuda.empty_cache()
         if not args.skip_hf:
