@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: the CUDA tests, then the 256-request benchmark (both real shapes,
-# random weights, HF `generate` at batch 256 in the same process, Shoal's defaults alternated
-# with `frozen` (the start-up heap out of the collector's scans) and the `ahead` mode, the
-# step-phase probe). Logs and JSON go to ${OUT:-.}; ~2.8 minutes on an H200 with three modes
-# (twenty-fourth session), so ~4 with the default five, then ~1 for the `ahead` profile.
+# random weights, HF `generate` at batch 256 in the same process, Shoal's defaults (decode steps
+# in flight) alternated with `sync` (each landed before the next), the step-phase probe). Logs
+# and JSON go to ${OUT:-.}; ~2 minutes on an H200 (twenty-fifth session), then ~1 for the
+# profiles of the defaults' steps, both shapes.
 # Usage (repo root): TOKENIZER_DIR=DIR bash bench/gpu_check.sh   (DIR: tokenizer.json and
 # tokenizer_config.json of the default model, e.g. $SHOAL_HOME/models/SmolLM2-135M-Instruct)
 set -uo pipefail
@@ -15,12 +15,15 @@ timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -p no:cacheprovider -q -m gpu t
   tests/engine/test_decode_graphs.py tests/engine/test_decode_ahead.py tests/lora/test_layers.py > "$out/gpu-tests.log" 2>&1
 tail -3 "$out/gpu-tests.log"
 timeout "${BENCH_TIMEOUT:-420}" python3 bench/gpu_engine.py --device cuda --tokenizer-dir "${TOKENIZER_DIR:?}" \
-  --modes "${MODES:-graphs,frozen,ahead,graphs,frozen}" --phases --json "$out/gpu-bench.json" > "$out/gpu-bench.log" 2>&1
+  --modes "${MODES:-graphs,sync,graphs,sync}" --phases --json "$out/gpu-bench.json" > "$out/gpu-bench.log" 2>&1
 grep -E "^(smollm2|llama)-[^{]*(requests|request|batch 256) \{" "$out/gpu-bench.log" | cut -c1-200
-# then where the `ahead` mode's decode steps spend the host's time (PROFILE=0: skip; ~40 s)
+# then where the defaults' steps spend the host's and the device's time (PROFILE=0: skip; ~40 s a shape)
 if [ "${PROFILE:-1}" != 0 ]; then
-  timeout "${PROFILE_TIMEOUT:-120}" python3 bench/gpu_profile.py --device cuda --tokenizer-dir "$TOKENIZER_DIR" \
-    --mode ahead --top 20 > "$out/gpu-profile-ahead.log" 2>&1
-  head -1 "$out/gpu-profile-ahead.log"
-  grep -E "cudaStreamSynchronize|_local_scalar_dense" "$out/gpu-profile-ahead.log" | cut -c1-120 | head -4
+  for shape in ${PROFILE_SHAPES:-smollm2-135m llama-3.2-1b}; do
+    timeout "${PROFILE_TIMEOUT:-120}" python3 bench/gpu_profile.py --device cuda --tokenizer-dir "$TOKENIZER_DIR" \
+      --shape "$shape" --top 20 > "$out/gpu-profile-$shape.log" 2>&1
+    head -1 "$out/gpu-profile-$shape.log"
+    grep -E "cudaStreamSynchronize|_local_scalar_dense|Self CPU time total|Self CUDA time total" \
+      "$out/gpu-profile-$shape.log" | cut -c1-120 | head -6
+  done
 fi

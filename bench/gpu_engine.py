@@ -7,7 +7,8 @@ Then, in one process, per shape:
   shoal   256 requests (prompts 64-512 tokens, `--out` tokens each) submitted at once to the
           engine: output tok/s, TTFT and inter-token p50/p99;
   single  one request alone: inter-token p50/p99 (issue 3's batch-1 target is <= 2 ms/token);
-  modes   with --modes graphs,eager,gather: both again with CUDA graphs off (`cuda_graphs`), or
+  modes   with --modes graphs,sync,eager,gather: both again with decode steps landed one by one
+          (`async_scheduling` off), CUDA graphs off (`cuda_graphs`), or
           with gathers + SDPA and PyTorch's elementwise ops, outputs built in the step
           (`triton_kernels`, `async_outputs` off: the engine before they came); `MODES` lists
           the others (a mode may be repeated: graphs,frozen,graphs,frozen alternates two);
@@ -54,16 +55,21 @@ SHAPES = {  # transformers LlamaConfig fields (published configs of the two mode
 
 # --modes: engine settings per Shoal run (`EngineConfig`)
 MODES = {
-    "graphs": {},  # the defaults: CUDA graphs for decode, Triton attention, async outputs
+    # the defaults: CUDA graphs for decode, Triton attention, async outputs, decode steps
+    # launched before the last one lands (`engine.decode_ahead`, on for CUDA since the
+    # twenty-fifth session)
+    "graphs": {},
+    # the defaults before that: each decode step lands before the next is planned
+    "sync": {"async_scheduling": False},
     "eager": {"cuda_graphs": False},
     # the engine before Triton attention and async outputs (gathers + SDPA, outputs in the step)
     "gather": {"triton_kernels": False, "async_outputs": False},
-    # the defaults plus decode steps launched before the last one lands (`engine.decode_ahead`)
+    # decode_ahead named (the defaults on CUDA)
     "ahead": {"async_scheduling": True},
     # the defaults plus prompt-lookup drafts (`engine.speculative`; off on CUDA by default, not yet
     # measured there: steps with drafts run eagerly, outside the graphs; random weights make the
     # outputs repeat, so its one-request latency is a best case)
-    "drafts": {"speculative_tokens": 8},
+    "drafts": {"speculative_tokens": 8, "async_scheduling": False},
     # the defaults with the objects alive before the run frozen out of the garbage collector's
     # scans (`gc.freeze`, as `shoal serve` does after start-up), unfrozen after: whether that
     # costs or saves a GPU run (twenty-fourth session: slower in the one A/B, order not alternated)
@@ -117,7 +123,7 @@ def bench_mode(args, shape: str, path: str, mode: str, prompts: list, warm: list
     # a step's outputs are host values, so its tokens are done when it returns; the other
     # modes synchronize after each step (their GPU is idle by then: their sampler waited),
     # a step in flight must not be waited for (that would serialize the flights)
-    ssync = None if cfg.async_scheduling else sync
+    ssync = None if engine.ahead is not None else sync
     run_shoal(engine, make_prompts(4, 16, 16, 9, 49152), 4, sync=ssync)  # warm-up
     # a first pass over prompts of the same lengths (other tokens: no prefix-cache hits
     # in the measured pass) captures the graphs its buckets need; reported apart
@@ -128,10 +134,10 @@ def bench_mode(args, shape: str, path: str, mode: str, prompts: list, warm: list
     results[f"{name}, {args.requests} requests"]["step_tokens"] = engine.scheduler.max_num_batched_tokens
     run_shoal(engine, warm[:1], args.out, sync=ssync, temperature=T)
     results[f"{name}, 1 request"] = run_shoal(engine, prompts[:1], args.out, sync=ssync, temperature=T)
-    if cfg.async_scheduling:
+    if engine.ahead is not None:
         results[f"{name}, 1 request"]["flights"] = {"launches": engine.ahead.launches,
                                                     "chains": engine.ahead.chains}
-    if args.phases and not cfg.async_scheduling:  # (the probe waits after each forward)
+    if args.phases and engine.ahead is None:  # (the probe waits after each forward)
         from step_phases import probe
 
         for k, ps in ((f"{name}, {args.requests} requests, phases", prompts),

@@ -87,12 +87,13 @@ class EngineConfig:
     device work: `LLMEngine.step` then returns the previous step's outputs, one step later. None
     = on for CUDA (the host would otherwise wait on the GPU and the GPU on the host), off on the
     CPU (nothing to overlap: the forward runs on the same cores)."""
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None
     """Launch a decode step whose rows need nothing from the host before the last step's tokens
     are back, its inputs read on the device, and land the last one (append, stop checks,
-    outputs) while it runs (`engine.decode_ahead`); the same tokens. For a GPU, where the
-    host's bookkeeping then overlaps the device's work; off by default until measured there
-    (on a CPU the forward and the bookkeeping share the cores: nothing to gain)."""
+    outputs) while it runs (`engine.decode_ahead`); the same tokens. None = on for CUDA, where
+    the host's bookkeeping then overlaps the device's work (H200, 256 requests: SmolLM2-135M
+    shape 67,317 vs 51,617-56,892 tok/s, Llama-3.2-1B 44,112 vs 26,139-35,721), off on the CPU
+    (the forward and the bookkeeping share the cores: nothing to gain)."""
     speculative_tokens: int | None = None
     """Speculative decoding by prompt lookup (`engine.speculative`): a row proposes up to
     this many tokens from an earlier occurrence of its last 1-3 tokens in its prompt and output,

@@ -12,6 +12,9 @@ from shoal.engine.sampling_params import SamplingParams
 from tests.engine.test_async_outputs import record
 from tests.engine.test_async_outputs import run as run_workload
 from tests.engine.test_llm_engine import check_abort_mid_stream, make_llm, prompts
+from tests.kernels.triton_interp import interpreted
+
+sample_kernel = interpreted("shoal.kernels.triton_sample")  # (a fixture: the kernel on the CPU)
 
 
 def flying_workload() -> list[tuple[list[int], SamplingParams]]:
@@ -116,10 +119,18 @@ def test_abort_in_flight_frees_every_block_and_serves_on(tiny_llama):
     check_idle(eng)
 
 
-def test_device_sampling_gives_the_synchronous_tokens(tiny_llama):
+@pytest.mark.parametrize("fused", [False, True])
+def test_device_sampling_gives_the_synchronous_tokens(tiny_llama, fused, monkeypatch, request):
     """The CUDA path's sampling (PyTorch ops on the logits' device, the tokens copied back behind
     an event) run on the CPU: with the CPU kernels off the synchronous sampler runs the same ops,
-    so the same tokens; logprobs to rounding (a batched logsumexp against one a row)."""
+    so the same tokens; logprobs to rounding (a batched logsumexp against one a row). `fused`:
+    with the greedy rows' Triton kernel (`kernels.triton_sample`, under the interpreter)."""
+    from shoal.engine import decode_ahead
+
+    used = []
+    if fused:
+        kern = request.getfixturevalue("sample_kernel")
+        monkeypatch.setattr(decode_ahead, "_fused_greedy", lambda x, eos: used.append(x.shape) or kern)
     work = [w for w in flying_workload() if w[1].logprobs is None and not w[1].presence_penalty]
     with kernels.disabled():
         want = drive(make_llm(tiny_llama, max_num_batched_tokens=64), work)
@@ -127,6 +138,7 @@ def test_device_sampling_gives_the_synchronous_tokens(tiny_llama):
         llm.engine.ahead.device_ops = True
         got = drive(llm, work)
     assert llm.engine.ahead.chains >= 10
+    assert len(used) >= 10 if fused else not used
     assert got.keys() == want.keys()
     for rid, w in want.items():
         g = got[rid]
@@ -173,7 +185,8 @@ def test_flights_on_a_gpu_give_the_synchronous_tokens(tiny_tokenizer_dir, tmp_pa
     ps = prompts(13, seed=46)
     want = [ref(loaded.model, p) for p in ps]
     work = [w for w in flying_workload() if w[1].logprobs is None and not w[1].presence_penalty]
-    seeded = drive(make_llm(loaded, device="cuda", cuda_graphs=graphs, max_num_batched_tokens=64), work)
+    seeded = drive(make_llm(loaded, device="cuda", cuda_graphs=graphs, max_num_batched_tokens=64,
+                            async_scheduling=False), work)
     for kw in ({}, {"num_kv_blocks": 16, "max_num_batched_tokens": 24}):
         llm = make_llm(loaded, device="cuda", cuda_graphs=graphs, async_scheduling=True, **kw)
         assert llm.engine.ahead.device_ops
@@ -189,30 +202,34 @@ def test_flights_on_a_gpu_give_the_synchronous_tokens(tiny_tokenizer_dir, tmp_pa
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_launching_a_step_on_a_gpu_never_waits_for_the_device():
-    """`launch_sample` of greedy, ignore_eos and seeded rows queues its work and its copy without
-    synchronizing (a synchronizing call raises under the sync debug mode), and the tokens it
-    lands equal the synchronous sampler's."""
+    """`launch_sample` of greedy, ignore_eos and seeded rows (and of greedy rows alone: the fused
+    kernel's whole answer) queues its work and its copy without synchronizing (a synchronizing
+    call raises under the sync debug mode), and the tokens it lands equal the synchronous
+    sampler's, the logprobs to rounding."""
     from shoal.engine.decode_ahead import launch_sample
     from shoal.engine.sampler import Sampler
     from shoal.engine.sequence import Sequence
 
-    sampler = Sampler([0, 2])
-    seqs = [Sequence(f"s{i}", [5, 6, 7], SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=i,
-                                                        ignore_eos=i % 3 == 0, max_tokens=4))
-            for i in range(6)]
-    logits = torch.randn(6, 64, generator=torch.Generator().manual_seed(3)).cuda()
-    logits[:, 0] += 8.0  # (eos the argmax: the ignore_eos rows must skip it)
-    host = torch.empty(12, dtype=torch.float64).pin_memory()
-    want, _, _ = Sampler([0, 2]).sample(logits.clone(), seqs)
-    for s in seqs:
-        s.generator = None  # (the same draws again)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        launched = launch_sample(sampler, logits, seqs, device_ops=True, host=host)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert launched.result()[0] == want
+    for greedy_only in (False, True):
+        sampler = Sampler([0, 2])
+        seqs = [Sequence(f"s{i}", [5, 6, 7], SamplingParams(temperature=0.0 if i % 2 or greedy_only else 0.8,
+                                                            seed=i, ignore_eos=i % 3 == 0, max_tokens=4))
+                for i in range(6)]
+        logits = torch.randn(6, 64, generator=torch.Generator().manual_seed(3)).cuda()
+        logits[:, 0] += 8.0  # (eos the argmax: the ignore_eos rows must skip it)
+        host = torch.empty(12, dtype=torch.float64).pin_memory()
+        want, want_lps, _ = Sampler([0, 2]).sample(logits.clone(), seqs)
+        for s in seqs:
+            s.generator = None  # (the same draws again)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            launched = launch_sample(sampler, logits, seqs, device_ops=True, host=host)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        toks, lps = launched.result()
+        assert toks == want, greedy_only
+        assert lps == pytest.approx(want_lps, abs=1e-5)
 
 
 @pytest.mark.parametrize("invariant", [True, False])
@@ -232,3 +249,15 @@ def test_flights_register_the_prefix_blocks_the_synchronous_engine_does(tiny_lla
             assert llm.engine.ahead.chains > 20
     assert seen[0] == seen[1]
     assert seen[0][1] >= (16 if invariant else 48)  # whole blocks of 8: the prompt's, then the answer's
+
+
+def test_flights_are_a_cuda_default_and_off_on_the_cpu(tiny_llama):
+    """`async_scheduling=None` (the default) resolves by device: off on the CPU (the forward and
+    the bookkeeping share the cores); on CUDA, asserted by the GPU tests (test_decode_graphs)."""
+    assert make_llm(tiny_llama).engine.ahead is None
+    assert make_llm(tiny_llama, async_scheduling=True).engine.ahead is not None
+    from shoal.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert args.async_scheduling is None
+    assert build_parser().parse_args(["serve", "--no-async-scheduling"]).async_scheduling is False

@@ -150,7 +150,8 @@ def test_cuda_graphs_give_the_reference_tokens(tiny_tokenizer_dir, tmp_path, gra
     tokens, as the eager kernels do; with the Triton attention kernels (the default) and the
     gather path; also with chunked prefill and preemption (a 16-block cache). (The same check as
     a probe on an H200, with a tiny random model of the SmolLM2 vocabulary: 13/13 in fp32 and
-    bf16, graphs on and off.)"""
+    bf16, graphs on and off.) Decode steps in flight (`async_scheduling`, the CUDA default) and
+    landed one by one."""
     from shoal.engine.triton_attention import available
 
     torch.manual_seed(0)
@@ -158,11 +159,12 @@ def test_cuda_graphs_give_the_reference_tokens(tiny_tokenizer_dir, tmp_path, gra
     ps = prompts(13, seed=5)
     loaded = load_dir(str(tmp_path / "m"), dtype="float32", device="cuda")
     want = [ref(loaded.model, p) for p in ps]
-    for kw in ({}, {"num_kv_blocks": 16, "max_num_batched_tokens": 24}):
+    for kw in ({}, {"num_kv_blocks": 16, "max_num_batched_tokens": 24}, {"async_scheduling": False}):
         llm = make_llm(loaded, device="cuda", cuda_graphs=graphs, triton_kernels=triton, **kw)
         assert (llm.engine.runner.graphs is not None) == graphs
         assert llm.engine.runner.triton_attention == (triton and available())
-        assert llm.engine.async_outputs  # the CUDA default
+        assert llm.engine.async_outputs  # the CUDA defaults
+        assert (llm.engine.ahead is not None) == kw.get("async_scheduling", True)
         outs = llm.generate(ps, GREEDY)
         assert [o.outputs[0].token_ids for o in outs] == want
         if graphs:

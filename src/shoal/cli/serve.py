@@ -148,7 +148,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="keep plain weights (no oneDNN packing): " + h["pack_weights"])
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="eager kernels on CUDA: " + h["cuda_graphs"])
-    p.add_argument("--async-scheduling", action="store_true", help=h["async_scheduling"])
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help=h["async_scheduling"])
     p.add_argument("--speculative-tokens", type=int, default=None, metavar="N", help=h["speculative_tokens"])
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: robust when other work shares the CPU)")

@@ -123,17 +123,28 @@ def _launch_on_device(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequenc
     B, V = logits.shape
     dev = logits.device
     x = logits.float()  # (B, V); the raw logits (a graph's fp32 output is masked in place below)
-    lse = torch.logsumexp(x, dim=-1)  # (B,)
     ignore = [i for i, s in enumerate(seqs) if s.params.ignore_eos]
     eos = [t for t in sampler.eos_token_ids if t < V]
-    if ignore and eos:  # (the raw logprob of a kept token is unchanged by the mask)
+    sampled = [i for i, s in enumerate(seqs) if s.params.temperature >= GREEDY_BELOW]
+    fused = _fused_greedy(x, eos)
+    if fused is not None:  # CUDA: argmax (eos masked where ignored), logprob, logsumexp in one pass
+        flags = None
+        if ignore and eos:
+            flags = to_device([s.params.ignore_eos for s in seqs], dev, torch.int32)
+        tokens, pair, lse = fused.greedy_rows(x, flags, _eos_ids(tuple(eos), dev) if flags is not None else None)
+        if not sampled:
+            return _copied(tokens, pair, host)
+    else:
+        lse = torch.logsumexp(x, dim=-1)  # (B,)
+        tokens = None
+    if ignore and eos and (tokens is None or sampled):  # (the raw logprob of a kept token is unchanged by the mask)
         # the value a device tensor: `x[rows, cols] = float("-inf")` made it a CPU scalar, which
         # index_put_ copied over with a blocking copy, waiting for the step in flight (H200
         # profile: 1.37 ms a launch in cudaStreamSynchronize, the flights serialized)
         neg_inf = torch.full((), float("-inf"), dtype=x.dtype, device=dev)
         x.index_put_((to_device(ignore, dev)[:, None], to_device(eos, dev)[None, :]), neg_inf)
-    tokens = x.argmax(dim=-1)  # (B,) the greedy rows' answer
-    sampled = [i for i, s in enumerate(seqs) if s.params.temperature >= GREEDY_BELOW]
+    if tokens is None:
+        tokens = x.argmax(dim=-1)  # (B,) the greedy rows' answer
     if sampled:
         us = []
         for i in sampled:  # one uniform number a row from its own generator, as `Sampler.sample`
@@ -146,14 +157,42 @@ def _launch_on_device(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequenc
                            [min(p.top_k, V) or V for p in ps], [p.top_p for p in ps])
         tokens[to_device(sampled, dev)] = picked
     chosen = x.gather(1, tokens[:, None]).squeeze(1) - lse  # (B,) raw logprobs
-    pair = torch.stack((tokens.double(), chosen.double()))  # (2, B)
-    if dev.type != "cuda":
+    return _copied(tokens, torch.stack((tokens.double(), chosen.double())), host)  # (2, B)
+
+
+def _copied(tokens: torch.Tensor, pair: torch.Tensor, host: torch.Tensor | None) -> Launched:
+    """The launch of `tokens` (B,) with `pair` (2, B) fp64 copied into `host` behind an event (on
+    CUDA; elsewhere `pair` as it is)."""
+    if tokens.device.type != "cuda":
         return Launched(tokens, pair)
+    B = tokens.shape[0]
     out = host[:2 * B].view(2, B)  # (contiguous: a strided destination would copy in two hops)
     out.copy_(pair, non_blocking=True)
     event = torch.cuda.Event()
     event.record()
     return Launched(tokens, out, event)
+
+
+def _fused_greedy(x: torch.Tensor, eos: list[int]):
+    """`kernels.triton_sample` where it serves x (CUDA, Triton importable, few eos ids), else None."""
+    if x.device.type != "cuda":
+        return None
+    try:
+        from ..kernels import triton_sample
+    except ImportError:  # (a CUDA build of PyTorch without Triton)
+        return None
+    return triton_sample if len(eos) <= triton_sample.MAX_EOS else None
+
+
+_EOS: dict[tuple, torch.Tensor] = {}
+
+
+def _eos_ids(eos: tuple[int, ...], dev: torch.device) -> torch.Tensor:
+    """(E,) int32 eos ids on dev, made once per (ids, device)."""
+    t = _EOS.get((eos, dev))
+    if t is None:
+        t = _EOS[(eos, dev)] = to_device(list(eos), dev, torch.int32)
+    return t
 
 
 @dataclass

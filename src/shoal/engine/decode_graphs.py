@@ -35,6 +35,7 @@ from array import array
 
 import torch
 
+from .device_copy import pinned
 from .paged_attention import DecodeBucket, PagedAttention, PagedKVCache
 from .triton_attention import TritonAttention
 
@@ -110,7 +111,7 @@ class DecodeGraphs:
         if entry is None:
             entry = self.graphs[key] = self._build(*key)
         graph, inputs = entry
-        inputs.copy_(host.pin_memory() if inputs.is_cuda else host, non_blocking=True)  # (`device_copy`)
+        inputs.copy_(pinned(host) if inputs.is_cuda else host, non_blocking=True)  # (`device_copy`)
         if fed is not None:  # (ids are inputs[:b])
             fed[0].apply(inputs, fed[1], fed[2])
         if graph is None:  # eager: the same function, run now

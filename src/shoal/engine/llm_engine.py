@@ -136,7 +136,8 @@ class LLMEngine:
         self._seq_req: dict[int, Request] = {}
         self.async_outputs = config.async_outputs if config.async_outputs is not None else p.device.type == "cuda"
         self._deferred: list[Request] = []  # requests the last step touched (async_outputs)
-        self.ahead = DecodeAhead(self) if config.async_scheduling else None
+        ahead = config.async_scheduling if config.async_scheduling is not None else p.device.type == "cuda"
+        self.ahead = DecodeAhead(self) if ahead else None
         k = config.speculative_tokens  # (not with decode_ahead, whose flights carry one token a row)
         if k is None:
             k = 8 if p.device.type == "cpu" else 0

@@ -14,6 +14,7 @@ No sampling or scheduling here.
 from __future__ import annotations
 
 import contextlib
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from ..model.transformer import Transformer
 from .cpu_decode import CPUDecodeForward
 from .decode_ahead import Feed
 from .decode_graphs import DecodeGraphs
-from .device_copy import move, to_device
+from .device_copy import array_to_device, move, to_device
 from .paged_attention import DecodeRows, PagedAttention, PagedKVCache, SeqAttention, build_decode_buckets
 from .sequence import Sequence
 from .triton_attention import TritonAttention, chunk_slots
@@ -168,8 +169,8 @@ class ModelRunner:
         elif not all(r[2] for r in rows):
             rows = [r for r in rows if r[2]] + [r for r in rows if not r[2]]
         n_decode = sum(n for _, n, decode in rows if decode)
-        ids: list[int] = []
-        positions: list[int] = []
+        ids = array("q")  # (N,) token ids, then positions: filled in place, no list to convert
+        positions = array("q")
         seq_attn: list[SeqAttention] = []
         slot_chunks: list[torch.Tensor] = []
         sample_rows: list[int] = []
@@ -227,10 +228,10 @@ class ModelRunner:
                 # logits at positions start..min(end, prompt_len-1)-1 predict prompt tokens
                 cnt = min(end, seq.num_prompt_tokens - 1) - start
                 prompt_rows.append((seq, q_start, cnt, start))
-        input_ids = to_device(ids, self.device)  # (N,)
+        input_ids = array_to_device(ids, self.device)  # (N,)
         if feed is not None:  # (a fed row is a decode row of one token: it samples)
             feed.apply(input_ids, *feed.pairs(sample_rows, sample_seqs))
-        pos = to_device(positions, self.device)  # (N,)
+        pos = array_to_device(positions, self.device)  # (N,)
         if self.device.type != "cpu":
             for s in seq_attn:
                 s.ctx_slots = s.ctx_slots.to(self.device)
@@ -265,7 +266,7 @@ class ModelRunner:
         logits = None
         if sample_rows:
             # (B, V) in the head's dtype: the sampler reads bf16 as it is
-            logits = self.model.compute_logits(hidden[to_device(sample_rows, self.device)], fp32=False)
+            logits = self.model.compute_logits(hidden[to_device(sample_rows, self.device, torch.long)], fp32=False)
         prompt_logits = {
             s.seq_id: (p0, self.model.compute_logits(hidden[r0:r0 + cnt]))
             for s, r0, cnt, p0 in prompt_rows
