@@ -25,11 +25,13 @@ CPU smoke run: python bench/gpu_engine.py --device cpu --shapes tiny --requests 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import shutil
 import sys
+import time
 import traceback
 
 import torch
@@ -97,6 +99,28 @@ def build(shape: str, root: str, tokenizer_dir: str) -> str:
     return path
 
 
+@contextlib.contextmanager
+def gc_pauses():
+    """Collections of the garbage collector while the block runs: {generation: [count, ms]} (a
+    full one, generation 2, scans every tracked object: ~100 ms with a model's process heap)."""
+    out: dict[int, list] = {}
+    start = [0.0]
+
+    def note(phase, info):
+        if phase == "start":
+            start[0] = time.perf_counter()
+        else:
+            entry = out.setdefault(info["generation"], [0, 0.0])
+            entry[0] += 1
+            entry[1] = round(entry[1] + 1e3 * (time.perf_counter() - start[0]), 2)
+
+    gc.callbacks.append(note)
+    try:
+        yield out
+    finally:
+        gc.callbacks.remove(note)
+
+
 def bench_mode(args, shape: str, path: str, mode: str, prompts: list, warm: list, results: dict) -> None:
     """One Shoal run of `mode` on one shape: all requests at once, then one alone (and the step
     phases with --phases); adds its entries to `results` and prints them as they come."""
@@ -128,8 +152,10 @@ def bench_mode(args, shape: str, path: str, mode: str, prompts: list, warm: list
     # a first pass over prompts of the same lengths (other tokens: no prefix-cache hits
     # in the measured pass) captures the graphs its buckets need; reported apart
     first = run_shoal(engine, warm, args.out, sync=ssync, temperature=T)
-    results[f"{name}, {args.requests} requests"] = run_shoal(engine, prompts, args.out, sync=ssync,
-                                                             temperature=T)
+    with gc_pauses() as pauses:
+        results[f"{name}, {args.requests} requests"] = run_shoal(engine, prompts, args.out, sync=ssync,
+                                                                 temperature=T)
+    results[f"{name}, {args.requests} requests"]["gc"] = pauses
     results[f"{name}, {args.requests} requests"]["first_pass_s"] = first["seconds"]
     results[f"{name}, {args.requests} requests"]["step_tokens"] = engine.scheduler.max_num_batched_tokens
     run_shoal(engine, warm[:1], args.out, sync=ssync, temperature=T)
