@@ -76,6 +76,9 @@ MODES = {
     # scans (`gc.freeze`, as `shoal serve` does after start-up), unfrozen after: whether that
     # costs or saves a GPU run (twenty-fourth session: slower in the one A/B, order not alternated)
     "frozen": {},
+    # the defaults with the sampling in PyTorch ops, not `kernels.triton_sample` (the sampler's
+    # switch alone; `triton_kernels` would turn off attention's kernels too)
+    "unfused": {},
 }
 
 
@@ -144,6 +147,8 @@ def bench_mode(args, shape: str, path: str, mode: str, prompts: list, warm: list
     if mode == "frozen":
         gc.collect()
         gc.freeze()
+    if mode == "unfused":
+        engine.sampler.triton = False
     # a step's outputs are host values, so its tokens are done when it returns; the other
     # modes synchronize after each step (their GPU is idle by then: their sampler waited),
     # a step in flight must not be waited for (that would serialize the flights)

@@ -124,13 +124,15 @@ def test_device_sampling_gives_the_synchronous_tokens(tiny_llama, fused, monkeyp
     """The CUDA path's sampling (PyTorch ops on the logits' device, the tokens copied back behind
     an event) run on the CPU: with the CPU kernels off the synchronous sampler runs the same ops,
     so the same tokens; logprobs to rounding (a batched logsumexp against one a row). `fused`:
-    with the greedy rows' Triton kernel (`kernels.triton_sample`, under the interpreter)."""
-    from shoal.engine import decode_ahead
+    with the Triton kernels (`kernels.triton_sample`, under the interpreter) for the greedy rows
+    and, on both sides, for the sampled rows' draws."""
+    from shoal.engine import decode_ahead, sampler
 
-    used = []
-    if fused:
+    used, drew = [], []
+    if fused:  # (both sides draw through the kernel: the synchronous sampler's rows too)
         kern = request.getfixturevalue("sample_kernel")
-        monkeypatch.setattr(decode_ahead, "_fused_greedy", lambda x, eos: used.append(x.shape) or kern)
+        monkeypatch.setattr(decode_ahead, "triton_sampling", lambda x: used.append(x.shape) or kern)
+        monkeypatch.setattr(sampler, "triton_sampling", lambda x: drew.append(x.shape) or kern)
     work = [w for w in flying_workload() if w[1].logprobs is None and not w[1].presence_penalty]
     with kernels.disabled():
         want = drive(make_llm(tiny_llama, max_num_batched_tokens=64), work)
@@ -138,7 +140,7 @@ def test_device_sampling_gives_the_synchronous_tokens(tiny_llama, fused, monkeyp
         llm.engine.ahead.device_ops = True
         got = drive(llm, work)
     assert llm.engine.ahead.chains >= 10
-    assert len(used) >= 10 if fused else not used
+    assert (len(used) >= 10 and len(drew) >= 10) if fused else not (used or drew)
     assert got.keys() == want.keys()
     for rid, w in want.items():
         g = got[rid]

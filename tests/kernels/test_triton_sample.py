@@ -88,3 +88,71 @@ def test_compiled_kernel_on_a_gpu():
         assert tok.tolist() == want_tok.tolist()
         torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(pair[1].float(), want_lp, rtol=1e-5, atol=1e-4)
+    # draws at Llama 3's vocabulary, bf16, 256 rows: the inverse CDF at u (fp64 reference)
+    x = logits(256, 128256, torch.bfloat16, seed=6, device="cuda")
+    gen = torch.Generator().manual_seed(8)
+    rows = torch.randperm(256, generator=gen).tolist()
+    temps = (0.2 + 1.5 * torch.rand(256, generator=gen)).tolist()
+    us = torch.rand(256, generator=gen, dtype=torch.float64).tolist()
+    got = triton_sample.draw_rows(x, meta(rows, temps, us, device="cuda")).tolist()
+    want, cdf, target = draw_reference(x.cpu(), rows, temps, us)
+    for r, (g, w) in enumerate(zip(got, want)):
+        if g != w:
+            assert abs(cdf[r, min(g, w)] - target[r]) <= 1e-6 * cdf[r, -1], (r, g, w)
+    assert sum(g == w for g, w in zip(got, want)) >= 250
+
+
+def draw_reference(x: torch.Tensor, rows, temps, us) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """`sampler._inverse_cdf` in fp64 on the CPU: tokens, each row's cdf and target u * sum."""
+    xs = x[rows].float() / torch.tensor(temps, dtype=torch.float32)[:, None]
+    w = (xs - xs.amax(dim=-1, keepdim=True)).exp().double()
+    cdf = w.cumsum(dim=-1)
+    target = torch.tensor(us, dtype=torch.float64) * cdf[:, -1]
+    tok = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
+    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), right=False).squeeze(1)
+    return torch.minimum(tok, last).tolist(), cdf, target
+
+
+def meta(rows, temps, us, device="cpu"):
+    return torch.tensor([[float(r) for r in rows], temps, us], dtype=torch.float64, device=device)
+
+
+@pytest.mark.parametrize("V,dtype", [(5000, torch.float32), (4096, torch.bfloat16), (37, torch.float16)])
+def test_draws_are_the_inverse_cdf_at_u(kern, V, dtype):
+    """Each row's token is the first whose running weight passes u * total (fp64 reference),
+    unless the reference's crossing is within rounding of the target."""
+    x = logits(6, V, dtype, seed=V)
+    rows, temps = [5, 0, 3, 3, 1, 2], [1.0, 0.7, 1.3, 1.3, 0.05, 2.0]
+    us = [0.0, 0.25, 0.5, 0.999999, 0.75, 0.123456789]
+    got = kern.draw_rows(x, meta(rows, temps, us)).tolist()
+    want, cdf, target = draw_reference(x, rows, temps, us)
+    for r, (g, w) in enumerate(zip(got, want)):
+        if g != w:  # only where the crossing is a rounding question
+            assert abs(cdf[r, min(g, w)] - target[r]) <= 1e-6 * cdf[r, -1], (r, g, w)
+    assert got[0] == 0  # u = 0: the first id of weight > 0 (every weight is, at these logits)
+    assert all(0 <= g < V for g in got)
+
+
+def test_draws_follow_the_softmax_and_skip_masked_ids(kern):
+    """4,000 draws from one row of five logits at T = 1 land as softmax(x) (each share within 3
+    standard errors); an id at -inf is never drawn; temperature sharpens the distribution."""
+    x = torch.tensor([[1.0, 2.0, 0.5, float("-inf"), 1.5]])
+    gen = torch.Generator().manual_seed(7)
+    n = 4000
+    us = torch.rand(n, generator=gen, dtype=torch.float64).tolist()
+    got = kern.draw_rows(x, meta([0] * n, [1.0] * n, us))
+    counts = torch.bincount(got, minlength=5).double() / n
+    p = torch.softmax(x[0], dim=-1).double()
+    assert counts[3] == 0
+    assert torch.all((counts - p).abs() <= 3 * (p * (1 - p) / n).sqrt() + 1e-9), (counts, p)
+    cold = kern.draw_rows(x, meta([0] * 200, [0.05] * 200, us[:200]))
+    assert torch.bincount(cold, minlength=5)[1] >= 199  # T = 0.05: the argmax, 200 of 200 (p ~ 1 - 5e-5)
+
+
+def test_draw_arguments(kern):
+    x = logits(2, 64, torch.float32, seed=2)
+    with pytest.raises(ValueError, match="meta"):
+        kern.draw_rows(x, torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        kern.draw_rows(x.t(), meta([0], [1.0], [0.5]))
+    assert kern.draw_rows(x, meta([], [], [])).shape == (0,)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .device_copy import to_device
-from .sampler import draw_rows, make_generator
+from .sampler import draw_rows, make_generator, triton_sampling
 from .sampling_params import GREEDY_BELOW
 from .sequence import SequenceStatus
 
@@ -126,7 +126,9 @@ def _launch_on_device(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequenc
     ignore = [i for i, s in enumerate(seqs) if s.params.ignore_eos]
     eos = [t for t in sampler.eos_token_ids if t < V]
     sampled = [i for i, s in enumerate(seqs) if s.params.temperature >= GREEDY_BELOW]
-    fused = _fused_greedy(x, eos)
+    fused = triton_sampling(x) if sampler.triton else None
+    if fused is not None and len(eos) > fused.MAX_EOS:
+        fused = None
     if fused is not None:  # CUDA: argmax (eos masked where ignored), logprob, logsumexp in one pass
         flags = None
         if ignore and eos:
@@ -154,7 +156,7 @@ def _launch_on_device(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequenc
             us.append(float(sampler._u.uniform_(generator=s.generator)))
         ps = [seqs[i].params for i in sampled]
         picked = draw_rows(x, sampled, [p.temperature for p in ps], us,
-                           [min(p.top_k, V) or V for p in ps], [p.top_p for p in ps])
+                           [min(p.top_k, V) or V for p in ps], [p.top_p for p in ps], sampler.triton)
         tokens[to_device(sampled, dev)] = picked
     chosen = x.gather(1, tokens[:, None]).squeeze(1) - lse  # (B,) raw logprobs
     return _copied(tokens, torch.stack((tokens.double(), chosen.double())), host)  # (2, B)
@@ -171,17 +173,6 @@ def _copied(tokens: torch.Tensor, pair: torch.Tensor, host: torch.Tensor | None)
     event = torch.cuda.Event()
     event.record()
     return Launched(tokens, out, event)
-
-
-def _fused_greedy(x: torch.Tensor, eos: list[int]):
-    """`kernels.triton_sample` where it serves x (CUDA, Triton importable, few eos ids), else None."""
-    if x.device.type != "cuda":
-        return None
-    try:
-        from ..kernels import triton_sample
-    except ImportError:  # (a CUDA build of PyTorch without Triton)
-        return None
-    return triton_sample if len(eos) <= triton_sample.MAX_EOS else None
 
 
 _EOS: dict[tuple, torch.Tensor] = {}

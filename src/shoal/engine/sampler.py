@@ -93,8 +93,9 @@ class Sampler:
     q)) took ~1 ms a row at V = 49152, and top_p's sort of the row 4.5 ms (now ~0.1 ms).
     """
 
-    def __init__(self, eos_token_ids: list[int]):
+    def __init__(self, eos_token_ids: list[int], triton: bool = True):
         self.eos_token_ids = list(eos_token_ids)
+        self.triton = triton  # CUDA logits: the Triton sampling kernels (`EngineConfig.triton_kernels`)
         self._u = torch.empty(1, dtype=torch.float64)  # one uniform draw at a time
 
     # ---- steps 2-5: penalties, bias, masks ------------------------------------------------------
@@ -300,8 +301,7 @@ class Sampler:
                 tops[i] = dict(zip(top_ids[i][:k], top_vals[i][:k])) if k else {}
         return toks, chosen, tops
 
-    @staticmethod
-    def _draw(src: torch.Tensor, rows: list[int], temps: list[float], us: list[float],
+    def _draw(self, src: torch.Tensor, rows: list[int], temps: list[float], us: list[float],
               masks: list[list[int]], top_k: list[int], top_p: list[float]) -> list[int]:
         """For each listed row of src (*, V): its draw at u (steps 6-7 of the Semantics), its
         `masks` ids at -inf (rows with masks reach here only where the kernel runs: elsewhere
@@ -311,18 +311,56 @@ class Sampler:
             return kernels.sample_rows(src, torch.tensor(rows), torch.tensor(temps, dtype=torch.float32),
                                        torch.tensor(us, dtype=torch.float64), masks, top_k, top_p).tolist()
         assert not any(masks), "masked rows are copied and edited where the kernels do not run"
-        return draw_rows(src, rows, temps, us, top_k, top_p).tolist()
+        return draw_rows(src, rows, temps, us, top_k, top_p, self.triton).tolist()
 
 
 def draw_rows(src: torch.Tensor, rows: list[int], temps: list[float], us: list[float], top_k: list[int],
-              top_p: list[float]) -> torch.Tensor:
-    """The listed rows of src (*, V) drawn in PyTorch ops on its device (no host sync): (S,)
-    token ids, each row tempered, cut to its top_k / top_p, then its inverse CDF at u."""
+              top_p: list[float], triton: bool = True) -> torch.Tensor:
+    """The listed rows of src (*, V) drawn on its device (no host sync): (S,) token ids, each row
+    tempered, cut to its top_k / top_p, then its inverse CDF at u. On CUDA the rows without a
+    cut (OpenAI's default top_p = 1) in one Triton kernel (`kernels.triton_sample.draw_rows`,
+    the same semantics), the others in PyTorch ops (all with `triton` off)."""
+    dev, V = src.device, src.shape[1]
+    fused = triton_sampling(src) if triton else None
+    plain = [j for j, (k, p) in enumerate(zip(top_k, top_p)) if k >= V and p >= 1.0] if fused else []
+    if not plain:
+        return _draw_in_ops(src, rows, temps, us, top_k, top_p)
+    # meta (3, P) fp64: the plain rows, their temperatures, their uniform numbers (one copy)
+    meta = to_device([float(rows[j]) for j in plain] + [temps[j] for j in plain] + [us[j] for j in plain],
+                     dev, torch.float64).view(3, len(plain))
+    got = fused.draw_rows(src, meta)  # (P,)
+    if len(plain) == len(rows):
+        return got
+    keep = set(plain)
+    cut = [j for j in range(len(rows)) if j not in keep]
+    out = torch.empty(len(rows), dtype=torch.long, device=dev)
+    at = to_device(plain + cut, dev, torch.long)  # (S,): where each result goes
+    out[at[:len(plain)]] = got
+    out[at[len(plain):]] = _draw_in_ops(src, [rows[j] for j in cut], [temps[j] for j in cut],
+                                        [us[j] for j in cut], [top_k[j] for j in cut], [top_p[j] for j in cut])
+    return out
+
+
+def _draw_in_ops(src: torch.Tensor, rows: list[int], temps: list[float], us: list[float], top_k: list[int],
+                 top_p: list[float]) -> torch.Tensor:
+    """`draw_rows` in PyTorch ops: (S, V) temporaries."""
     dev = src.device
     x = src[to_device(rows, dev)].float() / to_device(temps, dev)[:, None]
     if any(k < x.shape[1] for k in top_k) or any(p < 1.0 for p in top_p):
         x = _top_k_top_p(x, top_k, top_p)
     return _inverse_cdf(x, to_device(us, dev, torch.float64))
+
+
+def triton_sampling(x: torch.Tensor):
+    """`kernels.triton_sample` where it serves the logits x (CUDA, last dim contiguous, Triton
+    importable), else None."""
+    if x.device.type != "cuda" or x.stride(-1) != 1:
+        return None
+    try:
+        from ..kernels import triton_sample
+    except ImportError:  # (a CUDA build of PyTorch without Triton)
+        return None
+    return triton_sample
 
 
 def _inverse_cdf(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
