@@ -79,6 +79,9 @@ MODES = {
     # the defaults with the sampling in PyTorch ops, not `kernels.triton_sample` (the sampler's
     # switch alone; `triton_kernels` would turn off attention's kernels too)
     "unfused": {},
+    # the defaults plus sampled rows' draws in `kernels.triton_sample.draw_rows` (off by default:
+    # twenty-fifth session, temperature 1, faster on the Llama shape, slower on SmolLM2's)
+    "fuseddraw": {},
 }
 
 
@@ -149,6 +152,8 @@ def bench_mode(args, shape: str, path: str, mode: str, prompts: list, warm: list
         gc.freeze()
     if mode == "unfused":
         engine.sampler.triton = False
+    if mode == "fuseddraw":
+        engine.sampler.triton_draw = True
     # a step's outputs are host values, so its tokens are done when it returns; the other
     # modes synchronize after each step (their GPU is idle by then: their sampler waited),
     # a step in flight must not be waited for (that would serialize the flights)

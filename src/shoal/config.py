@@ -80,9 +80,9 @@ class EngineConfig:
     """On CUDA (with Triton, which PyTorch's CUDA builds ship): attention by Triton kernels that
     read the paged KV cache in place, all decode rows of a step in one launch a layer and all
     prefill chunks in another (`shoal.engine.triton_attention`), and one fused kernel each for
-    RMSNorm (+ residual), RoPE and SiLU-and-multiply (`shoal.model.layers.gpu_ops`), and the
-    sampling's: greedy rows' token and logprob in one pass, sampled rows' draws without (S, V)
-    temporaries (`shoal.kernels.triton_sample`). Off = gathers + SDPA and PyTorch ops."""
+    RMSNorm (+ residual), RoPE and SiLU-and-multiply (`shoal.model.layers.gpu_ops`), and greedy
+    rows' token and logprob in one pass (`shoal.kernels.triton_sample`; its draw kernel for
+    sampled rows waits behind `Sampler.triton_draw`). Off = gathers + SDPA and PyTorch ops."""
     async_outputs: bool | None = None
     """Build a step's outputs (deltas, detokenized text already in hand) during the next step's
     device work: `LLMEngine.step` then returns the previous step's outputs, one step later. None

@@ -135,9 +135,11 @@ def test_device_sampling_gives_the_synchronous_tokens(tiny_llama, fused, monkeyp
         monkeypatch.setattr(sampler, "triton_sampling", lambda x: drew.append(x.shape) or kern)
     work = [w for w in flying_workload() if w[1].logprobs is None and not w[1].presence_penalty]
     with kernels.disabled():
-        want = drive(make_llm(tiny_llama, max_num_batched_tokens=64), work)
+        ref = make_llm(tiny_llama, max_num_batched_tokens=64)
         llm = make_llm(tiny_llama, max_num_batched_tokens=64, async_scheduling=True)
         llm.engine.ahead.device_ops = True
+        ref.engine.sampler.triton_draw = llm.engine.sampler.triton_draw = fused  # (off by default)
+        want = drive(ref, work)
         got = drive(llm, work)
     assert llm.engine.ahead.chains >= 10
     assert (len(used) >= 10 and len(drew) >= 10) if fused else not (used or drew)

@@ -156,7 +156,8 @@ def _launch_on_device(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequenc
             us.append(float(sampler._u.uniform_(generator=s.generator)))
         ps = [seqs[i].params for i in sampled]
         picked = draw_rows(x, sampled, [p.temperature for p in ps], us,
-                           [min(p.top_k, V) or V for p in ps], [p.top_p for p in ps], sampler.triton)
+                           [min(p.top_k, V) or V for p in ps], [p.top_p for p in ps],
+                           sampler.triton and sampler.triton_draw)
         tokens[to_device(sampled, dev)] = picked
     chosen = x.gather(1, tokens[:, None]).squeeze(1) - lse  # (B,) raw logprobs
     return _copied(tokens, torch.stack((tokens.double(), chosen.double())), host)  # (2, B)

@@ -96,6 +96,10 @@ class Sampler:
     def __init__(self, eos_token_ids: list[int], triton: bool = True):
         self.eos_token_ids = list(eos_token_ids)
         self.triton = triton  # CUDA logits: the Triton sampling kernels (`EngineConfig.triton_kernels`)
+        # ... and for sampled rows' draws too: off until understood (H200, temperature 1, 256
+        # requests: ITL p50 4.97 -> 4.46 ms on the Llama-3.2-1B shape, but 4.73 -> 7.56-8.15 ms
+        # on SmolLM2-135M's, TTFT 109 -> 185-198 ms; `bench/gpu_engine.py --modes fuseddraw`)
+        self.triton_draw = False
         self._u = torch.empty(1, dtype=torch.float64)  # one uniform draw at a time
 
     # ---- steps 2-5: penalties, bias, masks ------------------------------------------------------
@@ -311,7 +315,7 @@ class Sampler:
             return kernels.sample_rows(src, torch.tensor(rows), torch.tensor(temps, dtype=torch.float32),
                                        torch.tensor(us, dtype=torch.float64), masks, top_k, top_p).tolist()
         assert not any(masks), "masked rows are copied and edited where the kernels do not run"
-        return draw_rows(src, rows, temps, us, top_k, top_p, self.triton).tolist()
+        return draw_rows(src, rows, temps, us, top_k, top_p, self.triton and self.triton_draw).tolist()
 
 
 def draw_rows(src: torch.Tensor, rows: list[int], temps: list[float], us: list[float], top_k: list[int],
