@@ -26,10 +26,18 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, h, cos, sin, ctx):
-        a = self.self_attn(self.input_layernorm(h), cos, sin, ctx)
+    def forward(self, h, cos, sin, ctx, pending=None):
+        """(h, m): the residual stream h, and m this layer's MLP output, not yet added: the next
+        layer's input norm adds it in its own kernel (h + m rounded to the dtype, then the norm,
+        as one `add_forward`), one elementwise kernel a layer fewer. `pending`: the last
+        layer's m (None: h is complete)."""
+        if pending is None:
+            x = self.input_layernorm(h)
+        else:
+            x, h = self.input_layernorm.add_forward(pending, h)  # h = h + pending; x = norm(h)
+        a = self.self_attn(x, cos, sin, ctx)
         x, h = self.post_attention_layernorm.add_forward(a, h)  # h = h + a; x = norm(h)
-        return h + self.mlp(x)
+        return h, self.mlp(x)
 
 
 def _embedding(num: int, dim: int) -> nn.Embedding:
@@ -51,9 +59,10 @@ class LlamaBackbone(nn.Module):
     def forward(self, input_ids, positions, ctx):
         h = self.embed_tokens(input_ids)  # (..., hidden)
         cos, sin = self.rotary_emb(positions, h.dtype)  # (..., head_dim)
+        m = None
         for layer in self.layers:
-            h = layer(h, cos, sin, ctx)
-        return self.norm(h)
+            h, m = layer(h, cos, sin, ctx, m)
+        return self.norm.add_forward(m, h)[0] if m is not None else self.norm(h)
 
     @property
     def input_embeddings(self) -> nn.Embedding:
