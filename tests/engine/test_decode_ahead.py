@@ -266,3 +266,32 @@ def test_flights_are_a_cuda_default_and_off_on_the_cpu(tiny_llama):
     args = build_parser().parse_args(["serve"])
     assert args.async_scheduling is None
     assert build_parser().parse_args(["serve", "--no-async-scheduling"]).async_scheduling is False
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_kv_blocks": 14}], ids=["roomy", "short-kv"])
+def test_steps_in_flight_admit_and_chunk_prompts_as_the_synchronous_engine(tiny_llama, kw):
+    """A queue longer than the batch (max_num_seqs 6), prompts chunked by a 40-token budget,
+    requests joining mid-run and a second turn on a first one's prompt (prefix hits): the next
+    step is planned while one flies, its admissions and prompt chunks included, and every stream
+    is the synchronous engine's, delta for delta; with a short KV cache the plans that would not
+    fit land first (and preempt) as before."""
+    ps = prompts(12, seed=52, lo=5, hi=70)
+    ps[11] = ps[2] + ps[11][:9]  # (shares ps[2]'s leading blocks)
+    kinds = [SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True),
+             SamplingParams(temperature=1.0, seed=21, max_tokens=11, ignore_eos=True),
+             SamplingParams(temperature=0.8, seed=22, max_tokens=13, stop=["e"]),
+             SamplingParams(temperature=0.0, max_tokens=9, stop_token_ids=[5, 9])]
+    work = [(p, kinds[i % len(kinds)]) for i, p in enumerate(ps)]
+    cfg = dict(max_num_batched_tokens=40, max_num_seqs=6, **kw)
+    want = drive(make_llm(tiny_llama, **cfg), work, add_after=4)
+    llm = make_llm(tiny_llama, async_scheduling=True, **cfg)
+    preempted = []
+    sch = llm.engine.scheduler
+    preempt = sch.preempt
+    sch.preempt = lambda seq: preempted.append(seq.seq_id) or preempt(seq)
+    got = drive(llm, work, add_after=4)
+    assert got == want
+    ahead = llm.engine.ahead
+    assert ahead.mixed >= 3 and ahead.chains >= 10, (ahead.mixed, ahead.chains)
+    assert bool(preempted) == ("num_kv_blocks" in kw)
+    check_idle(llm.engine)

@@ -2,25 +2,32 @@
 
 A synchronous step waits for its logits, samples, appends the tokens and checks stops before the
 next step can be planned, so the device idles while the host does a step's bookkeeping and the
-host idles while the device runs the forward. Here (as vLLM V1's async scheduling) a decode step
-whose rows need nothing from the host is *launched*: its tokens are sampled on the device and
-copied back without waiting (a `Flight`). The next call then *chains* the following step at once,
-each row's input read on the device from the tokens still in flight (a `Feed`; its `token_ids`
-hold a placeholder meanwhile), and only then *lands* the first: waits for its tokens, appends
-them, checks stops and builds outputs while the device runs the chained step.
+host idles while the device runs the forward. Here (as vLLM V1's async scheduling) a step whose
+sampling needs nothing from the host is *launched*: its tokens are sampled on the device and
+copied back without waiting (a `Flight`). The next call then *chains* the following step at once
+(planned by the scheduler: admissions and prompt chunks too), each in-flight row's input read on
+the device from the tokens still in flight (a `Feed`; its `token_ids` hold a placeholder
+meanwhile), and only then *lands* the first: waits for its tokens, appends them, checks stops
+and builds outputs while the device runs the chained step.
 
 Semantics (what the engine does with `EngineConfig.async_scheduling`):
 
-    take_off(step): every row of a planned and run step samples, and each row's sampling needs
-        nothing the device lacks (greedy, or temperature / top_k / top_p with the row's uniform
-        number drawn now from its own generator; ignore_eos masks; no penalties, logit_bias,
-        min_tokens still to reach, top logprobs, prompt logprobs or forks): count the rows'
-        tokens computed, sample on the device, keep the step in flight instead of landing it.
+    take_off(step): every row of a planned and run step that samples needs nothing the device
+        lacks (greedy, or temperature / top_k / top_p with the row's uniform number drawn now
+        from its own generator; ignore_eos masks; no penalties, logit_bias, min_tokens still to
+        reach, top logprobs, prompt logprobs or forks); rows that do not sample (prompts still
+        in chunks) may be in it: count the rows' tokens computed, register their filled blocks
+        (as a landed step does before the next plan: the KV is written first, in stream order),
+        sample on the device, keep the step in flight instead of landing it.
     step() with a flight F:
-        chain: if nothing waits to be admitted, every running sequence is in F, and the KV cache
-            has room: for each running sequence of F that F's token cannot finish by length,
-            append a placeholder, make room for it, run one decode row fed by F's token, and
-            launch its sampling (flight G)
+        chain: if every row the next plan may sample is eligible (F's, the running ones outside
+            F, the waiting ones it could admit), the scheduler's first pass reaches every
+            sequence of F (no older prompt chunk takes the budget first) and the KV cache has
+            room for the running rows: append a placeholder to each running sequence of F that
+            F's token cannot finish by length, let the scheduler plan the next step (admissions
+            and prompt chunks with the placeholders' decode rows), run it, each placeholder's
+            input read on the device from F's tokens, register the filled blocks of the rows
+            not fed, and launch its sampling (flight G)
         land F: wait for F's tokens; each sequence still running takes its token (in place of
             its placeholder), registers its full blocks in the prefix cache, appends, checks
             stops (a sequence F finished wastes its row of G, which G's landing skips)
@@ -29,8 +36,8 @@ Semantics (what the engine does with `EngineConfig.async_scheduling`):
 The tokens are those of the synchronous engine: the same sampling, the same draws in the same
 order per sequence (a greedy row's argmax, a sampled row's inverse CDF at its own next uniform
 number), on the CPU by the same kernels (`Sampler.sample`; nothing overlaps there: the forward
-runs on the same cores). A step that needs the host (admissions, preemption, forks, penalties)
-runs synchronously after the flight has landed.
+runs on the same cores). A step that needs the host (preemption, forks, penalties, prompt
+logprobs, ...) runs synchronously after the flight has landed.
 """
 
 from __future__ import annotations
@@ -208,6 +215,7 @@ class DecodeAhead:
         self._host: list[torch.Tensor] = []  # two pinned (2 x max rows,) buffers, used in turn
         self._turn = 0
         self.launches = self.chains = 0  # counters (tests, benchmarks)
+        self.mixed = 0  # chains whose plan also held other rows (admissions, prompt chunks)
 
     def eligible(self, seq: Sequence, pending: int) -> bool:
         """Whether seq's next draw needs nothing but its logits (with `pending` tokens of it
@@ -221,13 +229,15 @@ class DecodeAhead:
     def take_off(self, sched: SchedulerOutput, result: StepResult) -> bool:
         """Launch a step just run instead of landing it, if it may fly."""
         seqs = result.sample_seqs
-        if result.prompt_logits or result.sample_logits is None or len(seqs) != len(sched.scheduled):
+        if result.prompt_logits or result.sample_logits is None:
             return False
         for s in seqs:
             if not self.eligible(s, 0):
                 return False
-        for seq, n in sched.scheduled:
+        commit = self.engine.block_manager.commit
+        for seq, n in sched.scheduled:  # (rows that do not sample: prompts still in chunks)
             seq.num_computed_tokens += n
+            commit(seq)  # as a landed step, before the next plan (their KV is written first, in stream order)
         self.flight = Flight(sched.scheduled, seqs, self._launch(result.sample_logits, seqs), None)
         self.launches += 1
         return True
@@ -253,38 +263,77 @@ class DecodeAhead:
     def _chain(self, cur: Flight) -> Flight | None:
         eng = self.engine
         sch, bm = eng.scheduler, eng.block_manager
-        if sch.waiting:
-            return None  # admissions: the scheduler plans the next step
-        rows: list[tuple[int, Sequence]] = []
-        live = 0
+        # 1) the sequences in flight that take a placeholder (not those cur's token ends by
+        # length); every row the next step may sample must be eligible: theirs, the running
+        # ones outside the flight (prompts in chunks), the waiting ones it could admit
+        fed: dict[int, int] = {}  # seq_id -> its row in cur's tokens
         for i, s in enumerate(cur.seqs):
             if s.status is not _RUNNING:
                 continue  # aborted, or finished by an earlier flight
-            live += 1
             p, after = s.params, len(s.token_ids) + 1  # its tokens once cur lands
             if (p.max_tokens is not None and after - s.num_prompt_tokens >= p.max_tokens) or after >= eng.max_model_len:
                 continue  # cur's token ends it by length
             if not self.eligible(s, 1):
                 return None
-            rows.append((i, s))
-        if not rows or live != len(sch.running):
-            return None  # nothing to chain, or a running sequence outside this flight
-        for _, s in rows:
-            s.token_ids.append(PLACEHOLDER)
+            fed[s.seq_id] = i
+        if not fed:
+            return None
+        for s in sch.running:
+            if s.seq_id not in fed and s.num_uncomputed and not self.eligible(s, 0):
+                return None
+        for i, s in enumerate(sch.waiting):
+            if i >= sch.max_num_seqs - len(sch.running):
+                break
+            if not self.eligible(s, 0):
+                return None
+        if not self._fits(sch, bm, fed):
+            return None
+        # 2) placeholders, room for them, then the scheduler's plan (admissions included)
+        for s in sch.running:
+            if s.seq_id in fed:
+                s.token_ids.append(PLACEHOLDER)
         free = bm.num_free_blocks  # (a row's one new token takes at most one block: a new or a copied one)
-        if len(rows) > free and sum(bm.append_cost(s) for _, s in rows) > free:
-            for _, s in rows:
-                s.token_ids.pop()
-            return None  # the scheduler will preempt
-        for _, s in rows:
-            bm.try_append(s)
-        scheduled = [(s, 1) for _, s in rows]
-        feed = Feed(cur.launched.tokens, {s.seq_id: i for i, s in rows})
-        result = eng.runner.run(scheduled, bm.take_copies(), feed)
-        for _, s in rows:
-            s.num_computed_tokens += 1
+        if len(sch.running) > free and sum(bm.append_cost(s) for s in sch.running) > free:
+            for s in sch.running:
+                if s.seq_id in fed:
+                    s.token_ids.pop()
+            return None  # the scheduler will preempt, after the landing
+        plan = sch.schedule()
+        if plan.preempted or sum(1 for s, _ in plan.scheduled if s.seq_id in fed) != len(fed):
+            raise RuntimeError("decode_ahead: the plan preempted or left out a sequence in flight")
+        feed = Feed(cur.launched.tokens, fed)
+        result = eng.runner.run(plan.scheduled, plan.copies, feed)
+        for s, n in plan.scheduled:
+            s.num_computed_tokens += n
+            if s.seq_id not in fed:  # (a fed row's block waits for its real token: `_land`)
+                bm.commit(s)
         self.chains += 1
-        return Flight(scheduled, result.sample_seqs, self._launch(result.sample_logits, result.sample_seqs), feed)
+        self.mixed += len(plan.scheduled) != len(fed)
+        if result.sample_logits is None:  # (prompt chunks only: nothing to sample)
+            return Flight(plan.scheduled, [], Launched(torch.zeros(0, dtype=torch.long), lists=([], [])), feed)
+        seqs = result.sample_seqs
+        return Flight(plan.scheduled, seqs, self._launch(result.sample_logits, seqs), feed)
+
+    @staticmethod
+    def _fits(sch, bm, fed: dict[int, int]) -> bool:
+        """Whether the scheduler's first pass (running sequences oldest first, each its uncomputed
+        tokens within the step's budget and row limit) reaches every fed sequence: a prompt chunk
+        older than them could take the budget first. (Its arithmetic, before the placeholders.)"""
+        budget, count, left = sch.max_num_batched_tokens, 0, len(fed)
+        for s in sch.running_by_age():
+            if left == 0:
+                return True
+            n = s.num_uncomputed + (s.seq_id in fed)
+            if n == 0:
+                continue
+            if budget == 0 or count >= sch.max_num_seqs:
+                return False
+            if bm.path_keys and s.num_computed_tokens < s.num_prompt_tokens:
+                n = min(n, s.num_prompt_tokens - s.num_computed_tokens)
+            budget -= min(n, budget)
+            count += 1
+            left -= s.seq_id in fed
+        return left == 0
 
     def _land(self, cur: Flight, nxt: Flight | None) -> list[Request]:
         eng = self.engine
@@ -313,5 +362,10 @@ class DecodeAhead:
             llps.append(lp)
             req = seq_req[seq.seq_id]
             touched[req.request_id] = req
+        if len(cur.scheduled) != len(cur.seqs):  # rows that did not sample (prompts in chunks)
+            for seq, _ in cur.scheduled:  # touch their requests too, as a landed step does
+                req = seq_req.get(seq.seq_id) if seq.status is _RUNNING else None
+                if req is not None:
+                    touched.setdefault(req.request_id, req)
         eng._append(live, ltoks, llps, [None] * len(live))
         return list(touched.values())

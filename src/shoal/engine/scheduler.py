@@ -84,6 +84,10 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    def running_by_age(self) -> list[Sequence]:
+        """The running sequences in the order the next plan visits them (oldest first)."""
+        return self.running if self._in_order else sorted(self.running, key=_age)
+
     def can_fit(self, num_tokens: int) -> bool:
         """Whether a sequence of num_tokens tokens could ever fit in the KV cache alone."""
         return self.block_manager.num_blocks_for(num_tokens) <= self.block_manager.num_blocks
