@@ -267,6 +267,7 @@ class DecodeAhead:
         # length); every row the next step may sample must be eligible: theirs, the running
         # ones outside the flight (prompts in chunks), the waiting ones it could admit
         fed: dict[int, int] = {}  # seq_id -> its row in cur's tokens
+        rows: list[Sequence] = []
         for i, s in enumerate(cur.seqs):
             if s.status is not _RUNNING:
                 continue  # aborted, or finished by an earlier flight
@@ -276,43 +277,57 @@ class DecodeAhead:
             if not self.eligible(s, 1):
                 return None
             fed[s.seq_id] = i
-        if not fed:
+            rows.append(s)
+        if not rows:
             return None
-        for s in sch.running:
-            if s.seq_id not in fed and s.num_uncomputed and not self.eligible(s, 0):
+        # decode rows alone (the steady state: every running sequence fed, none waiting) skip the
+        # scheduler: one row each, as its plan would be (per row per step: kept plain)
+        alone = not sch.waiting and len(sch.running) == len(rows) and len(rows) <= sch.max_num_batched_tokens
+        if not alone:
+            for s in sch.running:
+                if s.seq_id not in fed and s.num_uncomputed and not self.eligible(s, 0):
+                    return None
+            for i, s in enumerate(sch.waiting):
+                if i >= sch.max_num_seqs - len(sch.running):
+                    break
+                if not self.eligible(s, 0):
+                    return None
+            if not self._fits(sch, bm, fed):
                 return None
-        for i, s in enumerate(sch.waiting):
-            if i >= sch.max_num_seqs - len(sch.running):
-                break
-            if not self.eligible(s, 0):
-                return None
-        if not self._fits(sch, bm, fed):
-            return None
-        # 2) placeholders, room for them, then the scheduler's plan (admissions included)
-        for s in sch.running:
-            if s.seq_id in fed:
-                s.token_ids.append(PLACEHOLDER)
+        # 2) placeholders and room for them (else land first: the scheduler will preempt), then
+        # the plan: the fed rows, or the scheduler's (admissions and prompt chunks too)
+        for s in rows:
+            s.token_ids.append(PLACEHOLDER)
         free = bm.num_free_blocks  # (a row's one new token takes at most one block: a new or a copied one)
         if len(sch.running) > free and sum(bm.append_cost(s) for s in sch.running) > free:
-            for s in sch.running:
-                if s.seq_id in fed:
-                    s.token_ids.pop()
-            return None  # the scheduler will preempt, after the landing
-        plan = sch.schedule()
-        if plan.preempted or sum(1 for s, _ in plan.scheduled if s.seq_id in fed) != len(fed):
-            raise RuntimeError("decode_ahead: the plan preempted or left out a sequence in flight")
+            for s in rows:
+                s.token_ids.pop()
+            return None
+        if alone:
+            for s in rows:
+                bm.try_append(s)
+            scheduled, copies = [(s, 1) for s in rows], bm.take_copies()
+        else:
+            plan = sch.schedule()
+            if plan.preempted or sum(1 for s, _ in plan.scheduled if s.seq_id in fed) != len(rows):
+                raise RuntimeError("decode_ahead: the plan preempted or left out a sequence in flight")
+            scheduled, copies = plan.scheduled, plan.copies
+            self.mixed += len(scheduled) != len(rows)
         feed = Feed(cur.launched.tokens, fed)
-        result = eng.runner.run(plan.scheduled, plan.copies, feed)
-        for s, n in plan.scheduled:
-            s.num_computed_tokens += n
-            if s.seq_id not in fed:  # (a fed row's block waits for its real token: `_land`)
-                bm.commit(s)
+        result = eng.runner.run(scheduled, copies, feed)
+        if alone:
+            for s in rows:
+                s.num_computed_tokens += 1
+        else:
+            for s, n in scheduled:
+                s.num_computed_tokens += n
+                if s.seq_id not in fed:  # (a fed row's block waits for its real token: `_land`)
+                    bm.commit(s)
         self.chains += 1
-        self.mixed += len(plan.scheduled) != len(fed)
         if result.sample_logits is None:  # (prompt chunks only: nothing to sample)
-            return Flight(plan.scheduled, [], Launched(torch.zeros(0, dtype=torch.long), lists=([], [])), feed)
+            return Flight(scheduled, [], Launched(torch.zeros(0, dtype=torch.long), lists=([], [])), feed)
         seqs = result.sample_seqs
-        return Flight(plan.scheduled, seqs, self._launch(result.sample_logits, seqs), feed)
+        return Flight(scheduled, seqs, self._launch(result.sample_logits, seqs), feed)
 
     @staticmethod
     def _fits(sch, bm, fed: dict[int, int]) -> bool:
