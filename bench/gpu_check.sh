@@ -25,6 +25,10 @@ if [ "${T1:-1}" != 0 ]; then
     --temperature 1.0 --shapes llama-3.2-1b,smollm2-135m --modes "${T1_MODES:-graphs,fuseddraw,graphs,fuseddraw}" \
     --json "$out/gpu-bench-t1.json" > "$out/gpu-bench-t1.log" 2>&1
   grep -E "^(smollm2|llama)-[^{]*(requests|batch 256) \{" "$out/gpu-bench-t1.log" | cut -c1-160
+  # where the draw kernel's steps go on SmolLM2's shape (slower there, twenty-fifth session)
+  timeout "${PROFILE_TIMEOUT:-120}" python3 bench/gpu_profile.py --device cuda --tokenizer-dir "$TOKENIZER_DIR" \
+    --temperature 1.0 --mode fuseddraw --top 20 > "$out/gpu-profile-t1-fuseddraw.log" 2>&1
+  head -1 "$out/gpu-profile-t1-fuseddraw.log"
 fi
 # then where the defaults' steps spend the host's and the device's time (PROFILE=0: skip; ~40 s a shape)
 if [ "${PROFILE:-1}" != 0 ]; then

@@ -105,6 +105,14 @@ def build(shape: str, root: str, tokenizer_dir: str) -> str:
     return path
 
 
+def tweak(engine, mode: str) -> None:
+    """A mode's settings that are not `EngineConfig` fields: the sampler's kernels."""
+    if mode == "unfused":
+        engine.sampler.triton = False
+    if mode == "fuseddraw":
+        engine.sampler.triton_draw = True
+
+
 @contextlib.contextmanager
 def gc_pauses():
     """Collections of the garbage collector while the block runs: {generation: [count, ms]} (a
@@ -150,10 +158,7 @@ def bench_mode(args, shape: str, path: str, mode: str, prompts: list, warm: list
     if mode == "frozen":
         gc.collect()
         gc.freeze()
-    if mode == "unfused":
-        engine.sampler.triton = False
-    if mode == "fuseddraw":
-        engine.sampler.triton_draw = True
+    tweak(engine, mode)
     # a step's outputs are host values, so its tokens are done when it returns; the other
     # modes synchronize after each step (their GPU is idle by then: their sampler waited),
     # a step in flight must not be waited for (that would serialize the flights)

@@ -26,10 +26,16 @@ import time
 import torch
 
 
-def timeline(engine, prompts, out_tokens: int, sync) -> list[dict]:
-    """Run `prompts` greedily; per step: wall ms (after `sync`), prompt tokens, decode rows."""
+def params(i: int, out_tokens: int, temperature: float):
+    """Request i's sampling: greedy, or seeded at `temperature`; `ignore_eos`."""
     from shoal.engine.sampling_params import SamplingParams
 
+    return SamplingParams(temperature=temperature, max_tokens=out_tokens, ignore_eos=True,
+                          seed=i if temperature else None)
+
+
+def timeline(engine, prompts, out_tokens: int, sync, temperature: float = 0.0) -> list[dict]:
+    """Run `prompts`; per step: wall ms (after `sync`), prompt tokens, decode rows."""
     run, cur = engine.runner.run, {}
 
     def counted(scheduled, *a, **k):
@@ -41,8 +47,7 @@ def timeline(engine, prompts, out_tokens: int, sync) -> list[dict]:
     steps = []
     try:
         for i, p in enumerate(prompts):
-            engine.add_request(f"t{i}-{time.perf_counter()}", p,
-                               SamplingParams(temperature=0.0, max_tokens=out_tokens, ignore_eos=True))
+            engine.add_request(f"t{i}-{time.perf_counter()}", p, params(i, out_tokens, temperature))
         while engine.has_unfinished():
             cur.clear()
             t = time.perf_counter()
@@ -55,14 +60,11 @@ def timeline(engine, prompts, out_tokens: int, sync) -> list[dict]:
     return steps
 
 
-def profile(engine, prompts, out_tokens: int, sync, make, decode_steps: int = 16):
+def profile(engine, prompts, out_tokens: int, sync, make, decode_steps: int = 16, temperature: float = 0.0):
     """(profile of the steps with prompt chunks, profile of `decode_steps` decode-only steps);
     `make()` gives a fresh profiler, a context manager."""
-    from shoal.engine.sampling_params import SamplingParams
-
     for i, p in enumerate(prompts):
-        engine.add_request(f"p{i}-{time.perf_counter()}", p,
-                           SamplingParams(temperature=0.0, max_tokens=out_tokens, ignore_eos=True))
+        engine.add_request(f"p{i}-{time.perf_counter()}", p, params(i, out_tokens, temperature))
 
     def prompting() -> bool:
         return bool(engine.scheduler.waiting) or any(
@@ -104,11 +106,12 @@ def main() -> None:
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "shoal-gpu-bench"))
     ap.add_argument("--tokenizer-dir", default=None)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else seeded sampling")
     ap.add_argument("--mode", default="graphs", help="engine settings: one of gpu_engine.py's --modes")
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(__file__))
     from engine_throughput import make_prompts
-    from gpu_engine import MODES, build
+    from gpu_engine import MODES, build, tweak
 
     from shoal.config import EngineConfig
     from shoal.engine.llm_engine import LLMEngine
@@ -116,17 +119,20 @@ def main() -> None:
     from shoal.model.registry import ModelRegistry
 
     cuda = args.device.startswith("cuda")
-    # (steps in flight, `ahead`, are not waited for: that would serialize them)
-    sync = torch.cuda.synchronize if cuda and args.mode != "ahead" else (lambda: None)
     path = build(args.shape, args.work, args.tokenizer_dir or ModelRegistry().resolve("SmolLM2-135M-Instruct"))
     cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device, max_num_seqs=args.requests,
                        max_num_batched_tokens=args.max_batched_tokens,
                        kv_cache_memory=int(args.kv_cache_gb * 2**30) if cuda else 256 << 20, **MODES[args.mode])
     engine = LLMEngine(cfg, load_dir(path, dtype=getattr(torch, args.dtype), device=args.device))
+    tweak(engine, args.mode)
+    # (steps in flight, the CUDA default, are not waited for: that would serialize them; a step's
+    # time is then the host's, the device's work overlapping the next)
+    sync = torch.cuda.synchronize if cuda and engine.ahead is None else (lambda: None)
+    T = args.temperature
     prompts = make_prompts(args.requests, 64, 512, 2, 49152)
     fresh = lambda x: [[t ^ x for t in p] for p in prompts]  # noqa: E731  (same lengths, new tokens)
-    timeline(engine, fresh(1), args.out, sync)  # warm: graphs, Triton specializations
-    steps = timeline(engine, fresh(2), args.out, sync)
+    timeline(engine, fresh(1), args.out, sync, T)  # warm: graphs, Triton specializations
+    steps = timeline(engine, fresh(2), args.out, sync, T)
     pre = [s for s in steps if s["prompt"]]
     dec = [s["ms"] for s in steps if not s["prompt"]]
     print(f"{args.shape}: {len(steps)} steps, {sum(s['ms'] for s in steps):.1f} ms; "
@@ -141,16 +147,16 @@ def main() -> None:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         dev = "self_device_time_total" if cuda else "self_cpu_time_total"
         kinds = ("steps with prompt chunks", "16 decode-only steps")
-        profs = profile(engine, fresh(3), args.out, sync, lambda: torch_profile(activities=acts))
+        profs = profile(engine, fresh(3), args.out, sync, lambda: torch_profile(activities=acts), temperature=T)
         for name, prof in zip(kinds, profs):
             print(f"\n== {name}: by host time\n{table(prof, 'self_cpu_time_total', args.top)}")
             if cuda:
                 print(f"== {name}: by device time\n{table(prof, dev, args.top)}")
-        profs = profile(engine, fresh(4), args.out, sync, cProfile.Profile)
+        profs = profile(engine, fresh(4), args.out, sync, cProfile.Profile, temperature=T)
         for name, prof in zip(kinds, profs):
             print(f"\n== {name}: Python functions by own time")
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
-    print(json.dumps({"shape": args.shape, "mode": args.mode, "device": args.device, "torch": torch.__version__,
+    print(json.dumps({"shape": args.shape, "mode": args.mode, "temperature": T, "device": args.device, "torch": torch.__version__,
                       "max_batched_tokens": engine.scheduler.max_num_batched_tokens, "steps": steps}))
 
 
