@@ -126,13 +126,13 @@ def test_device_sampling_gives_the_synchronous_tokens(tiny_llama, fused, monkeyp
     so the same tokens; logprobs to rounding (a batched logsumexp against one a row). `fused`:
     with the Triton kernels (`kernels.triton_sample`, under the interpreter) for the greedy rows
     (the CUDA default), and with "both" on both sides for the sampled rows' draws too."""
-    from shoal.engine import decode_ahead, sampler
+    from shoal.engine import decode_ahead, device_draw
 
     used, drew = [], []
     if fused:  # (both sides draw through the kernel: the synchronous sampler's rows too)
         kern = request.getfixturevalue("sample_kernel")
         monkeypatch.setattr(decode_ahead, "triton_sampling", lambda x: used.append(x.shape) or kern)
-        monkeypatch.setattr(sampler, "triton_sampling", lambda x: drew.append(x.shape) or kern)
+        monkeypatch.setattr(device_draw, "triton_sampling", lambda x: drew.append(x.shape) or kern)
     work = [w for w in flying_workload() if w[1].logprobs is None and not w[1].presence_penalty]
     with kernels.disabled():
         ref = make_llm(tiny_llama, max_num_batched_tokens=64)

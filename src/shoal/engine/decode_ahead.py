@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .device_copy import to_device
-from .sampler import draw_rows, make_generator, triton_sampling
+from .device_draw import draw_rows, triton_sampling
+from .sampler import make_generator
 from .sampling_params import GREEDY_BELOW
 from .sequence import SequenceStatus
 
