@@ -293,9 +293,9 @@ def test_sample_rows_is_the_inverse_cdf_of_the_tempered_softmax(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sample_rows_with_top_k_and_top_p_keeps_what_the_sorted_filter_keeps(dtype):
-    """Without a full sort, the kept set is the sorted filter's (`engine.sampler._top_k_top_p`),
+    """Without a full sort, the kept set is the sorted filter's (`engine.device_draw._top_k_top_p`),
     and the draw is the inverse CDF over it; masked ids drop out before the filter."""
-    from shoal.engine.sampler import _top_k_top_p
+    from shoal.engine.device_draw import _top_k_top_p
 
     v, n = 1003, 48
     x = rand(n, v, scale=2.5, seed=7).to(dtype)
@@ -334,7 +334,7 @@ def test_sample_rows_cuts_flat_rows_and_tiny_weights_as_the_sorted_filter(dtype)
     temperature's: groups of it taken whole, one sorted; bf16 makes many ties) and among weights
     too small for exact sums (walked token by token): the sorted filter's kept set, and the
     inverse CDF over it, u from 0 to nearly 1."""
-    from shoal.engine.sampler import _top_k_top_p
+    from shoal.engine.device_draw import _top_k_top_p
 
     v = 6000
     g = torch.Generator().manual_seed(11)

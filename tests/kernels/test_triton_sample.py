@@ -103,7 +103,7 @@ def test_compiled_kernel_on_a_gpu():
 
 
 def draw_reference(x: torch.Tensor, rows, temps, us) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-    """`sampler._inverse_cdf` in fp64 on the CPU: tokens, each row's cdf and target u * sum."""
+    """`device_draw._inverse_cdf` in fp64 on the CPU: tokens, each row's cdf and target u * sum."""
     xs = x[rows].float() / torch.tensor(temps, dtype=torch.float32)[:, None]
     w = (xs - xs.amax(dim=-1, keepdim=True)).exp().double()
     cdf = w.cumsum(dim=-1)

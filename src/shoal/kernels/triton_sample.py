@@ -23,7 +23,7 @@ draw_rows(x, meta) -> tokens
   on the host)
   tokens (S,) int64: the first j with cumsum(w)[j] > u * sum(w), w = exp(x / T - max(x / T))
                      (fp32 weights, fp64 sums), else the last j of weight > 0
-  `sampler.draw_rows`'s semantics without top_k / top_p (OpenAI's default top_p = 1): one program
+  `engine.device_draw.draw_rows`'s semantics without top_k / top_p (OpenAI's default top_p = 1): one program
   a row, three passes over it (max; sum and last nonzero weight; the scan to the crossing), no
   (S, V) temporaries. Replaces a gather, division, amax, exp, fp64 cast, cumsum and two
   searchsorted over (S, V) (~12 launches; fp64 copies of 256 x 128,256 logits are 263 MB).
