@@ -178,3 +178,19 @@ def test_byte_fast_path_equals_windowed_decode(real_tok, skip):
         fast.flush()
         slow.flush()
         assert fast.text == slow.text == real_tok.decode(ids, skip_special_tokens=skip)
+
+
+@pytest.mark.real_model
+def test_token_text_is_whole_characters_only(real_tok):
+    """`token_text`: a token's text when its bytes are whole UTF-8 characters, None when they
+    hold part of one (the detokenizer then runs its UTF-8 decoder)."""
+    word = real_tok.encode(" hello", add_special_tokens=False)
+    assert len(word) == 1 and real_tok.token_text(word[0]) == " hello"
+    split = [t for t in real_tok.encode("日本語のテキスト", add_special_tokens=False)
+             if real_tok.token_bytes(t).decode("utf-8", "replace") != real_tok.token_bytes(t).decode("utf-8", "ignore")]
+    assert split, "the text should split a character across tokens"
+    assert all(real_tok.token_text(t) is None for t in split)
+    # a split character pushed after whole ones, then whole ones again: the same text as decode
+    ids = word + real_tok.encode("日本語のテキスト hello", add_special_tokens=False)
+    detok = IncrementalDetokenizer(real_tok)
+    assert "".join(detok.push(t) for t in ids) + detok.flush() == real_tok.decode(ids) == detok.text

@@ -199,7 +199,7 @@ class LLMEngine:
     def _attach(self, req: Request, seq: Sequence) -> None:
         seq.generator = make_generator(req.params.seed, seq.sample_index)
         req.seqs.append(seq)
-        req.states[seq.seq_id] = self.outputs.new_state(seq)
+        seq.state = self.outputs.new_state(seq)
         self._seq_req[seq.seq_id] = req
 
     def abort(self, request_id: str) -> bool:
@@ -374,13 +374,13 @@ class LLMEngine:
     def _append(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float],
                 tops: list[dict[int, float] | None]) -> None:
         """Each sequence's sampled token appended and its stops checked (per row per step: plain)."""
-        seq_req, check_stop = self._seq_req, self.outputs.check_stop
+        check_stop = self.outputs.check_stop
         for seq, tok, lp, top in zip(seqs, tokens, logprobs, tops):
             seq.token_ids.append(tok)
             seq.cumulative_logprob += lp
             if seq.params.logprobs is not None:
                 seq.logprobs.append((tok, lp, top or {}))
-            reason = check_stop(seq, seq_req[seq.seq_id].states[seq.seq_id], tok)
+            reason = check_stop(seq, seq.state, tok)
             if reason is not None:
                 seq.finish_reason = reason
                 self.scheduler.finish(seq)

@@ -55,6 +55,7 @@ class Sequence:
         self.forked = False  # True once a best_of>1 parent has been forked into its samples
         self.draft: list[int] = []  # tokens proposed to check after the last one this step
         self.lookup = None  # its n-gram index (`speculative.PromptLookup`), made when first needed
+        self.state = None  # its text-side state (`output_processor.SeqState`)
 
     # ---- sizes ------------------------------------------------------------------------------
 

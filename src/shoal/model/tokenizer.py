@@ -50,6 +50,7 @@ class Tokenizer:
         decoder = getattr(self._rust, "decoder", None)
         self._byte_level = "ByteLevel" in repr(decoder)  # (a Sequence of decoders may hold it)
         self._bytes: dict[int, bytes] = {}  # `token_bytes`, as asked
+        self._text: dict[int, str | None] = {}  # `token_text`, as asked
         # decode(ids) is the ids' `token_bytes` joined and read as UTF-8 (invalid bytes replaced)
         # when the decoder is ByteLevel alone: the streaming detokenizer's fast path
         self.bytes_exact = self._rust is not None and type(decoder).__name__ == "ByteLevel"
@@ -135,6 +136,20 @@ class Tokenizer:
             got = self._bytes[token_id] = self._token_bytes(token_id)
         return got
 
+    def token_text(self, token_id: int) -> str | None:
+        """`token_bytes(token_id)` as text when they are whole, valid UTF-8 (most tokens), else
+        None (part of a character, or invalid bytes): what a byte-level detokenizer with nothing
+        held back adds for the token, without running a UTF-8 decoder (`IncrementalDetokenizer`)."""
+        try:
+            return self._text[token_id]
+        except KeyError:
+            try:
+                text = self.token_bytes(token_id).decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+            self._text[token_id] = text
+            return text
+
     def _token_bytes(self, token_id: int) -> bytes:
         piece = self.hf.convert_ids_to_tokens(token_id)
         if isinstance(piece, str):
@@ -179,8 +194,10 @@ class IncrementalDetokenizer:
     A byte-level tokenizer whose decoder is ByteLevel alone (`Tokenizer.bytes_exact`: GPT-2's,
     SmolLM2's, Llama 3's, Qwen2's) takes a fast path instead: each id's bytes through an
     incremental UTF-8 decoder, no tokenizer call (measured, SmolLM2's tokenizer, English and
-    Japanese text: 1.68 -> 1.10 us a token, paid for every row of every step). The text is the
-    same; an invalid byte comes out as U+FFFD when it is known invalid, not at the next whole char.
+    Japanese text: 1.68 -> 1.10 us a token, paid for every row of every step), and a token of whole
+    characters with none open adds its cached text without the decoder (`Tokenizer.token_text`).
+    The text is the same; an invalid byte comes out as U+FFFD when it is known invalid, not at the
+    next whole char.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False,
@@ -188,16 +205,24 @@ class IncrementalDetokenizer:
         self.tok = tokenizer
         self.skip = skip_special_tokens
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if tokenizer.bytes_exact else None
-        self.text = ""
+        self._parts: list[str] = []  # the deltas so far (`text` joins them when read)
         if self._utf8 is not None:  # (no window: a token's bytes do not depend on its neighbours)
             self._skipped = tokenizer.special_ids if skip_special_tokens else frozenset()
+            self._open = False  # the decoder holds bytes of an unfinished character
             return
         self.ids: list[int] = list(prompt_ids)
         # start the window a few tokens back in the prompt so the first delta has context
         self.prefix_offset = max(len(self.ids) - 5, 0)
         self.read_offset = len(self.ids)
         self.partial = 0  # chars past the window's prefix already emitted while a char was open
-        self.text = ""
+
+    @property
+    def text(self) -> str:
+        """All the text pushed so far (the deltas joined: `+=` on an attribute copies the whole
+        string every token, quadratic in a long output)."""
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=self.skip)
@@ -205,8 +230,13 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one id; return the newly completed text (possibly empty)."""
         if self._utf8 is not None:
-            delta = "" if token_id in self._skipped else self._utf8.decode(self.tok.token_bytes(token_id))
-            self.text += delta
+            if token_id in self._skipped:
+                return ""
+            delta = None if self._open else self.tok.token_text(token_id)  # (whole characters: as decoded)
+            if delta is None:  # part of a character, or one open: the UTF-8 decoder
+                delta = self._utf8.decode(self.tok.token_bytes(token_id))
+                self._open = bool(self._utf8.getstate()[0])
+            self._parts.append(delta)
             return delta
         self.ids.append(int(token_id))
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
@@ -218,19 +248,20 @@ class IncrementalDetokenizer:
             self.partial += len(delta)
         else:
             self.prefix_offset, self.read_offset, self.partial = self.read_offset, len(self.ids), 0
-        self.text += delta
+        self._parts.append(delta)
         return delta
 
     def flush(self) -> str:
         """At the end of generation: emit whatever is held back (even an incomplete char)."""
         if self._utf8 is not None:
             delta = self._utf8.decode(b"", final=True)
-            self.text += delta
+            self._open = False
+            self._parts.append(delta)
             return delta
         full = self._decode(self.ids[self.prefix_offset:])
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         delta = full[len(prefix) + self.partial:]
         self.prefix_offset = self.read_offset = len(self.ids)
         self.partial = 0
-        self.text += delta
+        self._parts.append(delta)
         return delta
