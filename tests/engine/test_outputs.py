@@ -1,10 +1,13 @@
-"""Request outputs hold their totals (token ids, logprobs) as prefixes of the sequence's lists,
-copied only when read: an output taken mid-stream keeps what it had then, whatever the engine
-appends later."""
+"""Request outputs hold their totals (text, token ids, logprobs) as prefixes of the sequence's
+lists, copied only when read: an output taken mid-stream keeps what it had then, whatever the
+engine appends later."""
 
 from __future__ import annotations
 
-from shoal.engine.outputs import Prefix
+import random
+
+from shoal.engine.output_processor import SeqState
+from shoal.engine.outputs import Prefix, TextPrefix
 from shoal.engine.sampling_params import SamplingParams
 from tests.engine.test_llm_engine import make_llm, prompts
 
@@ -19,6 +22,8 @@ def test_totals_stay_as_they_were_when_the_output_was_made(tiny_llama):
     assert len(outs) == 12
     first, last = outs[0].outputs[0], outs[-1].outputs[0]
     assert isinstance(first._token_ids, Prefix) and isinstance(first._logprobs, Prefix)  # not copied yet
+    assert isinstance(first._text, TextPrefix) and isinstance(last._text, TextPrefix)
+    assert last.text.startswith(first.text) and last.text == "".join(o.outputs[0].text_delta for o in outs)
     assert first.num_tokens == 1 and len(first.token_ids) == 1 and len(first.logprobs) == 1
     assert isinstance(first._token_ids, list)  # copied on first read, then kept
     assert last.token_ids[:1] == first.token_ids and last.num_tokens == 12 == len(last.logprobs)
@@ -33,6 +38,25 @@ def test_prefix_reads_its_span_only():
     p = Prefix(src, 1, 3)
     src += [4, 5]
     assert p.get() == [2, 3] and p == [2, 3] and p == Prefix(src, 1, 3) and repr(p) == "[2, 3]"
+
+
+def test_text_state_reads_its_end_and_cuts():
+    """A sequence's text as its deltas: `tail(k)` is the text's last k chars, a cut keeps a
+    prefix, and an output's `TextPrefix` taken before keeps the text it had."""
+    rng = random.Random(3)
+    st, text = SeqState(None, frozenset(), 0), ""
+    for _ in range(200):
+        delta = "".join(rng.choice("ab é日") for _ in range(rng.randint(1, 4)))
+        st.add(delta)
+        text += delta
+        for k in (0, 1, 3, 7, len(text), len(text) + 5):
+            assert st.tail(k) == (text[-k:] if k else "")
+    assert st.text == text and st.length == len(text)
+    before = TextPrefix(st.parts, 0, len(st.parts))
+    st.cut(100)
+    st.add("xyz")
+    assert st.text == text[:100] + "xyz" and st.length == 103 and st.tail(5) == text[98:100] + "xyz"
+    assert before.get() == text
 
 
 def test_final_only_requests_report_once_what_a_stream_ends_with(tiny_llama):

@@ -33,11 +33,22 @@ class Prefix:
         return repr(self.get())
 
 
+class TextPrefix(Prefix):
+    """The text of `src[start:stop]`, a list of strings that only grows at its end (a sequence's
+    text deltas), joined when first read."""
+
+    __slots__ = ()
+
+    def get(self) -> str:
+        return "".join(self.src[self.start:self.stop])
+
+
 @dataclass
 class CompletionOutput:
     index: int
     """Which of the request's n completions (0-based)."""
-    text: str
+    _text: str | TextPrefix
+    """`text` (a `TextPrefix` until first read)."""
     _token_ids: list[int] | Prefix
     """`token_ids` (a `Prefix` until first read)."""
     finish_reason: str | None = None
@@ -52,6 +63,13 @@ class CompletionOutput:
     logprobs_delta: list[TokenLogprob] | None = None
     accepted_prediction_tokens: int = 0
     """Predicted Outputs: tokens of the prediction confirmed as drafts (`engine.speculative`)."""
+
+    @property
+    def text(self) -> str:
+        """The text generated so far (cut at a matched stop string)."""
+        if isinstance(self._text, TextPrefix):
+            self._text = self._text.get()
+        return self._text
 
     @property
     def token_ids(self) -> list[int]:
