@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: the CUDA tests, then the 256-request benchmark (both real shapes,
-# random weights, HF `generate` at batch 256 in the same process, Shoal's defaults (decode steps
-# in flight) alternated with `sync` (each landed before the next), the step-phase probe). Logs
-# and JSON go to ${OUT:-.}; ~2 minutes on an H200 (twenty-fifth session), then ~2 at temperature
-# 1, then ~1 for the profiles of the defaults' steps, both shapes.
+# random weights, HF `generate` at batch 256 in the same process, Shoal's defaults alternated
+# with `kvwrites` (the K/V cache writes outside the RoPE kernel, as before the twenty-sixth
+# session) and `sync` (each decode step landed before the next), the step-phase probe). Logs and
+# JSON go to ${OUT:-.}; ~3 minutes on an H200, then ~1 at temperature 1, then ~1 for the
+# profiles of the defaults' steps, both shapes.
 # Usage (repo root): TOKENIZER_DIR=DIR bash bench/gpu_check.sh   (DIR: tokenizer.json and
 # tokenizer_config.json of the default model, e.g. $SHOAL_HOME/models/SmolLM2-135M-Instruct)
 set -uo pipefail
@@ -15,14 +16,14 @@ timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -p no:cacheprovider -q -m gpu t
   tests/engine/test_decode_graphs.py tests/engine/test_decode_ahead.py tests/lora/test_layers.py > "$out/gpu-tests.log" 2>&1
 tail -3 "$out/gpu-tests.log"
 timeout "${BENCH_TIMEOUT:-420}" python3 bench/gpu_engine.py --device cuda --tokenizer-dir "${TOKENIZER_DIR:?}" \
-  --modes "${MODES:-graphs,sync,graphs,sync}" --phases --json "$out/gpu-bench.json" > "$out/gpu-bench.log" 2>&1
+  --modes "${MODES:-graphs,kvwrites,sync,graphs,kvwrites,sync}" --phases --json "$out/gpu-bench.json" > "$out/gpu-bench.log" 2>&1
 grep -E "^(smollm2|llama)-[^{]*(requests|request|batch 256) \{" "$out/gpu-bench.log" | cut -c1-200
 # then temperature 1 (the API's default), the sampled rows' draw kernel alternated with the
 # defaults and Llama's shape first (twenty-fifth session: the kernel was slower on SmolLM2's
-# shape, run first in that process, faster on Llama's; T1=0 skips, ~2 minutes)
+# shape, run first in that process, faster on Llama's; T1=0 skips, ~1 minute)
 if [ "${T1:-1}" != 0 ]; then
   timeout "${T1_TIMEOUT:-240}" python3 bench/gpu_engine.py --device cuda --tokenizer-dir "$TOKENIZER_DIR" \
-    --temperature 1.0 --shapes llama-3.2-1b,smollm2-135m --modes "${T1_MODES:-graphs,fuseddraw,graphs,fuseddraw}" \
+    --temperature 1.0 --shapes llama-3.2-1b,smollm2-135m --modes "${T1_MODES:-graphs,fuseddraw}" \
     --json "$out/gpu-bench-t1.json" > "$out/gpu-bench-t1.log" 2>&1
   grep -E "^(smollm2|llama)-[^{]*(requests|batch 256) \{" "$out/gpu-bench-t1.log" | cut -c1-160
   # where the draw kernel's steps go on SmolLM2's shape (slower there, twenty-fifth session)

@@ -82,6 +82,9 @@ MODES = {
     # the defaults plus sampled rows' draws in `kernels.triton_sample.draw_rows` (off by default:
     # twenty-fifth session, temperature 1, faster on the Llama shape, slower on SmolLM2's)
     "fuseddraw": {},
+    # the defaults with the K/V cache writes as two index_copy_ a layer, not in the RoPE kernel
+    # (`TritonAttention.store_rotated`, twenty-sixth session; not yet measured on a GPU)
+    "kvwrites": {},
 }
 
 
@@ -106,11 +109,15 @@ def build(shape: str, root: str, tokenizer_dir: str) -> str:
 
 
 def tweak(engine, mode: str) -> None:
-    """A mode's settings that are not `EngineConfig` fields: the sampler's kernels."""
+    """A mode's settings that are not `EngineConfig` fields: the sampler's kernels, the cache writes."""
     if mode == "unfused":
         engine.sampler.triton = False
     if mode == "fuseddraw":
         engine.sampler.triton_draw = True
+    if mode == "kvwrites":
+        for m in engine.model.modules():
+            if hasattr(type(m), "store_kv"):
+                m.store_kv = False
 
 
 @contextlib.contextmanager

@@ -113,7 +113,7 @@ def test_fused_elementwise_kernels_in_the_engine(kern, tiny_llama, tiny_mistral,
     models = (tiny_llama, tiny_mistral)
     want = [[ref(m.model, p) for p in ps] for m in models]
     calls = []
-    for name in ("rms_norm", "rope_", "silu_mul"):
+    for name in ("rms_norm", "rope_", "rope_store_", "silu_mul"):
         f = getattr(layers._triton_elementwise(), name)
         monkeypatch.setattr(layers._triton_elementwise(), name,
                             lambda *a, _f=f, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
@@ -122,13 +122,37 @@ def test_fused_elementwise_kernels_in_the_engine(kern, tiny_llama, tiny_mistral,
         for m, w in zip(models, want):
             outs = triton_llm(m, graphs=True, max_num_batched_tokens=16).generate(ps, GREEDY)
             assert [o.outputs[0].token_ids for o in outs] == w
-        assert {"rms_norm", "rope_", "silu_mul"} <= set(calls)
+        # RoPE with the cache writes in one kernel (`TritonAttention.store_rotated`)
+        assert {"rms_norm", "rope_store_", "silu_mul"} <= set(calls) and "rope_" not in calls
         calls.clear()
         llm = triton_llm(tiny_llama, triton_kernels=False)
         llm.engine.runner.triton_attention = False
         assert [o.outputs[0].token_ids for o in llm.generate(ps, GREEDY)] == want[0]
         assert not calls
     layers.set_triton_ops(tiny_llama.model, True)  # (the shared fixture model, as found)
+
+
+def test_rope_with_cache_writes_fills_the_cache_as_separate_writes(kern, tiny_llama, monkeypatch):
+    """The engine's KV cache after the same run (chunked prompts, decode rows through the graphs'
+    function) with RoPE and the cache writes in one kernel equals, bit for bit, the cache that
+    rope_ and the attention's two writes fill (tokens alone could miss a wrong write)."""
+    import torch
+
+    from shoal import kernels
+    from shoal.model import layers
+
+    ps = prompts(5, seed=48, lo=5, hi=40)
+    monkeypatch.setattr(layers, "TRITON_ON_CPU", True)
+    caches = []
+    with kernels.disabled():
+        for fused in (True, False):
+            if not fused:
+                monkeypatch.setattr(TritonAttention, "store_rotated", None)
+            llm = triton_llm(tiny_llama, graphs=True, max_num_batched_tokens=16)
+            llm.generate(ps, GREEDY)
+            caches.append((llm.engine.runner.cache.k.clone(), llm.engine.runner.cache.v.clone()))
+    (k1, v1), (k2, v2) = caches
+    assert k1.abs().sum() > 0 and torch.equal(k1, k2) and torch.equal(v1, v2)
 
 
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_mistral"])

@@ -137,6 +137,53 @@ def test_rope_fused_view(kern, head_dim, heads, kv_heads, dtype):
         assert torch.equal(heads_view[:, :heads], ref[:, :heads])
 
 
+def rope_store_ref(fused, cos, sin, heads, slot, k_cache, v_cache):
+    """rope_ on q | k, then the cache writes of `TritonAttention.attend` (index_copy_ of k and v)."""
+    kv = (fused.shape[1] - heads) // 2
+    fused[:, :heads + kv] = rope_ref(fused[:, :heads + kv], cos, sin)
+    k_cache.index_copy_(1, slot, fused[:, heads:heads + kv].transpose(0, 1))
+    v_cache.index_copy_(1, slot, fused[:, heads + kv:].transpose(0, 1))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("head_dim,heads,kv_heads", ROPE_SIZES)
+def test_rope_store_equals_rope_then_cache_writes(kern, head_dim, heads, kv_heads, dtype):
+    """The fused kernel: the fused projection's q | k rotated with rope_'s bits, v untouched, and the cache
+    (a layer's (Hkv, S, D) view of the model's cache) holding exactly what rope_ and two index_copy_ write,
+    every other slot as it was; rows in any slot order (a padding row's scratch slot, say)."""
+    for rows in (1, 7, 33):
+        seed = rows * 10 + head_dim
+        fused = rand(rows, heads + 2 * kv_heads, head_dim, dtype=dtype, seed=seed)
+        cos, sin = rope_tables(rows, head_dim, dtype, seed)
+        slots = 64
+        slot = torch.randperm(slots, generator=torch.Generator().manual_seed(seed))[:rows]
+        caches = rand(2, 3, kv_heads, slots, head_dim, dtype=dtype, seed=seed + 1)[:, 1]  # (layer 1 of 3)
+        k_cache, v_cache = caches[0], caches[1]
+        want_x, want_k, want_v = fused.clone(), k_cache.clone(), v_cache.clone()
+        rope_store_ref(want_x, cos, sin, heads, slot, want_k, want_v)
+        assert kern.rope_store_(fused, cos, sin, heads, slot, k_cache, v_cache) is None
+        assert torch.equal(fused, want_x), rows
+        assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v), rows
+
+
+def test_rope_store_bad_arguments(kern):
+    x, cos = torch.randn(3, 4 + 2 * 2, 64), torch.randn(3, 64)
+    kc = torch.zeros(2, 16, 64)
+    good = dict(x=x, cos=cos, sin=cos.clone(), heads=4, slot=torch.tensor([0, 5, 9]), k_cache=kc,
+                v_cache=kc.clone())
+    bad = [
+        ("x", x.double()), ("x", x[..., ::2]), ("x", torch.randn(3, 7, 64)), ("heads", 5), ("heads", 0),
+        ("cos", cos[:2]), ("sin", cos.half()),
+        ("k_cache", torch.zeros(3, 16, 64)), ("k_cache", torch.zeros(16, 64)), ("v_cache", kc.half()),
+        ("k_cache", torch.zeros(16, 2, 64).transpose(0, 1)),
+        ("slot", torch.tensor([0, 5, 9], dtype=torch.int32)), ("slot", torch.tensor([0, 5])),
+    ]
+    for name, value in bad:
+        with pytest.raises(ValueError, match=name if name != "heads" else "heads"):
+            kern.rope_store_(**{**good, name: value})
+    kern.rope_store_(**good)
+
+
 def test_rope_transposed_heads(kern):
     """x (N, H, D) as the transpose of a contiguous (H, N, D): head stride above row stride."""
     rows, heads, head_dim = 7, 5, 64
@@ -277,3 +324,28 @@ def test_cuda_bf16_and_graph_replay():
         graph.replay()
         torch.cuda.synchronize()
         check(outs, t, fused_before)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rope_store():
+    """The compiled rope_store_ in bf16 at Llama-3.2-1B's head sizes, 256 rows into a (layers, Hkv, S, D)
+    cache: q | k as the reference rotation, every cached k and v exactly the row's (rotated) heads, the other
+    slots untouched."""
+    pytest.importorskip("triton")
+    mod = importlib.import_module("shoal.kernels.triton_elementwise")
+    if mod._INTERPRETING:
+        pytest.skip("TRITON_INTERPRET is set: no compiled kernels")
+    rows, heads, kv_heads, head_dim, slots, dtype = 256, 32, 8, 64, 4096, torch.bfloat16
+    fused = rand(rows, heads + 2 * kv_heads, head_dim, dtype=dtype, seed=1).cuda()
+    cos, sin = rope_tables(rows, head_dim, dtype, 2, device="cuda")
+    slot = torch.randperm(slots, generator=torch.Generator().manual_seed(3))[:rows].cuda()
+    cache = torch.zeros(2, 3, kv_heads, slots, head_dim, dtype=dtype, device="cuda")
+    before = fused.clone()
+    mod.rope_store_(fused, cos, sin, heads, slot, cache[0, 1], cache[1, 1])
+    torch.testing.assert_close(fused[:, :heads + kv_heads].float(),
+                               rope_ref(before[:, :heads + kv_heads], cos, sin).float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(fused[:, heads + kv_heads:], before[:, heads + kv_heads:])
+    assert torch.equal(cache[0, 1][:, slot].transpose(0, 1), fused[:, heads:heads + kv_heads])
+    assert torch.equal(cache[1, 1][:, slot].transpose(0, 1), fused[:, heads + kv_heads:])
+    assert cache[:, 1].abs().sum() == cache[:, 1][:, :, slot].abs().sum() and not cache[:, [0, 2]].any()

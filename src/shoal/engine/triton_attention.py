@@ -7,7 +7,8 @@ prefill chunk as its own gather + SDPA (~7 launches per chunk per layer). Measur
 prompt chunks 1.6 s (docs/benchmarks.md). Here a layer is one cache write per tensor and at most
 two launches: every decode row in one kernel (`kernels.triton_decode`: block tables and
 lengths), every prefill chunk in one (`kernels.triton_prefill`: causal, chunks that start
-mid-sequence read their cached prefix).
+mid-sequence read their cached prefix). With the fused Triton elementwise kernels the cache
+writes go into the RoPE kernel (`store_rotated`: one launch for RoPE, k and v, not three).
 
 Step inputs (built once per step, on the device; all layers share them):
   slot_mapping (N,)           the cache slot of each new token's key/value
@@ -101,6 +102,7 @@ class TritonAttention:
         self.decode = decode
         self.prefill = prefill
         self.num_decode = decode[0].shape[0] if decode is not None else 0
+        self._stored = -1  # the layer whose K/V `store_rotated` wrote (its `attend` writes none)
 
     @classmethod
     def build(cls, cache, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, window: int | None,
@@ -121,11 +123,25 @@ class TritonAttention:
                        move(prefill_tiles([c[2] for c in chunks]), dev))
         return cls(cache, slot_mapping, num_heads, num_kv_heads, window, decode, prefill)
 
+    def store_rotated(self, layer_idx: int, rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      num_heads: int, kernels) -> bool:
+        """RoPE on a fused projection's q | k heads (rows (N, H + 2 Hkv, D), in place) and the
+        layer's cache writes of k and v, as one kernel (`kernels.rope_store_`); False (nothing
+        done) when the cache's dtype is not the rows' (an int8 cache)."""
+        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]  # (Hkv, slots, D)
+        if kc.dtype != rows.dtype or rows.shape[0] != self.slot_mapping.shape[0]:
+            return False
+        kernels.rope_store_(rows, cos, sin, num_heads, self.slot_mapping, kc, vc)
+        self._stored = layer_idx
+        return True
+
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q (N, H, D); k, v (N, Hkv, D): possibly strided views of the fused projection
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]  # (Hkv, slots, D)
-        kc.index_copy_(1, self.slot_mapping, k.transpose(0, 1).to(kc.dtype))  # 1) this step's K/V
-        vc.index_copy_(1, self.slot_mapping, v.transpose(0, 1).to(vc.dtype))
+        if self._stored != layer_idx:  # 1) this step's K/V (unless `store_rotated` wrote them)
+            kc.index_copy_(1, self.slot_mapping, k.transpose(0, 1).to(kc.dtype))
+            vc.index_copy_(1, self.slot_mapping, v.transpose(0, 1).to(vc.dtype))
+        self._stored = -1
         out = q.new_empty(q.shape)  # (N, H, D)
         bs, nd = self.cache.block_size, self.num_decode
         if nd:  # 2) decode rows [0, nd): one launch

@@ -15,6 +15,14 @@ rope_(x, cos, sin) -> None, in place
   x = x * cos + cat(-x[..., D/2:], x[..., :D/2]) * sin
   Grid (N, ceil(Hx / HEADS_BLOCK)): a program rotates HEADS_BLOCK heads of a row as two (HEADS_BLOCK, D/2) halves.
 
+rope_store_(x, cos, sin, heads, slot, k_cache, v_cache) -> None, in place
+  x (N, H + 2 Hkv, D): a fused projection's q | k | v heads (last dim contiguous, strides free)
+  q and k rotated in place as rope_(x[:, :H + Hkv], cos, sin); then each row's rotated k heads and its v
+  heads written to the layer's cache at the row's slot: k_cache[:, slot[n]] = x[n, H:H + Hkv],
+  v_cache[:, slot[n]] = x[n, H + Hkv:]; k_cache, v_cache (Hkv, S, D) in x's dtype, slot (N,) int64 (each
+  slot in [0, S): device values, not checked). The rotation and the two cache writes (index_copy_ each) of
+  a decode layer in one kernel. Grid (N, ceil((H + 2 Hkv) / HEADS_BLOCK)).
+
 silu_mul(y) -> out
   y (N, 2I) = gate | up, last dim contiguous; out (N, I) contiguous = silu(gate) * up
   Grid (N, ceil(I / BLOCK)), BLOCK = min(next_pow2(I), 1024).
@@ -102,6 +110,45 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, heads, stride_xn, stride_xh,
 
 
 @triton.jit
+def _rope_store_kernel(x_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, heads, kv_heads, stride_xn, stride_xh,
+                       stride_ch, stride_cs, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
+                       HEADS_BLOCK: tl.constexpr, RNE_BF16: tl.constexpr):
+    dtype = x_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1) * HEADS_BLOCK + tl.arange(0, HEADS_BLOCK)  # (HEADS_BLOCK,) over q | k | v
+    dims = tl.arange(0, HALF_BLOCK)
+    dim_ok = (dims < HALF)[None, :]
+    trig = row * (2 * HALF) + dims
+    cos1 = tl.load(cos_ptr + trig, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
+    cos2 = tl.load(cos_ptr + trig + HALF, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
+    sin1 = tl.load(sin_ptr + trig, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
+    sin2 = tl.load(sin_ptr + trig + HALF, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
+    is_q = head < heads
+    is_k = (head >= heads) & (head < heads + kv_heads)
+    is_v = (head >= heads + kv_heads) & (head < heads + 2 * kv_heads)
+    first_ptrs = x_ptr + row * stride_xn + head.to(tl.int64)[:, None] * stride_xh + dims[None, :]
+    mask = (is_q | is_k | is_v)[:, None] & dim_ok
+    first = tl.load(first_ptrs, mask=mask, other=0.0)  # (HEADS_BLOCK, HALF_BLOCK) in the dtype
+    second = tl.load(first_ptrs + HALF, mask=mask, other=0.0)
+    f, s = first.to(tl.float32), second.to(tl.float32)
+    r1 = _round_to(f * cos1 - s * sin1, dtype, RNE_BF16)  # rope_'s bits
+    r2 = _round_to(s * cos2 + f * sin2, dtype, RNE_BF16)
+    rot = (is_q | is_k)[:, None] & dim_ok
+    tl.store(first_ptrs, r1, mask=rot)
+    tl.store(first_ptrs + HALF, r2, mask=rot)
+    # the cache: a k head its rotated values, a v head its own, at this row's slot
+    slot = tl.load(slot_ptr + row).to(tl.int64)
+    kv = tl.where(is_k, head - heads, tl.maximum(head - heads - kv_heads, 0)).to(tl.int64)
+    cache_off = kv[:, None] * stride_ch + slot * stride_cs + dims[None, :]
+    k_mask = is_k[:, None] & dim_ok
+    tl.store(kc_ptr + cache_off, r1, mask=k_mask)
+    tl.store(kc_ptr + cache_off + HALF, r2, mask=k_mask)
+    v_mask = is_v[:, None] & dim_ok
+    tl.store(vc_ptr + cache_off, first, mask=v_mask)
+    tl.store(vc_ptr + cache_off + HALF, second, mask=v_mask)
+
+
+@triton.jit
 def _silu_mul_kernel(y_ptr, out_ptr, stride_y, INTER: tl.constexpr, BLOCK: tl.constexpr, RNE_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) within a half
@@ -173,6 +220,46 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         heads_block = min(triton.next_power_of_2(heads), max(1, _ROPE_TILE // half_block))
         _rope_kernel[(rows, triton.cdiv(heads, heads_block))](
             x, cos, sin, heads, x.stride(0), x.stride(1),
+            HALF=half, HALF_BLOCK=half_block, HEADS_BLOCK=heads_block,
+            RNE_BF16=_INTERPRETING and x.dtype == torch.bfloat16,
+            num_warps=4,
+        )
+
+
+def rope_store_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, slot: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """q | k of x (N, H + 2 Hkv, D) rotated in place, k and v written to the caches at slot (see the module)."""
+    if x.dim() != 3 or x.dtype not in _FLOAT_DTYPES or x.stride(2) != 1:
+        raise ValueError(f"x must be (N, H + 2 Hkv, D) bf16/fp16/fp32 with a contiguous last dim, got "
+                         f"{tuple(x.shape)} {x.dtype} strides {x.stride()}")
+    rows, total, head_dim = x.shape
+    kv_heads = (total - heads) // 2
+    if heads < 1 or kv_heads < 1 or heads + 2 * kv_heads != total:
+        raise ValueError(f"x: {total} heads are not {heads} q heads and two equal k and v groups")
+    if head_dim % 2 or not 2 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"x: head dim {head_dim} must be even, 2..{MAX_HEAD_DIM}")
+    if (rows > 1 and x.stride(0) < total * head_dim) or x.stride(1) < head_dim:
+        raise ValueError(f"x: rows or heads overlap (strides {x.stride()}, head dim {head_dim})")
+    for name, trig in (("cos", cos), ("sin", sin)):
+        _check_like(name, trig, x, (rows, head_dim))
+        if trig.stride(0) != head_dim and rows > 1:
+            raise ValueError(f"{name} must be contiguous, got strides {trig.stride()}")
+    if k_cache.dim() != 3:
+        raise ValueError(f"k_cache must be (Hkv, S, D), got {tuple(k_cache.shape)}")
+    _check_like("k_cache", k_cache, x, (kv_heads, k_cache.shape[1], head_dim))
+    _check_like("v_cache", v_cache, x, k_cache.shape)
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError(f"k_cache and v_cache must share strides, got {k_cache.stride()} and {v_cache.stride()}")
+    if slot.shape != (rows,) or slot.dtype != torch.int64 or slot.device != x.device:
+        raise ValueError(f"slot must be int64 ({rows},) on {x.device}, got {slot.dtype} {tuple(slot.shape)} "
+                         f"on {slot.device}")
+    if rows:
+        half = head_dim // 2
+        half_block = triton.next_power_of_2(half)
+        heads_block = min(triton.next_power_of_2(total), max(1, _ROPE_TILE // half_block))
+        _rope_store_kernel[(rows, triton.cdiv(total, heads_block))](
+            x, cos, sin, slot, k_cache, v_cache, heads, kv_heads, x.stride(0), x.stride(1),
+            k_cache.stride(0), k_cache.stride(1),
             HALF=half, HALF_BLOCK=half_block, HEADS_BLOCK=heads_block,
             RNE_BF16=_INTERPRETING and x.dtype == torch.bfloat16,
             num_warps=4,

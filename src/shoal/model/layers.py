@@ -243,6 +243,7 @@ class LlamaAttention(nn.Module):
     set (`shoal.model.fused`), q/k/v come from one product and RoPE runs once over q and k."""
 
     triton_ops: bool = True  # `gpu_ops`
+    store_kv: bool = True  # with `gpu_ops`: RoPE and the cache writes in one kernel, where ctx can
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -271,8 +272,11 @@ class LlamaAttention(nn.Module):
                 kernels.rope_(rows, cos, sin)  # in place in y (so in qk): apply_rope's bits
             elif (y.is_contiguous() and cos.dtype == y.dtype and (tk := gpu_ops(self, y)) is not None
                   and d <= tk.MAX_HEAD_DIM):
-                rows = y.view(-1, y.shape[-1])[:, :(h + hkv) * d].view(-1, h + hkv, d)
-                tk.rope_(rows, cos.reshape(-1, d), sin.reshape(-1, d))  # in place, one kernel
+                rows = y.view(-1, h + 2 * hkv, d)  # (N, H + 2 Hkv, D): q | k | v heads
+                cos, sin = cos.reshape(-1, d), sin.reshape(-1, d)
+                store = getattr(ctx, "store_rotated", None) if self.store_kv else None  # (Triton attention)
+                if store is None or not store(self.layer_idx, rows, cos, sin, h, tk):
+                    tk.rope_(rows[:, :h + hkv], cos, sin)  # in place, one kernel
             else:
                 qk = apply_rope(qk, cos, sin)
             v = y[..., (h + hkv) * d:].view(*lead, hkv, d)
