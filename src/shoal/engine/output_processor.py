@@ -27,6 +27,7 @@ class SeqState:
     detok: IncrementalDetokenizer
     stop_ids: frozenset[int]  # tokens that end it: eos (unless ignore_eos) and stop_token_ids
     limit: int  # its length at which it ends: prompt + max_tokens, or the model's limit
+    longest_stop: int = 0  # chars of its longest stop string
     parts: list[str] = field(default_factory=list)  # generated text so far (cut at a matched stop string)
     length: int = 0  # its chars
     sent_chars: int = 0  # chars of the text already streamed
@@ -97,7 +98,8 @@ class OutputProcessor:
         limit = self.max_model_len
         if p.max_tokens is not None:
             limit = min(limit, seq.num_prompt_tokens + p.max_tokens)
-        return SeqState(IncrementalDetokenizer(self.tok, p.skip_special_tokens, seq.prompt_ids), stop_ids, limit)
+        return SeqState(IncrementalDetokenizer(self.tok, p.skip_special_tokens, seq.prompt_ids), stop_ids, limit,
+                        max((len(s) for s in p.stop), default=0))
 
     def check_stop(self, seq: Sequence, state: SeqState, token: int) -> str | None:
         """Append `token`'s text (`token` already appended to `seq`); return the finish reason
@@ -112,7 +114,7 @@ class OutputProcessor:
         if delta:
             state.add(delta)
             p = seq.params
-            if p.stop and seq.num_generated >= p.min_tokens and self._stop_string(state, len(delta), p.stop):
+            if state.longest_stop and seq.num_generated >= p.min_tokens and self._stop_string(state, len(delta), p.stop):
                 return "stop"
         return "length" if len(seq.token_ids) >= state.limit else None
 
@@ -122,7 +124,9 @@ class OutputProcessor:
         before it and the stop recorded."""
         # a stop string may straddle tokens: search from the earliest start that could overlap
         # the new text
-        window = state.tail(added + max(len(s) for s in stops) - 1)  # (from char length - len(window) on)
+        k = added + state.longest_stop - 1
+        last = state.parts[-1]
+        window = last[-k:] if len(last) >= k else state.tail(k)  # (from char length - len(window) on)
         hits = [(i, s) for s in stops if (i := window.find(s)) >= 0]
         if hits:
             i, s = min(hits)
@@ -151,7 +155,7 @@ class OutputProcessor:
         length = visible = st.length
         finished = seq.status is _FINISHED
         if not finished and p.stop:
-            visible -= self._held_back(st.tail(max(len(s) for s in p.stop) - 1), p.stop)
+            visible -= self._held_back(st.tail(st.longest_stop - 1), p.stop)
         sent = st.sent_chars
         delta = ""
         parts = st.parts
