@@ -3,8 +3,8 @@
 # random weights, HF `generate` at batch 256 in the same process, Shoal's defaults alternated
 # with `kvwrites` (the K/V cache writes outside the RoPE kernel, as before the twenty-sixth
 # session) and `sync` (each decode step landed before the next), the step-phase probe). Logs and
-# JSON go to ${OUT:-.}; ~3 minutes on an H200, then ~1 at temperature 1, then ~1 for the
-# profiles of the defaults' steps, both shapes.
+# JSON go to ${OUT:-.}; ~4 minutes on an H200, then ~1.5 for the profiles of the defaults'
+# steps, both shapes (T1=1 adds ~1.5 at temperature 1).
 # Usage (repo root): TOKENIZER_DIR=DIR bash bench/gpu_check.sh   (DIR: tokenizer.json and
 # tokenizer_config.json of the default model, e.g. $SHOAL_HOME/models/SmolLM2-135M-Instruct)
 set -uo pipefail
@@ -20,8 +20,8 @@ timeout "${BENCH_TIMEOUT:-420}" python3 bench/gpu_engine.py --device cuda --toke
 grep -E "^(smollm2|llama)-[^{]*(requests|request|batch 256) \{" "$out/gpu-bench.log" | cut -c1-200
 # then temperature 1 (the API's default), the sampled rows' draw kernel alternated with the
 # defaults and Llama's shape first (twenty-fifth session: the kernel was slower on SmolLM2's
-# shape, run first in that process, faster on Llama's; T1=0 skips, ~1 minute)
-if [ "${T1:-1}" != 0 ]; then
+# shape, run first in that process, faster on Llama's; off unless T1=1, ~1.5 minutes)
+if [ "${T1:-0}" != 0 ]; then
   timeout "${T1_TIMEOUT:-240}" python3 bench/gpu_engine.py --device cuda --tokenizer-dir "$TOKENIZER_DIR" \
     --temperature 1.0 --shapes llama-3.2-1b,smollm2-135m --modes "${T1_MODES:-graphs,fuseddraw}" \
     --json "$out/gpu-bench-t1.json" > "$out/gpu-bench-t1.log" 2>&1
