@@ -120,6 +120,34 @@ def tweak(engine, mode: str) -> None:
                 m.store_kv = False
 
 
+def _triton_cache_entries() -> int:
+    """Kernels in Triton's on-disk cache (one directory a compiled specialization)."""
+    root = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    try:
+        return len(os.listdir(root))
+    except OSError:
+        return 0
+
+
+@contextlib.contextmanager
+def first_time_work(cuda: bool):
+    """What the block paid for the first time in this process: Triton kernels compiled (new
+    entries in its cache) and, on CUDA, segments the caching allocator took from cudaMalloc and
+    its retries (a process's first engine ran its measured pass slower than later ones,
+    twenty-fifth session: whether these are why)."""
+    out: dict[str, int] = {}
+    compiled = _triton_cache_entries()
+    stats = torch.cuda.memory_stats() if cuda else {}
+    try:
+        yield out
+    finally:
+        out["triton_compiles"] = _triton_cache_entries() - compiled
+        if cuda:
+            after = torch.cuda.memory_stats()
+            for key, name in (("segment.all.allocated", "cuda_mallocs"), ("num_alloc_retries", "alloc_retries")):
+                out[name] = after.get(key, 0) - stats.get(key, 0)
+
+
 @contextlib.contextmanager
 def gc_pauses():
     """Collections of the garbage collector while the block runs: {generation: [count, ms]} (a
@@ -173,11 +201,14 @@ def bench_mode(args, shape: str, path: str, mode: str, prompts: list, warm: list
     run_shoal(engine, make_prompts(4, 16, 16, 9, 49152), 4, sync=ssync)  # warm-up
     # a first pass over prompts of the same lengths (other tokens: no prefix-cache hits
     # in the measured pass) captures the graphs its buckets need; reported apart
-    first = run_shoal(engine, warm, args.out, sync=ssync, temperature=T)
-    with gc_pauses() as pauses:
+    with first_time_work(cuda) as warm_first_time:
+        first = run_shoal(engine, warm, args.out, sync=ssync, temperature=T)
+    with gc_pauses() as pauses, first_time_work(cuda) as first_time:
         results[f"{name}, {args.requests} requests"] = run_shoal(engine, prompts, args.out, sync=ssync,
                                                                  temperature=T)
     results[f"{name}, {args.requests} requests"]["gc"] = pauses
+    results[f"{name}, {args.requests} requests"]["first_time"] = first_time
+    results[f"{name}, {args.requests} requests"]["first_pass_first_time"] = warm_first_time
     results[f"{name}, {args.requests} requests"]["first_pass_s"] = first["seconds"]
     results[f"{name}, {args.requests} requests"]["step_tokens"] = engine.scheduler.max_num_batched_tokens
     run_shoal(engine, warm[:1], args.out, sync=ssync, temperature=T)
