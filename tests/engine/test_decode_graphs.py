@@ -74,6 +74,33 @@ def test_graph_path_with_forks_preemption_prefix_hits_and_abort(tiny_llama):
     check_abort_mid_stream(llm, steps=4)
 
 
+@pytest.mark.parametrize("flights", [False, True])
+def test_bf16_graph_logits_stay_bf16_with_the_fp32_copys_results(tmp_path, tiny_tokenizer_dir, monkeypatch, flights):
+    """A bf16 model's graph output is bf16 (the head's dtype: no fp32 copy written and read each
+    step), and the tokens, logprobs and texts are those of the fp32 copy the graphs made before
+    (the sampler and the flights widen each value as it reads it), greedy and seeded rows."""
+    from shoal.engine.decode_graphs import DecodeGraphs
+
+    torch.manual_seed(0)
+    save_tiny_hf_dir(hf_tiny_config("llama"), tmp_path / "m", tiny_tokenizer_dir)
+    loaded = load_dir(str(tmp_path / "m"), dtype="bfloat16")
+    ps = prompts(6, seed=7, lo=5, hi=30)
+    params = [SamplingParams(temperature=0.0, max_tokens=10, logprobs=0),
+              SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=10, logprobs=0)]
+    results = []
+    for widened in (False, True):
+        if widened:  # the graphs' output as before: the logits copied to fp32
+            forward = DecodeGraphs._forward
+            monkeypatch.setattr(DecodeGraphs, "_forward", lambda self, *a: forward(self, *a).float())
+        llm = graphed(make_llm(loaded, async_scheduling=flights))
+        llm.engine.runner.cpu_decode_forward = False
+        outs = [llm.generate(ps, sp) for sp in params]
+        assert llm.engine.runner.graphs.out.dtype == (torch.float32 if widened else torch.bfloat16)
+        results.append([[(c.text, c.token_ids, [lp for _, lp, _ in c.logprobs]) for o in r for c in o.outputs]
+                        for r in outs])
+    assert results[0] == results[1]
+
+
 def test_padding_rows_write_only_the_scratch_slot(tiny_llama):
     llm = graphed(make_llm(tiny_llama, block_size=8))
     runner = llm.engine.runner

@@ -130,13 +130,15 @@ def _launch_on_device(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequenc
                       host: torch.Tensor | None) -> Launched:
     B, V = logits.shape
     dev = logits.device
-    x = logits.float()  # (B, V); the raw logits (a graph's fp32 output is masked in place below)
     ignore = [i for i, s in enumerate(seqs) if s.params.ignore_eos]
     eos = [t for t in sampler.eos_token_ids if t < V]
     sampled = [i for i, s in enumerate(seqs) if s.params.temperature >= GREEDY_BELOW]
-    fused = triton_sampling(x) if sampler.triton else None
+    fused = triton_sampling(logits) if sampler.triton else None
     if fused is not None and len(eos) > fused.MAX_EOS:
         fused = None
+    # (B, V) fp32: the raw logits (an fp32 graph output is masked in place below); greedy rows
+    # alone in the kernel read them as they are (bf16 widened per element: the same values)
+    x = logits if fused is not None and not sampled else logits.float()
     if fused is not None:  # CUDA: argmax (eos masked where ignored), logprob, logsumexp in one pass
         flags = None
         if ignore and eos:

@@ -73,11 +73,12 @@ class DecodeGraphs:
         # (rows, context slots, with LoRA) -> (graph or None, its input buffer)
         self.graphs: dict[tuple[int, int, bool], tuple[object, torch.Tensor]] = {}
         self.pool = None  # the graphs' shared memory pool (CUDA)
-        self.out: torch.Tensor | None = None  # (max rows, V) fp32 logits, every graph's output
+        self.out: torch.Tensor | None = None  # (max rows, V) logits in the head's dtype, every graph's output
 
     def run(self, ids: list[int], positions: list[int], tables: list[list[int]],
             lora_slots: list[int] | None = None, fed: tuple | None = None) -> torch.Tensor:
-        """Logits (B, V) fp32 for B decode rows: token ids, their positions, block tables, and
+        """Logits (B, V) in the head's dtype (bf16 for a bf16 model: the sampler and the flights'
+        kernels read them as they are) for B decode rows: token ids, their positions, block tables, and
         with adapters in the step each row's LoRA slot (-1 = base; resident in its slot). `fed`:
         (Feed, rows, their rows in its tokens): those rows' ids come from a step still on the
         device (`decode_ahead`)."""
@@ -123,14 +124,18 @@ class DecodeGraphs:
     # ---- the function a graph holds --------------------------------------------------------
 
     def _step(self, inputs: torch.Tensor, bp: int, sb: int, lora: bool) -> None:
-        if not lora:
-            self.out[:bp].copy_(self._forward(inputs, bp, sb, 2 * bp))
-            return
-        self.mapping.graph_index = inputs[2 * bp:3 * bp]  # (Bp,) every LoRA layer reads it
+        if lora:
+            self.mapping.graph_index = inputs[2 * bp:3 * bp]  # (Bp,) every LoRA layer reads it
         try:
-            self.out[:bp].copy_(self._forward(inputs, bp, sb, 3 * bp))
+            logits = self._forward(inputs, bp, sb, (2 + lora) * bp)  # (Bp, V) in the head's dtype
         finally:
-            self.mapping.graph_index = None
+            if lora:
+                self.mapping.graph_index = None
+        if self.out is None:  # (a first step: eager, or a warm-up before any capture)
+            # logits kept in the head's dtype: an fp32 copy of bf16 ones made a step's logits
+            # traffic 250 MB, not 100 (written, copied, read: 256 rows of SmolLM2's 49,152 tokens)
+            self.out = torch.empty(self.max_rows, logits.shape[-1], dtype=logits.dtype, device=self.device)
+        self.out[:bp].copy_(logits)
 
     def _forward(self, inputs: torch.Tensor, bp: int, sb: int, tables_at: int) -> torch.Tensor:
         bs, nb = self.bs, sb // self.bs
@@ -143,7 +148,7 @@ class DecodeGraphs:
         if self.triton_attention:  # the kernel reads each row's blocks in place, up to its length
             ctx = TritonAttention(self.cache, slot, self.num_heads, self.num_kv_heads, self.window,
                                   decode=(tables, length))
-            return self.model.compute_logits(self.model(ids, p, ctx))  # (Bp, V) fp32
+            return self.model.compute_logits(self.model(ids, p, ctx), fp32=False)  # (Bp, V)
         k = torch.arange(sb, device=inputs.device)
         allowed = k[None, :] < length[:, None]  # (Bp, Sb)
         if self.window is not None:
@@ -154,13 +159,11 @@ class DecodeGraphs:
         ctx = PagedAttention(self.cache, slot, [], self.num_heads, self.num_kv_heads,
                              [DecodeBucket(rows, slots, bias, sb)], self.window)
         hidden = self.model(ids, p, ctx)  # (Bp, hidden)
-        return self.model.compute_logits(hidden)  # (Bp, V) fp32
+        return self.model.compute_logits(hidden, fp32=False)  # (Bp, V) in the head's dtype
 
     def _build(self, bp: int, sb: int, lora: bool):
         """(graph or None, input buffer) for one bucket; the buffer starts as all padding rows
         (base rows), so warm-up and capture touch only the scratch slot."""
-        if self.out is None:
-            self.out = torch.empty(self.max_rows, self.model.config.vocab_size, device=self.device)
         inputs = torch.zeros(bp * (2 + lora + sb // self.bs), dtype=torch.long, device=self.device)
         inputs[bp:(2 + lora) * bp] = -1
         if not self.capture:
