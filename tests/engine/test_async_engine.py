@@ -165,3 +165,54 @@ def test_non_streamed_requests_are_final_only_and_billed_when_cut_short(engine, 
     assert p_tok == len(ps[0]) + len(ps[1])
     assert 4 * 2 <= c_tok < 400 * 2 * 2  # two requests of two samples each, cut short
     assert stats["running"] + stats["waiting"] == 0 and stats["free_blocks"] == total
+
+
+def test_a_slow_reader_takes_every_token_since_its_last_read(engine):
+    """A caller slower than the engine is never behind by more than one output: the outputs it
+    did not take are merged (`output_stream`), their deltas joined, the totals the newest; what
+    it reads over the stream is the same (n = 2 with logprobs: each sample's deltas)."""
+    p = prompts(1, seed=24)[0]
+    params = SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=30, ignore_eos=True, logprobs=1)
+
+    async def main():
+        outs = []
+        async for out in engine.generate(p, params):
+            outs.append(out)
+            if len(outs) == 2:  # then wait until the engine has finished the request
+                while engine.engine.has_unfinished():
+                    await asyncio.sleep(0.01)
+        return outs
+
+    outs = asyncio.run(main())
+    assert len(outs) <= 3 and outs[-1].finished  # two reads as they came, then the rest in one
+    for i in range(2):
+        last = outs[-1].outputs[i]
+        assert last.index == i and len(last.token_ids) == 30
+        deltas = [c for o in outs for c in o.outputs if c.index == i]
+        assert sum((c.token_ids_delta for c in deltas), []) == last.token_ids
+        assert "".join(c.text_delta for c in deltas) == last.text
+        assert sum((c.logprobs_delta for c in deltas), []) == last.logprobs
+        assert len(deltas) == len(outs) < 30  # (outputs merged: fewer reads than tokens)
+
+
+def test_merge_joins_deltas_and_keeps_the_newer_totals():
+    from shoal.engine.output_stream import merge
+    from shoal.engine.outputs import CompletionOutput, RequestOutput
+
+    def out(index, text, toks, finish=None):
+        lps = [(t, -1.0, {}) for t in toks]
+        return CompletionOutput(index, text, list(range(len(text))), finish, None, -float(len(text)), None,
+                                text[-len(toks):], list(toks), lps)
+
+    old = RequestOutput("r", [1], [out(0, "ab", [7, 8]), out(1, "x", [9])], False)
+    new = RequestOutput("r", [1], [out(0, "abc", [10]), out(1, "xy", [11], "stop")], True)
+    got = merge(old, new)
+    assert got is new and got.finished
+    a, b = got.outputs
+    assert (a.text_delta, a.token_ids_delta, a.text) == ("abc", [7, 8, 10], "abc")
+    assert (b.text_delta, b.token_ids_delta, b.finish_reason) == ("xy", [9, 11], "stop")
+    assert [t for t, _, _ in b.logprobs_delta] == [9, 11] and b.cumulative_logprob == -2.0
+    # a completion only the older output reports is kept, in index order
+    lone = merge(RequestOutput("r", [1], [out(0, "a", [1]), out(1, "b", [2])], False),
+                 RequestOutput("r", [1], [out(1, "bc", [3])], False))
+    assert [(c.index, c.token_ids_delta) for c in lone.outputs] == [(0, [1]), (1, [2, 3])]

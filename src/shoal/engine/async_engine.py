@@ -1,7 +1,8 @@
 """AsyncEngine: the engine for servers. The step loop runs on its own thread, off the event loop.
 
 Callers `async for out in engine.generate(...)` and get a RequestOutput whenever their request
-made progress; leaving the loop early (a client disconnect) aborts the request and frees its KV
+made progress (every token since their last read: outputs not yet taken are merged,
+`output_stream`); leaving the loop early (a client disconnect) aborts the request and frees its KV
 blocks. Every change to the engine (add, abort, adapters) is a command the loop thread runs
 between steps, so the engine itself stays single-threaded.
 """
@@ -21,6 +22,7 @@ from .. import kernels
 from ..config import EngineConfig
 from ..model.loader import LoadedModel
 from .llm_engine import LLMEngine
+from .output_stream import OutputStream
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -30,7 +32,7 @@ class AsyncEngine:
         self.engine = LLMEngine(config, loaded)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._ids = itertools.count()
         self._stop = False
         self.error: BaseException | None = None
@@ -91,15 +93,14 @@ class AsyncEngine:
             for out in outputs:
                 target = self._streams.get(out.request_id)
                 if target is not None:
-                    batches.setdefault(target[0], []).append((target[1], out))
+                    batches.setdefault(target.loop, []).append((target, out))
             for loop, items in batches.items():
                 loop.call_soon_threadsafe(_put_all, items)
 
     def _deliver(self, request_id: str, item) -> None:
         target = self._streams.get(request_id)
         if target is not None:
-            loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            target.loop.call_soon_threadsafe(target.put, item)
 
     async def _call(self, fn: Callable):
         """Run `fn` on the loop thread between steps; its result or exception comes back here."""
@@ -121,8 +122,8 @@ class AsyncEngine:
         cancelling the task): that aborts the request at once, and `on_cancel(prompt tokens,
         tokens generated so far)` is called (a final-only caller has seen no output to count)."""
         rid = request_id or f"req-{next(self._ids)}"
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = (asyncio.get_running_loop(), q)
+        stream = OutputStream(asyncio.get_running_loop())
+        self._streams[rid] = stream
         finished = False
         req = None  # the engine's Request, for its counts if cut short
 
@@ -133,7 +134,7 @@ class AsyncEngine:
         try:
             req = await self._call(add)
             while True:
-                item = await q.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     raise RuntimeError(f"engine step failed: {item}") from item
                 finished = item.finished
@@ -179,7 +180,7 @@ class AsyncEngine:
         self._thread.join(timeout=5)
 
 
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    """On the event loop: each output into its stream's queue."""
-    for q, out in items:
-        q.put_nowait(out)
+def _put_all(items: list[tuple[OutputStream, RequestOutput]]) -> None:
+    """On the event loop: each output into its stream (merged with one not yet taken)."""
+    for stream, out in items:
+        stream.put(out)
