@@ -176,6 +176,37 @@ def test_chat_with_a_predicted_output(client, server):
         assert e.value.param == param
 
 
+def test_json_modes_and_function_calling_are_refused_by_name(client):
+    """The server has no constrained decoding or tool-call parsing: asking for JSON output or a
+    tool call is a 400 `unsupported_parameter` naming the field (not plain text as if it had
+    worked); their no-op forms are served."""
+    msgs = [{"role": "user", "content": "Hi"}]
+    kw = dict(model="tiny", messages=msgs, max_tokens=3, temperature=0)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    refused = [
+        (dict(response_format={"type": "json_object"}), "response_format", "unsupported_parameter"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+         "response_format", "unsupported_parameter"),
+        (dict(response_format={"type": "yaml"}), "response_format.type", "invalid_value"),
+        (dict(tools=[tool]), "tools", "unsupported_parameter"),
+        (dict(tools=[tool], tool_choice="required"), "tools", "unsupported_parameter"),
+        (dict(tool_choice={"type": "function", "function": {"name": "get_weather"}}), "tool_choice",
+         "unsupported_parameter"),
+        (dict(functions=[tool["function"]]), "functions", "unsupported_parameter"),
+    ]
+    for extra, param, code in refused:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**kw, **extra)
+        assert (e.value.param, e.value.code) == (param, code), extra
+        assert "not supported" in e.value.message or "not one of" in e.value.message
+        with pytest.raises(openai.BadRequestError):  # streamed: refused before the stream opens
+            client.chat.completions.create(**kw, **extra, stream=True)
+    plain = client.chat.completions.create(**kw).choices[0].message.content
+    for extra in (dict(response_format={"type": "text"}), dict(tools=[tool], tool_choice="none"),
+                  dict(tools=[]), dict(tool_choice="auto"), dict(functions=[tool["function"]], function_call="none")):
+        assert client.chat.completions.create(**kw, **extra).choices[0].message.content == plain, extra
+
+
 def test_tokenize_and_detokenize(server, auth):
     url = server[0]
     r = httpx.post(f"{url}/v1/tokenize", json={"model": "tiny", "prompt": "Hello world"},

@@ -87,6 +87,13 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool | None = True
+    # structured output and function calling: only their no-op forms are served
+    # (serving.chat.unsupported); the rest is a 400 naming the field, never silently ignored
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
 
 
 class TokenizeRequest(BaseModel):

@@ -4,7 +4,8 @@ Text parts of a message are joined; other part types are refused by name. `logpr
 `{"content": [{token, logprob, bytes, top_logprobs}]}`. Streaming sends the role delta first,
 content deltas, a finish chunk per choice, an optional usage chunk and `[DONE]`. `prediction`
 (Predicted Outputs) is tokenized and drafted from (`engine.speculative`); usage then reports
-the accepted and rejected prediction tokens.
+the accepted and rejected prediction tokens. `response_format` JSON modes and function calling
+are refused with a 400 (`unsupported`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,36 @@ def text_of(content, param: str) -> str:
                                param=param)
         texts.append(part.get("text", ""))
     return "".join(texts)
+
+
+def unsupported(req) -> None:
+    """400 (`unsupported_parameter`, naming the field) for structured output and function
+    calling, which this server does not do (no constrained decoding, no tool-call parsing):
+    a client that asked for JSON or a tool call must not get plain text as if it had worked.
+    Their no-op forms pass: `response_format` {"type": "text"}, empty `tools` / `functions`,
+    or tools with `tool_choice` (`function_call`) "none", where the model calls none anyway."""
+    fmt = req.response_format
+    if fmt is not None:
+        kind = fmt.get("type")
+        if kind in ("json_object", "json_schema"):
+            raise ServingError(400, f"response_format: type {kind!r} is not supported by this server "
+                                    "(no constrained decoding); ask for JSON in the prompt instead, "
+                                    "or leave response_format out", param="response_format",
+                               code="unsupported_parameter")
+        if kind != "text":
+            raise ServingError(400, f"response_format.type: {kind!r} is not one of 'text', 'json_object', "
+                                    "'json_schema'", param="response_format.type", code="invalid_value")
+    for field, choice_field in (("tools", "tool_choice"), ("functions", "function_call")):
+        if getattr(req, field) and getattr(req, choice_field) != "none":
+            raise ServingError(400, f"{field}: function calling is not supported by this server; send "
+                                    f"no {field} (or {choice_field}: \"none\")", param=field,
+                               code="unsupported_parameter")
+    for choice_field in ("tool_choice", "function_call"):
+        choice = getattr(req, choice_field)
+        if choice is not None and choice not in ("none", "auto"):
+            raise ServingError(400, f"{choice_field}: {choice!r} asks for a call, and function calling is "
+                                    "not supported by this server", param=choice_field,
+                               code="unsupported_parameter")
 
 
 def message_dicts(messages) -> list[dict]:
@@ -65,6 +96,7 @@ class ChatService:
         return {"content": content, "refusal": None}
 
     def _params(self, req):
+        unsupported(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise ServingError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
         lp = (req.top_logprobs or 0) if req.logprobs else None
