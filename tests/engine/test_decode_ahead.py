@@ -17,10 +17,14 @@ from tests.kernels.triton_interp import interpreted
 sample_kernel = interpreted("shoal.kernels.triton_sample")  # (a fixture: the kernel on the CPU)
 
 
+LATE = 4  # the rows of `flying_workload` that may not fly, last
+
+
 def flying_workload() -> list[tuple[list[int], SamplingParams]]:
     """Rows that may fly (greedy; seeded temperature, top_k, top_p; ignore_eos; stop strings and
-    ids; n samples; logprobs 0) and a few that may not (top logprobs, penalties, min_tokens)."""
-    ps = prompts(14, seed=41, lo=3, hi=40)
+    ids; n samples; logprobs 0) and `LATE` that may not (top logprobs, penalties, min_tokens,
+    JSON mode)."""
+    ps = prompts(11 + LATE, seed=41, lo=3, hi=40)
     params = [
         SamplingParams(temperature=0.0, max_tokens=17, ignore_eos=True),
         SamplingParams(temperature=1.0, seed=7, max_tokens=15, top_p=0.9, ignore_eos=True),
@@ -32,15 +36,16 @@ def flying_workload() -> list[tuple[list[int], SamplingParams]]:
     ]
     late = [SamplingParams(temperature=1.0, seed=11, max_tokens=8, logprobs=3),
             SamplingParams(temperature=0.0, max_tokens=8, presence_penalty=0.5),
-            SamplingParams(temperature=1.0, seed=12, max_tokens=12, min_tokens=5, ignore_eos=True)]
+            SamplingParams(temperature=1.0, seed=12, max_tokens=12, min_tokens=5, ignore_eos=True),
+            SamplingParams(temperature=1.0, seed=13, max_tokens=20, json_mode=True)]
     return [(p, params[i % len(params)]) for i, p in enumerate(ps[:11])] + list(zip(ps[11:], late))
 
 
 def drive(llm, work, add_after: int | None = None) -> dict:
-    """Per request its streamed deltas and final outputs; with `add_after`, the last 3 requests
+    """Per request its streamed deltas and final outputs; with `add_after`, the last LATE requests
     join after that many steps (while others are in flight)."""
     eng = llm.engine
-    first = work if add_after is None else work[:-3]
+    first = work if add_after is None else work[:-LATE]
     for i, (p, sp) in enumerate(first):
         eng.add_request(f"w{i}", p, sp)
     seen: dict[str, dict] = {}
@@ -48,7 +53,7 @@ def drive(llm, work, add_after: int | None = None) -> dict:
     while eng.has_unfinished() or (add_after is not None and step <= add_after):
         step += 1
         if step == add_after:
-            for i, (p, sp) in enumerate(work[-3:], start=len(first)):
+            for i, (p, sp) in enumerate(work[-LATE:], start=len(first)):
                 eng.add_request(f"w{i}", p, sp)
         for out in eng.step():
             record(seen, out)
@@ -62,11 +67,11 @@ def check_idle(eng) -> None:
 
 @pytest.mark.parametrize("add_after", [None, 5])
 def test_flights_stream_what_the_synchronous_engine_streams(tiny_llama, add_after):
-    """Without `add_after` the rows that may fly alone; with it the 3 that may not join in the
+    """Without `add_after` the rows that may fly alone; with it the LATE that may not join in the
     middle of flights (which land, then the steps run synchronously until those are done)."""
     work = flying_workload()
     if add_after is None:
-        work = work[:-3]
+        work = work[:-LATE]
     want = drive(make_llm(tiny_llama, max_num_batched_tokens=64), work, add_after)
     llm = make_llm(tiny_llama, max_num_batched_tokens=64, async_scheduling=True)
     got = drive(llm, work, add_after)
@@ -80,7 +85,7 @@ def test_flights_stream_what_the_synchronous_engine_streams(tiny_llama, add_afte
 def test_flights_through_the_graphs_step_stream_what_the_synchronous_engine_streams(tiny_llama):
     """The GPU's decode path (the decode graphs' step, run eagerly on the CPU) with steps in
     flight: every stream as the synchronous engine's through the same step."""
-    work = flying_workload()[:-3]
+    work = flying_workload()[:-LATE]
     streams = []
     for flights in (False, True):
         llm = make_llm(tiny_llama, max_num_batched_tokens=64, async_scheduling=flights)
@@ -162,7 +167,7 @@ def test_device_sampling_gives_the_synchronous_tokens(tiny_llama, fused, monkeyp
         kern = request.getfixturevalue("sample_kernel")
         monkeypatch.setattr(decode_ahead, "triton_sampling", lambda x: used.append(x.shape) or kern)
         monkeypatch.setattr(device_draw, "triton_sampling", lambda x: drew.append(x.shape) or kern)
-    work = [w for w in flying_workload() if w[1].logprobs is None and not w[1].presence_penalty]
+    work = [w for w in flying_workload() if w[1].logprobs is None and not (w[1].presence_penalty or w[1].json_mode)]
     with kernels.disabled():
         ref = make_llm(tiny_llama, max_num_batched_tokens=64)
         llm = make_llm(tiny_llama, max_num_batched_tokens=64, async_scheduling=True)
@@ -179,6 +184,25 @@ def test_device_sampling_gives_the_synchronous_tokens(tiny_llama, fused, monkeyp
         for (gi, gt, gtoks, gfin, gstop, gcum, _), (wi, wt, wtoks, wfin, wstop, wcum, _) in zip(g["final"], w["final"]):
             assert (gi, gt, gtoks, gfin, gstop) == (wi, wt, wtoks, wfin, wstop), rid
             assert gcum == pytest.approx(wcum, abs=1e-4)
+    check_idle(llm.engine)
+
+
+def test_json_rows_land_before_their_next_draw(tiny_llama):
+    """A JSON-mode row's mask follows its tokens one at a time, so it never flies: with device
+    sampling (the CUDA path, which applies no mask) beside rows that fly, the streams are the
+    synchronous engine's and the JSON row's text a prefix of one object."""
+    from shoal.engine.json_guide import START, feed
+
+    work = flying_workload()[:6] + [(prompts(1, seed=77, lo=9, hi=9)[0],
+                                     SamplingParams(temperature=1.0, seed=3, max_tokens=30, json_mode=True))]
+    with kernels.disabled():
+        ref = make_llm(tiny_llama, max_num_batched_tokens=64)
+        llm = make_llm(tiny_llama, max_num_batched_tokens=64, async_scheduling=True)
+        llm.engine.ahead.device_ops = True
+        want, got = drive(ref, work), drive(llm, work)
+    assert got == want
+    text = want[f"w{len(work) - 1}"]["final"][0][1]
+    assert text.lstrip().startswith("{") and feed(START, text.encode()) is not None
     check_idle(llm.engine)
 
 
@@ -218,7 +242,7 @@ def test_flights_on_a_gpu_give_the_synchronous_tokens(tiny_tokenizer_dir, tmp_pa
     loaded = load_dir(str(tmp_path / "m"), dtype="float32", device="cuda")
     ps = prompts(13, seed=46)
     want = [ref(loaded.model, p) for p in ps]
-    work = [w for w in flying_workload() if w[1].logprobs is None and not w[1].presence_penalty]
+    work = [w for w in flying_workload() if w[1].logprobs is None and not (w[1].presence_penalty or w[1].json_mode)]
     seeded = drive(make_llm(loaded, device="cuda", cuda_graphs=graphs, max_num_batched_tokens=64,
                             async_scheduling=False), work)
     for kw in ({}, {"num_kv_blocks": 16, "max_num_batched_tokens": 24}):

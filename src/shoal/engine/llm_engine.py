@@ -130,7 +130,7 @@ class LLMEngine:
                                   max_num_seqs=config.max_num_seqs)
         self.runner.decode_chunks = exact  # (a preempted sequence's generated tokens: decode rows)
         eos = self.tokenizer.stop_token_ids
-        self.sampler = Sampler(eos, triton=config.triton_kernels)
+        self.sampler = Sampler(eos, triton=config.triton_kernels, tokenizer=self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer, eos, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._seq_req: dict[int, Request] = {}

@@ -17,6 +17,7 @@ import torch
 from .. import kernels
 from .device_copy import to_device
 from .device_draw import draw_rows
+from .json_guide import JsonGuide, JsonVocab, token_pieces
 from .sampling_params import GREEDY_BELOW
 from .sequence import Sequence
 
@@ -72,6 +73,7 @@ class Sampler:
             for j, b in (p.logit_bias or {}).items(): l[j] += b    # ids >= V are ignored
             if seq.num_generated < p.min_tokens: l[eos + p.stop_token_ids] = -inf
             if p.ignore_eos: l[eos] = -inf
+            if p.json_mode: l[every token that cannot continue the row's JSON object] = -inf
             if p.greedy:                                   # temperature < GREEDY_BELOW (1e-5)
                 tok = argmax(l)                                    # no generator draw
             else:
@@ -94,8 +96,11 @@ class Sampler:
     q)) took ~1 ms a row at V = 49152, and top_p's sort of the row 4.5 ms (now ~0.1 ms).
     """
 
-    def __init__(self, eos_token_ids: list[int], triton: bool = True):
+    def __init__(self, eos_token_ids: list[int], triton: bool = True, tokenizer=None):
         self.eos_token_ids = list(eos_token_ids)
+        self.tokenizer = tokenizer  # JSON mode reads its tokens' bytes (`json_guide`)
+        self._json_pieces: list | None = None
+        self._json_vocab: dict[int, JsonVocab] = {}  # by the logits' width
         self.triton = triton  # CUDA logits: the Triton sampling kernels (`EngineConfig.triton_kernels`)
         # ... and for sampled rows' draws too: off until understood (H200, temperature 1, 256
         # requests: ITL p50 4.97 -> 4.46 ms on the Llama-3.2-1B shape, but 4.73 -> 7.56-8.15 ms
@@ -174,6 +179,24 @@ class Sampler:
         if m_rows:
             l[torch.tensor(m_rows, device=dev), torch.tensor(m_cols, device=dev)] = _NEG_INF
 
+        # 6) JSON mode: the tokens that cannot continue the row's JSON object (`json_guide`)
+        for i, s in enumerate(seqs):
+            if s.params.json_mode:
+                l[i].masked_fill_(~self.json_mask(s, V).to(dev), _NEG_INF)
+
+    def json_mask(self, s: Sequence, V: int) -> torch.Tensor:
+        """(V,) bool: the tokens that keep s's output a prefix of one JSON object."""
+        vocab = self._json_vocab.get(V)
+        if vocab is None:
+            if self.tokenizer is None:
+                raise ValueError("json_mode: this sampler has no tokenizer to read tokens' bytes from")
+            if self._json_pieces is None:
+                self._json_pieces = token_pieces(self.tokenizer)
+            vocab = self._json_vocab[V] = JsonVocab(self._json_pieces, V, self.eos_token_ids)
+        if s.guide is None or s.guide.vocab is not vocab:
+            s.guide = JsonGuide(vocab, self._json_pieces)
+        return s.guide.mask(s.generated_ids)
+
     # ---- steps 6-7: pick ------------------------------------------------------------------------
 
     def draw_uniform(self, generator: torch.Generator) -> float:
@@ -231,6 +254,9 @@ class Sampler:
             greedy = p.temperature < GREEDY_BELOW
             if not greedy:
                 sampled.append(i)
+            if p.json_mode:  # (its mask is a copy's edit)
+                edit.append(i)
+                continue
             if p.presence_penalty or p.frequency_penalty or p.logit_bias or p.min_tokens:
                 if self._shifts(s, V):
                     edit.append(i)

@@ -58,6 +58,10 @@ class SamplingParams:
     being edited, say). Where the engine drafts (`EngineConfig.speculative_tokens`), a row drafts
     from them first (`engine.speculative`), so the tokens that match are checked several a step;
     the tokens, text and logprobs are the same as without it."""
+    json_mode: bool = False
+    """OpenAI's `response_format: {"type": "json_object"}`: only tokens that keep the output a
+    prefix of one JSON object are drawn (`engine.json_guide`); once the object is closed, only
+    eos (and a little whitespace). Rows in JSON mode do not draft (speculation) or fly ahead."""
 
     def __post_init__(self) -> None:
         if self.best_of is None:
@@ -103,6 +107,10 @@ class SamplingParams:
             raise ValueError(f"min_tokens: must be >= 0, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens: {self.min_tokens} exceeds max_tokens {self.max_tokens}")
+        if self.json_mode and (self.ignore_eos or self.min_tokens):
+            field = "ignore_eos" if self.ignore_eos else "min_tokens"
+            raise ValueError(f"{field}: cannot be combined with JSON mode (the object's end must be able "
+                             "to end the output)")
         if self.prediction is not None:
             if not isinstance(self.prediction, (list, tuple)) or any(
                     not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.prediction):

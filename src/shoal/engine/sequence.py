@@ -56,6 +56,7 @@ class Sequence:
         self.draft: list[int] = []  # tokens proposed to check after the last one this step
         self.lookup = None  # its n-gram index (`speculative.PromptLookup`), made when first needed
         self.state = None  # its text-side state (`output_processor.SeqState`)
+        self.guide = None  # JSON mode: its automaton (`json_guide.JsonGuide`), made when first needed
 
     # ---- sizes ------------------------------------------------------------------------------
 

@@ -4,8 +4,9 @@ Text parts of a message are joined; other part types are refused by name. `logpr
 `{"content": [{token, logprob, bytes, top_logprobs}]}`. Streaming sends the role delta first,
 content deltas, a finish chunk per choice, an optional usage chunk and `[DONE]`. `prediction`
 (Predicted Outputs) is tokenized and drafted from (`engine.speculative`); usage then reports
-the accepted and rejected prediction tokens. `response_format` JSON modes and function calling
-are refused with a 400 (`unsupported`).
+the accepted and rejected prediction tokens. `response_format` {"type": "json_object"} is JSON
+mode (`engine.json_guide`); `json_schema` and function calling are refused with a 400
+(`response_format`).
 """
 
 from __future__ import annotations
@@ -32,23 +33,31 @@ def text_of(content, param: str) -> str:
     return "".join(texts)
 
 
-def unsupported(req) -> None:
-    """400 (`unsupported_parameter`, naming the field) for structured output and function
-    calling, which this server does not do (no constrained decoding, no tool-call parsing):
-    a client that asked for JSON or a tool call must not get plain text as if it had worked.
-    Their no-op forms pass: `response_format` {"type": "text"}, empty `tools` / `functions`,
-    or tools with `tool_choice` (`function_call`) "none", where the model calls none anyway."""
+def response_format(req) -> bool:
+    """Whether the request asks for JSON mode (`response_format` {"type": "json_object"}: the
+    output constrained to one JSON object, `engine.json_guide`); a 400 naming the field for
+    what this server does not do, never plain text as if it had worked: `json_schema` (no
+    schema-constrained decoding) and function calling (no tool-call parsing). Their no-op forms
+    pass: {"type": "text"}, empty `tools` / `functions`, or tools with `tool_choice`
+    (`function_call`) "none", where the model calls none anyway. As OpenAI, JSON mode needs the
+    word "json" in some message (the model must be asked for JSON, or it may not stop)."""
     fmt = req.response_format
+    json_mode = False
     if fmt is not None:
         kind = fmt.get("type")
-        if kind in ("json_object", "json_schema"):
-            raise ServingError(400, f"response_format: type {kind!r} is not supported by this server "
-                                    "(no constrained decoding); ask for JSON in the prompt instead, "
-                                    "or leave response_format out", param="response_format",
+        if kind == "json_schema":
+            raise ServingError(400, "response_format: type 'json_schema' is not supported by this server "
+                                    "(no schema-constrained decoding); use {\"type\": \"json_object\"} and "
+                                    "describe the schema in the prompt", param="response_format",
                                code="unsupported_parameter")
-        if kind != "text":
+        if kind not in ("text", "json_object"):
             raise ServingError(400, f"response_format.type: {kind!r} is not one of 'text', 'json_object', "
                                     "'json_schema'", param="response_format.type", code="invalid_value")
+        json_mode = kind == "json_object"
+        if json_mode and not any("json" in text_of(m.content, "messages").lower() for m in req.messages):
+            raise ServingError(400, "messages: must contain the word 'json' in some form, to use "
+                                    "'response_format' of type 'json_object'", param="messages",
+                               code="invalid_value")
     for field, choice_field in (("tools", "tool_choice"), ("functions", "function_call")):
         if getattr(req, field) and getattr(req, choice_field) != "none":
             raise ServingError(400, f"{field}: function calling is not supported by this server; send "
@@ -60,6 +69,7 @@ def unsupported(req) -> None:
             raise ServingError(400, f"{choice_field}: {choice!r} asks for a call, and function calling is "
                                     "not supported by this server", param=choice_field,
                                code="unsupported_parameter")
+    return json_mode
 
 
 def message_dicts(messages) -> list[dict]:
@@ -96,7 +106,7 @@ class ChatService:
         return {"content": content, "refusal": None}
 
     def _params(self, req):
-        unsupported(req)
+        json_mode = response_format(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise ServingError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
         lp = (req.top_logprobs or 0) if req.logprobs else None
@@ -105,7 +115,7 @@ class ChatService:
             prediction = self.tok.encode(text_of(req.prediction.content, "prediction.content"),
                                          add_special_tokens=False)
         return sampling_params(req, max_tokens=req.max_completion_tokens or req.max_tokens, logprobs=lp,
-                               prediction=prediction)
+                               prediction=prediction, json_mode=json_mode)
 
     @staticmethod
     def _predicted(params, outputs) -> tuple[int, int] | None:

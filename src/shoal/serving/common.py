@@ -27,7 +27,7 @@ FINGERPRINT = f"fp_shoal_{SCHEME}"
 
 def sampling_params(req, *, max_tokens: int | None, logprobs: int | None,
                     prompt_logprobs: int | None = None, best_of: int | None = None,
-                    prediction: list[int] | None = None) -> SamplingParams:
+                    prediction: list[int] | None = None, json_mode: bool = False) -> SamplingParams:
     """SamplingParams from a completion/chat request; a bad value is a 400 naming its field."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     try:
@@ -38,7 +38,7 @@ def sampling_params(req, *, max_tokens: int | None, logprobs: int | None,
             logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()} or None,
             stop=stop, max_tokens=max_tokens, min_tokens=req.min_tokens or 0, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, seed=req.seed, ignore_eos=bool(req.ignore_eos),
-            prediction=prediction,
+            prediction=prediction, json_mode=json_mode,
         )
     except ValueError as e:
         raise from_value_error(e) from None

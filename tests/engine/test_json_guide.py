@@ -1,0 +1,175 @@
+"""JSON mode (`engine.json_guide`): the automaton against Python's json module, the token masks
+against feeding each token's bytes, and the engine's outputs (tiny random model, and the real
+default model) as JSON objects, seeded rows unchanged by their batch."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from shoal.config import EngineConfig
+from shoal.engine.json_guide import MAX_WS, START, JsonVocab, complete, feed
+from shoal.engine.llm import LLM
+from shoal.engine.sampler import Sampler
+from shoal.engine.sampling_params import SamplingParams
+from shoal.engine.sequence import Sequence
+from tests.engine.test_llm_engine import make_llm, prompts
+
+WORDS = ["a", "key", "naïve", "日本", "😀", 'q"uote', "back\\slash", "tab\t", "", "x" * 20]
+
+
+def random_value(rng: random.Random, depth: int = 0):
+    kind = rng.randrange(8 if depth < 4 else 5)
+    if kind == 0:
+        return rng.choice([True, False, None])
+    if kind == 1:
+        return rng.choice([0, -1, 17, 3.25, -0.5e-7, 12345678901234, 1e300])
+    if kind in (2, 3, 4):
+        return rng.choice(WORDS)
+    if kind == 5:
+        return [random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return random_object(rng, depth + 1)
+
+
+def random_object(rng: random.Random, depth: int = 0) -> dict:
+    return {rng.choice(WORDS) + str(i): random_value(rng, depth) for i in range(rng.randrange(4))}
+
+
+def dumps(rng: random.Random, obj) -> bytes:
+    indent = rng.choice([None, 0, 1, 2])
+    seps = rng.choice([(",", ":"), (", ", ": "), (" ,", " : ")]) if indent is None else None
+    return json.dumps(obj, indent=indent, separators=seps, ensure_ascii=rng.random() < 0.5).encode()
+
+
+def test_objects_are_complete_and_their_prefixes_open():
+    rng = random.Random(0)
+    for _ in range(300):
+        doc = dumps(rng, random_object(rng))
+        assert complete(feed(START, doc)), doc
+        for cut in range(len(doc)):
+            state = feed(START, doc[:cut])
+            assert state is not None and not complete(state), doc[:cut]
+
+
+def test_what_the_automaton_accepts_python_parses_as_an_object():
+    """Soundness by mutation: a document with one byte changed, inserted or dropped is accepted
+    as complete only if json.loads reads an object from it (it may also accept none of it)."""
+    rng = random.Random(1)
+    alphabet = b'{}[]:,"\\-+.0123456789eEtrufalsn \n\tx\x01\xc3\xa9\xff'
+    accepted = 0
+    for _ in range(3000):
+        doc = bytearray(dumps(rng, random_object(rng)))
+        for _ in range(rng.randint(1, 2)):
+            i = rng.randrange(len(doc) + 1)
+            op = rng.randrange(3)
+            if op == 0 and i < len(doc):
+                doc[i] = rng.choice(alphabet)
+            elif op == 1:
+                doc.insert(i, rng.choice(alphabet))
+            elif i < len(doc):
+                del doc[i]
+        if complete(feed(START, bytes(doc))):
+            accepted += 1
+            assert isinstance(json.loads(bytes(doc).decode("utf-8")), dict), bytes(doc)
+    assert accepted > 100  # (mutations inside strings keep many valid)
+
+
+@pytest.mark.parametrize("doc", [b'[1, 2]', b'"text"', b'3', b'{"a": 01}', b'{"a": tru}', b'{"a" 1}',
+                                 b'{,}', b'{"a": 1,}', b'{"a": "\x01"}', b'{"a": "\\x"}', b'{"a": 1}}',
+                                 b'{"a": .5}', b'{"a": 1.}', b'{"a": NaN}', b'{"\xc3"}', b'{"\xed\xa0\x80": 1}',
+                                 b'{"a": 1} ', b'{' + b' ' * (MAX_WS + 1) + b'}'])
+def test_not_one_object_is_refused(doc):
+    """Top-level arrays and scalars, JSON's own mistakes, invalid UTF-8 (a surrogate's bytes too),
+    anything after the object, and more whitespace in a row than MAX_WS."""
+    assert not complete(feed(START, doc))
+
+
+def test_masks_are_the_tokens_whose_bytes_may_come():
+    """Every token of a vocabulary (JSON's bytes, words, partial UTF-8 characters, a special
+    token) in states inside and outside strings and characters: allowed exactly when feeding its
+    bytes keeps the state valid; eos only once the object is closed."""
+    rng = random.Random(2)
+    pieces = [None, None]  # ids 0, 1: special (1 is eos here)
+    atoms = [b"{", b"}", b"[", b"]", b'"', b":", b",", b" ", b"\n", b"\\", b"u", b"00e9", b"1", b"-", b".", b"e",
+             b"true", b"nul", b"l", b"key", b"\xc3", b"\xa9", b"\xe6\x97", b"\xa5", b"\xf0\x9f\x98\x80", b"\x01"]
+    for _ in range(600):
+        pieces.append(b"".join(rng.choice(atoms) for _ in range(rng.randint(1, 3))))
+    vocab = JsonVocab(pieces, len(pieces) + 5, eos_ids=[1])
+    for text in [b"", b"{", b'{"k', b'{"k\xe6\x97', b'{"k\\', b'{"k\\u00', b'{"k":', b'{"k": [1, -',
+                 b'{"k": [1.5e', b'{"k": tr', b'{"k": [] ', b'{"k": {"a": null}}', b'{"k": "v"']:
+        state = feed(START, text)
+        assert state is not None, text
+        mask = vocab.mask(state).tolist()
+        want = [bool(p) and feed(state, p) is not None for p in pieces] + [False] * 5
+        want[1] = complete(state)
+        assert mask == want, text
+    assert vocab.mask(None).nonzero().flatten().tolist() == [1]
+
+
+def check_json(outs) -> int:
+    """Each output is one JSON object (a prefix of one when cut by max_tokens); returns how
+    many were whole."""
+    whole = 0
+    for out in outs:
+        for c in out.outputs:
+            if c.finish_reason == "stop":
+                assert isinstance(json.loads(c.text), dict), c.text
+                whole += 1
+            else:
+                assert c.finish_reason == "length" and feed(START, c.text.encode()) is not None, c.text
+    return whole
+
+
+def test_engine_rows_in_json_mode_give_json_and_leave_other_rows_alone(tiny_llama):
+    """A batch mixing JSON-mode rows (greedy, sampled, n=2 of best_of=3) with plain ones, chunked
+    prompts and the CPU's drafting on: the JSON rows give objects, the plain rows the tokens they
+    give alone, and a seeded JSON row the tokens it gives alone."""
+    llm = make_llm(tiny_llama, max_num_batched_tokens=64, speculative_tokens=4)
+    ps = prompts(12, seed=3, lo=5, hi=50)
+    plain = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    params = [SamplingParams(temperature=1.0, max_tokens=80, seed=i, json_mode=True) for i in range(6)]
+    params += [SamplingParams(temperature=0.0, max_tokens=80, json_mode=True),
+               SamplingParams(temperature=0.9, max_tokens=80, n=2, best_of=3, seed=9, json_mode=True)]
+    params += [plain] * 4
+    outs = llm.generate(ps, params)
+    assert check_json(outs[:8]) >= 4
+    assert sum(len(c.token_ids) for o in outs[:8] for c in o.outputs) > 40  # (not all "{}")
+    for p, out in zip(ps[8:], outs[8:]):
+        assert out.outputs[0].token_ids == llm.generate([p], plain)[0].outputs[0].token_ids
+    alone = make_llm(tiny_llama).generate([ps[0]], params[0])[0]
+    assert alone.outputs[0].token_ids == outs[0].outputs[0].token_ids
+    unconstrained = llm.generate(ps[:6], [SamplingParams(temperature=1.0, max_tokens=80, seed=i)
+                                         for i in range(6)])
+    assert not any(feed(START, o.outputs[0].text.encode()) for o in unconstrained)
+
+
+@pytest.mark.parametrize("kwargs,field", [(dict(ignore_eos=True), "ignore_eos"), (dict(min_tokens=2), "min_tokens")])
+def test_json_mode_refuses_what_would_keep_it_from_ending(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        SamplingParams(json_mode=True, **kwargs)
+
+
+@pytest.mark.real_model
+def test_real_model_answers_with_the_object_asked_for(default_home, monkeypatch):
+    """The default model asked for JSON: unconstrained, it wraps the object in a Markdown fence
+    and talks on; in JSON mode the answer is the object, greedy and sampled."""
+    monkeypatch.setenv("SHOAL_HOME", str(default_home))
+    llm = LLM(EngineConfig(kv_cache_memory=32 * 2**20))
+    ids = llm.tokenizer.encode_chat([{"role": "user", "content": "Describe a cat as a JSON object with "
+                                                                 "the keys name, age and color."}])
+    free = llm.generate(ids, SamplingParams(temperature=0.0, max_tokens=60))[0].outputs[0].text
+    assert free.lstrip().startswith("```")
+    greedy = llm.generate(ids, SamplingParams(temperature=0.0, max_tokens=60, json_mode=True))[0]
+    obj = json.loads(greedy.outputs[0].text)
+    assert set(obj) == {"name", "age", "color"} and greedy.outputs[0].finish_reason == "stop"
+    sampled = llm.generate(ids, SamplingParams(temperature=1.0, max_tokens=100, n=4, seed=5, json_mode=True))
+    assert check_json(sampled) >= 3
+
+
+def test_a_sampler_without_a_tokenizer_says_so():
+    seq = Sequence("r", [5, 6], SamplingParams(json_mode=True))
+    with pytest.raises(ValueError, match="^json_mode: "):
+        Sampler([1]).process_logits(torch.zeros(1, 8), [seq])
