@@ -197,6 +197,15 @@ def test_json_mode_and_what_is_refused_by_name(client):
         assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == text
     free = [client.chat.completions.create(**kw, seed=s).choices[0].message.content for s in range(4)]
     assert not any(feed(START, t.encode()) for t in free)  # (unconstrained: not JSON)
+    # legacy completions take it too (an extension, as vLLM's), n samples each constrained
+    r = client.completions.create(model="tiny", prompt="JSON: ", max_tokens=40, n=3, seed=1,
+                                  extra_body={"response_format": {"type": "json_object"}})
+    for c in r.choices:
+        assert feed(START, c.text.encode()) is not None
+        assert c.finish_reason == "length" or isinstance(json.loads(c.text), dict)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", extra_body={"response_format": {"type": "json_object"}})
+    assert e.value.param == "prompt"
 
     kw = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0)
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}

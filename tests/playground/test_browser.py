@@ -12,6 +12,7 @@ import time
 
 import httpx
 
+from shoal.engine.json_guide import START, feed
 from shoal.playground import STATIC_DIR
 from tests.api.test_fine_tuning import toy_jsonl
 from tests.api.test_learning_curves import task_jsonl
@@ -104,6 +105,21 @@ def test_completion_streams_with_usage_and_probabilities(pg, page, artifacts):
     assert page.get_by_test_id("n").input_value() == "5"
     assert page.get_by_test_id("temperature").input_value() == "0.9"
     assert "Description:" in page.get_by_test_id("prompt").input_value()
+
+
+def test_the_json_preset_answers_with_json(pg, page):
+    """The "Extract as JSON" preset ticks JSON mode (other presets untick it) and the answer, even
+    the tiny random model's, is one JSON object or the start of one."""
+    open_page(page, pg)
+    page.get_by_test_id("preset-extract").click()
+    assert page.get_by_test_id("json-mode").is_checked()
+    page.get_by_test_id("submit").click()
+    page.wait_for_function(
+        "() => document.querySelector('[data-testid=usage]').textContent.includes('completion')")
+    text = page.get_by_test_id("output-0").text_content()
+    assert text.lstrip().startswith("{") and feed(START, text.encode()) is not None, text
+    page.get_by_test_id("preset-qa").click()
+    assert not page.get_by_test_id("json-mode").is_checked()
 
 
 def test_a_token_without_text_can_be_hovered(pg, page):

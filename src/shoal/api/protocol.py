@@ -62,6 +62,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = False
     suffix: str | None = None
+    response_format: dict[str, Any] | None = None  # (an extension here, as vLLM's: JSON mode)
 
 
 class ChatMessage(BaseModel):

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from ..engine.async_engine import AsyncEngine
 from .common import (FINGERPRINT, merged_streams, new_id, run_all, sampling_params, sse, sse_error,
                      usage)
+from .common import json_mode as common_json_mode
 from .errors import ServingError
 
 
@@ -34,30 +35,12 @@ def text_of(content, param: str) -> str:
 
 
 def response_format(req) -> bool:
-    """Whether the request asks for JSON mode (`response_format` {"type": "json_object"}: the
-    output constrained to one JSON object, `engine.json_guide`); a 400 naming the field for
-    what this server does not do, never plain text as if it had worked: `json_schema` (no
-    schema-constrained decoding) and function calling (no tool-call parsing). Their no-op forms
-    pass: {"type": "text"}, empty `tools` / `functions`, or tools with `tool_choice`
-    (`function_call`) "none", where the model calls none anyway. As OpenAI, JSON mode needs the
-    word "json" in some message (the model must be asked for JSON, or it may not stop)."""
-    fmt = req.response_format
-    json_mode = False
-    if fmt is not None:
-        kind = fmt.get("type")
-        if kind == "json_schema":
-            raise ServingError(400, "response_format: type 'json_schema' is not supported by this server "
-                                    "(no schema-constrained decoding); use {\"type\": \"json_object\"} and "
-                                    "describe the schema in the prompt", param="response_format",
-                               code="unsupported_parameter")
-        if kind not in ("text", "json_object"):
-            raise ServingError(400, f"response_format.type: {kind!r} is not one of 'text', 'json_object', "
-                                    "'json_schema'", param="response_format.type", code="invalid_value")
-        json_mode = kind == "json_object"
-        if json_mode and not any("json" in text_of(m.content, "messages").lower() for m in req.messages):
-            raise ServingError(400, "messages: must contain the word 'json' in some form, to use "
-                                    "'response_format' of type 'json_object'", param="messages",
-                               code="invalid_value")
+    """Whether the request asks for JSON mode (`common.json_mode`); a 400 naming the field for
+    function calling, which this server does not do (no tool-call parsing), never plain text as
+    if it had worked. Its no-op forms pass: empty `tools` / `functions`, or tools with
+    `tool_choice` (`function_call`) "none", where the model calls none anyway."""
+    json_mode = common_json_mode(req.response_format, [text_of(m.content, "messages") for m in req.messages],
+                                 "messages")
     for field, choice_field in (("tools", "tool_choice"), ("functions", "function_call")):
         if getattr(req, field) and getattr(req, choice_field) != "none":
             raise ServingError(400, f"{field}: function calling is not supported by this server; send "

@@ -44,6 +44,33 @@ def sampling_params(req, *, max_tokens: int | None, logprobs: int | None,
         raise from_value_error(e) from None
 
 
+def json_mode(fmt: dict | None, texts: list[str], texts_param: str) -> bool:
+    """Whether `response_format` asks for JSON mode ({"type": "json_object"}: the output
+    constrained to one JSON object, `engine.json_guide`). `json_schema` is a 400
+    `unsupported_parameter` (no schema-constrained decoding), never plain text as if it had
+    worked; another type a 400 on `response_format.type`. As OpenAI, JSON mode needs the word
+    "json" in `texts` (the messages or prompts, named `texts_param`: the model must be asked for
+    JSON, or it may not stop); token-id prompts are not checked."""
+    if fmt is None:
+        return False
+    kind = fmt.get("type")
+    if kind == "json_schema":
+        raise ServingError(400, "response_format: type 'json_schema' is not supported by this server "
+                                "(no schema-constrained decoding); use {\"type\": \"json_object\"} and "
+                                "describe the schema in the prompt", param="response_format",
+                           code="unsupported_parameter")
+    if kind not in ("text", "json_object"):
+        raise ServingError(400, f"response_format.type: {kind!r} is not one of 'text', 'json_object', "
+                                "'json_schema'", param="response_format.type", code="invalid_value")
+    if kind == "text":
+        return False
+    if texts and not any("json" in t.lower() for t in texts):
+        raise ServingError(400, f"{texts_param}: must contain the word 'json' in some form, to use "
+                                "'response_format' of type 'json_object'", param=texts_param,
+                           code="invalid_value")
+    return True
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

@@ -3,7 +3,8 @@
 Choice `index` runs over prompts and samples (prompt_i * n + j); `echo` prepends the prompt (and
 its logprobs, the first of which is null); `logprobs` gives tokens, token_logprobs, top_logprobs
 and text_offset. Streaming sends one chunk per text delta, a finish chunk per choice, an
-optional usage chunk and `[DONE]`. `best_of` > `n` cannot stream (as upstream).
+optional usage chunk and `[DONE]`. `best_of` > `n` cannot stream (as upstream). `response_format`
+{"type": "json_object"} (an extension here, as vLLM's; OpenAI's chat field) is JSON mode.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from collections.abc import AsyncIterator
 
 from ..engine.async_engine import AsyncEngine
 from ..engine.outputs import CompletionOutput, RequestOutput
-from .common import (FINGERPRINT, merged_streams, new_id, run_all, sampling_params, sse, sse_error,
-                     usage)
+from .common import (FINGERPRINT, json_mode, merged_streams, new_id, run_all, sampling_params, sse,
+                     sse_error, usage)
 from .errors import ServingError
 
 
@@ -42,8 +43,10 @@ class CompletionService:
         if req.stream and best_of > n:
             raise ServingError(400, "best_of: cannot be used with stream", param="best_of")
         lp = req.logprobs
+        texts = [p for p in _prompts(req.prompt) if isinstance(p, str)]
         return sampling_params(req, max_tokens=req.max_tokens, logprobs=lp, best_of=best_of,
-                               prompt_logprobs=lp if (req.echo and lp is not None) else None)
+                               prompt_logprobs=lp if (req.echo and lp is not None) else None,
+                               json_mode=json_mode(req.response_format, texts, "prompt"))
 
     def _token_str(self, tid: int) -> str:
         """The token's text, or for a token that is part of a UTF-8 character its bytes as

@@ -45,7 +45,7 @@ export function parseStops(raw) {
     .map((s) => s.replace(/\\(n|t|\\)/g, (_, c) => ({ n: "\n", t: "\t", "\\": "\\" })[c]));
 }
 
-/** Fill the form from a preset: {mode, prompt, messages, temperature, max_tokens, top_p, n, stop}. */
+/** Fill the form from a preset: {mode, prompt, messages, temperature, max_tokens, top_p, n, stop, json}. */
 export function applyPreset(p) {
   setMode(p.mode || "complete");
   if (p.prompt !== undefined) $("prompt").value = p.prompt;
@@ -63,6 +63,7 @@ export function applyPreset(p) {
   set("top-p", p.top_p ?? 1);
   set("n", p.n ?? 1);
   set("stop-seqs", (p.stop || []).map((s) => s.replace(/\n/g, "\\n")).join(", "));
+  $("json-mode").checked = Boolean(p.json);
   $("outputs").replaceChildren();
   $("usage").textContent = "";
 }
@@ -76,6 +77,7 @@ function request(chat, probs) {
   };
   const stops = parseStops($("stop-seqs").value);
   if (stops.length) body.stop = stops;
+  if ($("json-mode").checked) body.response_format = { type: "json_object" };
   if (chat) {
     body.messages = messages();
     if (probs) Object.assign(body, { logprobs: true, top_logprobs: 5 });

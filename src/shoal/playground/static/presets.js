@@ -1,5 +1,6 @@
 // Presets from the original GPT-3 playground's examples: few-shot translation, summarizing for a
-// child, classification from labelled examples, question answering, and copy variants.
+// child, classification from labelled examples, question answering, and copy variants; and one
+// of chat's JSON mode.
 
 import { applyPreset } from "./complete.js";
 import { $, el } from "./ui.js";
@@ -51,6 +52,15 @@ export const PRESETS = [
     prompt: "Write a short, vivid product description for an online shop.\n\n"
       + "Product: a stainless steel water bottle that keeps drinks cold for 24 hours\n"
       + "Description:",
+  },
+  {
+    id: "extract", name: "Extract as JSON",
+    mode: "chat", temperature: 0, max_tokens: 120, json: true,
+    messages: [
+      { role: "system", content: "Extract the facts the user gives as one JSON object." },
+      { role: "user", content: "Order #1042: two blue mugs and a teapot, shipped to Lyon on 3 May. "
+        + "Give JSON with the keys order, items, city and date." },
+    ],
   },
 ];
 
