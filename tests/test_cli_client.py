@@ -91,6 +91,20 @@ def test_chat_with_piped_stdin_keeps_the_conversation(conn, capsys, monkeypatch)
     assert prompt_tokens("hello\nhello\n") > 2 * prompt_tokens("hello\n")
 
 
+def test_json_mode_from_the_command_line(conn, capsys, monkeypatch):
+    """`--json` on complete and chat: the answer is one JSON object (a prefix of one when cut),
+    and a prompt that does not ask for JSON is one error line naming it."""
+    from shoal.engine.json_guide import START, feed
+
+    rc, out, err = run(capsys, "complete", "JSON please:", "--json", "--max-tokens", 30, "--seed", 2, *conn)
+    assert rc == 0 and out.lstrip().startswith("{") and feed(START, out.rstrip("\n").encode()) is not None
+    monkeypatch.setattr("sys.stdin", io.StringIO("answer in json\n/exit\n"))
+    rc, out, err = run(capsys, "chat", "--json", "--max-tokens", 30, "--temperature", 0, *conn)
+    assert rc == 0 and out.lstrip().startswith("{") and feed(START, out.rstrip("\n").encode()) is not None
+    rc, out, err = run(capsys, "complete", "hello", "--json", *conn)
+    assert rc != 0 and "prompt: must contain the word 'json'" in one_error_line(err)
+
+
 def test_files_upload_list_rm(conn, tmp_path, capsys):
     path = tmp_path / "toy.jsonl"
     path.write_bytes(toy_jsonl())

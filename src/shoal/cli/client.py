@@ -32,7 +32,8 @@ def cmd_complete(args: argparse.Namespace) -> int:
     model = args.model or srv.default_model()
     kw = dict(model=model, prompt=prompt, max_tokens=args.max_tokens, temperature=args.temperature,
               top_p=args.top_p, n=args.n, seed=args.seed, logprobs=args.logprobs,
-              stop=[_unescape(s) for s in args.stop] if args.stop else None)
+              stop=[_unescape(s) for s in args.stop] if args.stop else None,
+              extra_body={"response_format": {"type": "json_object"}} if args.json else None)
     t0 = time.perf_counter()
     stream = srv.openai.completions.create(**{k: v for k, v in kw.items() if v is not None},
                                            stream=True, stream_options={"include_usage": True})
@@ -105,7 +106,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages = list(system)
             continue
         messages.append({"role": "user", "content": text})
-        kw = dict(temperature=args.temperature, max_tokens=args.max_tokens)
+        kw = dict(temperature=args.temperature, max_tokens=args.max_tokens,
+                  response_format={"type": "json_object"} if args.json else None)
         try:
             stream = srv.openai.chat.completions.create(
                 model=model, messages=messages, stream=True, stream_options={"include_usage": True},
@@ -224,6 +226,8 @@ def add_complete_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--logprobs", type=int, default=None, metavar="K",
                    help="show each token's logprob and the top K (0-5) on stderr")
+    p.add_argument("--json", action="store_true",
+                   help="JSON mode: the answer is one JSON object (the prompt must ask for JSON)")
     add_connection_args(p)
 
 
@@ -233,6 +237,8 @@ def add_chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (server default 1)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="tokens per answer (default: the rest of the context)")
+    p.add_argument("--json", action="store_true",
+                   help="JSON mode: each answer is one JSON object (a message must ask for JSON)")
     add_connection_args(p)
 
 
