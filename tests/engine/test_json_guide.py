@@ -146,6 +146,25 @@ def test_engine_rows_in_json_mode_give_json_and_leave_other_rows_alone(tiny_llam
     assert not any(feed(START, o.outputs[0].text.encode()) for o in unconstrained)
 
 
+def test_drafts_in_json_mode_change_nothing_but_the_steps(tiny_llama):
+    """Drafts of a JSON row are checked against the masks they would meet as tokens: with drafts
+    from a prediction of the answer (and from prompt lookup) the tokens are those without drafts,
+    greedy and seeded, and most of the prediction is confirmed."""
+    ps = prompts(3, seed=21, lo=8, hi=30)
+    params = [SamplingParams(temperature=0.0, max_tokens=60, json_mode=True),
+              SamplingParams(temperature=1.0, seed=4, max_tokens=60, json_mode=True),
+              SamplingParams(temperature=0.8, seed=5, max_tokens=60, json_mode=True)]
+    want = [o.outputs[0].token_ids for o in make_llm(tiny_llama, speculative_tokens=0).generate(ps, params)]
+    llm = make_llm(tiny_llama, speculative_tokens=8)
+    for p, sp, w in zip(ps, params, want):
+        predicted = SamplingParams(**{**{f: getattr(sp, f) for f in ("temperature", "seed", "max_tokens")},
+                                      "json_mode": True, "prediction": w[:-1] + [7, 7]})
+        before = llm.engine.accepted
+        assert llm.generate([p], predicted)[0].outputs[0].token_ids == w
+        assert llm.engine.accepted - before >= len(w) // 2
+    assert [o.outputs[0].token_ids for o in llm.generate(ps, params)] == want
+
+
 @pytest.mark.parametrize("kwargs,field", [(dict(ignore_eos=True), "ignore_eos"), (dict(min_tokens=2), "min_tokens")])
 def test_json_mode_refuses_what_would_keep_it_from_ending(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}: "):

@@ -14,7 +14,8 @@ Three parts:
   so a string state walks only the few thousand other tokens; outside strings the walk stops at
   the first byte that cannot come next.
 - `JsonGuide` (one per sequence): the automaton's state after the tokens generated so far,
-  caught up from the sequence's ids when its mask is asked for.
+  caught up from the sequence's ids when its mask is asked for (a draft row's: that state fed
+  the row's drafts, so drafted tokens are checked against the masks they would have met).
 
 Semantics of the mask in state s (V = the logits' width):
     allowed[t] = step(...step(s, b_1)..., b_k) is not None for t's bytes b_1..b_k (k >= 1),
@@ -290,10 +291,15 @@ class JsonGuide:
         self.state: State | None = START
         self.seen = 0  # generated ids fed so far
 
-    def mask(self, generated: list[int]) -> torch.Tensor:
-        """The mask for the token after `generated` (the sequence's generated ids)."""
-        for tid in generated[self.seen:]:
+    def _feed(self, state: State | None, ids) -> State | None:
+        for tid in ids:
             data = self.pieces[tid] if 0 <= tid < len(self.pieces) else None
-            self.state = feed(self.state, data) if data else None
+            state = feed(state, data) if data else None
+        return state
+
+    def mask(self, generated: list[int], drafts=()) -> torch.Tensor:
+        """The mask for the token after `generated` (the sequence's generated ids) and then
+        `drafts` (tokens proposed, not yet confirmed: not kept in the state)."""
+        self.state = self._feed(self.state, generated[self.seen:])
         self.seen = len(generated)
-        return self.vocab.mask(self.state)
+        return self.vocab.mask(self._feed(self.state, drafts) if drafts else self.state)

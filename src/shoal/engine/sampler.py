@@ -184,8 +184,9 @@ class Sampler:
             if s.params.json_mode:
                 l[i].masked_fill_(~self.json_mask(s, V).to(dev), _NEG_INF)
 
-    def json_mask(self, s: Sequence, V: int) -> torch.Tensor:
-        """(V,) bool: the tokens that keep s's output a prefix of one JSON object."""
+    def json_mask(self, s, V: int) -> torch.Tensor:
+        """(V,) bool: the tokens that keep s's output a prefix of one JSON object (s a Sequence,
+        or a `speculative.DraftRow`: its sequence with its first j drafts)."""
         vocab = self._json_vocab.get(V)
         if vocab is None:
             if self.tokenizer is None:
@@ -193,9 +194,10 @@ class Sampler:
             if self._json_pieces is None:
                 self._json_pieces = token_pieces(self.tokenizer)
             vocab = self._json_vocab[V] = JsonVocab(self._json_pieces, V, self.eos_token_ids)
-        if s.guide is None or s.guide.vocab is not vocab:
-            s.guide = JsonGuide(vocab, self._json_pieces)
-        return s.guide.mask(s.generated_ids)
+        seq = getattr(s, "seq", s)
+        if seq.guide is None or seq.guide.vocab is not vocab:
+            seq.guide = JsonGuide(vocab, self._json_pieces)
+        return seq.guide.mask(seq.generated_ids, seq.draft[:s.j] if s is not seq else ())
 
     # ---- steps 6-7: pick ------------------------------------------------------------------------
 

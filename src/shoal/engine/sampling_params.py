@@ -61,7 +61,8 @@ class SamplingParams:
     json_mode: bool = False
     """OpenAI's `response_format: {"type": "json_object"}`: only tokens that keep the output a
     prefix of one JSON object are drawn (`engine.json_guide`); once the object is closed, only
-    eos (and a little whitespace). Rows in JSON mode do not draft (speculation) or fly ahead."""
+    eos. Rows in JSON mode draft (each draft checked against its own mask) but do not fly
+    ahead (`async_scheduling`: their next mask waits for their last token)."""
 
     def __post_init__(self) -> None:
         if self.best_of is None:

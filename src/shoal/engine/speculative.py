@@ -112,9 +112,8 @@ class PromptLookup:
 
 
 def can_draft(seq: Sequence) -> bool:
-    """Whether seq can draft this step: decoding, not a parent about to fork, not in JSON mode
-    (its mask follows the tokens one at a time)."""
-    return (not seq.needs_fork and not seq.params.json_mode and seq.num_computed_tokens == len(seq.token_ids) - 1
+    """Whether seq can draft this step: decoding, and not a parent about to fork."""
+    return (not seq.needs_fork and seq.num_computed_tokens == len(seq.token_ids) - 1
             and seq.num_computed_tokens >= seq.num_prompt_tokens)
 
 
