@@ -143,7 +143,7 @@ class Sampler:
             p.logit_bias and any(t < V for t in p.logit_bias))
 
     def _edit_(self, l: torch.Tensor, seqs: list[Sequence]) -> None:
-        """Steps 2-5 on l (B, V) fp32, in place."""
+        """Steps 2-5 (and JSON mode's mask) on l (B, V) fp32, in place."""
         B, V = l.shape
         dev = l.device
         # 2) penalties: counts only for the rows that ask for them, and only of the tokens they
@@ -179,7 +179,7 @@ class Sampler:
         if m_rows:
             l[torch.tensor(m_rows, device=dev), torch.tensor(m_cols, device=dev)] = _NEG_INF
 
-        # 6) JSON mode: the tokens that cannot continue the row's JSON object (`json_guide`)
+        # 5b) JSON mode: the tokens that cannot continue the row's JSON object (`json_guide`)
         for i, s in enumerate(seqs):
             if s.params.json_mode:
                 l[i].masked_fill_(~self.json_mask(s, V).to(dev), _NEG_INF)

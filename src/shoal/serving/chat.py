@@ -15,9 +15,9 @@ import time
 from collections.abc import AsyncIterator
 
 from ..engine.async_engine import AsyncEngine
-from .common import (FINGERPRINT, merged_streams, new_id, run_all, sampling_params, sse, sse_error,
-                     usage)
+from .common import FINGERPRINT
 from .common import json_mode as common_json_mode
+from .common import merged_streams, new_id, run_all, sampling_params, sse, sse_error, usage
 from .errors import ServingError
 
 
