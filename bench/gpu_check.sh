@@ -13,7 +13,8 @@ out="${OUT:-.}"
 export PYTHONPATH=src PYTHONUNBUFFERED=1 SHOAL_CPU_KERNELS=0  # (a GPU run never calls the CPU kernels)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -p no:cacheprovider -q -m gpu tests/kernels \
-  tests/engine/test_decode_graphs.py tests/engine/test_decode_ahead.py tests/lora/test_layers.py > "$out/gpu-tests.log" 2>&1
+  tests/engine/test_decode_graphs.py tests/engine/test_decode_ahead.py tests/engine/test_json_guide.py \
+  tests/lora/test_layers.py > "$out/gpu-tests.log" 2>&1
 tail -3 "$out/gpu-tests.log"
 timeout "${BENCH_TIMEOUT:-420}" python3 bench/gpu_engine.py --device cuda --tokenizer-dir "${TOKENIZER_DIR:?}" \
   --modes "${MODES:-graphs,kvwrites,sync,graphs,kvwrites,sync}" --phases --json "$out/gpu-bench.json" > "$out/gpu-bench.log" 2>&1

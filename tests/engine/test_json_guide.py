@@ -192,3 +192,25 @@ def test_a_sampler_without_a_tokenizer_says_so():
     seq = Sequence("r", [5, 6], SamplingParams(json_mode=True))
     with pytest.raises(ValueError, match="^json_mode: "):
         Sampler([1]).process_logits(torch.zeros(1, 8), [seq])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("flights", [True, False])
+def test_json_mode_on_a_gpu(tiny_tokenizer_dir, tmp_path, flights):
+    """On a GPU (tiny model, CUDA graphs; steps in flight or not): JSON rows beside plain ones
+    give objects or prefixes of one, and the plain rows the tokens they give alone."""
+    from shoal.model.loader import load_dir
+    from tests.helpers import hf_tiny_config, save_tiny_hf_dir
+
+    torch.manual_seed(0)
+    save_tiny_hf_dir(hf_tiny_config("llama", max_position_embeddings=512), tmp_path / "m", tiny_tokenizer_dir)
+    loaded = load_dir(str(tmp_path / "m"), dtype="float32", device="cuda")
+    llm = make_llm(loaded, device="cuda", async_scheduling=flights)
+    ps = prompts(8, seed=31, lo=5, hi=40)
+    plain = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=60, json_mode=True) for i in range(4)] + [plain] * 4
+    outs = llm.generate(ps, params)
+    check_json(outs[:4])
+    for p, out in zip(ps[4:], outs[4:]):
+        assert out.outputs[0].token_ids == llm.generate([p], plain)[0].outputs[0].token_ids
