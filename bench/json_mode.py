@@ -1,12 +1,13 @@
-"""JSON mode (`response_format: {"type": "json_object"}`, `shoal.engine.json_guide`) on the
-default model: what the constraint costs and what it buys, against HF transformers `generate`
-constrained by lm-format-enforcer (`JsonSchemaParser(None)`: any JSON, through
-`prefix_allowed_tokens_fn`), in the same run.
+"""JSON mode and Structured Outputs (`response_format` json_object / json_schema,
+`shoal.engine.json_guide`) on the default model: what the constraint costs and what it buys,
+against HF transformers `generate` constrained by lm-format-enforcer (`JsonSchemaParser(None)`:
+any JSON, through `prefix_allowed_tokens_fn`), in the same run.
 
 Workload: `--requests` chat prompts that ask for a JSON object (a cat, a city, an order, ...),
-greedy, up to `--out` tokens. Shoal runs them one at a time and all at once, with JSON mode and
-without; HF runs them one at a time (batch 1, bf16), with the enforcer and without. For each run:
-output tok/s, and how many answers are one JSON object (`json.loads` gives a dict). Also the
+greedy, up to `--out` tokens. Shoal runs them one at a time and all at once: plain, in JSON
+mode, and with each prompt's keys as a strict schema; HF runs them one at a time (batch 1,
+bf16), with the enforcer and without. For each run: output tok/s, how many answers are one JSON
+object (`json.loads` gives a dict) and how many are instances of their prompt's schema. Also the
 first-use costs: Shoal's token index for the vocabulary (once per engine), the enforcer's
 tokenizer data (once per tokenizer), and Shoal's mask per new automaton state (cached after).
 
@@ -26,6 +27,36 @@ THINGS = ["a cat with the keys name, age and color", "a city with the keys name,
           "an order with the keys id, items and total", "a book with the keys title, author and year",
           "a user with the keys name, email and roles", "a car with the keys make, model and year",
           "a recipe with the keys name, ingredients and minutes", "a planet with the keys name, moons and mass"]
+
+
+NUMERIC = {"age", "population", "total", "year", "minutes", "moons", "mass"}
+
+
+def schemas(n: int) -> list[dict]:
+    """Each ask's keys as a strict schema (numbers where the key is one, else strings; `items`
+    and `ingredients` and `roles` lists of strings)."""
+    out = []
+    for i in range(n):
+        keys = THINGS[i % len(THINGS)].split("keys ")[1].replace(" and ", ", ").split(", ")
+        props = {k: {"type": "number"} if k in NUMERIC else
+                 {"type": "array", "items": {"type": "string"}} if k in ("items", "ingredients", "roles")
+                 else {"type": "string"} for k in keys}
+        out.append({"type": "object", "properties": props, "required": keys, "additionalProperties": False})
+    return out
+
+
+def instances(texts: list[str], schema_list: list[dict]) -> int:
+    """How many texts are instances of their schema (keys as required, values of the types)."""
+    n = 0
+    for t, s in zip(texts, schema_list):
+        try:
+            x = json.loads(t)
+        except ValueError:
+            continue
+        kinds = {"number": (int, float), "string": str, "array": list}
+        n += (isinstance(x, dict) and list(x) == list(s["properties"])
+              and all(isinstance(v, kinds[s["properties"][k]["type"]]) for k, v in x.items()))
+    return n
 
 
 def asks(n: int) -> list[list[dict]]:
@@ -98,11 +129,20 @@ def main() -> None:
 
     plain = SamplingParams(temperature=0.0, max_tokens=args.out)
     guided = SamplingParams(temperature=0.0, max_tokens=args.out, json_mode=True)
+    schema_list = schemas(args.requests)
+    shaped = [SamplingParams(temperature=0.0, max_tokens=args.out, json_schema=sc) for sc in schema_list]
     for together in (False, True):
-        for name, params in (("plain", plain), ("JSON mode", guided)):
-            dt, n, texts = run_shoal(llm, prompts, params, together)
+        for name, params in (("plain", plain), ("JSON mode", guided), ("JSON schema", shaped)):
+            if together:
+                dt, n, texts = run_shoal(llm, prompts, params if isinstance(params, list) else [params] * len(prompts),
+                                         True)
+            else:
+                runs = [run_shoal(llm, [p], params[i] if isinstance(params, list) else params, False)
+                        for i, p in enumerate(prompts)]
+                dt, n, texts = sum(r[0] for r in runs), sum(r[1] for r in runs), [t for r in runs for t in r[2]]
             key = f"shoal {name}, " + ("all at once" if together else "one at a time")
-            results[key] = {"tok_s": n / dt, "tokens": n, "seconds": dt, "json_objects": whole(texts)}
+            results[key] = {"tok_s": n / dt, "tokens": n, "seconds": dt, "json_objects": whole(texts),
+                            "schema_instances": instances(texts, schema_list)}
 
     states, new_ms = set(), []
     for o in llm.generate(prompts, guided):  # each state a finished answer passed through, masked afresh
@@ -150,13 +190,15 @@ def main() -> None:
                 d, k, t = run_hf(model, tok, [p], args.out, fn)
                 dt, n, texts = dt + d, n + k, texts + t
             results[f"HF generate {name}, one at a time (bf16)"] = {
-                "tok_s": n / dt, "tokens": n, "seconds": dt, "json_objects": whole(texts)}
+                "tok_s": n / dt, "tokens": n, "seconds": dt, "json_objects": whole(texts),
+                "schema_instances": instances(texts, schema_list)}
         results["lm-format-enforcer: tokenizer data, first use"] = {"seconds": enforcer_s}
 
-    print(f"\n{'run':52s} {'tok/s':>8s} {'tokens':>7s} {'JSON objects':>13s}")
+    print(f"\n{'run':52s} {'tok/s':>8s} {'tokens':>7s} {'JSON objects':>13s} {'of the schema':>14s}")
     for k, v in results.items():
         if "tok_s" in v:
-            print(f"{k:52s} {v['tok_s']:8.1f} {v['tokens']:7d} {v['json_objects']:>6d} of {args.requests}")
+            print(f"{k:52s} {v['tok_s']:8.1f} {v['tokens']:7d} {v['json_objects']:>6d} of {args.requests} "
+                  f"{v['schema_instances']:>7d} of {args.requests}")
     ratio = results["shoal JSON mode, one at a time"]["tok_s"] / results["shoal plain, one at a time"]["tok_s"]
     print(f"Shoal JSON mode / plain, one at a time: {ratio:.2f}x")
     if not args.skip_hf:

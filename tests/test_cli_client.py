@@ -97,10 +97,10 @@ def test_json_mode_from_the_command_line(conn, capsys, monkeypatch):
     from shoal.engine.json_guide import START, feed
 
     rc, out, err = run(capsys, "complete", "JSON please:", "--json", "--max-tokens", 30, "--seed", 2, *conn)
-    assert rc == 0 and out.lstrip().startswith("{") and feed(START, out.rstrip("\n").encode()) is not None
+    assert rc == 0 and out.lstrip().startswith("{") and feed(START, out.rstrip("\n").encode())
     monkeypatch.setattr("sys.stdin", io.StringIO("answer in json\n/exit\n"))
     rc, out, err = run(capsys, "chat", "--json", "--max-tokens", 30, "--temperature", 0, *conn)
-    assert rc == 0 and out.lstrip().startswith("{") and feed(START, out.rstrip("\n").encode()) is not None
+    assert rc == 0 and out.lstrip().startswith("{") and feed(START, out.rstrip("\n").encode())
     rc, out, err = run(capsys, "complete", "hello", "--json", *conn)
     assert rc != 0 and "prompt: must contain the word 'json'" in one_error_line(err)
 

@@ -181,8 +181,8 @@ def test_chat_with_a_predicted_output(client, server):
 def test_json_mode_and_what_is_refused_by_name(client):
     """`response_format` json_object constrains the answer to one JSON object, streamed or not,
     even from the tiny random model; as OpenAI, it needs the word "json" in a message. What the
-    server does not do (json_schema, function calling) is a 400 `unsupported_parameter` naming
-    the field, not plain text as if it had worked; their no-op forms are served."""
+    server does not do (function calling; a schema it cannot enforce) is a 400 naming the field,
+    not plain text as if it had worked; their no-op forms are served."""
     msgs = [{"role": "user", "content": "Answer in JSON"}]
     kw = dict(model="tiny", messages=msgs, max_tokens=60, temperature=1.0)
     for seed in range(4):
@@ -191,7 +191,7 @@ def test_json_mode_and_what_is_refused_by_name(client):
         if finish == "stop":
             assert isinstance(json.loads(text), dict)
         else:  # cut by max_tokens: a prefix of one
-            assert finish == "length" and feed(START, text.encode()) is not None
+            assert finish == "length" and feed(START, text.encode())
         streamed = client.chat.completions.create(**kw, seed=seed, response_format={"type": "json_object"},
                                                   stream=True)
         assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == text
@@ -201,7 +201,7 @@ def test_json_mode_and_what_is_refused_by_name(client):
     r = client.completions.create(model="tiny", prompt="JSON: ", max_tokens=40, n=3, seed=1,
                                   extra_body={"response_format": {"type": "json_object"}})
     for c in r.choices:
-        assert feed(START, c.text.encode()) is not None
+        assert feed(START, c.text.encode())
         assert c.finish_reason == "length" or isinstance(json.loads(c.text), dict)
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="x", extra_body={"response_format": {"type": "json_object"}})
@@ -211,8 +211,8 @@ def test_json_mode_and_what_is_refused_by_name(client):
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
     refused = [
         (dict(response_format={"type": "json_object"}), "messages", "invalid_value"),  # no "json"
-        (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-         "response_format", "unsupported_parameter"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array"}}}),
+         "response_format.json_schema.schema", "invalid_value"),  # (the root must be an object)
         (dict(response_format={"type": "yaml"}), "response_format.type", "invalid_value"),
         (dict(tools=[tool]), "tools", "unsupported_parameter"),
         (dict(tools=[tool], tool_choice="required"), "tools", "unsupported_parameter"),
@@ -231,6 +231,44 @@ def test_json_mode_and_what_is_refused_by_name(client):
     for extra in (dict(response_format={"type": "text"}), dict(tools=[tool], tool_choice="none"),
                   dict(tools=[]), dict(tool_choice="auto"), dict(functions=[tool["function"]], function_call="none")):
         assert client.chat.completions.create(**kw, **extra).choices[0].message.content == plain, extra
+
+
+def test_structured_outputs_with_the_clients_parse(client):
+    """`response_format` json_schema (what the official client's `parse` sends for a pydantic
+    model: strict, required, no additional properties): the answer, even the tiny random
+    model's, parses into the model when it finishes, streamed as not; a keyword the server cannot
+    enforce is a 400 naming it and where, and so is a missing name."""
+    from pydantic import BaseModel
+
+    class Cat(BaseModel):
+        name: str
+        age: int
+        indoor: bool
+
+    msgs = [{"role": "user", "content": "A cat, please"}]
+    finished = 0
+    for seed in range(4):
+        try:
+            r = client.chat.completions.parse(model="tiny", messages=msgs, max_tokens=300, temperature=1.0,
+                                              seed=seed, response_format=Cat)
+        except openai.LengthFinishReasonError:  # (cut by max_tokens: the client does not parse it)
+            continue
+        c = r.choices[0]
+        finished += 1
+        assert isinstance(c.message.parsed, Cat) and c.finish_reason == "stop"
+        assert list(json.loads(c.message.content)) == ["name", "age", "indoor"]
+    assert finished >= 2
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}, "required": ["n"],
+              "additionalProperties": False}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=msgs, response_format={
+            "type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}})
+    assert e.value.param == "response_format.json_schema.schema" and "'minimum'" in e.value.message
+    assert "schema.properties.n" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=msgs, response_format={
+            "type": "json_schema", "json_schema": {"schema": {"type": "object"}}})
+    assert e.value.param == "response_format.json_schema.name"
 
 
 def test_tokenize_and_detokenize(server, auth):

@@ -117,7 +117,7 @@ def test_the_json_preset_answers_with_json(pg, page):
     page.wait_for_function(
         "() => document.querySelector('[data-testid=usage]').textContent.includes('completion')")
     text = page.get_by_test_id("output-0").text_content()
-    assert text.lstrip().startswith("{") and feed(START, text.encode()) is not None, text
+    assert text.lstrip().startswith("{") and feed(START, text.encode()), text
     page.get_by_test_id("preset-qa").click()
     assert not page.get_by_test_id("json-mode").is_checked()
 

@@ -224,7 +224,7 @@ class DecodeAhead:
         """Whether seq's next draw needs nothing but its logits (with `pending` tokens of it
         still in flight)."""
         p = seq.params
-        return not (p.presence_penalty or p.frequency_penalty or p.logit_bias or p.logprobs or p.json_mode
+        return not (p.presence_penalty or p.frequency_penalty or p.logit_bias or p.logprobs or p.structured
                     or p.prompt_logprobs is not None or p.max_tokens == 0
                     or (p.best_of > 1 and not seq.forked)
                     or (p.min_tokens and len(seq.token_ids) + pending - seq.num_prompt_tokens < p.min_tokens))

@@ -63,6 +63,10 @@ class SamplingParams:
     prefix of one JSON object are drawn (`engine.json_guide`); once the object is closed, only
     eos. Rows in JSON mode draft (each draft checked against its own mask) but do not fly
     ahead (`async_scheduling`: their next mask waits for their last token)."""
+    json_schema: dict | None = None
+    """OpenAI's `response_format: {"type": "json_schema"}`: the output is one instance of this
+    JSON Schema (the subset `engine.json_schema` enforces; properties in the schema's order), as
+    JSON mode is one object."""
 
     def __post_init__(self) -> None:
         if self.best_of is None:
@@ -108,10 +112,17 @@ class SamplingParams:
             raise ValueError(f"min_tokens: must be >= 0, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens: {self.min_tokens} exceeds max_tokens {self.max_tokens}")
-        if self.json_mode and (self.ignore_eos or self.min_tokens):
+        if self.json_schema is not None:
+            from .json_schema import Grammar, SchemaError
+
+            try:
+                Grammar(self.json_schema)
+            except SchemaError as e:
+                raise ValueError(f"json_schema.{e}") from None
+        if self.structured and (self.ignore_eos or self.min_tokens):
             field = "ignore_eos" if self.ignore_eos else "min_tokens"
-            raise ValueError(f"{field}: cannot be combined with JSON mode (the object's end must be able "
-                             "to end the output)")
+            raise ValueError(f"{field}: cannot be combined with JSON mode or a JSON schema (the "
+                             "object's end must be able to end the output)")
         if self.prediction is not None:
             if not isinstance(self.prediction, (list, tuple)) or any(
                     not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.prediction):
@@ -125,6 +136,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def structured(self) -> bool:
+        """JSON mode or a JSON schema: the sampler masks the tokens that break it."""
+        return self.json_mode or self.json_schema is not None
 
     @property
     def needs_penalties(self) -> bool:

@@ -5,8 +5,8 @@ Text parts of a message are joined; other part types are refused by name. `logpr
 content deltas, a finish chunk per choice, an optional usage chunk and `[DONE]`. `prediction`
 (Predicted Outputs) is tokenized and drafted from (`engine.speculative`); usage then reports
 the accepted and rejected prediction tokens. `response_format` {"type": "json_object"} is JSON
-mode (`engine.json_guide`); `json_schema` and function calling are refused with a 400
-(`response_format`).
+mode and {"type": "json_schema"} Structured Outputs (`engine.json_guide`); function calling is
+refused with a 400 (`response_format`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import time
 from collections.abc import AsyncIterator
 
 from ..engine.async_engine import AsyncEngine
-from .common import FINGERPRINT
-from .common import json_mode as common_json_mode
-from .common import merged_streams, new_id, run_all, sampling_params, sse, sse_error, usage
+from .common import (FINGERPRINT, merged_streams, new_id, run_all, sampling_params, sse, sse_error,
+                     structured_output, usage)
 from .errors import ServingError
 
 
@@ -34,13 +33,13 @@ def text_of(content, param: str) -> str:
     return "".join(texts)
 
 
-def response_format(req) -> bool:
-    """Whether the request asks for JSON mode (`common.json_mode`); a 400 naming the field for
-    function calling, which this server does not do (no tool-call parsing), never plain text as
-    if it had worked. Its no-op forms pass: empty `tools` / `functions`, or tools with
-    `tool_choice` (`function_call`) "none", where the model calls none anyway."""
-    json_mode = common_json_mode(req.response_format, [text_of(m.content, "messages") for m in req.messages],
-                                 "messages")
+def response_format(req) -> tuple[bool, dict | None]:
+    """(JSON mode?, JSON schema) the request asks for (`common.structured_output`); a 400 naming
+    the field for function calling, which this server does not do (no tool-call parsing), never
+    plain text as if it had worked. Its no-op forms pass: empty `tools` / `functions`, or tools
+    with `tool_choice` (`function_call`) "none", where the model calls none anyway."""
+    structured = structured_output(req.response_format, [text_of(m.content, "messages") for m in req.messages],
+                                   "messages")
     for field, choice_field in (("tools", "tool_choice"), ("functions", "function_call")):
         if getattr(req, field) and getattr(req, choice_field) != "none":
             raise ServingError(400, f"{field}: function calling is not supported by this server; send "
@@ -52,7 +51,7 @@ def response_format(req) -> bool:
             raise ServingError(400, f"{choice_field}: {choice!r} asks for a call, and function calling is "
                                     "not supported by this server", param=choice_field,
                                code="unsupported_parameter")
-    return json_mode
+    return structured
 
 
 def message_dicts(messages) -> list[dict]:
@@ -89,7 +88,7 @@ class ChatService:
         return {"content": content, "refusal": None}
 
     def _params(self, req):
-        json_mode = response_format(req)
+        json_mode, json_schema = response_format(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise ServingError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
         lp = (req.top_logprobs or 0) if req.logprobs else None
@@ -98,7 +97,7 @@ class ChatService:
             prediction = self.tok.encode(text_of(req.prediction.content, "prediction.content"),
                                          add_special_tokens=False)
         return sampling_params(req, max_tokens=req.max_completion_tokens or req.max_tokens, logprobs=lp,
-                               prediction=prediction, json_mode=json_mode)
+                               prediction=prediction, json_mode=json_mode, json_schema=json_schema)
 
     @staticmethod
     def _predicted(params, outputs) -> tuple[int, int] | None:

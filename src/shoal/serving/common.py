@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from ..engine.async_engine import AsyncEngine
+from ..engine.json_schema import Grammar, SchemaError
 from ..engine.outputs import RequestOutput
 from ..engine.sampler import SCHEME
 from ..engine.sampling_params import SamplingParams
@@ -27,7 +29,8 @@ FINGERPRINT = f"fp_shoal_{SCHEME}"
 
 def sampling_params(req, *, max_tokens: int | None, logprobs: int | None,
                     prompt_logprobs: int | None = None, best_of: int | None = None,
-                    prediction: list[int] | None = None, json_mode: bool = False) -> SamplingParams:
+                    prediction: list[int] | None = None, json_mode: bool = False,
+                    json_schema: dict | None = None) -> SamplingParams:
     """SamplingParams from a completion/chat request; a bad value is a 400 naming its field."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     try:
@@ -38,37 +41,46 @@ def sampling_params(req, *, max_tokens: int | None, logprobs: int | None,
             logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()} or None,
             stop=stop, max_tokens=max_tokens, min_tokens=req.min_tokens or 0, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, seed=req.seed, ignore_eos=bool(req.ignore_eos),
-            prediction=prediction, json_mode=json_mode,
+            prediction=prediction, json_mode=json_mode, json_schema=json_schema,
         )
     except ValueError as e:
         raise from_value_error(e) from None
 
 
-def json_mode(fmt: dict | None, texts: list[str], texts_param: str) -> bool:
-    """Whether `response_format` asks for JSON mode ({"type": "json_object"}: the output
-    constrained to one JSON object, `engine.json_guide`). `json_schema` is a 400
-    `unsupported_parameter` (no schema-constrained decoding), never plain text as if it had
-    worked; another type a 400 on `response_format.type`. As OpenAI, JSON mode needs the word
-    "json" in `texts` (the messages or prompts, named `texts_param`: the model must be asked for
-    JSON, or it may not stop); token-id prompts are not checked."""
+def structured_output(fmt: dict | None, texts: list[str], texts_param: str) -> tuple[bool, dict | None]:
+    """(JSON mode?, JSON schema or None) from `response_format`: {"type": "json_object"} is JSON
+    mode (one JSON object, `engine.json_guide`), {"type": "json_schema", "json_schema": {"name",
+    "schema", ...}} one instance of the schema (the subset `engine.json_schema` enforces: a
+    keyword beyond it is a 400 naming it and where, never an answer that may not match). As
+    OpenAI, JSON mode needs the word "json" in `texts` (the messages or prompts, named
+    `texts_param`: the model must be asked for JSON, or it may not stop); token-id prompts are not
+    checked. Another type is a 400 on `response_format.type`."""
     if fmt is None:
-        return False
+        return False, None
     kind = fmt.get("type")
-    if kind == "json_schema":
-        raise ServingError(400, "response_format: type 'json_schema' is not supported by this server "
-                                "(no schema-constrained decoding); use {\"type\": \"json_object\"} and "
-                                "describe the schema in the prompt", param="response_format",
-                           code="unsupported_parameter")
-    if kind not in ("text", "json_object"):
+    if kind not in ("text", "json_object", "json_schema"):
         raise ServingError(400, f"response_format.type: {kind!r} is not one of 'text', 'json_object', "
                                 "'json_schema'", param="response_format.type", code="invalid_value")
     if kind == "text":
-        return False
+        return False, None
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            raise ServingError(400, "response_format.json_schema.name: required, 1-64 of a-z, A-Z, 0-9, _ "
+                                    "and -", param="response_format.json_schema.name", code="invalid_value")
+        schema = spec.get("schema", {"type": "object"})
+        try:
+            Grammar(schema)
+        except SchemaError as e:
+            raise ServingError(400, f"response_format.json_schema.{e}", param="response_format.json_schema.schema",
+                               code="invalid_value") from None
+        return False, schema
     if texts and not any("json" in t.lower() for t in texts):
         raise ServingError(400, f"{texts_param}: must contain the word 'json' in some form, to use "
                                 "'response_format' of type 'json_object'", param=texts_param,
                            code="invalid_value")
-    return True
+    return True, None
 
 
 def new_id(prefix: str) -> str:

@@ -4,7 +4,8 @@ Choice `index` runs over prompts and samples (prompt_i * n + j); `echo` prepends
 its logprobs, the first of which is null); `logprobs` gives tokens, token_logprobs, top_logprobs
 and text_offset. Streaming sends one chunk per text delta, a finish chunk per choice, an
 optional usage chunk and `[DONE]`. `best_of` > `n` cannot stream (as upstream). `response_format`
-{"type": "json_object"} (an extension here, as vLLM's; OpenAI's chat field) is JSON mode.
+{"type": "json_object"} or {"type": "json_schema"} (an extension here, as vLLM's; OpenAI's chat
+field) is JSON mode or Structured Outputs.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from collections.abc import AsyncIterator
 
 from ..engine.async_engine import AsyncEngine
 from ..engine.outputs import CompletionOutput, RequestOutput
-from .common import (FINGERPRINT, json_mode, merged_streams, new_id, run_all, sampling_params, sse,
-                     sse_error, usage)
+from .common import (FINGERPRINT, merged_streams, new_id, run_all, sampling_params, sse, sse_error,
+                     structured_output, usage)
 from .errors import ServingError
 
 
@@ -44,9 +45,10 @@ class CompletionService:
             raise ServingError(400, "best_of: cannot be used with stream", param="best_of")
         lp = req.logprobs
         texts = [p for p in _prompts(req.prompt) if isinstance(p, str)]
+        json_mode, json_schema = structured_output(req.response_format, texts, "prompt")
         return sampling_params(req, max_tokens=req.max_tokens, logprobs=lp, best_of=best_of,
                                prompt_logprobs=lp if (req.echo and lp is not None) else None,
-                               json_mode=json_mode(req.response_format, texts, "prompt"))
+                               json_mode=json_mode, json_schema=json_schema)
 
     def _token_str(self, tid: int) -> str:
         """The token's text, or for a token that is part of a UTF-8 character its bytes as
