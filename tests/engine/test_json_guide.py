@@ -174,7 +174,8 @@ def test_json_mode_refuses_what_would_keep_it_from_ending(kwargs, field):
 @pytest.mark.real_model
 def test_real_model_answers_with_the_object_asked_for(default_home, monkeypatch):
     """The default model asked for JSON: unconstrained, it wraps the object in a Markdown fence
-    and talks on; in JSON mode the answer is the object, greedy and sampled."""
+    and talks on; in JSON mode the answer is the object, greedy and sampled; with a schema, an
+    instance of it."""
     monkeypatch.setenv("SHOAL_HOME", str(default_home))
     llm = LLM(EngineConfig(kv_cache_memory=32 * 2**20))
     ids = llm.tokenizer.encode_chat([{"role": "user", "content": "Describe a cat as a JSON object with "
@@ -186,6 +187,14 @@ def test_real_model_answers_with_the_object_asked_for(default_home, monkeypatch)
     assert set(obj) == {"name", "age", "color"} and greedy.outputs[0].finish_reason == "stop"
     sampled = llm.generate(ids, SamplingParams(temperature=1.0, max_tokens=100, n=4, seed=5, json_mode=True))
     assert check_json(sampled) >= 3
+    # with a schema: its keys, in its order, of its types (the model alone gave "color": "black")
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                               "color": {"enum": ["white", "ginger", "tabby"]}},
+              "required": ["name", "age", "color"], "additionalProperties": False}
+    shaped = llm.generate(ids, SamplingParams(temperature=0.0, max_tokens=60, json_schema=schema))[0].outputs[0]
+    obj = json.loads(shaped.text)
+    assert list(obj) == ["name", "age", "color"] and isinstance(obj["age"], int) and obj["color"] in schema[
+        "properties"]["color"]["enum"]
 
 
 def test_a_sampler_without_a_tokenizer_says_so():
