@@ -54,6 +54,21 @@ def test_objects_are_complete_and_their_prefixes_open():
             assert state and not complete(state), doc[:cut]
 
 
+def mutate(rng: random.Random, doc: bytes, alphabet: bytes, edits: int) -> bytes:
+    """doc with `edits` random bytes of `alphabet` changed, inserted or dropped."""
+    out = bytearray(doc)
+    for _ in range(edits):
+        i = rng.randrange(len(out) + 1)
+        op = rng.randrange(3)
+        if op == 0 and i < len(out):
+            out[i] = rng.choice(alphabet)
+        elif op == 1:
+            out.insert(i, rng.choice(alphabet))
+        elif i < len(out):
+            del out[i]
+    return bytes(out)
+
+
 def test_what_the_automaton_accepts_python_parses_as_an_object():
     """Soundness by mutation: a document with one byte changed, inserted or dropped is accepted
     as complete only if json.loads reads an object from it (it may also accept none of it)."""
@@ -61,19 +76,10 @@ def test_what_the_automaton_accepts_python_parses_as_an_object():
     alphabet = b'{}[]:,"\\-+.0123456789eEtrufalsn \n\tx\x01\xc3\xa9\xff'
     accepted = 0
     for _ in range(3000):
-        doc = bytearray(dumps(rng, random_object(rng)))
-        for _ in range(rng.randint(1, 2)):
-            i = rng.randrange(len(doc) + 1)
-            op = rng.randrange(3)
-            if op == 0 and i < len(doc):
-                doc[i] = rng.choice(alphabet)
-            elif op == 1:
-                doc.insert(i, rng.choice(alphabet))
-            elif i < len(doc):
-                del doc[i]
-        if complete(feed(START, bytes(doc))):
+        doc = mutate(rng, dumps(rng, random_object(rng)), alphabet, rng.randint(1, 2))
+        if complete(feed(START, doc)):
             accepted += 1
-            assert isinstance(json.loads(bytes(doc).decode("utf-8")), dict), bytes(doc)
+            assert isinstance(json.loads(doc.decode("utf-8")), dict), doc
     assert accepted > 100  # (mutations inside strings keep many valid)
 
 
@@ -223,3 +229,19 @@ def test_json_mode_on_a_gpu(tiny_tokenizer_dir, tmp_path, flights):
     check_json(outs[:4])
     for p, out in zip(ps[4:], outs[4:]):
         assert out.outputs[0].token_ids == llm.generate([p], plain)[0].outputs[0].token_ids
+
+
+def test_token_pieces_of_a_sentencepiece_vocabulary():
+    """A vocabulary whose decoder is not byte-level alone (Llama 2's, Mistral's): each piece's
+    `▁` is a space and a byte piece its byte, as the tokens appear inside generated text; the
+    special tokens are never allowed."""
+    from shoal.engine.json_guide import token_pieces
+
+    class SentencePieceLike:  # (the three things `token_pieces` reads of a Tokenizer)
+        vocab_size, special_ids, bytes_exact = 5, frozenset({0}), False
+        pieces = ["<s>", "▁{", "<0x0A>", "▁\"name\":", "日本"]
+
+        def convert_ids_to_tokens(self, ids):
+            return [self.pieces[i] for i in ids]
+
+    assert token_pieces(SentencePieceLike()) == [None, b" {", b"\n", b' "name":', "日本".encode()]

@@ -13,6 +13,7 @@ import pytest
 from shoal.engine.json_guide import JsonVocab
 from shoal.engine.json_schema import Grammar, SchemaError
 from shoal.engine.sampling_params import SamplingParams
+from tests.engine.test_json_guide import mutate
 from tests.engine.test_llm_engine import make_llm, prompts
 
 
@@ -155,19 +156,10 @@ def test_what_it_accepts_after_edits_is_an_instance():
     for _ in range(600):
         schema = random_object(rng)
         g = Grammar(schema)
-        doc = bytearray(dumps(rng, instance(rng, schema, schema)))
-        for _ in range(rng.randint(1, 3)):
-            i = rng.randrange(len(doc) + 1)
-            op = rng.randrange(3)
-            if op == 0 and i < len(doc):
-                doc[i] = rng.choice(alphabet)
-            elif op == 1:
-                doc.insert(i, rng.choice(alphabet))
-            elif i < len(doc):
-                del doc[i]
-        if g.complete(g.feed(g.start, bytes(doc))):
+        doc = mutate(rng, dumps(rng, instance(rng, schema, schema)), alphabet, rng.randint(1, 3))
+        if g.complete(g.feed(g.start, doc)):
             accepted += 1
-            assert valid(json.loads(bytes(doc).decode("utf-8")), schema, schema), (schema, bytes(doc))
+            assert valid(json.loads(doc.decode("utf-8")), schema, schema), (schema, doc)
     assert accepted > 40
 
 
