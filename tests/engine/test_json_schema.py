@@ -216,7 +216,7 @@ def test_schema_masks_are_the_tokens_whose_bytes_may_come():
         states = g.feed(g.start, text)
         assert states, text
         want = [bool(p) and bool(g.feed(states, p)) for p in pieces]
-        want[1] = g.complete(states)
+        want[1] = g.complete(states) or not any(want)  # (eos too where no token can continue)
         assert vocab.mask(states, g).tolist() == want, text
 
 
@@ -243,3 +243,26 @@ def test_engine_answers_are_instances_of_the_schema(tiny_llama):
     assert finished >= 6
     alone = make_llm(tiny_llama, speculative_tokens=0).generate([ps[0]], params[0])[0]
     assert alone.outputs[0].token_ids == outs[0].outputs[0].token_ids
+
+
+def test_a_state_no_token_can_continue_ends_the_output_and_huge_schemas_are_refused():
+    """Past MAX_DEPTH open containers a schema that needs one more can go nowhere: eos is all
+    its mask allows (the answer ends as a prefix); a schema nested past what can be compiled,
+    or of too many subschemas, is refused by name."""
+    from shoal.engine.json_schema import MAX_DEPTH, MAX_NODES
+
+    deep = {"type": "string"}
+    for _ in range(MAX_DEPTH + 2):
+        deep = {"type": "object", "properties": {"a": deep}, "required": ["a"]}
+    g = Grammar(deep)
+    vocab = JsonVocab([None, None, b"{", b'"a"', b":", b"}", b"x"], 7, eos_ids=[1])
+    states = g.feed(g.start, b'{"a":' * MAX_DEPTH)
+    assert states and vocab.mask(states, g).tolist() == [False, True] + [False] * 5
+    for _ in range(600):
+        deep = {"type": "object", "properties": {"a": deep}}
+    with pytest.raises(SchemaError, match="nested more than"):
+        Grammar(deep)
+    wide = {"type": "object", "properties": {f"k{i}": {"type": "array", "items": {"type": "string"}}
+                                             for i in range(MAX_NODES // 2 + 1)}}
+    with pytest.raises(SchemaError, match="subschemas"):
+        Grammar(wide)

@@ -16,8 +16,8 @@ get through; the rest are masked.
 
 Semantics of the mask in states S (V = the logits' width):
     allowed[t] = feed(S, t's bytes) is not empty, for every t < V that is not a special token;
-                 when S is complete (the instance closed), or empty (an invalid token came in),
-                 allowed also holds the end-of-sequence ids
+                 when S is complete (the instance closed), empty (an invalid token came in), or
+                 no token can continue it, allowed also holds the end-of-sequence ids
 A sequence whose text is a whole instance ends there (eos is all that is left); one stopped by
 max_tokens or a stop string is a prefix, as with OpenAI. Strings hold valid UTF-8 (RFC 3629),
 so the text has no replacement characters; outside strings only JSON's own bytes are allowed,
@@ -119,9 +119,10 @@ class JsonVocab:
             self._masks.move_to_end(key)
             return got
         allowed = torch.zeros(self.width, dtype=torch.bool)
+        ids: list[int] = []
+        in_string = False
         if states:
             in_string = grammar.free_string(states)
-            ids: list[int] = []
             todo = [(self.special if in_string else self.trie, states)]
             while todo:  # depth first over the trie, each child only while its bytes may come
                 node, s = todo.pop()
@@ -135,8 +136,8 @@ class JsonVocab:
                 allowed[torch.tensor(ids)] = True
             if in_string:
                 allowed |= self.plain
-        if not states or grammar.complete(states):
-            allowed[self.eos_ids] = True
+        if not states or grammar.complete(states) or not ids and not in_string:
+            allowed[self.eos_ids] = True  # (no token can continue: e.g. past MAX_DEPTH; the output ends)
         self._masks[key] = allowed
         if len(self._masks) > CACHE:
             self._masks.popitem(last=False)

@@ -25,6 +25,7 @@ import json
 
 MAX_WS = 16  # whitespace bytes in a row outside strings
 MAX_DEPTH = 64  # open containers
+MAX_NODES = 10_000  # subschemas of one schema
 
 WS = frozenset(b" \t\n\r")
 DIGITS = frozenset(b"0123456789")
@@ -63,11 +64,16 @@ class Grammar:
         if not isinstance(schema, dict):
             raise SchemaError("schema: must be a JSON object")
         self.root_schema = schema
-        self.key = json.dumps(schema, sort_keys=True)  # (equal schemas share their masks)
         self.nodes: list[tuple] = []
         self._refs: dict[str, int] = {}
         self._any = self._new(("any",))  # the values of free objects and arrays
-        root = self._compile(schema, "schema")
+        try:
+            self.key = json.dumps(schema, sort_keys=True)  # (equal schemas share their masks)
+            root = self._compile(schema, "schema")
+        except RecursionError:
+            raise SchemaError(f"schema: nested more than {MAX_DEPTH} levels deep") from None
+        if len(self.nodes) > MAX_NODES:
+            raise SchemaError(f"schema: more than {MAX_NODES} subschemas")
         kinds = {self.nodes[n][0] for n in self._alternatives(root, set())}
         if not kinds <= {"object", "free"}:
             raise SchemaError("schema: the root must be an object (type \"object\")")
@@ -89,6 +95,8 @@ class Grammar:
         return [m for a in node[1] if a not in seen for m in self._alternatives(a, seen)]
 
     def _compile(self, s, path: str) -> int:
+        if path.count(".") > 4 * MAX_DEPTH:
+            raise RecursionError
         if s is True or s == {}:
             return self._new(("any",))
         if not isinstance(s, dict):
