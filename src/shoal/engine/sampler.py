@@ -185,9 +185,12 @@ class Sampler:
 
         # 5b) structured output: the tokens that cannot continue the row's JSON object or
         # instance of its schema (`json_guide`)
-        for i, s in enumerate(seqs):
-            if s.params.structured:
-                l[i].masked_fill_(~self.json_mask(s, V).to(dev), _NEG_INF)
+        # (the rows' masks in one (R, V) copy to the logits' device)
+        rows = [i for i, s in enumerate(seqs) if s.params.structured]
+        if rows:
+            allowed = torch.stack([self.json_mask(seqs[i], V) for i in rows]).to(dev)  # (R, V)
+            idx = torch.tensor(rows, device=dev)
+            l[idx] = l[idx].masked_fill_(~allowed, _NEG_INF)
 
     def json_mask(self, s, V: int) -> torch.Tensor:
         """(V,) bool: the tokens that keep s's output a prefix of one JSON object, or of one
