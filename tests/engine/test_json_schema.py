@@ -260,7 +260,7 @@ def test_a_state_no_token_can_continue_ends_the_output_and_huge_schemas_are_refu
     assert states and vocab.mask(states, g).tolist() == [False, True] + [False] * 5
     for _ in range(600):
         deep = {"type": "object", "properties": {"a": deep}}
-    with pytest.raises(SchemaError, match="nested more than"):
+    with pytest.raises(SchemaError, match="nested too deeply"):
         Grammar(deep)
     wide = {"type": "object", "properties": {f"k{i}": {"type": "array", "items": {"type": "string"}}
                                              for i in range(MAX_NODES // 2 + 1)}}

@@ -71,7 +71,7 @@ class Grammar:
             self.key = json.dumps(schema, sort_keys=True)  # (equal schemas share their masks)
             root = self._compile(schema, "schema")
         except RecursionError:
-            raise SchemaError(f"schema: nested more than {MAX_DEPTH} levels deep") from None
+            raise SchemaError("schema: nested too deeply") from None
         if len(self.nodes) > MAX_NODES:
             raise SchemaError(f"schema: more than {MAX_NODES} subschemas")
         kinds = {self.nodes[n][0] for n in self._alternatives(root, set())}
