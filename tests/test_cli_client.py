@@ -105,6 +105,29 @@ def test_json_mode_from_the_command_line(conn, capsys, monkeypatch):
     assert rc != 0 and "prompt: must contain the word 'json'" in one_error_line(err)
 
 
+def test_schema_from_the_command_line(conn, capsys, monkeypatch, tmp_path):
+    """`--schema FILE`: each answer an instance of the schema (a prefix of one when cut); a file
+    that is not JSON, or a schema the server cannot enforce, is one error line."""
+    from shoal.engine.json_schema import Grammar
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    path = tmp_path / "answer.schema.json"
+    path.write_text(json.dumps(schema))
+    g = Grammar(schema)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/exit\n"))
+    rc, out, err = run(capsys, "chat", "--schema", path, "--max-tokens", 60, "--temperature", 0, *conn)
+    assert rc == 0 and g.feed(g.start, out.rstrip("\n").encode())
+    rc, out, err = run(capsys, "complete", "x", "--schema", path, "--max-tokens", 60, "--seed", 3, *conn)
+    assert rc == 0 and g.feed(g.start, out.rstrip("\n").encode())
+    path.write_text("{not json")
+    rc, out, err = run(capsys, "complete", "x", "--schema", path, *conn)
+    assert rc != 0 and "--schema: cannot read a JSON schema" in one_error_line(err)
+    path.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}))
+    rc, out, err = run(capsys, "complete", "x", "--schema", path, *conn)
+    assert rc != 0 and "'minimum'" in one_error_line(err)
+
+
 def test_files_upload_list_rm(conn, tmp_path, capsys):
     path = tmp_path / "toy.jsonl"
     path.write_bytes(toy_jsonl())

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
+import re
 import sys
 import time
 
@@ -33,7 +35,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
     kw = dict(model=model, prompt=prompt, max_tokens=args.max_tokens, temperature=args.temperature,
               top_p=args.top_p, n=args.n, seed=args.seed, logprobs=args.logprobs,
               stop=[_unescape(s) for s in args.stop] if args.stop else None,
-              extra_body={"response_format": {"type": "json_object"}} if args.json else None)
+              extra_body={"response_format": response_format(args)} if args.json or args.schema else None)
     t0 = time.perf_counter()
     stream = srv.openai.completions.create(**{k: v for k, v in kw.items() if v is not None},
                                            stream=True, stream_options={"include_usage": True})
@@ -71,6 +73,20 @@ def cmd_complete(args: argparse.Namespace) -> int:
     return 0
 
 
+def response_format(args: argparse.Namespace) -> dict | None:
+    """`--schema FILE` (a JSON Schema: Structured Outputs) or `--json` (JSON mode) as OpenAI's
+    `response_format`; None without either."""
+    if args.schema:
+        try:
+            with open(args.schema, encoding="utf-8") as f:
+                schema = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--schema: cannot read a JSON schema from {args.schema}: {e}") from None
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(os.path.basename(args.schema))[0])[:64] or "schema"
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+    return {"type": "json_object"} if args.json else None
+
+
 def _read_line(tty: bool) -> str | None:
     if tty:
         try:
@@ -88,6 +104,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     import openai
 
     srv = Server(args)
+    fmt = response_format(args)
     model = args.model or srv.default_model()
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
@@ -106,8 +123,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages = list(system)
             continue
         messages.append({"role": "user", "content": text})
-        kw = dict(temperature=args.temperature, max_tokens=args.max_tokens,
-                  response_format={"type": "json_object"} if args.json else None)
+        kw = dict(temperature=args.temperature, max_tokens=args.max_tokens, response_format=fmt)
         try:
             stream = srv.openai.chat.completions.create(
                 model=model, messages=messages, stream=True, stream_options={"include_usage": True},
@@ -228,6 +244,8 @@ def add_complete_args(p: argparse.ArgumentParser) -> None:
                    help="show each token's logprob and the top K (0-5) on stderr")
     p.add_argument("--json", action="store_true",
                    help="JSON mode: the answer is one JSON object (the prompt must ask for JSON)")
+    p.add_argument("--schema", default=None, metavar="FILE",
+                   help="Structured Outputs: each answer is one instance of the JSON Schema in FILE")
     add_connection_args(p)
 
 
@@ -239,6 +257,8 @@ def add_chat_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per answer (default: the rest of the context)")
     p.add_argument("--json", action="store_true",
                    help="JSON mode: each answer is one JSON object (a message must ask for JSON)")
+    p.add_argument("--schema", default=None, metavar="FILE",
+                   help="Structured Outputs: each answer is one instance of the JSON Schema in FILE")
     add_connection_args(p)
 
 
