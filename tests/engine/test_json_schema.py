@@ -266,3 +266,29 @@ def test_a_state_no_token_can_continue_ends_the_output_and_huge_schemas_are_refu
                                              for i in range(MAX_NODES // 2 + 1)}}
     with pytest.raises(SchemaError, match="subschemas"):
         Grammar(wide)
+
+
+def test_preempted_and_chunked_structured_rows_give_what_they_give_alone(tiny_llama):
+    """Structured rows (JSON mode, a schema; seeded, n=2) with plain ones under a KV budget so
+    small that sequences are preempted and recomputed, prompts in 16-token chunks: every row's
+    tokens as in a roomy engine (their guides follow the tokens, not the steps)."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string"}},
+              "required": ["n", "s"], "additionalProperties": False}
+    ps = prompts(10, seed=12, lo=20, hi=60)
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=40, **({"json_mode": True} if i % 2 else
+                                                                         {"json_schema": schema}))
+              for i in range(6)]
+    params += [SamplingParams(temperature=0.8, seed=9, max_tokens=40, n=2, json_schema=schema)]
+    params += [SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)] * 3
+    want = [[c.token_ids for c in o.outputs] for o in make_llm(tiny_llama).generate(ps, params)]
+    eng = make_llm(tiny_llama, num_kv_blocks=16, max_num_batched_tokens=16).engine
+    for i, (p, sp) in enumerate(zip(ps, params)):
+        eng.add_request(f"r{i}", p, sp)
+    got, preempted = {}, 0
+    while eng.has_unfinished():
+        preempted = max(preempted, sum(s.num_preemptions for r in eng.requests.values() for s in r.seqs))
+        for out in eng.step():
+            if out.finished:
+                got[out.request_id] = [c.token_ids for c in out.outputs]
+    assert preempted > 0
+    assert [got[f"r{i}"] for i in range(len(ps))] == want
