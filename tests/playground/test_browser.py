@@ -7,12 +7,14 @@ a learning curve fills in its points, prediction and the server's plot.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
 import httpx
 
 from shoal.engine.json_guide import START, feed
+from shoal.engine.json_schema import Grammar
 from shoal.playground import STATIC_DIR
 from tests.api.test_fine_tuning import toy_jsonl
 from tests.api.test_learning_curves import task_jsonl
@@ -118,8 +120,22 @@ def test_the_json_preset_answers_with_json(pg, page):
         "() => document.querySelector('[data-testid=usage]').textContent.includes('completion')")
     text = page.get_by_test_id("output-0").text_content()
     assert text.lstrip().startswith("{") and feed(START, text.encode()), text
+    # a schema in the box that JSON mode shows: the answer an instance of it; not JSON: an error
+    schema = {"type": "object", "properties": {"city": {"enum": ["Lyon", "Paris"]}, "n": {"type": "integer"}},
+              "required": ["city", "n"], "additionalProperties": False}
+    assert page.get_by_test_id("json-schema-box").is_visible()
+    page.get_by_test_id("json-schema").fill(json.dumps(schema))
+    page.get_by_test_id("submit").click()
+    page.wait_for_function(
+        "() => document.querySelector('[data-testid=usage]').textContent.includes('completion')")
+    g = Grammar(schema)
+    assert g.feed(g.start, page.get_by_test_id("output-0").text_content().encode())
+    page.get_by_test_id("json-schema").fill("{not json")
+    page.get_by_test_id("submit").click()
+    assert "JSON schema: not JSON" in page.get_by_test_id("complete-error").text_content()
     page.get_by_test_id("preset-qa").click()
     assert not page.get_by_test_id("json-mode").is_checked()
+    assert not page.get_by_test_id("json-schema-box").is_visible()
 
 
 def test_a_token_without_text_can_be_hovered(pg, page):

@@ -64,6 +64,7 @@ export function applyPreset(p) {
   set("n", p.n ?? 1);
   set("stop-seqs", (p.stop || []).map((s) => s.replace(/\n/g, "\\n")).join(", "));
   $("json-mode").checked = Boolean(p.json);
+  $("json-mode").dispatchEvent(new Event("change"));
   $("outputs").replaceChildren();
   $("usage").textContent = "";
 }
@@ -77,7 +78,20 @@ function request(chat, probs) {
   };
   const stops = parseStops($("stop-seqs").value);
   if (stops.length) body.stop = stops;
-  if ($("json-mode").checked) body.response_format = { type: "json_object" };
+  if ($("json-mode").checked) {
+    const text = $("json-schema").value.trim();
+    let schema = null;
+    if (text) {
+      try {
+        schema = JSON.parse(text);
+      } catch (e) {
+        throw new Error(`JSON schema: not JSON (${e.message})`);
+      }
+    }
+    body.response_format = schema
+      ? { type: "json_schema", json_schema: { name: "playground", schema, strict: true } }
+      : { type: "json_object" };
+  }
   if (chat) {
     body.messages = messages();
     if (probs) Object.assign(body, { logprobs: true, top_logprobs: 5 });
@@ -153,8 +167,14 @@ async function spent(model) {
 async function submit() {
   const chat = mode() === "chat";
   const probs = $("show-probs").checked;
-  const body = request(chat, probs);
   showError($("complete-error"), null);
+  let body;
+  try {
+    body = request(chat, probs);
+  } catch (e) {  // (a schema that is not JSON: said before anything is sent)
+    showError($("complete-error"), e);
+    return;
+  }
   $("outputs").replaceChildren();
   $("outputs").classList.toggle("probs", probs);
   $("usage").textContent = "Generating…";
@@ -217,6 +237,7 @@ export function initComplete() {
     const last = messages().at(-1);
     addMessage(last?.role === "user" ? "assistant" : "user");
   });
+  $("json-mode").addEventListener("change", () => { $("json-schema-box").hidden = !$("json-mode").checked; });
   $("submit").addEventListener("click", submit);
   $("stop").addEventListener("click", () => controller?.abort());
   $("prompt").addEventListener("keydown", (e) => {
