@@ -62,7 +62,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = False
     suffix: str | None = None
-    response_format: dict[str, Any] | None = None  # (an extension here, as vLLM's: JSON mode)
+    response_format: dict[str, Any] | None = None  # (an extension here, as vLLM's: JSON mode or a schema)
 
 
 class ChatMessage(BaseModel):
@@ -88,8 +88,8 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool | None = True
-    # structured output and function calling: only their no-op forms are served
-    # (serving.chat.unsupported); the rest is a 400 naming the field, never silently ignored
+    # structured output (serving.common.structured_output) and function calling, of which only
+    # the no-op forms are served (serving.chat.response_format): never silently ignored
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
