@@ -249,7 +249,8 @@ def test_a_state_no_token_can_continue_ends_the_output_and_huge_schemas_are_refu
     """Past MAX_DEPTH open containers a schema that needs one more can go nowhere: eos is all
     its mask allows (the answer ends as a prefix); a schema nested past what can be compiled,
     or of too many subschemas, is refused by name."""
-    from shoal.engine.json_schema import MAX_DEPTH, MAX_NODES
+    from shoal.engine.json_schema import MAX_DEPTH
+    from shoal.engine.schema_nodes import MAX_NODES
 
     deep = {"type": "string"}
     for _ in range(MAX_DEPTH + 2):
