@@ -171,6 +171,27 @@ def test_drafts_in_json_mode_change_nothing_but_the_steps(tiny_llama):
     assert [o.outputs[0].token_ids for o in llm.generate(ps, params)] == want
 
 
+def test_the_short_cuts_draw_what_the_copy_draws(tiny_llama, monkeypatch):
+    """A sampled structured row's CPU draw skipping its left-out ids (no copy of its logits)
+    gives the tokens of the copy with the mask applied; the same for greedy rows keeping an
+    allowed raw argmax (JSON mode and a schema, temperatures 0, 0.7 and 1, top_p)."""
+    schema = {"type": "object", "properties": {"t": {"type": "string"}, "n": {"type": "number"}},
+              "required": ["t", "n"], "additionalProperties": False}
+    ps = prompts(6, seed=33, lo=5, hi=30)
+    params = [SamplingParams(temperature=t, top_p=tp, seed=i, max_tokens=50,
+                             **({"json_schema": schema} if i % 2 else {"json_mode": True}))
+              for i, (t, tp) in enumerate([(1.0, 1.0), (0.7, 1.0), (1.0, 0.9), (0.0, 1.0), (1.0, 1.0), (0.0, 1.0)])]
+    used = []
+    real_banned = JsonVocab.banned
+    monkeypatch.setattr(JsonVocab, "banned", lambda *a: used.append(1) or real_banned(*a))
+    fast = [o.outputs[0].token_ids for o in make_llm(tiny_llama).generate(ps, params)]
+    assert used  # (the short cut ran)
+    # every structured row through the copy: as if it had penalties
+    monkeypatch.setattr(Sampler, "_shifts", staticmethod(lambda s, V: True))
+    copied = [o.outputs[0].token_ids for o in make_llm(tiny_llama).generate(ps, params)]
+    assert fast == copied
+
+
 @pytest.mark.parametrize("kwargs,field", [(dict(ignore_eos=True), "ignore_eos"), (dict(min_tokens=2), "min_tokens")])
 def test_json_mode_refuses_what_would_keep_it_from_ending(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}: "):

@@ -33,6 +33,7 @@ import torch
 from .json_schema import MAX_WS, Grammar, SchemaError, States  # noqa: F401  (MAX_WS, SchemaError: re-exported)
 
 CACHE = 512  # masks kept per vocabulary, over all schemas (by schema and state)
+BANNED_MAX = 4096  # a mask's left-out ids handed to the CPU's draw as a list, up to this many
 OBJECT = Grammar({"type": "object"})  # JSON mode: one object, any keys and values
 START = OBJECT.start
 
@@ -131,6 +132,7 @@ class JsonVocab:
                 self.special.add(data, tid)
         self.plain = plain
         self._masks: OrderedDict[tuple[str, States], torch.Tensor] = OrderedDict()
+        self._banned: OrderedDict[tuple[str, States], list[int] | None] = OrderedDict()
 
     def mask(self, states: States, grammar: Grammar = OBJECT) -> torch.Tensor:
         """(width,) bool: the tokens allowed in `states` (see the module's Semantics)."""
@@ -164,6 +166,18 @@ class JsonVocab:
             self._masks.popitem(last=False)
         return allowed
 
+    def banned(self, states: States, grammar: Grammar = OBJECT) -> list[int] | None:
+        """The ids `mask` leaves out, when at most `BANNED_MAX` (a free string's: the few tokens
+        that would close or break it, and the special ones), else None. A sampled row's draw on
+        the CPU skips such a list without copying its logits (`kernels.sample_rows`)."""
+        key = (grammar.key, states)
+        if key not in self._banned:
+            out = (~self.mask(states, grammar)).nonzero().flatten()
+            self._banned[key] = out.tolist() if out.numel() <= BANNED_MAX else None
+            if len(self._banned) > CACHE:
+                self._banned.popitem(last=False)
+        return self._banned[key]
+
 
 class JsonGuide:
     """One sequence's automaton states, caught up from its generated ids when asked."""
@@ -181,9 +195,13 @@ class JsonGuide:
             states = self.grammar.feed(states, data) if data else frozenset()
         return states
 
-    def mask(self, generated: list[int], drafts=()) -> torch.Tensor:
-        """The mask for the token after `generated` (the sequence's generated ids) and then
-        `drafts` (tokens proposed, not yet confirmed: not kept in the state)."""
+    def current(self, generated: list[int], drafts=()) -> States:
+        """The states after `generated` (the sequence's generated ids) and then `drafts` (tokens
+        proposed, not yet confirmed: not kept)."""
         self.states = self._feed(self.states, generated[self.seen:])
         self.seen = len(generated)
-        return self.vocab.mask(self._feed(self.states, drafts) if drafts else self.states, self.grammar)
+        return self._feed(self.states, drafts) if drafts else self.states
+
+    def mask(self, generated: list[int], drafts=()) -> torch.Tensor:
+        """The mask for the token after `generated` and then `drafts` (see `current`)."""
+        return self.vocab.mask(self.current(generated, drafts), self.grammar)

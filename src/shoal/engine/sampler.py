@@ -196,6 +196,11 @@ class Sampler:
         """(V,) bool: the tokens that keep s's output a prefix of one JSON object, or of one
         instance of its `json_schema` (s a Sequence, or a `speculative.DraftRow`: its sequence
         with its first j drafts)."""
+        guide, states = self._guide(s, V)
+        return guide.vocab.mask(states, guide.grammar)
+
+    def _guide(self, s, V: int):
+        """(s's guide, its states now), the guide made when first needed."""
         vocab = self._json_vocab.get(V)
         if vocab is None:
             if self.tokenizer is None:
@@ -206,7 +211,7 @@ class Sampler:
         seq = getattr(s, "seq", s)
         if seq.guide is None or seq.guide.vocab is not vocab:
             seq.guide = JsonGuide(vocab, self._json_pieces, self.grammar(seq.params.json_schema))
-        return seq.guide.mask(seq.generated_ids, seq.draft[:s.j] if s is not seq else ())
+        return seq.guide, seq.guide.current(seq.generated_ids, seq.draft[:s.j] if s is not seq else ())
 
     def grammar(self, schema: dict | None) -> Grammar:
         """The compiled schema (JSON mode's for None), shared by the requests that send it."""
@@ -276,8 +281,20 @@ class Sampler:
             greedy = p.temperature < GREEDY_BELOW
             if not greedy:
                 sampled.append(i)
-            if p.structured:  # (its mask is a copy's edit)
-                edit.append(i)
+            if p.structured:  # its mask: a greedy row keeps an allowed raw argmax, a sampled
+                # row's CPU draw skips a short list of left-out ids (in a string: the few tokens
+                # that close or break it); else a copy with every edit
+                if self._shifts(s, V):
+                    edit.append(i)
+                    continue
+                guide, states = self._guide(s, V)
+                if greedy:
+                    if not guide.vocab.mask(states, guide.grammar)[toks[i]]:
+                        edit.append(i)
+                elif fast and (ban := guide.vocab.banned(states, guide.grammar)) is not None:
+                    masks[i] = ban
+                else:
+                    edit.append(i)
                 continue
             if p.presence_penalty or p.frequency_penalty or p.logit_bias or p.min_tokens:
                 if self._shifts(s, V):
