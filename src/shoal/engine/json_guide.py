@@ -30,7 +30,7 @@ from collections import OrderedDict
 
 import torch
 
-from .json_schema import MAX_WS, Grammar, SchemaError, States  # noqa: F401  (MAX_WS, SchemaError: re-exported)
+from .json_schema import MAX_WS, Grammar, SchemaError, States, compiled  # noqa: F401  (re-exported too)
 
 CACHE = 512  # masks kept per vocabulary, over all schemas (by schema and state)
 BANNED_MAX = 4096  # a mask's left-out ids handed to the CPU's draw as a list, up to this many
@@ -205,3 +205,35 @@ class JsonGuide:
     def mask(self, generated: list[int], drafts=()) -> torch.Tensor:
         """The mask for the token after `generated` and then `drafts` (see `current`)."""
         return self.vocab.mask(self.current(generated, drafts), self.grammar)
+
+
+class StructuredOutput:
+    """The sampler's side of structured output: one `JsonVocab` per logits width (its token
+    pieces read from the tokenizer once), and each sequence's `JsonGuide` (on `seq.guide`)."""
+
+    def __init__(self, tokenizer, eos_ids: list[int]) -> None:
+        self.tokenizer, self.eos_ids = tokenizer, list(eos_ids)
+        self._pieces: list[bytes | None] | None = None
+        self._vocab: dict[int, JsonVocab] = {}  # by the logits' width
+
+    def guide(self, s, V: int) -> tuple[JsonGuide, States]:
+        """(s's guide, its states now): s a Sequence, or a `speculative.DraftRow` (its sequence
+        with its first j drafts)."""
+        vocab = self._vocab.get(V)
+        if vocab is None:
+            if self.tokenizer is None:
+                raise ValueError("json_mode: this sampler has no tokenizer to read tokens' bytes from")
+            if self._pieces is None:
+                self._pieces = token_pieces(self.tokenizer)
+            vocab = self._vocab[V] = JsonVocab(self._pieces, V, self.eos_ids)
+        seq = getattr(s, "seq", s)
+        if seq.guide is None or seq.guide.vocab is not vocab:
+            schema = seq.params.json_schema
+            seq.guide = JsonGuide(vocab, self._pieces, OBJECT if schema is None else compiled(schema))
+        return seq.guide, seq.guide.current(seq.generated_ids, seq.draft[:s.j] if s is not seq else ())
+
+    def mask(self, s, V: int) -> torch.Tensor:
+        """(V,) bool: the tokens that keep s's output a prefix of one JSON object, or of one
+        instance of its `json_schema`."""
+        guide, states = self.guide(s, V)
+        return guide.vocab.mask(states, guide.grammar)

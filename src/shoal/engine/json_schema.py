@@ -21,6 +21,9 @@ frozenset, and `advance(states, b)` the set after byte b (empty: b cannot come).
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
+
 from .schema_nodes import SchemaError, SchemaNodes  # noqa: F401  (SchemaError: raised by Grammar())
 
 MAX_WS = 16  # whitespace bytes in a row outside strings
@@ -264,3 +267,19 @@ def _number(part: str, integer: bool, b: int) -> str | None:
     if part == "e":
         return "esign" if b in (0x2B, 0x2D) else "exp" if digit else None
     return "exp" if digit else None  # esign, exp
+
+
+_COMPILED: OrderedDict[str, Grammar] = OrderedDict()  # by the schema's canonical text, least recent first
+
+
+def compiled(schema: dict) -> Grammar:
+    """`Grammar(schema)`, compiled once for the requests that send the same schema (the API's
+    check, `SamplingParams` and the sampler all ask for it); the 64 most recent are kept."""
+    key = json.dumps(schema, sort_keys=True) if isinstance(schema, dict) else None
+    got = _COMPILED.pop(key, None) if key is not None else None
+    if got is None:
+        got = Grammar(schema)
+    _COMPILED[got.key] = got
+    if len(_COMPILED) > 64:
+        _COMPILED.popitem(last=False)
+    return got

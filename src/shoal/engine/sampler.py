@@ -9,7 +9,6 @@ distribution. Not here: stop-string matching and finishing (output_processor.py)
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 from dataclasses import dataclass
 
@@ -18,8 +17,7 @@ import torch
 from .. import kernels
 from .device_copy import to_device
 from .device_draw import draw_rows
-from .json_guide import OBJECT, JsonGuide, JsonVocab, token_pieces
-from .json_schema import Grammar
+from .json_guide import StructuredOutput
 from .sampling_params import GREEDY_BELOW
 from .sequence import Sequence
 
@@ -101,10 +99,7 @@ class Sampler:
 
     def __init__(self, eos_token_ids: list[int], triton: bool = True, tokenizer=None):
         self.eos_token_ids = list(eos_token_ids)
-        self.tokenizer = tokenizer  # JSON mode reads its tokens' bytes (`json_guide`)
-        self._json_pieces: list | None = None
-        self._json_vocab: dict[int, JsonVocab] = {}  # by the logits' width
-        self._grammars: dict[str, Grammar] = {}  # compiled schemas by their text, least recent first
+        self.structured = StructuredOutput(tokenizer, self.eos_token_ids)  # JSON mode, schemas
         self.triton = triton  # CUDA logits: the Triton sampling kernels (`EngineConfig.triton_kernels`)
         # ... and for sampled rows' draws too: off until understood (H200, temperature 1, 256
         # requests: ITL p50 4.97 -> 4.46 ms on the Llama-3.2-1B shape, but 4.73 -> 7.56-8.15 ms
@@ -188,41 +183,9 @@ class Sampler:
         # (the rows' masks in one (R, V) copy to the logits' device)
         rows = [i for i, s in enumerate(seqs) if s.params.structured]
         if rows:
-            allowed = torch.stack([self.json_mask(seqs[i], V) for i in rows]).to(dev)  # (R, V)
+            allowed = torch.stack([self.structured.mask(seqs[i], V) for i in rows]).to(dev)  # (R, V)
             idx = torch.tensor(rows, device=dev)
             l[idx] = l[idx].masked_fill_(~allowed, _NEG_INF)
-
-    def json_mask(self, s, V: int) -> torch.Tensor:
-        """(V,) bool: the tokens that keep s's output a prefix of one JSON object, or of one
-        instance of its `json_schema` (s a Sequence, or a `speculative.DraftRow`: its sequence
-        with its first j drafts)."""
-        guide, states = self._guide(s, V)
-        return guide.vocab.mask(states, guide.grammar)
-
-    def _guide(self, s, V: int):
-        """(s's guide, its states now), the guide made when first needed."""
-        vocab = self._json_vocab.get(V)
-        if vocab is None:
-            if self.tokenizer is None:
-                raise ValueError("json_mode: this sampler has no tokenizer to read tokens' bytes from")
-            if self._json_pieces is None:
-                self._json_pieces = token_pieces(self.tokenizer)
-            vocab = self._json_vocab[V] = JsonVocab(self._json_pieces, V, self.eos_token_ids)
-        seq = getattr(s, "seq", s)
-        if seq.guide is None or seq.guide.vocab is not vocab:
-            seq.guide = JsonGuide(vocab, self._json_pieces, self.grammar(seq.params.json_schema))
-        return seq.guide, seq.guide.current(seq.generated_ids, seq.draft[:s.j] if s is not seq else ())
-
-    def grammar(self, schema: dict | None) -> Grammar:
-        """The compiled schema (JSON mode's for None), shared by the requests that send it."""
-        if schema is None:
-            return OBJECT
-        key = json.dumps(schema, sort_keys=True)
-        got = self._grammars.pop(key, None) or Grammar(schema)
-        self._grammars[key] = got  # (most recent last)
-        if len(self._grammars) > 64:
-            del self._grammars[next(iter(self._grammars))]
-        return got
 
     # ---- steps 6-7: pick ------------------------------------------------------------------------
 
@@ -287,7 +250,7 @@ class Sampler:
                 if self._shifts(s, V):
                     edit.append(i)
                     continue
-                guide, states = self._guide(s, V)
+                guide, states = self.structured.guide(s, V)
                 if greedy:
                     if not guide.vocab.mask(states, guide.grammar)[toks[i]]:
                         edit.append(i)

@@ -113,10 +113,10 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens: {self.min_tokens} exceeds max_tokens {self.max_tokens}")
         if self.json_schema is not None:
-            from .json_schema import Grammar, SchemaError
+            from .json_schema import SchemaError, compiled
 
             try:
-                Grammar(self.json_schema)
+                compiled(self.json_schema)
             except SchemaError as e:
                 raise ValueError(f"json_schema.{e}") from None
         if self.structured and (self.ignore_eos or self.min_tokens):

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from ..engine.async_engine import AsyncEngine
-from ..engine.json_schema import Grammar, SchemaError
+from ..engine.json_schema import SchemaError, compiled
 from ..engine.outputs import RequestOutput
 from ..engine.sampler import SCHEME
 from ..engine.sampling_params import SamplingParams
@@ -71,7 +71,7 @@ def structured_output(fmt: dict | None, texts: list[str], texts_param: str) -> t
                                     "and -", param="response_format.json_schema.name", code="invalid_value")
         schema = spec.get("schema", {"type": "object"})
         try:
-            Grammar(schema)
+            compiled(schema)
         except SchemaError as e:
             raise ServingError(400, f"response_format.json_schema.{e}", param="response_format.json_schema.schema",
                                code="invalid_value") from None
